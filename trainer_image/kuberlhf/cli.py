@@ -1,0 +1,25 @@
+"""The `kuberlhf` command. Each concern registers its own sub-commands; importing this module stays light
+(heavy imports such as torch happen inside the commands)."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="kuberlhf",
+    help="RLHF (DeepSpeed-Chat's SFT -> reward model -> PPO) on Kubernetes, or on one machine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# module -> registers: `stage` (stage entrypoints), `run`/`train` (local runner), `chat`/`serve` (serving)
+COMMAND_MODULES = ("kuberlhf.stages.cli", "kuberlhf.runner.cli", "kuberlhf.serving.cli")
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+if __name__ == "__main__":
+    app()

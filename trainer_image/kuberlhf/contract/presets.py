@@ -1,0 +1,67 @@
+"""DeepSpeed-Chat's recipe presets per deployment type.
+
+Values follow DeepSpeed-Chat's published training scripts (training/step{1,2,3}_*/training_scripts/opt/
+{single_gpu,single_node,multi_node}/run_*.sh and the defaults of each step's main.py). They fill only the
+fields the user left unset, so any single value can still be overridden in the manifest.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kuberlhf.contract.spec import PipelineSpec
+
+# Keys are Python field names of the stage specs; "lora_dim" is turned into a LoraSpec.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "single_gpu": {
+        # one GPU: LoRA on the actor and gradient accumulation instead of data parallelism
+        "sft": {"nodes": 1, "gpus_per_node": 1, "zero_stage": 0, "per_device_batch_size": 16,
+                "gradient_accumulation_steps": 8, "learning_rate": 1e-3, "lora_dim": 128},
+        "reward": {"nodes": 1, "gpus_per_node": 1, "zero_stage": 0, "per_device_batch_size": 16,
+                   "gradient_accumulation_steps": 4, "learning_rate": 5e-5},
+        "ppo": {"nodes": 1, "gpus_per_node": 1, "actor_zero_stage": 0, "critic_zero_stage": 0,
+                "per_device_batch_size": 16, "generation_batch_size": 16, "gradient_accumulation_steps": 2,
+                "actor_learning_rate": 9.65e-6, "critic_learning_rate": 5e-6, "hybrid_engine": True,
+                "actor_lora_dim": 128},
+    },
+    "single_node": {
+        "sft": {"nodes": 1, "gpus_per_node": 8, "zero_stage": 2, "per_device_batch_size": 4,
+                "gradient_accumulation_steps": 1, "learning_rate": 9.65e-6},
+        "reward": {"nodes": 1, "gpus_per_node": 8, "zero_stage": 0, "per_device_batch_size": 8,
+                   "gradient_accumulation_steps": 1, "learning_rate": 5e-5},
+        "ppo": {"nodes": 1, "gpus_per_node": 8, "actor_zero_stage": 2, "critic_zero_stage": 2,
+                "per_device_batch_size": 4, "generation_batch_size": 4, "gradient_accumulation_steps": 1,
+                "actor_learning_rate": 9.65e-6, "critic_learning_rate": 5e-6, "hybrid_engine": True},
+    },
+    "multi_node": {
+        "sft": {"nodes": 2, "gpus_per_node": 8, "zero_stage": 3, "per_device_batch_size": 4,
+                "gradient_accumulation_steps": 1, "learning_rate": 9.65e-6},
+        "reward": {"nodes": 2, "gpus_per_node": 8, "zero_stage": 3, "per_device_batch_size": 4,
+                   "gradient_accumulation_steps": 1, "learning_rate": 5e-5},
+        "ppo": {"nodes": 2, "gpus_per_node": 8, "actor_zero_stage": 3, "critic_zero_stage": 3,
+                "per_device_batch_size": 4, "generation_batch_size": 4, "gradient_accumulation_steps": 1,
+                "actor_learning_rate": 5e-6, "critic_learning_rate": 5e-6, "hybrid_engine": True},
+    },
+}
+
+_LORA_KEYS = {"lora_dim": "lora", "actor_lora_dim": "actor_lora"}
+
+
+def apply_preset(spec: PipelineSpec) -> None:
+    """Fill every unset (None) preset-governed field of ``spec.stages`` in place."""
+    from kuberlhf.contract.spec import Accelerator, LoraSpec
+
+    table = PRESETS[spec.deployment_type.value]
+    for stage_name, values in table.items():
+        stage = getattr(spec.stages, stage_name)
+        for key, value in values.items():
+            if key in _LORA_KEYS:
+                attr = _LORA_KEYS[key]
+                if getattr(stage, attr) is None:
+                    setattr(stage, attr, LoraSpec(dim=value))
+                continue
+            if key == "hybrid_engine" and spec.accelerator is Accelerator.cpu:
+                value = False  # the hybrid engine needs CUDA; the CPU path keeps plain generation
+            if getattr(stage, key) is None:
+                setattr(stage, key, value)

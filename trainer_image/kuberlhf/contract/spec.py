@@ -1,0 +1,380 @@
+"""Pydantic models of the RLHFPipeline custom resource (kuberlhf.io/v1alpha1).
+
+These models are the single source of truth: the CRD's openAPIV3Schema is generated from them
+(``kuberlhf_operator.crd``), the operator and the local runner validate with them, and
+``kuberlhf train --emit`` writes them. Field names are camelCase as in every Kubernetes API.
+
+Fields that DeepSpeed-Chat's recipes decide per deployment type (batch sizes, ZeRO stages, LoRA, gradient
+accumulation) are optional here and filled from ``kuberlhf.contract.presets`` after validation, so a user
+who sets ``deploymentType`` gets the published recipe and can still override any single value.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kuberlhf.io"
+API_VERSION = "v1alpha1"
+KIND = "RLHFPipeline"
+PLURAL = "rlhfpipelines"
+SHORT_NAME = "rlhf"
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields are errors (typos must not pass)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict as it appears in YAML/JSON, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class DeploymentType(str, Enum):
+    single_gpu = "single_gpu"
+    single_node = "single_node"
+    multi_node = "multi_node"
+
+
+class Accelerator(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class DType(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Stage(str, Enum):
+    sft = "sft"
+    reward = "reward"
+    ppo = "ppo"
+
+
+STAGE_ORDER: tuple[Stage, ...] = (Stage.sft, Stage.reward, Stage.ppo)
+
+
+class ModelRef(SpecModel):
+    """A model: a hub name (facebook/opt-1.3b), a local directory (local runner) or an s3:// / file:// URI."""
+
+    model: str = Field(min_length=1, description="Hub name, local path, or s3:// / file:// URI of an HF model.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer location when it differs from model.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    dropout: float | None = Field(default=None, ge=0, le=1, description="Override the model's dropout.")
+
+
+class DatasetRef(SpecModel):
+    """One dataset. Give ``name`` (a hub dataset, e.g. Dahoas/rm-static) or ``path`` (a local json/jsonl/parquet
+    file, a directory laid out like a hub dataset, or an s3:// URI)."""
+
+    name: str | None = Field(default=None, description="Hub dataset name, e.g. Dahoas/rm-static.")
+    path: str | None = Field(default=None, description="Local file/directory or s3:// URI with prompt/chosen/rejected.")
+    config: str | None = Field(default=None, description="Dataset configuration name (hub datasets).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DatasetRef:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of 'name' (hub dataset) or 'path' (file, directory or s3:// URI)")
+        return self
+
+    @property
+    def key(self) -> str:
+        """A stable identifier used for split seeding and caching."""
+        return self.name or self.path or ""
+
+
+_PATHLIKE = re.compile(r"^(\.{0,2}/|~|s3://|file://)|\.(jsonl?|parquet)$")
+
+
+def _coerce_dataset(value: Any) -> Any:
+    # A bare string is a hub name unless it looks like a path or URI.
+    if isinstance(value, str):
+        return {"path": value} if _PATHLIKE.search(value) else {"name": value}
+    return value
+
+
+class DataSpec(SpecModel):
+    datasets: list[DatasetRef] = Field(min_length=1, description="Preference datasets, blended.")
+    split: str = Field(default="2,4,4", description="Share of each dataset for step 1, 2, 3, e.g. '2,4,4'.")
+    sft_only: list[DatasetRef] = Field(default_factory=list, description="Datasets used 100% in step 1.")
+    unsupervised: DatasetRef | None = Field(default=None, description="Pre-training corpus for ptx in step 3.")
+    unsupervised_text_field: str = Field(default="text", description="Column holding the ptx corpus text.")
+    max_seq_len: int = Field(default=512, ge=8, description="Max tokens for steps 1 and 2.")
+    max_samples: int | None = Field(default=None, ge=1, description="Cap on rows per dataset (quick runs).")
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out share of each stage's slice.")
+    seed: int = Field(default=1234, description="Seed for the deterministic split.")
+
+    @field_validator("datasets", "sft_only", mode="before")
+    @classmethod
+    def _coerce_list(cls, value: Any) -> Any:
+        return [_coerce_dataset(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("unsupervised", mode="before")
+    @classmethod
+    def _coerce_one(cls, value: Any) -> Any:
+        return _coerce_dataset(value)
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value: str) -> str:
+        parse_split(value)
+        return value
+
+    @property
+    def split_weights(self) -> tuple[float, float, float]:
+        return parse_split(self.split)
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """'2,4,4' -> (0.2, 0.4, 0.4). Exactly three non-negative numbers with a positive sum."""
+    parts = [p.strip() for p in split.split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"split must be three comma-separated numbers like '2,4,4', got {split!r}") from None
+    if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+        raise ValueError(f"split must be three non-negative numbers with a positive sum like '2,4,4', got {split!r}")
+    total = sum(nums)
+    return (nums[0] / total, nums[1] / total, nums[2] / total)
+
+
+class SecretRef(SpecModel):
+    name: str = Field(min_length=1, description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+
+
+class StorageSpec(SpecModel):
+    uri: str = Field(pattern=r"^(s3|file)://.+", description="Where every stage's checkpoint goes: s3://bucket/prefix or file:///dir.")
+    endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL; omit for AWS S3.")
+    region: str | None = Field(default=None, description="S3 region.")
+    secret_ref: SecretRef | None = Field(default=None, description="Secret holding the S3 credentials.")
+    path_style: bool = Field(default=True, description="Path-style addressing (needed by most S3-compatible stores).")
+
+
+class LoraSpec(SpecModel):
+    dim: int = Field(default=0, ge=0, description="LoRA rank; 0 disables LoRA.")
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: dim).")
+    module_name: str = Field(default="decoder.layers.", description="Substring of module names that get LoRA.")
+    only_optimize_lora: bool = Field(default=False, description="Freeze everything but the LoRA weights.")
+    learning_rate: float | None = Field(default=None, gt=0, description="Learning rate of the LoRA weights.")
+
+
+class EnvVar(SpecModel):
+    name: str = Field(min_length=1)
+    value: str = ""
+
+
+class CommonStageSpec(SpecModel):
+    """Settings every stage takes."""
+
+    nodes: int | None = Field(default=None, ge=1, description="Pods (Kubernetes nodes) of this stage.")
+    gpus_per_node: int | None = Field(default=None, ge=1, description="Ranks per pod (GPUs, or CPU processes).")
+    epochs: int = Field(default=1, ge=1, description="Passes over the stage's data.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    per_device_batch_size: int | None = Field(default=None, ge=1, description="Micro batch per rank.")
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1)
+    learning_rate: float | None = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    dtype: DType = Field(default=DType.bf16, description="bf16 | fp16 (GPU only) | fp32.")
+    offload: bool = Field(default=False, description="ZeRO CPU offload of optimizer state (and params at stage 3).")
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="Resumable checkpoint period; 0 = only at the end.")
+    eval_every_steps: int = Field(default=0, ge=0, description="Eval period; 0 = at the end of each epoch.")
+    backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage (each resumes).")
+    seed: int = 1234
+    resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of each stage pod.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the stage pods.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra command-line arguments of the stage.")
+    tensorboard: bool = Field(default=False, description="Also write TensorBoard scalars.")
+
+
+class SFTStageSpec(CommonStageSpec):
+    zero_stage: int | None = Field(default=None, ge=0, le=3)
+    lora: LoraSpec | None = None
+    mask_prompt: bool = Field(default=False, description="Exclude prompt tokens from the SFT loss.")
+
+
+class RewardStageSpec(CommonStageSpec):
+    zero_stage: int | None = Field(default=None, ge=0, le=3)
+    lora: LoraSpec | None = None
+
+
+class EMASpec(SpecModel):
+    enabled: bool = True
+    beta: float = Field(default=0.992, gt=0, lt=1)
+
+
+class AdaptiveKLSpec(SpecModel):
+    enabled: bool = False
+    target: float = Field(default=6.0, gt=0, description="Target KL per sequence.")
+    horizon: int = Field(default=10000, ge=1)
+
+
+class PPOStageSpec(CommonStageSpec):
+    actor_zero_stage: int | None = Field(default=None, ge=0, le=3)
+    critic_zero_stage: int | None = Field(default=None, ge=0, le=3)
+    actor_learning_rate: float | None = Field(default=None, gt=0)
+    critic_learning_rate: float | None = Field(default=None, gt=0)
+    actor_lora: LoraSpec | None = None
+    critic_lora: LoraSpec | None = None
+    ema: EMASpec = Field(default_factory=EMASpec)
+    ptx_coef: float = Field(default=27.8, ge=0, description="Weight of the pre-training loss (needs data.unsupervised).")
+    kl_coef: float = Field(default=0.1, ge=0)
+    adaptive_kl: AdaptiveKLSpec = Field(default_factory=AdaptiveKLSpec)
+    clip_range: float = Field(default=0.2, gt=0)
+    clip_range_value: float = Field(default=0.2, gt=0)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    reward_clip: float = Field(default=5.0, gt=0)
+    ppo_epochs: int = Field(default=1, ge=1)
+    hybrid_engine: bool | None = Field(default=None, description="DeepSpeed hybrid engine (CUDA only).")
+    generation_batch_size: int | None = Field(default=None, ge=1, description="Prompts per rank per experience batch.")
+    max_prompt_len: int = Field(default=256, ge=1)
+    max_answer_len: int = Field(default=256, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class StagesSpec(SpecModel):
+    sft: SFTStageSpec = Field(default_factory=SFTStageSpec)
+    reward: RewardStageSpec = Field(default_factory=RewardStageSpec)
+    ppo: PPOStageSpec = Field(default_factory=PPOStageSpec)
+
+    def get(self, stage: Stage | str) -> CommonStageSpec:
+        return getattr(self, Stage(stage).value)
+
+
+class PodTemplateSpec(SpecModel):
+    """Merged into every pod the pipeline makes (stages and chat)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    service_account_name: str = ""
+    image_pull_secrets: list[dict[str, Any]] = Field(default_factory=list)
+    priority_class_name: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm (NCCL needs it).")
+
+
+class ServingSpec(SpecModel):
+    enabled: bool = True
+    replicas: int = Field(default=1, ge=0)
+    use_ema: bool = Field(default=True, description="Serve ppo/ema/ when EMA was on, else ppo/model/.")
+    resources: dict[str, Any] = Field(default_factory=dict)
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_new_tokens: int = Field(default=256, ge=1, description="Cap on max_tokens per request.")
+    api_key_secret_ref: SecretRef | None = Field(default=None, description="Secret with key API_KEY; enables auth.")
+
+
+class PipelineSpec(SpecModel):
+    image: str | None = Field(default=None, description="Trainer image; default from the operator's config.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    deployment_type: DeploymentType = Field(default=DeploymentType.single_gpu, description="DeepSpeed-Chat preset.")
+    accelerator: Accelerator = Field(default=Accelerator.cuda, description="cuda (GPUs) or cpu (tiny models, kind).")
+    actor: ModelRef
+    reward: ModelRef
+    data: DataSpec
+    storage: StorageSpec
+    stages: StagesSpec = Field(default_factory=StagesSpec)
+    pod_template: PodTemplateSpec = Field(default_factory=PodTemplateSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
+
+    @model_validator(mode="after")
+    def _fill_presets(self) -> PipelineSpec:
+        from kuberlhf.contract.presets import apply_preset
+
+        apply_preset(self)
+        return self
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class RLHFPipeline(BaseModel):
+    """The whole manifest (apiVersion, kind, metadata, spec); status is the operator's business."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    api_version: Literal["kuberlhf.io/v1alpha1"] = Field(default="kuberlhf.io/v1alpha1", alias="apiVersion")
+    kind: Literal["RLHFPipeline"] = "RLHFPipeline"
+    metadata: ObjectMeta
+    spec: PipelineSpec
+    status: dict[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"apiVersion": self.api_version, "kind": self.kind}
+        out["metadata"] = self.metadata.model_dump(exclude_none=True, exclude_defaults=True)
+        out["metadata"]["name"] = self.metadata.name
+        out["spec"] = self.spec.to_wire()
+        return out
+
+
+class SpecError(ValueError):
+    """A manifest that does not validate; the message names every bad field and how to fix it."""
+
+
+def format_validation_error(err: ValidationError, root: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_fill_presets(), PipelineSpec]",))
+        field = f"{root}.{loc}" if root and loc else (loc or root or "<root>")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `kubectl explain rlhfpipeline.spec`)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_pipeline(doc: dict[str, Any] | str) -> RLHFPipeline:
+    """Validate a manifest (dict, YAML or JSON text). Raises SpecError naming every bad field."""
+    if isinstance(doc, str):
+        try:
+            doc = yaml.safe_load(doc)
+        except yaml.YAMLError as e:
+            raise SpecError(f"the manifest is not valid YAML/JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise SpecError("the manifest must be a mapping with apiVersion, kind, metadata and spec")
+    try:
+        return RLHFPipeline.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError("invalid RLHFPipeline:\n" + format_validation_error(e)) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> PipelineSpec:
+    """Validate only a spec (what the operator receives from kopf)."""
+    try:
+        return PipelineSpec.model_validate(spec)
+    except ValidationError as e:
+        raise SpecError("invalid RLHFPipeline spec:\n" + format_validation_error(e, "spec")) from None
+
+
+def load_pipeline_file(path: str) -> RLHFPipeline:
+    """Read and validate a manifest file; errors say which file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(f"cannot read pipeline manifest {path}: {e.strerror}") from None
+    try:
+        return parse_pipeline(text)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None

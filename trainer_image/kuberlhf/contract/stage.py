@@ -1,0 +1,202 @@
+"""The stage contract: how a stage is started (command + env) and where it reads and writes (object-store
+layout). Defined once here; the operator's Job builder and the local runner both import it, and the stage
+entrypoint (``kuberlhf stage NAME``) reads it back with :func:`StageContext.from_env`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kuberlhf.contract.spec import RLHFPipeline, Stage, parse_pipeline
+
+# --- environment variable names (the wire format of the contract) ---------------------------------------
+ENV_PIPELINE = "KUBERLHF_PIPELINE"  # the whole RLHFPipeline manifest as JSON (metadata + resolved spec)
+ENV_NAMESPACE = "KUBERLHF_NAMESPACE"
+ENV_PIPELINE_UID = "KUBERLHF_PIPELINE_UID"
+ENV_STAGE = "KUBERLHF_STAGE"
+ENV_ATTEMPT = "KUBERLHF_ATTEMPT"
+ENV_OUTPUT_DIR = "KUBERLHF_LOCAL_OUTPUT"  # optional: also copy the stage's results here (local runner)
+# torchrun-style rendezvous; NODE_RANK is JOB_COMPLETION_INDEX on Kubernetes
+ENV_NNODES = "NNODES"
+ENV_NODE_RANK = "NODE_RANK"
+ENV_NPROC_PER_NODE = "NPROC_PER_NODE"
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+# S3 credentials: from the Secret in spec.storage.secretRef, never from the manifest
+ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
+ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+
+DEFAULT_MASTER_PORT = 29500
+ENTRYPOINT = "kuberlhf"
+
+# --- object-store layout -------------------------------------------------------------------------------
+MODEL_DIR = "model"
+EMA_DIR = "ema"
+CKPT_DIR = "ckpt"
+METRICS_FILE = "metrics.jsonl"
+MANIFEST_FILE = "manifest.json"
+COMPLETE_MARKER = "_COMPLETE"
+
+
+def stage_command(stage: Stage | str) -> list[str]:
+    """The container command of every pod of a stage."""
+    return [ENTRYPOINT, "stage", Stage(stage).value]
+
+
+def nproc_per_node(pipeline: RLHFPipeline, stage: Stage | str) -> int:
+    st = pipeline.spec.stages.get(stage)
+    return int(st.gpus_per_node or 1)
+
+
+def num_nodes(pipeline: RLHFPipeline, stage: Stage | str) -> int:
+    return int(pipeline.spec.stages.get(stage).nodes or 1)
+
+
+def pipeline_json(pipeline: RLHFPipeline) -> str:
+    """The manifest as the stage receives it: the resolved spec (presets applied), no status."""
+    wire = pipeline.to_wire()
+    wire["metadata"] = {k: v for k, v in wire["metadata"].items() if k in ("name", "namespace", "uid")}
+    return json.dumps(wire, separators=(",", ":"), sort_keys=True)
+
+
+def stage_env(
+    pipeline: RLHFPipeline,
+    stage: Stage | str,
+    *,
+    namespace: str,
+    uid: str,
+    attempt: int,
+    master_addr: str,
+    master_port: int = DEFAULT_MASTER_PORT,
+    node_rank: int | None = None,
+) -> dict[str, str]:
+    """The non-secret env of a stage process. ``node_rank=None`` leaves NODE_RANK to the caller (Kubernetes
+    fills it from the Job completion index). Credentials are added by the caller from the Secret."""
+    env = {
+        ENV_PIPELINE: pipeline_json(pipeline),
+        ENV_NAMESPACE: namespace,
+        ENV_PIPELINE_UID: uid,
+        ENV_STAGE: Stage(stage).value,
+        ENV_ATTEMPT: str(attempt),
+        ENV_NNODES: str(num_nodes(pipeline, stage)),
+        ENV_NPROC_PER_NODE: str(nproc_per_node(pipeline, stage)),
+        ENV_MASTER_ADDR: master_addr,
+        ENV_MASTER_PORT: str(master_port),
+        # quiet, offline-safe defaults for the trainer; a user's env entries come after and win
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if pipeline.spec.accelerator.value == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = "1"  # one thread per rank: 10x faster than oversubscribing here
+    if node_rank is not None:
+        env[ENV_NODE_RANK] = str(node_rank)
+    for item in pipeline.spec.stages.get(stage).env:
+        env[item.name] = item.value
+    return env
+
+
+class StageLayout(BaseModel):
+    """Where a pipeline's stages live: ``<storage.uri>/<namespace>/<pipeline>/<uid>/<stage>/``."""
+
+    model_config = ConfigDict(frozen=True)
+    storage_uri: str
+    namespace: str
+    pipeline: str
+    uid: str
+
+    @property
+    def root(self) -> str:
+        return f"{self.storage_uri.rstrip('/')}/{self.namespace}/{self.pipeline}/{self.uid}"
+
+    def stage_uri(self, stage: Stage | str) -> str:
+        return f"{self.root}/{Stage(stage).value}"
+
+    def model_uri(self, stage: Stage | str) -> str:
+        return f"{self.stage_uri(stage)}/{MODEL_DIR}"
+
+    def ema_uri(self) -> str:
+        return f"{self.stage_uri(Stage.ppo)}/{EMA_DIR}"
+
+    def ckpt_root(self, stage: Stage | str) -> str:
+        return f"{self.stage_uri(stage)}/{CKPT_DIR}"
+
+    def ckpt_uri(self, stage: Stage | str, step: int) -> str:
+        return f"{self.ckpt_root(stage)}/step-{step}"
+
+    def complete_marker_uri(self, stage: Stage | str) -> str:
+        return f"{self.stage_uri(stage)}/{COMPLETE_MARKER}"
+
+    def serving_model_uri(self, use_ema: bool, ema_enabled: bool) -> str:
+        return self.ema_uri() if (use_ema and ema_enabled) else self.model_uri(Stage.ppo)
+
+    @classmethod
+    def for_pipeline(cls, pipeline: RLHFPipeline, namespace: str, uid: str) -> StageLayout:
+        return cls(storage_uri=pipeline.spec.storage.uri, namespace=namespace, pipeline=pipeline.metadata.name, uid=uid)
+
+
+class StageContext(BaseModel):
+    """What a stage process knows about itself, read back from the env of :func:`stage_env`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    pipeline: RLHFPipeline
+    stage: Stage
+    namespace: str
+    uid: str
+    attempt: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    nproc_per_node: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    local_output: str | None = Field(default=None, description="Also copy results here (local runner).")
+
+    @property
+    def layout(self) -> StageLayout:
+        return StageLayout.for_pipeline(self.pipeline, self.namespace, self.uid)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @classmethod
+    def from_env(cls, stage: Stage | str, env: Mapping[str, str] | None = None, pipeline: str | None = None) -> StageContext:
+        """``pipeline`` overrides ENV_PIPELINE: a file path or inline JSON/YAML."""
+        env = os.environ if env is None else env
+        source = pipeline or env.get(ENV_PIPELINE)
+        if not source:
+            raise ValueError(f"no pipeline given: pass --pipeline FILE_OR_JSON or set {ENV_PIPELINE}")
+        text = source
+        if not source.lstrip().startswith("{") and os.path.exists(source):
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        manifest = parse_pipeline(text)
+        namespace = env.get(ENV_NAMESPACE) or manifest.metadata.namespace or "default"
+        uid = env.get(ENV_PIPELINE_UID) or manifest.metadata.uid or "local"
+        st = Stage(stage)
+        return cls(
+            pipeline=manifest,
+            stage=st,
+            namespace=namespace,
+            uid=uid,
+            attempt=int(env.get(ENV_ATTEMPT, "0")),
+            nnodes=int(env.get(ENV_NNODES) or num_nodes(manifest, st)),
+            node_rank=int(env.get(ENV_NODE_RANK) or env.get("JOB_COMPLETION_INDEX") or 0),
+            nproc_per_node=int(env.get(ENV_NPROC_PER_NODE) or nproc_per_node(manifest, st)),
+            master_addr=env.get(ENV_MASTER_ADDR, "127.0.0.1"),
+            master_port=int(env.get(ENV_MASTER_PORT) or DEFAULT_MASTER_PORT),
+            local_output=env.get(ENV_OUTPUT_DIR) or None,
+        )
+
+
+def manifest_summary(pipeline: RLHFPipeline) -> dict[str, Any]:
+    """Non-secret facts about the pipeline that go into every stage manifest.json (producer, config hash)."""
+    import hashlib
+
+    digest = hashlib.sha256(pipeline_json(pipeline).encode()).hexdigest()
+    return {"pipeline": pipeline.metadata.name, "configSha256": digest}
