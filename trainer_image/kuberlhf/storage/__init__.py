@@ -1,0 +1,1 @@
+"""Checkpoint hand-off through S3-compatible object storage (and file://). No torch here."""
