@@ -1,0 +1,168 @@
+"""The numbers of DeepSpeed-Chat's PPO step as pure tensor functions (no models, no DeepSpeed), so each one is
+unit-tested against hand-computed values.
+
+Shapes: ``B`` sequences, ``T`` positions of the *shifted* sequence (position ``t`` scores token ``t+1``).
+``mask[b, t] == 1`` marks positions whose next token is a generated answer token (an "action"); it is zero on
+the prompt and on padding after the answer. All losses are masked means over actions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last nonzero entry of each row (0 for an all-zero row). Works for left- and right-padding."""
+    t = mask.shape[-1]
+    positions = torch.arange(t, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(dim=-1).values
+
+
+def end_score_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Where the reward model reads its score: the last non-pad token of each sequence."""
+    return last_true_index(attention_mask)
+
+
+def gather_end_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values (B, L) -> the score at the last non-pad token (B,)."""
+    idx = end_score_index(attention_mask)
+    return values.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+
+def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss of the reward model: mean of ``-log sigmoid(r_chosen - r_rejected)``."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def sft_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor | None = None,
+               ignore_index: int = -100) -> torch.Tensor:
+    """Labels of the SFT loss: the inputs, with padding (and, when ``prompt_mask`` is given, the prompt tokens)
+    set to ``ignore_index`` so they do not count."""
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = ignore_index
+    if prompt_mask is not None:
+        labels[prompt_mask.bool()] = ignore_index
+    return labels
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at ``t`` predict ``labels[t+1]``; ignored labels do not count."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[t+1] | logits[t]) of each position: (B, L, V), (B, L) -> (B, L-1)."""
+    logp = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_shaped_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float, reward_clip: float) -> torch.Tensor:
+    """Per-token rewards: ``-kl_coef * (logp - ref_logp)`` on every action, plus the reward model's score
+    clipped to ``±reward_clip`` added at the LAST action of each sequence. Zero off the actions."""
+    mask = mask.to(logprobs.dtype)
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = last_true_index(mask)
+    clipped = scores.to(rewards.dtype).clamp(-reward_clip, reward_clip)
+    has_action = mask.sum(dim=1) > 0
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += torch.where(has_action, clipped, torch.zeros_like(clipped))
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the actions -> (advantages, returns), both zero off the actions.
+
+    The value after the last action is 0 (the episode ends there), so the recursion restarts at each
+    sequence's end regardless of what the critic says about padding."""
+    mask = mask.to(values.dtype)
+    t_len = rewards.shape[1]
+    advantages = torch.zeros_like(values)
+    last_gae = torch.zeros_like(values[:, 0])
+    for t in reversed(range(t_len)):
+        next_mask = mask[:, t + 1] if t + 1 < t_len else torch.zeros_like(mask[:, 0])
+        next_value = values[:, t + 1] * next_mask if t + 1 < t_len else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * next_mask * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    returns = (advantages + values) * mask
+    return advantages.detach(), returns.detach()
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """PPO's clipped surrogate, masked mean: ``max(-A r, -A clip(r, 1-c, 1+c))`` with ``r = exp(logp - old)``."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return masked_mean(torch.max(unclipped, clipped), mask)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range_value: float) -> torch.Tensor:
+    """Clipped value loss, masked mean: ``0.5 * max((v - R)^2, (clip(v, old ± c) - R)^2)``."""
+    clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of the summed per-token log-ratio to the reference (the KL estimate reported)."""
+    mask = mask.to(logprobs.dtype)
+    return ((logprobs - ref_logprobs) * mask).sum(dim=1).mean()
+
+
+def ptx_loss(lm_loss: torch.Tensor, ptx_coef: float) -> torch.Tensor:
+    """The pre-training (ptx) term added to the actor's objective: ``ptx_coef * lm_loss``."""
+    return ptx_coef * lm_loss
+
+
+def mixed_actor_loss(actor_loss: torch.Tensor, lm_loss: torch.Tensor | None, ptx_coef: float) -> torch.Tensor:
+    """Actor objective with mixed training: the PPO loss plus ``ptx_coef`` times the next-token loss."""
+    if lm_loss is None or ptx_coef == 0:
+        return actor_loss
+    return actor_loss + ptx_loss(lm_loss, ptx_coef)
+
+
+@torch.no_grad()
+def ema_update_(ema: torch.Tensor, new: torch.Tensor, beta: float) -> torch.Tensor:
+    """In place: ``ema = beta * ema + (1 - beta) * new``."""
+    ema.mul_(beta).add_(new.to(ema.dtype), alpha=1.0 - beta)
+    return ema
+
+
+@dataclass
+class FixedKLController:
+    value: float
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller: move ``value`` so the KL approaches ``target``; the error is
+    clipped to ±20% and scaled by ``n_steps / horizon``."""
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        if not math.isfinite(current_kl):
+            return self.value
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value

@@ -1,0 +1,147 @@
+"""DeepSpeed configuration from a stage spec, as a pure function (unit-tested without DeepSpeed).
+
+Mirrors DeepSpeed-Chat's ``get_train_ds_config`` / ``get_eval_ds_config``: the trained models get ZeRO
+(0-3), mixed precision, optional CPU offload, gradient accumulation and (actor only, CUDA only) the hybrid
+engine; frozen models (reference, reward) get an inference config that shards weights only at ZeRO-3.
+Combinations that cannot work raise :class:`DSConfigError` naming the spec field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class DSConfigError(ValueError):
+    """A stage setting DeepSpeed cannot run; the message names the manifest field and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the DeepSpeed config needs to know about one trained model of a stage."""
+
+    field: str  # manifest path of the stage, e.g. "spec.stages.sft" (for error messages)
+    accelerator: str  # "cuda" | "cpu"
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    zero_stage: int
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    offload: bool = False
+    zero_field: str = "zeroStage"
+    gradient_clipping: float = 1.0
+    hybrid_engine: bool = False
+    max_out_tokens: int = 512
+    inference_tp_size: int = 1
+    tensorboard_dir: str | None = None
+
+
+def check_settings(s: TrainSettings) -> None:
+    """Raise DSConfigError for settings DeepSpeed cannot run (see module docstring)."""
+    if s.zero_stage not in (0, 1, 2, 3):
+        raise DSConfigError(f"{s.field}.{s.zero_field}={s.zero_stage}: ZeRO stage must be 0, 1, 2 or 3")
+    if s.world_size < 1 or s.micro_batch < 1 or s.grad_accum < 1:
+        raise DSConfigError(f"{s.field}: world size, perDeviceBatchSize and gradientAccumulationSteps must be >= 1")
+    if s.dtype not in ("bf16", "fp16", "fp32"):
+        raise DSConfigError(f"{s.field}.dtype={s.dtype!r}: use bf16, fp16 (GPU only) or fp32")
+    if s.accelerator == "cpu" and s.dtype == "fp16":
+        raise DSConfigError(
+            f"{s.field}.dtype=fp16 is not supported on CPU (spec.accelerator=cpu): set {s.field}.dtype to bf16 or fp32, "
+            "or run on GPUs (spec.accelerator=cuda)")
+    if s.hybrid_engine and s.accelerator != "cuda":
+        raise DSConfigError(
+            f"{s.field}.hybridEngine=true needs CUDA GPUs (spec.accelerator={s.accelerator}): set "
+            f"{s.field}.hybridEngine to false")
+    if s.offload and s.zero_stage == 0:
+        raise DSConfigError(
+            f"{s.field}.offload=true needs ZeRO stage 1, 2 or 3 ({s.field}.{s.zero_field}=0 keeps the optimizer on "
+            f"the device): set {s.field}.{s.zero_field} to 2 or 3, or {s.field}.offload to false")
+
+
+def _precision(dtype: str) -> dict[str, Any]:
+    if dtype == "bf16":
+        return {"bf16": {"enabled": True}}
+    if dtype == "fp16":
+        return {"fp16": {"enabled": True, "loss_scale_window": 100, "initial_scale_power": 16}}
+    return {}
+
+
+def train_ds_config(s: TrainSettings) -> dict[str, Any]:
+    """DeepSpeed config of a trained model (actor, critic, SFT or reward model)."""
+    check_settings(s)
+    zero: dict[str, Any] = {
+        "stage": s.zero_stage,
+        "stage3_param_persistence_threshold": 1e4,
+        "stage3_max_live_parameters": 3e7,
+        "stage3_prefetch_bucket_size": 3e7,
+        "memory_efficient_linear": False,
+        # without it save_16bit_model writes nothing at ZeRO-3, and the final HF export needs the full weights
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    if s.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if s.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_batch_size": s.micro_batch * s.grad_accum * s.world_size,
+        "train_micro_batch_size_per_gpu": s.micro_batch,
+        "gradient_accumulation_steps": s.grad_accum,
+        "steps_per_print": 10**9,  # our own logging (tqdm, metrics.jsonl) reports progress
+        "zero_optimization": zero,
+        "gradient_clipping": s.gradient_clipping,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+        **_precision(s.dtype),
+    }
+    if s.hybrid_engine:
+        config["hybrid_engine"] = {
+            "enabled": True,
+            "max_out_tokens": s.max_out_tokens,
+            "inference_tp_size": s.inference_tp_size,
+            "release_inference_cache": False,
+            "pin_parameters": True,
+            "tp_gather_partition_size": 8,
+        }
+    if s.tensorboard_dir:
+        config["tensorboard"] = {"enabled": True, "output_path": s.tensorboard_dir, "job_name": "deepspeed"}
+    return config
+
+
+def eval_ds_config(s: TrainSettings) -> dict[str, Any]:
+    """DeepSpeed config of a frozen model (reference, reward): weights sharded only at ZeRO-3, no optimizer."""
+    check_settings(TrainSettings(**{**s.__dict__, "hybrid_engine": False}))
+    zero: dict[str, Any] = {"stage": 3 if s.zero_stage == 3 else 0, "stage3_param_persistence_threshold": 1e4,
+                            "memory_efficient_linear": False}
+    if s.offload and s.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": s.micro_batch * s.grad_accum * s.world_size,
+        "train_micro_batch_size_per_gpu": s.micro_batch,
+        "gradient_accumulation_steps": s.grad_accum,
+        "steps_per_print": 10**9,
+        "zero_optimization": zero,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+        **_precision(s.dtype),
+    }
+
+
+def stage_settings(spec: Any, stage: str, world_size: int, role: str | None = None,
+                   tensorboard_dir: str | None = None) -> TrainSettings:
+    """TrainSettings of ``stage`` (and for ppo, ``role`` "actor" or "critic") from a PipelineSpec."""
+    st = spec.stages.get(stage)
+    field = f"spec.stages.{stage}"
+    if stage == "ppo":
+        if role not in ("actor", "critic"):
+            raise ValueError("ppo settings need role='actor' or 'critic'")
+        zero_field = f"{role}ZeroStage"
+        zero_stage = getattr(st, f"{role}_zero_stage")
+        hybrid = bool(st.hybrid_engine) and role == "actor"
+        max_out = st.max_prompt_len + st.max_answer_len
+    else:
+        zero_field, zero_stage, hybrid, max_out = "zeroStage", st.zero_stage, False, spec.data.max_seq_len
+    return TrainSettings(
+        field=field, accelerator=spec.accelerator.value, world_size=world_size,
+        micro_batch=st.per_device_batch_size or 1, grad_accum=st.gradient_accumulation_steps or 1,
+        zero_stage=0 if zero_stage is None else zero_stage, dtype=st.dtype.value, offload=st.offload,
+        zero_field=zero_field, hybrid_engine=hybrid, max_out_tokens=max_out, tensorboard_dir=tensorboard_dir)
