@@ -1,0 +1,130 @@
+"""Where a model comes from: a hub name, a local directory, the built-in ``kuberlhf/tiny-opt``, or an
+``s3://`` / ``file://`` URI in the object store (downloaded, verified, then loaded from the local copy).
+
+Errors name the manifest field (``spec.actor.model``, ``spec.reward.model``) and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from kuberlhf.models.tiny import TINY_ASSETS, TINY_MODEL_NAME, tiny_causal_lm
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be found or loaded; the message names the spec field."""
+
+
+_URI_PREFIXES = ("s3://", "file://")
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def is_tiny(source: str) -> bool:
+    return source == TINY_MODEL_NAME
+
+
+def is_uri(source: str) -> bool:
+    return source.startswith(_URI_PREFIXES)
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("KUBERLHF_CACHE", Path.home() / ".cache" / "kuberlhf")) / "models"
+
+
+def fetch_model(uri: str, storage: Any = None, field: str = "spec.actor.model", dest: Path | None = None) -> Path:
+    """Download a model directory from the object store into the local cache (verified; files already there
+    and intact are skipped) and return the local directory."""
+    from kuberlhf.storage import IncompleteCheckpointError, ObjectStore, StorageError
+
+    dest = dest or model_cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    endpoint = getattr(storage, "endpoint", None) if storage is not None else None
+    try:
+        store = ObjectStore.from_uri(uri, endpoint=endpoint)
+        store.download_dir(uri, str(dest))
+    except IncompleteCheckpointError as e:
+        raise ModelError(f"{field}={uri}: the model has no _COMPLETE marker (its writer did not finish): {e}") from e
+    except StorageError as e:
+        raise ModelError(f"{field}={uri}: cannot download the model: {e}") from e
+    return dest
+
+
+def resolve_local(source: str, field: str) -> str:
+    """A path-like source that must exist locally, or a hub name (returned unchanged)."""
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ModelError(f"{field}={source}: the directory has no config.json; point it at a Hugging Face "
+                             "model directory (config.json, weights, tokenizer files)")
+        return expanded
+    # hub names are "name" or "org/name"; anything else path-like is a local path that is missing
+    if source.startswith(_PATH_PREFIXES) or source.count("/") > 1 or os.path.exists(expanded):
+        raise ModelError(f"{field}={source}: the local path does not exist; fix the path, or give a hub name "
+                         f"(e.g. facebook/opt-350m), an s3:// URI or {TINY_MODEL_NAME}")
+    return source
+
+
+def _hub_error(source: str, field: str, err: Exception) -> ModelError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else str(err)
+    return ModelError(f"{field}={source}: cannot load this model: {why}. Give a local model directory, an s3:// "
+                      f"URI, a hub name reachable from the pod, or {TINY_MODEL_NAME}")
+
+
+def load_tokenizer(source: str, field: str = "spec.actor.model", padding_side: str = "right"):
+    """The tokenizer of a model (local dir, hub name or tiny); guarantees a pad token."""
+    from transformers import AutoTokenizer
+
+    path = str(TINY_ASSETS) if is_tiny(source) else resolve_local(source, field)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, field, e) from e
+    if tok.pad_token is None:
+        # GPT-2-like tokenizers have no pad token; the EOS token is the conventional stand-in
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def apply_dropout(config: Any, dropout: float | None) -> None:
+    """Set every dropout probability of a config (DeepSpeed-Chat's --disable_dropout is dropout=0)."""
+    if dropout is None:
+        return
+    for key in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop",
+                "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+
+
+def load_causal_lm(source: str, field: str = "spec.actor.model", seed: int = 1234, dropout: float | None = None,
+                   gradient_checkpointing: bool = False):
+    """A causal LM in fp32 (DeepSpeed casts it to the configured precision)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_tiny(source):
+        model = tiny_causal_lm(seed)
+        apply_dropout(model.config, dropout)
+    else:
+        path = resolve_local(source, field)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            apply_dropout(config, dropout)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise _hub_error(source, field, e) from e
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def align_embeddings(model: Any, tokenizer: Any) -> None:
+    """Grow the embedding matrix to a multiple of 8 covering the tokenizer (as DeepSpeed-Chat does)."""
+    n = len(tokenizer)
+    current = model.get_input_embeddings().weight.shape[0]
+    if n > current:
+        model.resize_token_embeddings(int(8 * ((n + 7) // 8)))
