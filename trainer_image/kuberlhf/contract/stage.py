@@ -30,6 +30,8 @@ ENV_MASTER_PORT = "MASTER_PORT"
 # S3 credentials: from the Secret in spec.storage.secretRef, never from the manifest
 ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+# optional chat-server API key (from spec.serving.apiKeySecretRef, key API_KEY); unset = no auth
+ENV_API_KEY = "KUBERLHF_API_KEY"
 
 DEFAULT_MASTER_PORT = 29500
 ENTRYPOINT = "kuberlhf"
