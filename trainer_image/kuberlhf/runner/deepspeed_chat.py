@@ -1,0 +1,113 @@
+"""``kuberlhf train``: DeepSpeed-Chat's ``e2e_rlhf.py`` arguments turned into an RLHFPipeline.
+
+Pure functions: the command line only parses flags and calls :func:`build_train_pipeline`. The recipe values
+(batch sizes, LoRA, ZeRO stages, gradient accumulation) come from ``kuberlhf.contract.presets`` through the spec
+model's validator, exactly as for a manifest applied with kubectl.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from kuberlhf.contract.spec import STAGE_ORDER, RLHFPipeline, SpecError, Stage, parse_pipeline
+
+# e2e_rlhf.py accepts bare OPT sizes (``--actor-model 1.3b``); they mean facebook/opt-<size>.
+_OPT_SIZE = re.compile(r"^\d+(\.\d+)?[mb]$", re.IGNORECASE)
+DEFAULT_DATASET = "Dahoas/rm-static"  # DeepSpeed-Chat's default --data_path
+DEFAULT_STORAGE_URI = "s3://kuberlhf/pipelines"
+DEFAULT_STORAGE_ENDPOINT = "http://seaweedfs.kuberlhf:8333"  # the chart's optional in-cluster SeaweedFS
+DEFAULT_SECRET = "s3-credentials"
+STEP_TO_STAGE: dict[int, Stage] = {1: Stage.sft, 2: Stage.reward, 3: Stage.ppo}
+
+
+def expand_model_name(name: str) -> str:
+    """'1.3b' -> 'facebook/opt-1.3b' (DeepSpeed-Chat's shorthand); anything else (any HF causal LM, a local
+    directory, an s3:// URI) is kept as given."""
+    name = name.strip()
+    if not name:
+        raise SpecError("the model name is empty: give a hub name (facebook/opt-1.3b), a local directory or s3:// URI")
+    return f"facebook/opt-{name.lower()}" if _OPT_SIZE.match(name) else name
+
+
+def steps_to_stages(steps: Sequence[int]) -> list[Stage]:
+    """DeepSpeed-Chat's ``--step 1 2 3`` as stages, in pipeline order, duplicates removed."""
+    bad = [s for s in steps if s not in STEP_TO_STAGE]
+    if bad:
+        raise SpecError(f"--step takes 1 (SFT), 2 (reward model) and/or 3 (PPO), got {bad}")
+    chosen = {STEP_TO_STAGE[s] for s in steps}
+    return [st for st in STAGE_ORDER if st in chosen]
+
+
+def pipeline_name_for(actor_model: str) -> str:
+    """A valid metadata.name from the actor model: 'facebook/opt-1.3b' -> 'opt-1-3b-rlhf'."""
+    base = actor_model.rstrip("/").split("/")[-1].lower()
+    base = re.sub(r"[^a-z0-9]+", "-", base).strip("-") or "model"
+    return f"{base[:35].rstrip('-')}-rlhf"
+
+
+def build_train_pipeline(
+    *,
+    actor_model: str,
+    reward_model: str,
+    deployment_type: str = "single_gpu",
+    actor_zero_stage: int | None = None,
+    reward_zero_stage: int | None = None,
+    datasets: Sequence[str] = (DEFAULT_DATASET,),
+    data_split: str = "2,4,4",
+    unsupervised_dataset: str | None = None,
+    accelerator: str = "cuda",
+    name: str | None = None,
+    namespace: str | None = None,
+    storage_uri: str = DEFAULT_STORAGE_URI,
+    storage_endpoint: str | None = DEFAULT_STORAGE_ENDPOINT,
+    storage_secret: str | None = DEFAULT_SECRET,
+    image: str | None = None,
+) -> RLHFPipeline:
+    """The RLHFPipeline equivalent to ``e2e_rlhf.py --actor-model A --reward-model R --deployment-type T``.
+
+    As in DeepSpeed-Chat, ``--actor-zero-stage`` sets step 1's and the PPO actor's ZeRO stage and
+    ``--reward-zero-stage`` step 2's and the PPO critic's; unset ones come from the deployment-type preset.
+    Validation goes through the same spec models as ``kubectl apply`` (errors name the field).
+    """
+    stages: dict[str, dict[str, Any]] = {"sft": {}, "reward": {}, "ppo": {}}
+    if actor_zero_stage is not None:
+        stages["sft"]["zeroStage"] = actor_zero_stage
+        stages["ppo"]["actorZeroStage"] = actor_zero_stage
+    if reward_zero_stage is not None:
+        stages["reward"]["zeroStage"] = reward_zero_stage
+        stages["ppo"]["criticZeroStage"] = reward_zero_stage
+    data: dict[str, Any] = {"datasets": list(datasets) or [DEFAULT_DATASET], "split": data_split}
+    if unsupervised_dataset:
+        data["unsupervised"] = unsupervised_dataset
+    storage: dict[str, Any] = {"uri": storage_uri}
+    if storage_endpoint:
+        storage["endpoint"] = storage_endpoint
+    if storage_secret:
+        storage["secretRef"] = {"name": storage_secret}
+    actor = expand_model_name(actor_model)
+    spec: dict[str, Any] = {
+        "deploymentType": deployment_type,
+        "accelerator": accelerator,
+        "actor": {"model": actor},
+        "reward": {"model": expand_model_name(reward_model)},
+        "data": data,
+        "storage": storage,
+        "stages": stages,
+    }
+    if image:
+        spec["image"] = image
+    metadata: dict[str, Any] = {"name": name or pipeline_name_for(actor)}
+    if namespace:
+        metadata["namespace"] = namespace
+    return parse_pipeline({"apiVersion": "kuberlhf.io/v1alpha1", "kind": "RLHFPipeline", "metadata": metadata,
+                           "spec": spec})
+
+
+def emit_yaml(pipeline: RLHFPipeline) -> str:
+    """The manifest for ``kubectl apply -f``: the resolved spec (presets written out, so the cluster runs
+    exactly the recipe shown)."""
+    import yaml
+
+    return yaml.safe_dump(pipeline.to_wire(), sort_keys=False, default_flow_style=False)

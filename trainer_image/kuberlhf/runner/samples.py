@@ -1,0 +1,116 @@
+"""The end of a run: how the final policy answers, next to the SFT policy, scored by the trained reward model.
+
+``evaluate_policies`` is also how the tests check that PPO raised the reward: the mean reward-model score of
+answers the SFT policy and the final policy generate for the same held-out prompts (the PPO stage's eval slice,
+prompts no stage trained on)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kuberlhf.contract.spec import RLHFPipeline, Stage
+from kuberlhf.data.format import cut_at_next_turn, format_prompt, format_response
+from kuberlhf.runner.console import Console
+
+
+def heldout_prompts(pipeline: RLHFPipeline, limit: int | None = None) -> list[str]:
+    """Prompts of the PPO stage's held-out slice (never trained on), deduplicated, in a fixed order."""
+    from kuberlhf.data.blend import stage_rows
+
+    _, ev = stage_rows(pipeline.spec.data, Stage.ppo)
+    prompts = list(dict.fromkeys(p for p in ev["prompt"] if p.strip()))
+    return prompts[:limit] if limit else prompts
+
+
+def generate_answers(model_dir: Path, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
+                     top_p: float, seed: int, batch_size: int = 32) -> list[str]:
+    """Answers of a causal LM (HF directory) to Human/Assistant prompts, cut at the next 'Human:' turn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation continues right after each prompt
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    answers: list[str] = []
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        batch = [format_prompt(p) for p in prompts[start:start + batch_size]]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 top_p=top_p, pad_token_id=tok.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:]:
+            answers.append(cut_at_next_turn(tok.decode(row, skip_special_tokens=True)))
+    return answers
+
+
+def reward_scores(reward_dir: Path, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> list[float]:
+    """The reward model's score of each (prompt, answer), in the training format prompt + ' ' + answer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kuberlhf.models.reward import RewardModel
+
+    tok = AutoTokenizer.from_pretrained(reward_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # the score is read at the last non-pad token
+    rm = RewardModel.from_pretrained(reward_dir).eval()
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [format_prompt(p) + format_response(a) for p, a in
+                 zip(prompts[start:start + batch_size], answers[start:start + batch_size], strict=True)]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            scores.extend(float(s) for s in rm.end_scores(enc["input_ids"], enc["attention_mask"]))
+    return scores
+
+
+def evaluate_policies(policies: Mapping[str, Path], reward_dir: Path, prompts: Sequence[str], *,
+                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 1234
+                      ) -> dict[str, Any]:
+    """For each named policy: its answers and their RM scores, plus the mean score."""
+    result: dict[str, Any] = {"prompts": list(prompts), "policies": {}}
+    for name, path in policies.items():
+        answers = generate_answers(path, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed)
+        scores = reward_scores(reward_dir, prompts, answers)
+        result["policies"][name] = {"answers": answers, "scores": scores,
+                                    "mean_score": sum(scores) / max(1, len(scores))}
+    return result
+
+
+def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) -> dict[str, Any] | None:
+    """Print n exchanges (SFT vs final policy) and the mean RM score of both on the held-out prompts."""
+    import json
+
+    ppo = pipeline.spec.stages.ppo
+    final = out / "ppo" / ("ema" if ppo.ema.enabled and (out / "ppo" / "ema").exists() else "model")
+    if not (final.exists() and (out / "sft").exists() and (out / "reward").exists()):
+        return None
+    prompts = heldout_prompts(pipeline, limit=64)
+    if not prompts:
+        return None
+    policies = {"sft": out / "sft", "final": final}
+    ev = evaluate_policies(policies, out / "reward", prompts, max_new_tokens=ppo.max_answer_len,
+                           temperature=ppo.temperature, top_p=ppo.top_p, seed=ppo.seed)
+    sft, fin = ev["policies"]["sft"], ev["policies"]["final"]
+    console.header(f"sample exchanges (held-out prompts; reward-model score in brackets; final = {final})")
+    for i in range(min(n, len(prompts))):
+        console.line(f"Human: {prompts[i]}")
+        console.line(f"  SFT       [{sft['scores'][i]:+.2f}] Assistant: {sft['answers'][i]}")
+        console.line(f"  SFT + PPO [{fin['scores'][i]:+.2f}] Assistant: {fin['answers'][i]}")
+        console.line()
+    console.info(f"mean reward-model score on {len(prompts)} held-out prompts: SFT {sft['mean_score']:+.3f} -> "
+                 f"SFT + PPO {fin['mean_score']:+.3f}")
+    with open(out / "samples.jsonl", "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"prompt": p, "sft": sft["answers"][i], "sft_score": sft["scores"][i],
+                                "final": fin["answers"][i], "final_score": fin["scores"][i]}) + "\n")
+    return {"heldoutPrompts": len(prompts), "sftMeanScore": sft["mean_score"], "finalMeanScore": fin["mean_score"],
+            "finalModel": str(final)}
