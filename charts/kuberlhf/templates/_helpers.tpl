@@ -1,0 +1,120 @@
+{{/* Chart name, overridable. */}}
+{{- define "kuberlhf.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object-name prefix: the release name, plus the chart name unless the release name already holds it. */}}
+{{- define "kuberlhf.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kuberlhf.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kuberlhf.labels" -}}
+helm.sh/chart: {{ include "kuberlhf.chart" . }}
+app.kubernetes.io/name: {{ include "kuberlhf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kuberlhf
+{{- end }}
+
+{{- define "kuberlhf.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kuberlhf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kuberlhf.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kuberlhf.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kuberlhf.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "kuberlhf.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
+{{- end }}
+
+{{/* The namespaces watched in namespaced mode: the listed ones, or the release namespace. */}}
+{{- define "kuberlhf.watchNamespaces" -}}
+{{- if .Values.watch.namespaces }}
+{{- toJson (uniq .Values.watch.namespaces) }}
+{{- else }}
+{{- toJson (list .Release.Namespace) }}
+{{- end }}
+{{- end }}
+
+{{/*
+RBAC rules the operator needs in every namespace it watches: exactly the verbs kuberlhf_operator uses.
+Secrets: only get (the operator checks spec.storage.secretRef exists; pods read the keys themselves).
+*/}}
+{{- define "kuberlhf.namespacedRules" -}}
+- apiGroups: [kuberlhf.io]
+  resources: [rlhfpipelines]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kuberlhf.io]
+  resources: [rlhfpipelines/status]
+  verbs: [get, patch, update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, patch, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create, get, list, watch, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [create, get, list, watch, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
+
+{{/* kopf discovers the custom resource through the CRD list (cluster-scoped in every mode). */}}
+{{- define "kuberlhf.crdDiscoveryRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [get, list, watch]
+{{- end }}
+
+{{- define "kuberlhf.seaweedfs.fullname" -}}
+{{- printf "%s-s3" (include "kuberlhf.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kuberlhf.seaweedfs.secretName" -}}
+{{- default (printf "%s-credentials" (include "kuberlhf.seaweedfs.fullname" .)) .Values.seaweedfs.auth.existingSecret }}
+{{- end }}
+
+{{- define "kuberlhf.seaweedfs.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kuberlhf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: s3
+{{- end }}
