@@ -32,6 +32,8 @@ ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
 # optional chat-server API key (from spec.serving.apiKeySecretRef, key API_KEY); unset = no auth
 ENV_API_KEY = "KUBERLHF_API_KEY"
+# S3 endpoint of `kuberlhf serve|chat` for s3:// models (same as their --storage-endpoint flag)
+ENV_STORAGE_ENDPOINT = "KUBERLHF_STORAGE_ENDPOINT"
 
 DEFAULT_MASTER_PORT = 29500
 ENTRYPOINT = "kuberlhf"
