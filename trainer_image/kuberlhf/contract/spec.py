@@ -78,6 +78,8 @@ class DatasetRef(SpecModel):
     name: str | None = Field(default=None, description="Hub dataset name, e.g. Dahoas/rm-static.")
     path: str | None = Field(default=None, description="Local file/directory or s3:// URI with prompt/chosen/rejected.")
     config: str | None = Field(default=None, description="Dataset configuration name (hub datasets).")
+    adapter: str | None = Field(default=None, description="For a local copy of a hub dataset: the hub name whose "
+                                "columns it has (e.g. Dahoas/rm-static); default: from the path, else the columns.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetRef:
