@@ -1,5 +1,11 @@
-"""Test harness for the e2e tier: a real control plane on loopback and a "process kubelet" that runs pods."""
+"""Test harness for the e2e tier: a real control plane on loopback and a "process kubelet" that runs pods.
+
+Import as ``harness`` (tests/ is on sys.path under pytest): ``from harness import ControlPlane, ProcessKubelet``.
+"""
 
 from harness.controlplane import ControlPlane, ControlPlaneUnavailable, find_binaries
+from harness.process_kubelet import ProcessKubelet
+from harness.rest import ApiError, KubeREST
+from harness.wait import wait_for
 
-__all__ = ["ControlPlane", "ControlPlaneUnavailable", "find_binaries"]
+__all__ = ["ApiError", "ControlPlane", "ControlPlaneUnavailable", "KubeREST", "ProcessKubelet", "find_binaries", "wait_for"]
