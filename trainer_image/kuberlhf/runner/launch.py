@@ -65,6 +65,7 @@ class StageResult:
     returncodes: list[int]
     elapsed_s: float
     log_paths: list[Path] = field(default_factory=list)
+    first_failed: int | None = None  # the node that failed first (the others were stopped because of it)
 
     @property
     def ok(self) -> bool:
@@ -72,10 +73,9 @@ class StageResult:
 
     @property
     def failed_rank(self) -> int | None:
-        for rank, rc in enumerate(self.returncodes):
-            if rc != 0:
-                return rank
-        return None
+        if self.first_failed is not None:
+            return self.first_failed
+        return next((rank for rank, rc in enumerate(self.returncodes) if rc != 0), None)
 
 
 def _pump(src: BinaryIO, log: BinaryIO, echo: BinaryIO | None) -> None:
@@ -130,6 +130,7 @@ def run_nodes(
     argv = resolve_command(command)
     start = time.monotonic()
     nodes: list[NodeProcess] = []
+    first_failed: int | None = None
     try:
         for rank, env in enumerate(node_envs):
             log_path = log_dir / f"{log_prefix}-node{rank}.log"
@@ -143,7 +144,11 @@ def run_nodes(
             nodes.append(node)
         while True:
             codes = [n.proc.poll() for n in nodes]
-            if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
+            failed = [rank for rank, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                first_failed = failed[0]
+                break
+            if all(c is not None for c in codes):
                 break
             time.sleep(poll_s)
     finally:
@@ -155,4 +160,5 @@ def run_nodes(
             n.proc.wait()
             if n.pump is not None:
                 n.pump.join(timeout=10)
-    return StageResult([n.proc.returncode for n in nodes], time.monotonic() - start, [n.log_path for n in nodes])
+    return StageResult([n.proc.returncode for n in nodes], time.monotonic() - start, [n.log_path for n in nodes],
+                       first_failed)

@@ -22,7 +22,6 @@ from typing import Any
 
 from kuberlhf.contract.spec import STAGE_ORDER, RLHFPipeline, Stage, StorageSpec
 from kuberlhf.contract.stage import (
-    ENV_OUTPUT_DIR,
     ENV_S3_ACCESS_KEY,
     ENV_S3_SECRET_KEY,
     METRICS_FILE,
@@ -239,8 +238,9 @@ def _run_stage(pipeline: RLHFPipeline, stage: Stage, namespace: str, run_id: str
         env = dict(os.environ)
         env.update(stage_env(pipeline, stage, namespace=namespace, uid=run_id, attempt=attempt,
                              master_addr="127.0.0.1", master_port=port, node_rank=rank))
+        # KUBERLHF_LOCAL_OUTPUT stays unset: the runner downloads the committed results itself (verified), so
+        # the models are not written twice
         env.update(creds)
-        env[ENV_OUTPUT_DIR] = str(out)
         envs.append(env)
     echo = sys.stdout.buffer if opts.echo_stage_output else None
     sys.stdout.flush()
