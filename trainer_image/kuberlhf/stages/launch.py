@@ -1,0 +1,101 @@
+"""Starting a stage: ``kuberlhf stage NAME`` on every node (pod).
+
+- Already a worker (RANK / LOCAL_RANK in the env, as under torchrun or the DeepSpeed launcher, or
+  ``--local_rank`` given): run the stage in this process.
+- World size 1: run in this process, no launcher.
+- Otherwise: spawn NPROC_PER_NODE workers with torch's elastic launcher (static rendezvous on
+  MASTER_ADDR:MASTER_PORT, this node = NODE_RANK of NNODES), each running ``python -m kuberlhf.stages.worker``.
+
+Bad settings are reported before any worker starts (the DeepSpeed config is checked here).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from kuberlhf.contract.spec import Stage
+from kuberlhf.contract.stage import StageContext
+
+
+class StageFailed(RuntimeError):
+    """A worker exited with an error (its own message was printed by the worker)."""
+
+
+def is_worker(env: Mapping[str, str], local_rank: int | None = None) -> bool:
+    return local_rank is not None or "LOCAL_RANK" in env or "RANK" in env
+
+
+def worker_args(stage: str, pipeline: str | None, resume: bool) -> list[str]:
+    args = ["-m", "kuberlhf.stages.worker", stage]
+    if pipeline:
+        args += ["--pipeline", pipeline]
+    if not resume:
+        args.append("--no-resume")
+    return args
+
+
+def preflight(ctx: StageContext) -> None:
+    """Fail fast on settings no worker could run (raises DSConfigError naming the field)."""
+    from kuberlhf.training.ds_config import stage_settings, train_ds_config
+
+    roles = ["actor", "critic"] if ctx.stage is Stage.ppo else [None]
+    for role in roles:
+        train_ds_config(stage_settings(ctx.pipeline.spec, ctx.stage.value, ctx.world_size, role=role))
+
+
+def spawn_workers(ctx: StageContext, pipeline: str | None, resume: bool) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=ctx.nnodes, max_nodes=ctx.nnodes, nproc_per_node=ctx.nproc_per_node,
+        run_id=f"{ctx.pipeline.metadata.name}-{ctx.stage.value}-{ctx.attempt}",
+        rdzv_backend="static", rdzv_endpoint=f"{ctx.master_addr}:{ctx.master_port}",
+        rdzv_configs={"rank": ctx.node_rank, "timeout": 900},
+        max_restarts=0, monitor_interval=0.5, start_method="spawn",
+    )
+    try:
+        elastic_launch(config, sys.executable)(*worker_args(ctx.stage.value, pipeline, resume))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        raise StageFailed(f"stage {ctx.stage.value} failed on node {ctx.node_rank} (worker exit codes {codes})",
+                          ) from None
+
+
+def run_in_process(stage: str, pipeline: str | None, resume: bool) -> None:
+    from kuberlhf.stages.runtime import StageRun
+
+    ctx = StageContext.from_env(stage, pipeline=pipeline)
+    run = StageRun(ctx, resume=resume)
+    try:
+        if ctx.stage is Stage.sft:
+            from kuberlhf.stages.sft import run_sft
+
+            run_sft(run)
+        elif ctx.stage is Stage.reward:
+            from kuberlhf.stages.reward import run_reward
+
+            run_reward(run)
+        else:
+            from kuberlhf.stages.ppo import run_ppo
+
+            run_ppo(run)
+    finally:
+        run.close()
+
+
+def launch(stage: str, pipeline: str | None = None, resume: bool = True, local_rank: int | None = None) -> None:
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # the DeepSpeed launcher's --local_rank
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/kuberlhf/torch_extensions"))
+    if is_worker(os.environ):
+        run_in_process(stage, pipeline, resume)
+        return
+    ctx = StageContext.from_env(stage, pipeline=pipeline)
+    preflight(ctx)
+    if ctx.world_size == 1:
+        run_in_process(stage, pipeline, resume)
+    else:
+        spawn_workers(ctx, pipeline, resume)

@@ -1,0 +1,80 @@
+"""Step 2, reward model: backbone + scalar head trained with the pairwise loss ``-log sigmoid(r_c - r_r)``
+on (chosen, rejected) pairs, scores read at the last non-pad token. Eval reports accuracy (share of held-out
+pairs ranked right) and the mean chosen / rejected scores. Writes ``reward/model/`` (format in
+``kuberlhf.models.reward``)."""
+
+from __future__ import annotations
+
+import torch
+
+from kuberlhf.rlhf.ppo_math import pairwise_loss
+from kuberlhf.stages.common import cache_key, mean_over_ranks, settings, tokenized_cache_dir
+from kuberlhf.stages.runtime import StageRun
+from kuberlhf.stages.supervised import supervised_loop
+from kuberlhf.training.ds_config import train_ds_config
+from kuberlhf.training.export import export_reward_model
+from kuberlhf.training.loop import ds_initialize, make_loader, make_optimizer, make_scheduler, plan_for, to_device
+
+
+def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) end scores of a pair batch laid out chosen rows first, then rejected rows."""
+    _, scores = engine(batch["input_ids"], batch["attention_mask"])
+    half = scores.shape[0] // 2
+    return scores[:half].float(), scores[half:].float()
+
+
+@torch.no_grad()
+def evaluate_rm(engine, dataset, micro_batch: int, rank: int, world: int) -> dict[str, float]:
+    engine.eval()
+    correct = total = 0.0
+    chosen_sum = rejected_sum = 0.0
+    if len(dataset) > 0:
+        for batch in make_loader(dataset, micro_batch, rank, world, 0, 0, shuffle=False, drop_last=False):
+            c, r = pair_scores(engine, to_device(batch, engine.device))
+            correct += float((c > r).sum())
+            total += c.numel()
+            chosen_sum += float(c.sum())
+            rejected_sum += float(r.sum())
+    sums = mean_over_ranks({"correct": correct, "total": total, "chosen": chosen_sum, "rejected": rejected_sum})
+    n = max(sums["total"], 1e-9)
+    return {"accuracy": sums["correct"] / n, "chosen_score": sums["chosen"] / n, "rejected_score": sums["rejected"] / n}
+
+
+def run_reward(run: StageRun) -> None:
+    from kuberlhf.data import PairDataset, stage_rows
+    from kuberlhf.models import RewardModel, load_tokenizer
+    from kuberlhf.models.lora import apply_lora
+
+    spec, st = run.spec, run.stage_spec
+    s = settings(run)
+    ds_config = train_ds_config(s)
+    source = run.model_source(spec.reward.model, "spec.reward.model", "reward-base")
+    tokenizer = load_tokenizer(spec.reward.tokenizer or source, "spec.reward.model")
+    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage)
+    cache = tokenized_cache_dir(run)
+    train_ds = PairDataset(train_rows, tokenizer, spec.data.max_seq_len, cache_dir=cache,
+                           cache_key=cache_key(run, "train"))
+    eval_ds = PairDataset(eval_rows, tokenizer, spec.data.max_seq_len, cache_dir=cache,
+                          cache_key=cache_key(run, "eval"))
+    plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
+                    "spec.stages.reward")
+    model = RewardModel.from_causal_lm_source(source, "spec.reward.model", seed=st.seed, dropout=spec.reward.dropout)
+    if st.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    apply_lora(model, st.lora, "spec.stages.reward.lora")
+    lr = st.learning_rate or 5e-5
+    optimizer = make_optimizer(model, lr, st.weight_decay, st.offload, st.lora.learning_rate if st.lora else None)
+    scheduler = make_scheduler(optimizer, st.lr_scheduler, st.warmup_steps, plan.total_steps)
+    engine = ds_initialize(model, ds_config, optimizer, scheduler)
+
+    def train_step(batch):
+        c, r = pair_scores(engine, batch)
+        return pairwise_loss(c, r), {"accuracy": float((c > r).float().mean())}
+
+    def evaluate():
+        return evaluate_rm(engine, eval_ds, s.micro_batch, run.dist.rank, run.dist.world_size)
+
+    steps = supervised_loop(run, engine, train_ds, plan, s.micro_batch, train_step, evaluate)
+    out = run.output_dir("model")
+    export_reward_model(engine, tokenizer, out, lora=st.lora)
+    run.finish({"model": out}, {"steps": steps})

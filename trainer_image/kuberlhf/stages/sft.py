@@ -1,0 +1,78 @@
+"""Step 1, supervised fine-tuning: next-token loss on prompt + chosen answer (padding masked, the prompt too
+when ``maskPrompt``), perplexity on the held-out rows. Writes ``sft/model/`` (HF format)."""
+
+from __future__ import annotations
+
+import torch
+
+from kuberlhf.rlhf.ppo_math import causal_lm_loss
+from kuberlhf.stages.common import cache_key, mean_over_ranks, settings, tokenized_cache_dir
+from kuberlhf.stages.runtime import StageRun
+from kuberlhf.stages.supervised import supervised_loop
+from kuberlhf.training.ds_config import train_ds_config
+from kuberlhf.training.export import export_causal_lm
+from kuberlhf.training.loop import (
+    ds_initialize,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    plan_for,
+    safe_exp,
+    to_device,
+)
+
+
+@torch.no_grad()
+def evaluate_lm(engine, dataset, micro_batch: int, rank: int, world: int) -> dict[str, float]:
+    """Mean next-token loss over the eval rows of this rank (then averaged over ranks) and its perplexity."""
+    engine.eval()
+    total, n = 0.0, 0
+    if len(dataset) > 0:
+        for batch in make_loader(dataset, micro_batch, rank, world, 0, 0, shuffle=False, drop_last=False):
+            batch = to_device(batch, engine.device)
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            total += float(causal_lm_loss(out.logits, batch["labels"]))
+            n += 1
+    loss = mean_over_ranks({"loss": total / max(n, 1)})["loss"]
+    return {"loss": loss, "perplexity": safe_exp(loss)}
+
+
+def run_sft(run: StageRun) -> None:
+    from kuberlhf.data import SFTDataset, stage_rows
+    from kuberlhf.models import load_causal_lm, load_tokenizer
+    from kuberlhf.models.loading import align_embeddings
+    from kuberlhf.models.lora import apply_lora
+
+    spec, st = run.spec, run.stage_spec
+    s = settings(run)
+    ds_config = train_ds_config(s)
+    source = run.model_source(spec.actor.model, "spec.actor.model", "actor")
+    tokenizer = load_tokenizer(spec.actor.tokenizer or source, "spec.actor.model")
+    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage)
+    cache = tokenized_cache_dir(run)
+    train_ds = SFTDataset(train_rows, tokenizer, spec.data.max_seq_len, st.mask_prompt, cache_dir=cache,
+                          cache_key=cache_key(run, "train"))
+    eval_ds = SFTDataset(eval_rows, tokenizer, spec.data.max_seq_len, st.mask_prompt, cache_dir=cache,
+                         cache_key=cache_key(run, "eval"))
+    plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
+                    "spec.stages.sft")
+    model = load_causal_lm(source, "spec.actor.model", seed=st.seed, dropout=spec.actor.dropout,
+                           gradient_checkpointing=st.gradient_checkpointing)
+    align_embeddings(model, tokenizer)
+    apply_lora(model, st.lora, "spec.stages.sft.lora")
+    lr = st.learning_rate or 1e-5
+    optimizer = make_optimizer(model, lr, st.weight_decay, st.offload, st.lora.learning_rate if st.lora else None)
+    scheduler = make_scheduler(optimizer, st.lr_scheduler, st.warmup_steps, plan.total_steps)
+    engine = ds_initialize(model, ds_config, optimizer, scheduler)
+
+    def train_step(batch):
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return causal_lm_loss(out.logits, batch["labels"]), {"tokens": float(batch["attention_mask"].sum())}
+
+    def evaluate():
+        return evaluate_lm(engine, eval_ds, s.micro_batch, run.dist.rank, run.dist.world_size)
+
+    steps = supervised_loop(run, engine, train_ds, plan, s.micro_batch, train_step, evaluate)
+    out = run.output_dir("model")
+    export_causal_lm(engine, tokenizer, out, lora=st.lora)
+    run.finish({"model": out}, {"steps": steps})

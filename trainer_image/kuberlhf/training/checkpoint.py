@@ -1,0 +1,51 @@
+"""Resumable checkpoints: DeepSpeed ``save_checkpoint`` of every trained engine (weights, optimizer, LR
+scheduler) plus one ``trainer_state_rank{R}.pt`` per rank (step, data position, RNG states, controller state).
+
+Local layout of ``<dir>/step-N/``: ``<engine name>/step-N/...`` (DeepSpeed's own files), ``trainer_state_rank*.pt``
+and ``metrics.jsonl`` (rank 0's metrics so far, so a resumed run continues the same file).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def save_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int, state: dict[str, Any]) -> None:
+    """Collective: every rank calls it. Writes DeepSpeed state of each engine and this rank's trainer state."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(ckpt_dir / name), tag=tag(step), client_state={"step": step})
+    torch.save({**state, "step": step, "rng": rng_state()}, ckpt_dir / f"trainer_state_rank{rank}.pt")
+
+
+def load_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int) -> dict[str, Any]:
+    """Collective: restores every engine (with optimizer and scheduler) and returns this rank's trainer state."""
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(ckpt_dir / name), tag=tag(step), load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"checkpoint {ckpt_dir} has no DeepSpeed state for {name!r} at {tag(step)}")
+    own = ckpt_dir / f"trainer_state_rank{rank}.pt"
+    # a different world size on resume: fall back to rank 0's position (the data sampler re-shards by rank)
+    state = torch.load(own if own.exists() else ckpt_dir / "trainer_state_rank0.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,98 @@
+"""Training-loop building blocks shared by the stages: optimizer and LR schedule, DeepSpeed engine creation,
+resumable per-rank data loading, and the step plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from kuberlhf.models.lora import lora_param_groups
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, offload: bool,
+                   lora_lr: float | None = None) -> torch.optim.Optimizer:
+    groups = lora_param_groups(model, lr, weight_decay, lora_lr)
+    if offload:
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam (JIT-built once, then cached)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+
+
+def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None, scheduler=None):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def rank_indices(dataset_len: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True
+                 ) -> list[int]:
+    """This rank's sample order for an epoch (DistributedSampler's: the same on every restart)."""
+    sampler = DistributedSampler(range(dataset_len), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=dataset_len >= world)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def make_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int,
+                skip_batches: int = 0, shuffle: bool = True, drop_last: bool = True) -> DataLoader:
+    """The epoch's batches of this rank, starting after ``skip_batches`` (resume mid-epoch)."""
+    indices = rank_indices(len(dataset), rank, world, seed, epoch, shuffle)[skip_batches * batch_size:]
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=dataset.collate,
+                      drop_last=drop_last)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Optimizer steps of a stage: ``batches_per_epoch`` micro-batches per rank, ``grad_accum`` per step."""
+
+    batches_per_epoch: int
+    grad_accum: int
+    epochs: int
+    max_steps: int | None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, micro-batches already consumed in that epoch) after ``step`` optimizer steps."""
+        if self.steps_per_epoch == 0:
+            return 0, 0
+        return step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.grad_accum
+
+
+def plan_for(dataset_len: int, micro_batch: int, world: int, grad_accum: int, epochs: int,
+             max_steps: int | None, what: str) -> StepPlan:
+    per_rank = dataset_len // world if dataset_len >= world else dataset_len
+    plan = StepPlan(per_rank // micro_batch, grad_accum, epochs, max_steps)
+    if plan.total_steps == 0:
+        raise ValueError(f"{what}: {dataset_len} training rows give no optimizer step with {world} ranks x "
+                         f"perDeviceBatchSize {micro_batch} x gradientAccumulationSteps {grad_accum}; lower them "
+                         "or add data (data.maxSamples, data.split)")
+    return plan
+
+
+def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def safe_exp(x: float) -> float:
+    return math.exp(x) if x < 80 else float("inf")
