@@ -17,8 +17,8 @@ def spec(**kw) -> StorageSpec:
 
 
 def test_unreachable_endpoint_means_embedded_with_a_reason() -> None:
-    c = choose_storage(spec(endpoint="http://kuberlhf-s3.kuberlhf:8333"), CREDS, reachable=lambda _: False)
-    assert c.embedded and "kuberlhf-s3.kuberlhf:8333 is not reachable" in c.reason
+    c = choose_storage(spec(endpoint="http://seaweedfs.kuberlhf:8333"), CREDS, reachable=lambda _: False)
+    assert c.embedded and "seaweedfs.kuberlhf:8333 is not reachable" in c.reason
 
 
 def test_reachable_endpoint_is_used() -> None:

@@ -93,7 +93,7 @@ def train(
     name: str | None = typer.Option(None, "--name", help="metadata.name (default: from the actor model)."),
     namespace: str | None = typer.Option(None, "--namespace", help="metadata.namespace of the emitted manifest."),
     storage_uri: str = typer.Option("s3://kuberlhf/pipelines", "--storage-uri", help="Where checkpoints go."),
-    storage_endpoint: str | None = typer.Option("http://kuberlhf-s3.kuberlhf:8333", "--storage-endpoint",
+    storage_endpoint: str | None = typer.Option("http://seaweedfs.kuberlhf:8333", "--storage-endpoint",
                                                 help="S3 endpoint ('' for AWS S3)."),
     storage_secret: str | None = typer.Option("s3-credentials", "--storage-secret",
                                               help="Secret with the S3 keys (cluster runs)."),

@@ -17,7 +17,7 @@ from kuberlhf.contract.spec import STAGE_ORDER, RLHFPipeline, SpecError, Stage, 
 _OPT_SIZE = re.compile(r"^\d+(\.\d+)?[mb]$", re.IGNORECASE)
 DEFAULT_DATASET = "Dahoas/rm-static"  # DeepSpeed-Chat's default --data_path
 DEFAULT_STORAGE_URI = "s3://kuberlhf/pipelines"
-DEFAULT_STORAGE_ENDPOINT = "http://kuberlhf-s3.kuberlhf:8333"  # the chart's optional in-cluster SeaweedFS
+DEFAULT_STORAGE_ENDPOINT = "http://seaweedfs.kuberlhf:8333"  # the chart's optional in-cluster SeaweedFS
 DEFAULT_SECRET = "s3-credentials"
 STEP_TO_STAGE: dict[int, Stage] = {1: Stage.sft, 2: Stage.reward, 3: Stage.ppo}
 
