@@ -1,0 +1,305 @@
+"""Pure builders of the Kubernetes objects a pipeline owns: per stage attempt an Indexed Job + headless Service,
+and at the end the chat Deployment + Service. Plain dicts in, plain dicts out; no API calls."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, Accelerator, RLHFPipeline, Stage
+from kuberlhf.contract.stage import (
+    DEFAULT_MASTER_PORT,
+    ENTRYPOINT,
+    ENV_API_KEY,
+    ENV_NODE_RANK,
+    ENV_S3_ACCESS_KEY,
+    ENV_S3_SECRET_KEY,
+    StageLayout,
+    num_nodes,
+    stage_command,
+    stage_env,
+)
+from kuberlhf_operator import (
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    LABEL_MANAGED_BY,
+    LABEL_PIPELINE,
+    LABEL_STAGE,
+    MANAGED_BY,
+)
+
+# The Job controller (1.22+) writes the completion index here; NODE_RANK reads it through the downward API.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+MAX_NAME = 63
+SHM_MOUNT = "/dev/shm"
+FALLBACK_IMAGE = "ghcr.io/kuberlhf/trainer:latest"
+SERVING_STARTUP_SECONDS = 900  # first start downloads the model from the object store
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The pipeline that owns every child (its ownerReference and the object-store layout need these)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        # No blockOwnerDeletion: setting it needs 'update' on rlhfpipelines/finalizers, which the operator's
+        # RBAC deliberately lacks; garbage collection works the same without it.
+        return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True}
+
+
+def fit_name(name: str, limit: int = MAX_NAME) -> str:
+    """A DNS-1123 label of at most ``limit`` characters; too-long names keep a hash suffix so they stay unique."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def job_name(pipeline: str, stage: Stage | str, attempt: int) -> str:
+    # 63 minus room for the "-<index>" pod hostname suffix of Indexed Jobs.
+    return fit_name(f"{pipeline}-{Stage(stage).value}-{attempt}", MAX_NAME - 4)
+
+
+def chat_name(pipeline: str) -> str:
+    return fit_name(f"{pipeline}-chat")
+
+
+def chat_endpoint(pipeline: str, namespace: str, port: int) -> str:
+    return f"http://{chat_name(pipeline)}.{namespace}.svc:{port}/v1"
+
+
+def master_addr(pipeline: RLHFPipeline, stage: Stage | str, job: str) -> str:
+    # One pod holds every rank of a single-node stage, so loopback is exact there and needs no DNS record
+    # (the headless Service's records can lag the pod's start). Multi-node: rank 0's stable DNS name.
+    if num_nodes(pipeline, stage) == 1:
+        return "127.0.0.1"
+    return f"{job}-0.{job}"
+
+
+def stage_labels(owner: Owner, stage: Stage | str, attempt: int) -> dict[str, str]:
+    return {
+        LABEL_PIPELINE: owner.name,
+        LABEL_STAGE: Stage(stage).value,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_COMPONENT: "stage",
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def chat_labels(owner: Owner) -> dict[str, str]:
+    return {LABEL_PIPELINE: owner.name, LABEL_COMPONENT: "chat", LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _meta(name: str, owner: Owner, labels: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": owner.namespace, "labels": dict(labels),
+            "ownerReferences": [owner.reference()]}
+
+
+def _credential_env(pipeline: RLHFPipeline) -> list[dict[str, Any]]:
+    ref = pipeline.spec.storage.secret_ref
+    if ref is None:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}}
+        for key in (ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY)
+    ]
+
+
+def _resources(user: dict[str, Any], gpus: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in user.items()}
+    if gpus:
+        out.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+    return out
+
+
+def _pod_spec_common(pipeline: RLHFPipeline) -> dict[str, Any]:
+    """The podTemplate passthrough shared by stage and chat pods (only fields the user set)."""
+    pt = pipeline.spec.pod_template
+    spec: dict[str, Any] = {}
+    if pt.node_selector:
+        spec["nodeSelector"] = dict(pt.node_selector)
+    if pt.tolerations:
+        spec["tolerations"] = [dict(t) for t in pt.tolerations]
+    if pt.affinity:
+        spec["affinity"] = dict(pt.affinity)
+    if pt.service_account_name:
+        spec["serviceAccountName"] = pt.service_account_name
+    if pt.image_pull_secrets:
+        spec["imagePullSecrets"] = [dict(s) for s in pt.image_pull_secrets]
+    if pt.priority_class_name:
+        spec["priorityClassName"] = pt.priority_class_name
+    return spec
+
+
+def _pod_meta(pipeline: RLHFPipeline, labels: dict[str, str]) -> dict[str, Any]:
+    pt = pipeline.spec.pod_template
+    meta: dict[str, Any] = {"labels": {**pt.labels, **labels}}  # ours win: selectors depend on them
+    if pt.annotations:
+        meta["annotations"] = dict(pt.annotations)
+    return meta
+
+
+def _image(pipeline: RLHFPipeline, default_image: str | None) -> str:
+    return pipeline.spec.image or default_image or FALLBACK_IMAGE
+
+
+def _container_base(pipeline: RLHFPipeline, default_image: str | None) -> dict[str, Any]:
+    c: dict[str, Any] = {"image": _image(pipeline, default_image),
+                         "terminationMessagePolicy": "FallbackToLogsOnError"}  # log tail as failure message
+    if pipeline.spec.image_pull_policy:
+        c["imagePullPolicy"] = pipeline.spec.image_pull_policy
+    return c
+
+
+def _shm_volume(pipeline: RLHFPipeline) -> dict[str, Any]:
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pipeline.spec.pod_template.shm_size}}
+
+
+def build_stage_service(owner: Owner, stage: Stage | str, attempt: int) -> dict[str, Any]:
+    """Headless Service giving the Job's pods stable DNS names ``<job>-<i>.<svc>`` for the rendezvous."""
+    name = job_name(owner.name, stage, attempt)
+    labels = stage_labels(owner, stage, attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, owner, labels),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve each other before any of them is Ready (there is no readiness probe).
+            "publishNotReadyAddresses": True,
+            "selector": {k: labels[k] for k in (LABEL_PIPELINE, LABEL_STAGE, LABEL_ATTEMPT, LABEL_COMPONENT)},
+            "ports": [{"name": "rendezvous", "port": DEFAULT_MASTER_PORT, "targetPort": DEFAULT_MASTER_PORT,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def build_stage_job(
+    pipeline: RLHFPipeline,
+    owner: Owner,
+    stage: Stage | str,
+    attempt: int,
+    *,
+    default_image: str | None = None,
+    suspend: bool = False,
+) -> dict[str, Any]:
+    """The Indexed Job running every node of one stage attempt. ``pipeline`` is the spec the stage started with."""
+    stage = Stage(stage)
+    name = job_name(owner.name, stage, attempt)
+    st = pipeline.spec.stages.get(stage)
+    nodes = num_nodes(pipeline, stage)
+    labels = stage_labels(owner, stage, attempt)
+    env = stage_env(pipeline, stage, namespace=owner.namespace, uid=owner.uid, attempt=attempt,
+                    master_addr=master_addr(pipeline, stage, name))
+    env_list: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    env_list.append({"name": ENV_NODE_RANK, "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
+    env_list += _credential_env(pipeline)
+    gpus = int(st.gpus_per_node or 1) if pipeline.spec.accelerator is Accelerator.cuda else None
+    container = {
+        "name": "stage",
+        **_container_base(pipeline, default_image),
+        "command": stage_command(stage),
+        "env": env_list,
+        "ports": [{"name": "rendezvous", "containerPort": DEFAULT_MASTER_PORT, "protocol": "TCP"}],
+        "volumeMounts": [{"name": "dshm", "mountPath": SHM_MOUNT}],
+    }
+    resources = _resources(st.resources, gpus)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": name,  # with an Indexed Job, pod hostname <job>-<index> resolves as <job>-<index>.<svc>
+        "containers": [container],
+        "volumes": [_shm_volume(pipeline)],
+        **_pod_spec_common(pipeline),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(name, owner, labels),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            # Retries are operator-managed attempts (new Job, resume from checkpoint), never pod restarts.
+            "backoffLimit": 0,
+            "suspend": bool(suspend),
+            "template": {"metadata": _pod_meta(pipeline, labels), "spec": pod_spec},
+        },
+    }
+
+
+def serving_model_uri(pipeline: RLHFPipeline, owner: Owner) -> str:
+    layout = StageLayout.for_pipeline(pipeline, owner.namespace, owner.uid)
+    return layout.serving_model_uri(pipeline.spec.serving.use_ema, pipeline.spec.stages.ppo.ema.enabled)
+
+
+def serve_command(pipeline: RLHFPipeline, owner: Owner) -> list[str]:
+    sv = pipeline.spec.serving
+    cmd = [ENTRYPOINT, "serve", "--model", serving_model_uri(pipeline, owner), "--host", "0.0.0.0",
+           "--port", str(sv.port), "--max-new-tokens", str(sv.max_new_tokens)]
+    if pipeline.spec.storage.endpoint:
+        cmd += ["--storage-endpoint", pipeline.spec.storage.endpoint]
+    return cmd
+
+
+def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image: str | None = None) -> dict[str, Any]:
+    sv = pipeline.spec.serving
+    name = chat_name(owner.name)
+    labels = chat_labels(owner)
+    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *_credential_env(pipeline)]
+    if pipeline.spec.accelerator is Accelerator.cpu:
+        env.append({"name": "OMP_NUM_THREADS", "value": "1"})
+    if sv.api_key_secret_ref is not None:
+        env.append({"name": ENV_API_KEY,
+                    "valueFrom": {"secretKeyRef": {"name": sv.api_key_secret_ref.name, "key": "API_KEY"}}})
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
+                "timeoutSeconds": 5}
+
+    container = {
+        "name": "chat",
+        **_container_base(pipeline, default_image),
+        "command": serve_command(pipeline, owner),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": sv.port, "protocol": "TCP"}],
+        "startupProbe": probe("/readyz", 5, SERVING_STARTUP_SECONDS // 5),
+        "readinessProbe": probe("/readyz", 5, 3),
+        "livenessProbe": probe("/healthz", 10, 6),
+        "volumeMounts": [{"name": "dshm", "mountPath": SHM_MOUNT}],
+    }
+    if sv.resources:
+        container["resources"] = _resources(sv.resources, None)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, owner, labels),
+        "spec": {
+            "replicas": sv.replicas,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": _pod_meta(pipeline, labels),
+                "spec": {"containers": [container], "volumes": [_shm_volume(pipeline)],
+                         **_pod_spec_common(pipeline)},
+            },
+        },
+    }
+
+
+def build_chat_service(pipeline: RLHFPipeline, owner: Owner) -> dict[str, Any]:
+    port = pipeline.spec.serving.port
+    labels = chat_labels(owner)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(chat_name(owner.name), owner, labels),
+        "spec": {"type": "ClusterIP", "selector": dict(labels),
+                 "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
+    }

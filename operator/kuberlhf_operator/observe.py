@@ -1,0 +1,148 @@
+"""Pure summaries of the children the API server reports (Jobs, Deployments, Pods): what reconcile reads.
+
+The handlers list raw objects; these functions reduce them to small frozen records so that the reconcile
+function is tested with plain values and never sees API-client types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
+
+JobPhase = Literal["Running", "Succeeded", "Failed"]
+FAILURE_TAIL_LINES = 20
+FAILURE_TAIL_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class JobState:
+    name: str
+    stage: str
+    attempt: int
+    phase: JobPhase = "Running"
+    suspended: bool = False
+    deleting: bool = False
+    start_time: str | None = None
+    completion_time: str | None = None
+    failure: str | None = None  # the Job's Failed condition (reason: message)
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    name: str
+    replicas: int = 1
+    ready_replicas: int = 0
+    deleting: bool = False
+
+    @property
+    def available(self) -> bool:
+        return self.ready_replicas >= min(self.replicas, 1)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the pipeline owns, as last listed. ``failure_details`` maps a Job name to its failed pod's
+    termination message or log tail (the handler reads logs only for failed Jobs)."""
+
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    services: frozenset[str] = frozenset()
+    deployments: dict[str, DeploymentState] = field(default_factory=dict)
+    failure_details: dict[str, str] = field(default_factory=dict)
+
+
+def _cond(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == "True":
+            return c
+    return None
+
+
+def summarize_job(job: dict[str, Any]) -> JobState | None:
+    """A raw batch/v1 Job -> JobState; None for a Job without the operator's stage/attempt labels."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    try:
+        stage, attempt = labels[LABEL_STAGE], int(labels[LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    completions = int(spec.get("completions") or 1)
+    phase: JobPhase = "Running"
+    failure = None
+    failed_cond = _cond(job, "Failed")
+    if _cond(job, "Complete") or int(status.get("succeeded") or 0) >= completions:
+        phase = "Succeeded"
+    elif failed_cond is not None:
+        phase = "Failed"
+        failure = f"{failed_cond.get('reason', 'Failed')}: {failed_cond.get('message', '')}".rstrip(": ")
+    elif int(status.get("failed") or 0) > int(spec.get("backoffLimit") or 0):
+        # The controller sets the Failed condition a moment later; backoffLimit is 0, so one failure decides.
+        phase = "Failed"
+        failure = f"{status.get('failed')} pod(s) failed"
+    return JobState(
+        name=meta.get("name", ""),
+        stage=stage,
+        attempt=attempt,
+        phase=phase,
+        suspended=bool(spec.get("suspend")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        start_time=status.get("startTime"),
+        completion_time=status.get("completionTime"),
+        failure=failure,
+    )
+
+
+def summarize_deployment(dep: dict[str, Any]) -> DeploymentState:
+    meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
+    replicas = spec.get("replicas")
+    return DeploymentState(
+        name=meta.get("name", ""),
+        replicas=1 if replicas is None else int(replicas),
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def tail(text: str, lines: int = FAILURE_TAIL_LINES, chars: int = FAILURE_TAIL_CHARS) -> str:
+    out = "\n".join(text.rstrip().splitlines()[-lines:])
+    return out[-chars:]
+
+
+def pod_failure(pod: dict[str, Any]) -> tuple[str | None, bool]:
+    """(summary of a failed pod, whether its termination message was empty so the caller should read the log).
+    Returns (None, False) for a pod that did not fail."""
+    status = pod.get("status") or {}
+    name = (pod.get("metadata") or {}).get("name", "?")
+    terminated = [
+        (cs.get("name", "?"), (cs.get("state") or {}).get("terminated") or {})
+        for cs in status.get("containerStatuses") or []
+    ]
+    failed = [(c, t) for c, t in terminated if t and int(t.get("exitCode") or 0) != 0]
+    if status.get("phase") != "Failed" and not failed:
+        return None, False
+    if not failed:
+        reason = status.get("reason") or "Failed"
+        msg = status.get("message") or ""
+        return f"pod {name}: {reason} {msg}".rstrip(), not msg
+    container, term = failed[0]
+    head = f"pod {name} container {container} exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
+    message = term.get("message") or ""
+    if message:
+        return f"{head}:\n{tail(message)}", False
+    return head, True
+
+
+def failure_detail(pods: list[dict[str, Any]], logs: dict[str, str] | None = None) -> str | None:
+    """The failure text of a Job from its pods: the first failed pod's termination message, else its log tail
+    (``logs`` maps pod name -> log text the handler read)."""
+    logs = logs or {}
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        summary, wants_log = pod_failure(pod)
+        if summary is None:
+            continue
+        name = (pod.get("metadata") or {}).get("name", "")
+        if wants_log and logs.get(name):
+            return f"{summary}; last log lines:\n{tail(logs[name])}"
+        return summary
+    return None

@@ -1,0 +1,493 @@
+"""The pure reconcile function: (pipeline, status, observed children, now, checkpoint probes) -> Decision.
+
+No I/O here. The handlers gather ``Observed`` (Jobs, Services, the chat Deployment, failed pods' messages) and the
+checkpoint probes (does ``<stage>/_COMPLETE`` exist, manifest digest), call :func:`reconcile`, then apply the
+decision idempotently. Calling it twice with the same inputs gives the same decision, and children are named
+deterministically, so an operator restart at any moment never makes a second Job for the same attempt.
+
+State machine (status.phase / status.stage):
+Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Succeeded/done, with Suspended
+(spec.suspend) and Failed (attempts exhausted, or InvalidSpec until the spec is fixed) on the side.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from kuberlhf.contract.spec import STAGE_ORDER, ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec
+from kuberlhf.contract.stage import StageLayout
+from kuberlhf_operator.manifests import (
+    Owner,
+    build_chat_deployment,
+    build_chat_service,
+    build_stage_job,
+    build_stage_service,
+    chat_endpoint,
+    chat_name,
+    job_name,
+)
+from kuberlhf_operator.observe import JobState, Observed
+
+SERVING = "serving"
+DONE = "done"
+CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded"}
+STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO"}
+REASON_INVALID_SPEC = "InvalidSpec"
+# Top-level spec fields a training stage does not depend on: changing them never "changes a started stage".
+_NOT_STAGE_FIELDS = {"stages", "serving", "suspend"}
+_SERVING_FIELDS = ("serving", "image", "imagePullPolicy", "podTemplate", "accelerator")
+REQUEUE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class PipelineMeta:
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the handler found in the object store for a stage whose Job succeeded."""
+
+    complete: bool
+    checkpoint: str = ""
+    manifest_sha256: str | None = None
+    error: str | None = None  # the store could not be asked (unreachable, auth): decide nothing, retry
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    default_image: str | None = None
+    # Job.spec.suspend exists from Kubernetes 1.22 (beta, on by default). Older servers drop the field, so there
+    # suspending deletes the running Job instead (the next attempt resumes from its checkpoint).
+    job_suspend_supported: bool = True
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: Literal["create", "patch", "delete"]
+    kind: str  # Job | Service | Deployment
+    name: str
+    body: dict[str, Any] = field(default_factory=dict)  # the object (create) or a merge patch (patch)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    stage_durations: dict[str, float] = field(default_factory=dict)  # stages that succeeded in this decision
+
+
+def timestamp(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def set_condition(
+    status: dict[str, Any], ctype: str, value: bool | None, reason: str, message: str, now: datetime, generation: int
+) -> None:
+    """Upsert a condition per API conventions; lastTransitionTime changes only when status changes."""
+    text = "Unknown" if value is None else ("True" if value else "False")
+    conds: list[dict[str, Any]] = status.setdefault("conditions", [])
+    for c in conds:
+        if c.get("type") == ctype:
+            if c.get("status") != text:
+                c["lastTransitionTime"] = timestamp(now)
+            c.update(status=text, reason=reason, message=message, observedGeneration=generation)
+            return
+    conds.append({"type": ctype, "status": text, "reason": reason, "message": message,
+                  "lastTransitionTime": timestamp(now), "observedGeneration": generation})
+
+
+def get_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
+
+
+def _canonical_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def relevant_spec(wire: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a resolved spec a stage depends on (what its spec hash covers)."""
+    if stage == SERVING:
+        return {k: wire[k] for k in _SERVING_FIELDS if k in wire}
+    out = {k: v for k, v in wire.items() if k not in _NOT_STAGE_FIELDS}
+    out["stages"] = {stage: (wire.get("stages") or {}).get(stage, {})}
+    return out
+
+
+def spec_hash(wire: dict[str, Any], stage: str) -> str:
+    return _canonical_hash(relevant_spec(wire, stage))
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Dotted paths whose values differ (lists compare whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += changed_fields(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [prefix]
+
+
+def effective_spec(stage: str, current: dict[str, Any], stages_status: dict[str, Any]) -> dict[str, Any]:
+    """The spec a stage runs with: its own snapshot once started; else the current spec with the parts earlier
+    stages fixed pinned (storage: where every earlier output lives; serving keeps the EMA choice of PPO)."""
+    snap = (stages_status.get(stage) or {}).get("appliedSpec")
+    if snap:
+        return copy.deepcopy(snap)
+    out = copy.deepcopy(current)
+    first = next((s.get("appliedSpec") for s in (stages_status.get(x.value) for x in STAGE_ORDER)
+                  if s and s.get("appliedSpec")), None)
+    if first:
+        out["storage"] = copy.deepcopy(first["storage"])
+    ppo_snap = (stages_status.get("ppo") or {}).get("appliedSpec")
+    if stage == SERVING and ppo_snap:
+        out.setdefault("stages", {})["ppo"] = copy.deepcopy(ppo_snap["stages"]["ppo"])
+    return out
+
+
+def _pipeline(meta: PipelineMeta, wire: dict[str, Any]) -> RLHFPipeline:
+    return RLHFPipeline(metadata=ObjectMeta(name=meta.name, namespace=meta.namespace, uid=meta.uid),
+                        spec=parse_spec(wire))
+
+
+class _Run:
+    """Mutable state of one reconcile call (keeps the steps small)."""
+
+    def __init__(self, meta: PipelineMeta, status: dict[str, Any], observed: Observed, now: datetime,
+                 probes: dict[str, ProbeResult], config: OperatorConfig) -> None:
+        self.meta, self.observed, self.now, self.probes, self.config = meta, observed, now, probes, config
+        self.status = copy.deepcopy(status or {})
+        self.owner = Owner(meta.name, meta.namespace, meta.uid)
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.requeue: float | None = None
+        self.durations: dict[str, float] = {}
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def cond(self, ctype: str, value: bool | None, reason: str, message: str) -> None:
+        set_condition(self.status, ctype, value, reason, message, self.now, self.meta.generation)
+
+    def create(self, obj: dict[str, Any]) -> None:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        present = {"Job": set(self.observed.jobs), "Service": self.observed.services,
+                   "Deployment": set(self.observed.deployments)}[kind]
+        if name not in present:
+            self.actions.append(Action("create", kind, name, obj))
+
+    def decision(self) -> Decision:
+        return Decision(self.status, self.actions, self.events, self.requeue, self.durations)
+
+    # --- phases ----------------------------------------------------------------------------------------------
+    def invalid(self, error: str) -> Decision:
+        first_time = self.status.get("reason") != REASON_INVALID_SPEC or self.status.get("message") != error
+        self.status.update(phase="Failed", reason=REASON_INVALID_SPEC, message=error)
+        self.status.setdefault("stage", Stage.sft.value)
+        self.cond("Failed", True, REASON_INVALID_SPEC, error)
+        self.cond("Ready", False, REASON_INVALID_SPEC, "the spec does not validate; fix it and the pipeline goes on")
+        if first_time:
+            self.event("Warning", REASON_INVALID_SPEC, error)
+        return self.decision()
+
+    def report_spec_changes(self, current: dict[str, Any]) -> None:
+        stages_st = self.status.get("stages") or {}
+        started = [s for s in [x.value for x in STAGE_ORDER] + [SERVING] if (stages_st.get(s) or {}).get("specHash")]
+        changes: dict[str, list[str]] = {}
+        for s in started:
+            snap = stages_st[s].get("appliedSpec") or {}
+            if spec_hash(current, s) != stages_st[s]["specHash"]:
+                for f in changed_fields(relevant_spec(snap, s), relevant_spec(current, s)):
+                    changes.setdefault(f, []).append(s)
+        previous = get_condition(self.status, "SpecChangeIgnored")
+        if not changes:
+            if previous is not None and previous.get("status") == "True":
+                self.cond("SpecChangeIgnored", False, "SpecInSync", "the spec matches what every started stage uses")
+            return
+        pending = [x.value for x in STAGE_ORDER if x.value not in started] + ([] if SERVING in started else [SERVING])
+        parts = [f"{f} (started: {', '.join(st)})" for f, st in changes.items()]
+        msg = ("changed after their stage started, kept at the started values: " + "; ".join(parts)
+               + (f". Applied to stages not yet started: {', '.join(pending)}" if pending else "")
+               + ("" if "spec.storage" not in " ".join(changes) else ". spec.storage stays fixed for the pipeline"))
+        if previous is None or previous.get("message") != msg or previous.get("status") != "True":
+            self.event("Warning", "SpecChangeIgnored", msg)
+        self.cond("SpecChangeIgnored", True, "StageAlreadyStarted", msg)
+
+    def run(self, current: dict[str, Any]) -> Decision:
+        st = self.status
+        st["observedGeneration"] = self.meta.generation
+        if st.get("reason") == REASON_INVALID_SPEC:
+            st.update(phase="Pending", reason="SpecValid", message="the spec validates now")
+            self.cond("Failed", False, "SpecValid", "the spec validates")
+        st.setdefault("phase", "Pending")
+        st.setdefault("stages", {})
+        self.report_spec_changes(current)
+        if st["phase"] == "Failed":
+            return self.decision()  # terminal: attempts exhausted; delete and re-create the pipeline to rerun
+        for stage in STAGE_ORDER:
+            if (st["stages"].get(stage.value) or {}).get("phase") == "Succeeded":
+                continue
+            self.drive_stage(stage.value, current)
+            return self.decision()
+        self.drive_serving(current)
+        return self.decision()
+
+    def drive_stage(self, stage: str, current: dict[str, Any]) -> None:
+        st = self.status
+        stages_st = st["stages"]
+        s: dict[str, Any] = stages_st.setdefault(stage, {})
+        suspended = bool(current.get("suspend"))
+        jobs = [j for j in self.observed.jobs.values() if j.stage == stage]
+        attempt = max([int(s.get("attempts") or 0)] + [j.attempt for j in jobs])
+        wire = effective_spec(stage, current, stages_st)
+        pipeline = _pipeline(self.meta, wire)
+        st["stage"] = stage
+        if attempt == 0:
+            if suspended:
+                s.setdefault("phase", "Pending")
+                self.set_suspended(stage, f"spec.suspend is true: stage {stage} does not start")
+                return
+            if st.get("phase") == "Suspended":
+                self.resumed(stage)
+            s.update(appliedSpec=wire, specHash=spec_hash(wire, stage), startTime=timestamp(self.now))
+            self.start_attempt(stage, pipeline, 1, reason="StageStarted")
+            return
+        # Adopt what exists even if the status write of an earlier run was lost (restart mid-decision).
+        if not s.get("appliedSpec"):
+            s.update(appliedSpec=wire, specHash=spec_hash(wire, stage))
+        if attempt > int(s.get("attempts") or 0) or not s.get("jobName"):
+            s.update(attempts=attempt, jobName=job_name(self.meta.name, stage, attempt), phase="Running")
+            s.setdefault("startTime", timestamp(self.now))
+        st["attempts"] = attempt
+        job = self.observed.jobs.get(s["jobName"])
+        if job is None or job.deleting:
+            self.job_missing(stage, pipeline, attempt, job, suspended)
+            return
+        if job.phase == "Succeeded":
+            self.job_succeeded(stage, job, pipeline, current)
+        elif job.phase == "Failed":
+            detail = self.observed.failure_details.get(job.name)
+            msg = f"Job {job.name} failed ({job.failure or 'Failed'})" + (f": {detail}" if detail else "")
+            self.attempt_failed(stage, pipeline, attempt, msg)
+        else:
+            self.job_running(stage, job, suspended)
+
+    def start_attempt(self, stage: str, pipeline: RLHFPipeline, attempt: int, reason: str, why: str = "") -> None:
+        s = self.status["stages"][stage]
+        name = job_name(self.meta.name, stage, attempt)
+        limit = pipeline.spec.stages.get(stage).backoff_limit + 1
+        s.update(phase="Running", attempts=attempt, jobName=name)
+        self.status.update(phase="Running", stage=stage, attempts=attempt, reason=reason,
+                           message=f"stage {stage}: attempt {attempt}/{limit} running as Job {name}")
+        self.create(build_stage_service(self.owner, stage, attempt))
+        self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image))
+        text = f"stage {stage} attempt {attempt}/{limit}: created Job {name}"
+        if reason == "StageRetrying":
+            self.event("Warning", reason, f"{why}; retrying, {text} (resumes from the newest checkpoint)")
+        else:
+            self.event("Normal", reason, text)
+        self.cond("Ready", False, "Training", f"stage {stage} is running")
+
+    def set_suspended(self, stage: str, message: str) -> None:
+        if self.status.get("phase") != "Suspended":
+            self.event("Normal", "Suspended", message)
+        self.status.update(phase="Suspended", reason="Suspended", message=message)
+        self.cond("Suspended", True, "SpecSuspend", message)
+
+    def job_missing(self, stage: str, pipeline: RLHFPipeline, attempt: int, job: JobState | None,
+                    suspended: bool) -> None:
+        s = self.status["stages"][stage]
+        if suspended:
+            s["phase"] = "Suspended"
+            self.set_suspended(stage, f"stage {stage} attempt {attempt} is suspended (spec.suspend)")
+            return
+        if job is not None:  # the previous Job of this name is still being deleted: wait for it
+            self.requeue = REQUEUE_SECONDS
+            return
+        if self.status.get("phase") == "Suspended":
+            self.resumed(stage)
+        # Created but not yet listed, deleted by someone, or deleted to suspend on an old server: (re)create.
+        s["phase"] = "Running"
+        self.status.update(phase="Running", stage=stage)
+        self.create(build_stage_service(self.owner, stage, attempt))
+        self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image))
+
+    def resumed(self, stage: str) -> None:
+        msg = f"spec.suspend is false: stage {stage} resumes"
+        self.event("Normal", "Resumed", msg)
+        self.status.update(phase="Running", reason="Resumed", message=msg)
+        self.cond("Suspended", False, "Resumed", msg)
+
+    def job_running(self, stage: str, job: JobState, suspended: bool) -> None:
+        s = self.status["stages"][stage]
+        # Only act on transitions of spec.suspend, so a queue (Kueue) that suspends/unsuspends the Job itself
+        # is not overridden.
+        if suspended and self.status.get("phase") != "Suspended":
+            if self.config.job_suspend_supported:
+                self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": True}}))
+            else:
+                self.actions.append(Action("delete", "Job", job.name))
+            s["phase"] = "Suspended"
+            self.set_suspended(stage, f"stage {stage}: Job {job.name} suspended (spec.suspend)")
+        elif not suspended and self.status.get("phase") == "Suspended":
+            if job.suspended:
+                self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": False}}))
+            s["phase"] = "Running"
+            self.resumed(stage)
+        elif self.status.get("phase") != "Suspended":
+            s["phase"] = "Running"
+            self.status["phase"] = "Running"
+        if job.start_time and not s.get("startTime"):
+            s["startTime"] = job.start_time
+
+    def job_succeeded(self, stage: str, job: JobState, pipeline: RLHFPipeline, current: dict[str, Any]) -> None:
+        probe = self.probes.get(stage)
+        uri = StageLayout.for_pipeline(pipeline, self.meta.namespace, self.meta.uid).stage_uri(stage)
+        if probe is None or probe.error:
+            why = probe.error if probe else "not checked yet"
+            self.status["message"] = f"stage {stage}: Job {job.name} succeeded; checking {uri}/_COMPLETE ({why})"
+            self.requeue = REQUEUE_SECONDS
+            return
+        if not probe.complete:
+            msg = f"Job {job.name} succeeded but {uri}/_COMPLETE is missing, so the stage output does not exist"
+            self.attempt_failed(stage, pipeline, job.attempt, msg)
+            return
+        s = self.status["stages"][stage]
+        done_at = job.completion_time or timestamp(self.now)
+        s.update(phase="Succeeded", completionTime=done_at, checkpoint=probe.checkpoint or uri,
+                 manifestSha256=probe.manifest_sha256 or "")
+        s.pop("message", None)
+        started, finished = _parse_time(s.get("startTime")), _parse_time(done_at)
+        if started and finished:
+            self.durations[stage] = max(0.0, (finished - started).total_seconds())
+        msg = f"stage {stage} succeeded: {s['checkpoint']} (manifest sha256 {s['manifestSha256'][:12]})"
+        self.cond(CONDITION_OF_STAGE[stage], True, "CheckpointComplete", msg)
+        self.event("Normal", "StageSucceeded", msg)
+        # Go straight on to the next stage (or serving) in this same decision.
+        nxt = [x.value for x in STAGE_ORDER][[x.value for x in STAGE_ORDER].index(stage) + 1:]
+        if nxt:
+            self.drive_stage(nxt[0], current)
+        else:
+            self.drive_serving(current)
+
+    def attempt_failed(self, stage: str, pipeline: RLHFPipeline, attempt: int, msg: str) -> None:
+        s = self.status["stages"][stage]
+        limit = pipeline.spec.stages.get(stage).backoff_limit
+        s["message"] = msg
+        if attempt <= limit:
+            self.start_attempt(stage, pipeline, attempt + 1, reason="StageRetrying",
+                               why=f"stage {stage} attempt {attempt} failed: {msg}")
+            return
+        text = f"stage {stage} failed after {attempt} attempt(s) (backoffLimit {limit}): {msg}"
+        s["phase"] = "Failed"
+        self.status.update(phase="Failed", stage=stage, reason="BackoffLimitExceeded", message=text)
+        self.cond("Failed", True, "BackoffLimitExceeded", text)
+        self.cond("Ready", False, "StageFailed", f"stage {stage} failed")
+        self.event("Warning", "StageFailed", text)
+
+    def drive_serving(self, current: dict[str, Any]) -> None:
+        st = self.status
+        stages_st = st["stages"]
+        wire = effective_spec(SERVING, current, stages_st)
+        pipeline = _pipeline(self.meta, wire)
+        sv = pipeline.spec.serving
+        if not sv.enabled:
+            if st.get("phase") != "Succeeded":
+                self.event("Normal", "Succeeded", "all stages succeeded (serving disabled)")
+            st.update(phase="Succeeded", stage=DONE, reason="Succeeded", message="all stages succeeded")
+            self.cond("Ready", True, "Succeeded", "all stages succeeded; serving is disabled")
+            return
+        s: dict[str, Any] = stages_st.setdefault(SERVING, {})
+        if not s.get("appliedSpec"):
+            s.update(appliedSpec=wire, specHash=spec_hash(wire, SERVING), startTime=timestamp(self.now),
+                     phase="Running", attempts=1, jobName=chat_name(self.meta.name))
+            st.update(phase="Running", stage=SERVING, attempts=1, reason="Serving",
+                      message="creating the chat Deployment")
+            self.event("Normal", "ServingStarted", f"creating chat Deployment {chat_name(self.meta.name)}")
+        endpoint = chat_endpoint(self.meta.name, self.meta.namespace, sv.port)
+        st["chatEndpoint"] = endpoint
+        self.create(build_chat_service(pipeline, self.owner))
+        self.create(build_chat_deployment(pipeline, self.owner, default_image=self.config.default_image))
+        dep = self.observed.deployments.get(chat_name(self.meta.name))
+        if dep is not None and not dep.deleting and dep.available:
+            if st.get("phase") != "Succeeded":
+                self.event("Normal", "Succeeded", f"pipeline succeeded; chat at {endpoint}")
+                s.update(phase="Succeeded", completionTime=timestamp(self.now))
+            st.update(phase="Succeeded", stage=DONE, reason="Succeeded", message=f"chat at {endpoint}")
+            self.cond("Serving", True, "DeploymentAvailable", f"{dep.ready_replicas} ready replica(s) at {endpoint}")
+            self.cond("Ready", True, "Serving", f"chat at {endpoint}")
+        else:
+            self.cond("Serving", False, "DeploymentNotReady", "waiting for a ready chat replica")
+            if st.get("phase") != "Succeeded":
+                st.update(phase="Running", stage=SERVING)
+                self.cond("Ready", False, "Starting", "waiting for a ready chat replica")
+            self.requeue = REQUEUE_SECONDS
+
+
+def reconcile(
+    meta: PipelineMeta,
+    spec: dict[str, Any],
+    status: dict[str, Any] | None,
+    observed: Observed,
+    now: datetime,
+    probes: dict[str, ProbeResult] | None = None,
+    config: OperatorConfig | None = None,
+) -> Decision:
+    """Decide the children to create/patch/delete, the new status and the events. Pure and deterministic."""
+    run = _Run(meta, status or {}, observed, now, probes or {}, config or OperatorConfig())
+    try:
+        resolved = _pipeline(meta, spec)
+    except SpecError as e:
+        return run.invalid(str(e))
+    except ValidationError as e:  # metadata (e.g. a name too long for child names)
+        return run.invalid(f"invalid RLHFPipeline metadata: {e.errors()[0]['msg']} (metadata.name)")
+    current = resolved.spec.to_wire()
+    return run.run(current)
+
+
+def stages_to_probe(status: dict[str, Any] | None, observed: Observed) -> list[str]:
+    """Stages whose current Job succeeded while the status does not yet record their checkpoint: the handler
+    asks the object store about exactly these."""
+    stages_st = (status or {}).get("stages") or {}
+    out = []
+    for stage in STAGE_ORDER:
+        s = stages_st.get(stage.value) or {}
+        if s.get("phase") == "Succeeded":
+            continue
+        if any(j.stage == stage.value and j.phase == "Succeeded" for j in observed.jobs.values()):
+            out.append(stage.value)
+    return out
+
+
+def storage_spec_for_probe(spec: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
+    """The storage block stages write to (the first started stage's, see effective_spec)."""
+    return effective_spec(Stage.sft.value, spec, (status or {}).get("stages") or {}).get("storage") or spec["storage"]
