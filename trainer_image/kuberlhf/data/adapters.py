@@ -38,9 +38,9 @@ def _prompt_chosen_rejected(row: Mapping[str, Any]) -> Triple | None:
 
 def _yitingxie(row: Mapping[str, Any]) -> Triple | None:
     # The prompt stops before the final "Assistant:" and the answers repeat it: "Assistant: <answer>".
-    prompt = _s(row["prompt"]).rstrip()
-    if not prompt.endswith(ASSISTANT):
-        prompt = prompt + " " + ASSISTANT
+    prompt = _s(row["prompt"])
+    if not prompt.rstrip().endswith(ASSISTANT):
+        prompt = prompt + ("" if prompt[-1:].isspace() else " ") + ASSISTANT
     return prompt, _after_last_assistant(_s(row["chosen"])), _after_last_assistant(_s(row["rejected"]))
 
 

@@ -8,7 +8,7 @@ import json
 
 import datasets
 
-from kuberlhf.contract.spec import DatasetRef, DataSpec, Stage
+from kuberlhf.contract.spec import DatasetRef, DataSpec, Stage, StorageSpec
 from kuberlhf.data.errors import DataError
 from kuberlhf.data.sources import COLUMNS, load_rows, load_texts
 from kuberlhf.data.splits import eval_count, permutation, split_indices
@@ -46,8 +46,10 @@ def _dataset_key(ref: DatasetRef, position: int, kind: str) -> str:
     return f"{kind}:{position}:{ref.key}"
 
 
-def stage_rows(data: DataSpec, stage: Stage) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, eval) rows prompt / chosen / rejected of a stage, blended over the spec's datasets."""
+def stage_rows(data: DataSpec, stage: Stage, *,
+               storage: StorageSpec | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval) rows prompt / chosen / rejected of a stage, blended over the spec's datasets (train
+    shuffled by seed). ``storage``: the pipeline's storage settings, for s3:// dataset paths."""
     stage = Stage(stage)
     trains: list[datasets.Dataset] = []
     evals: list[datasets.Dataset] = []
@@ -56,7 +58,7 @@ def stage_rows(data: DataSpec, stage: Stage) -> tuple[datasets.Dataset, datasets
         sources += [(ref, i, "sft_only", True) for i, ref in enumerate(data.sft_only)]
     for ref, position, kind, sft_only in sources:
         key = _dataset_key(ref, position, kind)
-        rows = capped(load_rows(ref), data.max_samples, data.seed, key)
+        rows = capped(load_rows(ref, storage=storage), data.max_samples, data.seed, key)
         train_idx, eval_idx = stage_slice_indices(len(rows), data, stage, key, sft_only)
         train, ev = rows.select(train_idx), rows.select(eval_idx)
         if stage is Stage.reward:
@@ -84,11 +86,11 @@ def _pairs_only(rows: datasets.Dataset, ref: DatasetRef) -> datasets.Dataset:
     return kept
 
 
-def unsupervised_texts(data: DataSpec) -> datasets.Dataset | None:
+def unsupervised_texts(data: DataSpec, *, storage: StorageSpec | None = None) -> datasets.Dataset | None:
     """The ptx corpus (column ``text``) of step 3, capped by max_samples; None when the spec has none."""
     if data.unsupervised is None:
         return None
-    texts = load_texts(data.unsupervised, data.unsupervised_text_field)
+    texts = load_texts(data.unsupervised, data.unsupervised_text_field, storage=storage)
     return capped(texts, data.max_samples, data.seed, _dataset_key(data.unsupervised, 0, "unsupervised"))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 
-from kuberlhf.contract.spec import DatasetRef
+from kuberlhf.contract.spec import DatasetRef, StorageSpec
 from kuberlhf.data.adapters import (
     ADAPTERS,
     Adapter,
@@ -159,36 +159,40 @@ def read_hub(name: str, config: str | None) -> datasets.Dataset:
                         f"or give a local path") from None
 
 
-def localize(uri: str, cache_dir: Path | None = None) -> Path:
-    """A local path for a file://, s3:// URI or a plain path. s3:// objects are downloaded (single files with
-    get_bytes, directories with download_dir, which needs a committed prefix)."""
+def localize(uri: str, storage: StorageSpec | None = None, cache_dir: Path | None = None) -> Path:
+    """A local path for a file:// or s3:// URI or a plain path. s3:// objects are downloaded with the pipeline's
+    storage settings (endpoint, credentials from the environment) into a cache: a single file (.jsonl, .parquet
+    ...) with get_bytes, a directory with download_dir (a committed prefix, as ``upload_dir`` writes)."""
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
     if not uri.startswith("s3://"):
         return Path(uri).expanduser()
     import hashlib
 
-    from kuberlhf.storage import ObjectStore
+    from kuberlhf.storage import ObjectStore, StorageError
 
-    root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kuberlhf" / "datasets"
+    store = ObjectStore.from_spec(storage) if storage is not None else ObjectStore.from_uri(uri)
+    root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kuberlhf" / "datasets"
     target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    store = ObjectStore.from_uri(uri, endpoint=os.environ.get("AWS_ENDPOINT_URL") or None)
-    if uri.lower().endswith(FILE_SUFFIXES):
-        dest = target / uri.rstrip("/").rsplit("/", 1)[-1]
-        if not dest.is_file():
+    try:
+        if uri.lower().endswith(FILE_SUFFIXES):
+            dest = target / uri.rstrip("/").rsplit("/", 1)[-1]
             dest.parent.mkdir(parents=True, exist_ok=True)
+            # Several ranks may download at once: each writes its own temporary file, the rename is atomic.
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
             tmp.write_bytes(store.get_bytes(uri))
             os.replace(tmp, dest)
-        return dest
-    store.download_dir(uri, target)
+            return dest
+        store.download_dir(uri, target)
+    except StorageError as e:
+        raise DataError(f"cannot download dataset {uri}: {e}") from None
     return target
 
 
 # ---------------------------------------------------------------------------------------------- adapting
 
 
-def resolve(ref: DatasetRef) -> tuple[datasets.Dataset, Adapter, str]:
+def resolve(ref: DatasetRef, storage: StorageSpec | None = None) -> tuple[datasets.Dataset, Adapter, str]:
     """The raw rows of a reference, the adapter for them, and a label naming the source in errors."""
     hint = get_adapter(ref.adapter) if getattr(ref, "adapter", None) else None
     if ref.name is not None:
@@ -206,7 +210,7 @@ def resolve(ref: DatasetRef) -> tuple[datasets.Dataset, Adapter, str]:
                             f"prompt, chosen (and rejected)")
         return raw, adapter, label
     path_str = ref.path or ""
-    path = localize(path_str)
+    path = localize(path_str, storage)
     label = f"dataset file {path_str!r}"
     if path.is_dir():
         raw = read_directory(path)
@@ -249,21 +253,22 @@ def adapt(raw: datasets.Dataset, adapter: Adapter, label: str) -> datasets.Datas
     return datasets.Dataset.from_dict(out, features=datasets.Features({c: datasets.Value("string") for c in COLUMNS}))
 
 
-def load_rows(ref: DatasetRef) -> datasets.Dataset:
+def load_rows(ref: DatasetRef, *, storage: StorageSpec | None = None) -> datasets.Dataset:
     """One dataset as rows of prompt / chosen / rejected strings (rejected "" where the dataset has none),
-    prompts as ' Human: ... Assistant:' and answers as ' ...' (kuberlhf.data.format)."""
-    raw, adapter, label = resolve(ref)
+    prompts as ' Human: ... Assistant:' and answers as ' ...' (kuberlhf.data.format). ``storage``: the
+    pipeline's storage settings, used for s3:// paths."""
+    raw, adapter, label = resolve(ref, storage)
     return adapt(raw, adapter, label)
 
 
-def load_texts(ref: DatasetRef, text_field: str = "text") -> datasets.Dataset:
+def load_texts(ref: DatasetRef, text_field: str = "text", *, storage: StorageSpec | None = None) -> datasets.Dataset:
     """A plain-text corpus (ptx in step 3) as one column ``text``; empty lines are dropped."""
     if ref.name is not None and ref.name.strip().lower() in BUILTINS:
         raw, label = read_file(BUILTINS[ref.name.strip().lower()]), f"dataset {ref.name!r}"
     elif ref.name is not None:
         raw, label = read_hub(ref.name.strip(), ref.config), f"dataset {ref.name!r}"
     else:
-        path = localize(ref.path or "")
+        path = localize(ref.path or "", storage)
         raw = read_directory(path) if path.is_dir() else read_file(path)
         label = f"dataset file {ref.path!r}"
     if text_field not in raw.column_names:
