@@ -62,6 +62,8 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "default" and value is None:
             continue  # preset-governed or genuinely optional: no server-side default
+        if key == "default" and value == "":
+            continue  # absent means "" to the models anyway, and v1.20 rejects an empty-string default
         if key == "exclusiveMinimum":
             out["minimum"] = value
             out["exclusiveMinimum"] = True
