@@ -80,9 +80,11 @@ class RewardModel(nn.Module):
         self.rwtransformer.gradient_checkpointing_enable()
         self.rwtransformer.config.use_cache = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                use_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                                    **kwargs)[0]
         values = self.v_head(hidden).squeeze(-1)
         return values, gather_end_scores(values, attention_mask)
 

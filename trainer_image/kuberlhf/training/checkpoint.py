@@ -49,3 +49,25 @@ def load_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int) 
     state = torch.load(own if own.exists() else ckpt_dir / "trainer_state_rank0.pt", weights_only=False)
     set_rng_state(state["rng"])
     return state
+
+
+def save_module_state(engine: Any, path: Path, rank: int) -> None:
+    """Collective: the full weights of a frozen engine (the EMA) as one file written by rank 0."""
+    from kuberlhf.training.export import consolidated_state_dict
+
+    sd = consolidated_state_dict(engine)
+    if rank == 0 and sd is not None:
+        torch.save(sd, path)
+
+
+@torch.no_grad()
+def load_module_state(engine: Any, path: Path) -> None:
+    """Collective: load :func:`save_module_state`'s file into a (possibly ZeRO-3 partitioned) engine."""
+    import deepspeed
+
+    sd = torch.load(path, weights_only=True)
+    zero3 = bool(engine.zero_optimization_partition_weights())
+    for name, p in engine.module.named_parameters():
+        if name in sd:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+                p.data.copy_(sd[name].to(p.dtype))

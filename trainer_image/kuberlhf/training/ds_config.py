@@ -111,7 +111,9 @@ def eval_ds_config(s: TrainSettings) -> dict[str, Any]:
     """DeepSpeed config of a frozen model (reference, reward): weights sharded only at ZeRO-3, no optimizer."""
     check_settings(TrainSettings(**{**s.__dict__, "hybrid_engine": False}))
     zero: dict[str, Any] = {"stage": 3 if s.zero_stage == 3 else 0, "stage3_param_persistence_threshold": 1e4,
-                            "memory_efficient_linear": False}
+                            "memory_efficient_linear": False,
+                            # the EMA copy is exported and checkpointed from a frozen engine
+                            "stage3_gather_16bit_weights_on_model_save": True}
     if s.offload and s.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu"}
     return {

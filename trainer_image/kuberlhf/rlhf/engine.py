@@ -1,0 +1,143 @@
+"""DeepSpeed-Chat's ``DeepSpeedRLHFEngine``: from the step-1 model (actor path) and the step-2 reward model
+(critic path) build
+
+- ``actor``: trained, initialised from step 1 (optional LoRA, hybrid engine on CUDA);
+- ``ref``: frozen copy of step 1 (the KL anchor);
+- ``critic``: trained, initialised from the reward model;
+- ``reward``: frozen reward model;
+- ``ema``: exponential moving average of the actor (when enabled), saved separately.
+
+Trained models get :func:`train_ds_config`, frozen ones :func:`eval_ds_config` (ZeRO-3 sharding only when
+their trained twin uses ZeRO-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kuberlhf.models.loading import align_embeddings, load_causal_lm
+from kuberlhf.models.lora import apply_lora
+from kuberlhf.models.reward import RewardModel
+from kuberlhf.rlhf.ppo_math import ema_update_
+from kuberlhf.training.ds_config import TrainSettings, eval_ds_config, train_ds_config
+from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
+
+
+@dataclass
+class EngineOptions:
+    """What the engine needs from ``spec.stages.ppo`` (see ``from_spec``)."""
+
+    actor_settings: TrainSettings
+    critic_settings: TrainSettings
+    actor_lr: float = 9.65e-6
+    critic_lr: float = 5e-6
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    actor_lora: Any = None
+    critic_lora: Any = None
+    ema_enabled: bool = True
+    ema_beta: float = 0.992
+    gradient_checkpointing: bool = False
+    seed: int = 1234
+    dropout: float | None = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: Any, world_size: int) -> EngineOptions:
+        from kuberlhf.training.ds_config import stage_settings
+
+        st = spec.stages.ppo
+        return cls(
+            actor_settings=stage_settings(spec, "ppo", world_size, role="actor"),
+            critic_settings=stage_settings(spec, "ppo", world_size, role="critic"),
+            actor_lr=st.actor_learning_rate or st.learning_rate or 9.65e-6,
+            critic_lr=st.critic_learning_rate or st.learning_rate or 5e-6,
+            weight_decay=st.weight_decay, lr_scheduler=st.lr_scheduler, warmup_steps=st.warmup_steps,
+            actor_lora=st.actor_lora, critic_lora=st.critic_lora, ema_enabled=st.ema.enabled, ema_beta=st.ema.beta,
+            gradient_checkpointing=st.gradient_checkpointing, seed=st.seed,
+            dropout=spec.actor.dropout if spec.actor.dropout is not None else 0.0,
+        )
+
+
+class RLHFEngine:
+    """Builds the four (five with EMA) DeepSpeed engines of step 3."""
+
+    def __init__(self, actor_path: str, critic_path: str, tokenizer: Any, options: EngineOptions,
+                 num_total_iters: int):
+        self.tokenizer = tokenizer
+        self.options = options
+        self.num_total_iters = num_total_iters
+        self.actor_zero3 = options.actor_settings.zero_stage == 3
+        self.critic_zero3 = options.critic_settings.zero_stage == 3
+        self.actor = self._init_actor(actor_path)
+        self.ref = self._init_frozen_lm(actor_path)
+        self.ema = self._init_frozen_lm(actor_path, lora=True) if options.ema_enabled else None
+        self.critic = self._init_critic(critic_path)
+        self.reward = self._init_reward(critic_path)
+        if self.ema is not None:
+            self.update_ema(beta=0.0)  # start the average at the actor (LoRA weights included)
+
+    def _lm(self, path: str):
+        o = self.options
+        model = load_causal_lm(path, "spec.actor.model", seed=o.seed, dropout=o.dropout,
+                               gradient_checkpointing=o.gradient_checkpointing)
+        align_embeddings(model, self.tokenizer)
+        return model
+
+    def _init_actor(self, path: str):
+        o = self.options
+        model = apply_lora(self._lm(path), o.actor_lora, "spec.stages.ppo.actorLora")
+        opt = make_optimizer(model, o.actor_lr, o.weight_decay, o.actor_settings.offload,
+                             o.actor_lora.learning_rate if o.actor_lora else None)
+        sched = make_scheduler(opt, o.lr_scheduler, o.warmup_steps, self.num_total_iters)
+        return ds_initialize(model, train_ds_config(o.actor_settings), opt, sched)
+
+    def _init_frozen_lm(self, path: str, lora: bool = False):
+        model = self._lm(path)
+        if lora:  # the EMA mirrors the actor's structure so parameters pair up by name
+            apply_lora(model, self.options.actor_lora, "spec.stages.ppo.actorLora")
+        model.requires_grad_(False)
+        engine = ds_initialize(model, eval_ds_config(self.options.actor_settings))
+        engine.eval()
+        return engine
+
+    def _init_critic(self, path: str):
+        o = self.options
+        model = RewardModel.from_pretrained(path, dropout=o.dropout)
+        if o.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        apply_lora(model, o.critic_lora, "spec.stages.ppo.criticLora")
+        opt = make_optimizer(model, o.critic_lr, o.weight_decay, o.critic_settings.offload,
+                             o.critic_lora.learning_rate if o.critic_lora else None)
+        sched = make_scheduler(opt, o.lr_scheduler, o.warmup_steps, self.num_total_iters)
+        return ds_initialize(model, train_ds_config(o.critic_settings), opt, sched)
+
+    def _init_reward(self, path: str):
+        model = RewardModel.from_pretrained(path, dropout=self.options.dropout)
+        model.requires_grad_(False)
+        engine = ds_initialize(model, eval_ds_config(self.options.critic_settings))
+        engine.eval()
+        return engine
+
+    @torch.no_grad()
+    def update_ema(self, beta: float | None = None) -> None:
+        """``ema = beta * ema + (1 - beta) * actor`` for every parameter (gathered under ZeRO-3)."""
+        if self.ema is None:
+            return
+        import deepspeed
+
+        beta = self.options.ema_beta if beta is None else beta
+        ema_params = dict(self.ema.module.named_parameters())
+        for name, p in self.actor.module.named_parameters():
+            q = ema_params.get(name)
+            if q is None:
+                continue
+            with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0, enabled=self.actor_zero3):
+                ema_update_(q.data, p.data, beta)
+
+    def trained_engines(self) -> dict[str, Any]:
+        return {"actor": self.actor, "critic": self.critic}

@@ -1,0 +1,140 @@
+"""Step 3, PPO with EMA and mixed training (ptx), on the step-1 and step-2 models from the object store.
+Every iteration: each rank rolls out ``generationBatchSize`` prompts, then ``ppoEpochs`` passes of actor and
+critic steps over micro-batches of ``perDeviceBatchSize`` (each followed by a ptx step when ``ptxCoef > 0`` and
+``data.unsupervised`` is set). Writes ``ppo/model/`` (final actor) and ``ppo/ema/`` (when EMA is on)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from kuberlhf.stages.common import cache_key, tokenized_cache_dir
+from kuberlhf.stages.runtime import StageRun
+from kuberlhf.stages.supervised import maybe_crash, progress
+from kuberlhf.training import distributed as D
+from kuberlhf.training.checkpoint import load_engines, load_module_state, save_engines, save_module_state
+from kuberlhf.training.export import export_causal_lm
+from kuberlhf.training.loop import make_loader, rank_indices
+
+EMA_STATE_FILE = "ema_state.pt"
+
+
+def split_micro(exp: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    n = next(iter(exp.values())).shape[0]
+    return [{k: v[i:i + size] for k, v in exp.items()} for i in range(0, n, size)]
+
+
+def _ptx_batches(run: StageRun, tokenizer: Any, batch_size: int):
+    from kuberlhf.data import UnsupervisedDataset, unsupervised_texts
+
+    st, spec = run.stage_spec, run.spec
+    if st.ptx_coef == 0 or spec.data.unsupervised is None:
+        return None
+    texts = unsupervised_texts(spec.data)
+    ds = UnsupervisedDataset(texts, tokenizer, spec.data.max_seq_len, cache_dir=tokenized_cache_dir(run),
+                             cache_key=cache_key(run, "ptx"))
+
+    def forever():
+        for epoch in itertools.count():
+            yield from make_loader(ds, batch_size, run.dist.rank, run.dist.world_size, st.seed, epoch)
+
+    return forever()
+
+
+def run_ppo(run: StageRun) -> None:
+    from kuberlhf.data import PromptDataset, stage_rows
+    from kuberlhf.models import load_tokenizer
+    from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
+    from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
+
+    spec, st, dist = run.spec, run.stage_spec, run.dist
+    options = EngineOptions.from_spec(spec, dist.world_size)
+    actor_dir = run.fetch(run.layout.model_uri("sft"), "sft-model", "the step-1 (SFT) model")
+    critic_dir = run.fetch(run.layout.model_uri("reward"), "reward-model", "the step-2 (reward) model")
+    tokenizer = load_tokenizer(str(actor_dir), "spec.actor.model", padding_side="left")
+    rows, _ = stage_rows(spec.data, run.ctx.stage)
+    prompts = PromptDataset(rows, tokenizer, st.max_prompt_len, cache_dir=tokenized_cache_dir(run),
+                            cache_key=cache_key(run, "train"))
+    gen_bs = st.generation_batch_size or st.per_device_batch_size or 1
+    micro = min(st.per_device_batch_size or gen_bs, gen_bs)
+    iters_per_epoch = len(rank_indices(len(prompts), dist.rank, dist.world_size, st.seed, 0)) // gen_bs
+    if iters_per_epoch == 0:
+        raise ValueError(f"spec.stages.ppo.generationBatchSize={gen_bs}: only {len(prompts)} step-3 prompts for "
+                         f"{dist.world_size} ranks; lower it or give step 3 more data (data.split, data.maxSamples)")
+    total_iters = iters_per_epoch * st.epochs
+    if st.max_steps:
+        total_iters = min(total_iters, st.max_steps)
+    ptx = _ptx_batches(run, tokenizer, micro)
+    per_iter = st.ppo_epochs * ((gen_bs + micro - 1) // micro) * (2 if ptx else 1)
+    engine = RLHFEngine(str(actor_dir), str(critic_dir), tokenizer, options,
+                        num_total_iters=max(1, total_iters * per_iter // options.actor_settings.grad_accum))
+    trainer = PPOTrainer(engine, PPOSettings.from_spec(st), world_size=dist.world_size)
+
+    step = 0
+    resume_step = run.latest_checkpoint()
+    if resume_step is not None:
+        local = run.download_checkpoint(resume_step)
+        state = load_engines(engine.trained_engines(), local, resume_step, dist.rank)
+        if engine.ema is not None:
+            load_module_state(engine.ema, local / EMA_STATE_FILE)
+        trainer.kl_ctl.value = float(state["kl_coef"])
+        step = int(state["step"])
+
+    bar = progress(total_iters, step, dist.is_main, "ppo")
+    while step < total_iters:
+        epoch, skip = divmod(step, iters_per_epoch)
+        for batch in make_loader(prompts, gen_bs, dist.rank, dist.world_size, st.seed, epoch, skip):
+            t0 = time.time()
+            exp = trainer.generate_experience(batch)
+            gen_time = time.time() - t0
+            exp.update(trainer.advantages(exp))
+            a_losses, c_losses, ptx_losses = [], [], []
+            for _ in range(st.ppo_epochs):
+                for mb in split_micro(exp, micro):
+                    a, c = trainer.train_rlhf(mb)
+                    a_losses.append(float(a))
+                    c_losses.append(float(c))
+                    if ptx is not None:
+                        ptx_losses.append(float(trainer.train_unsupervised(next(ptx), st.ptx_coef)))
+                    engine.update_ema()
+            kl_coef = trainer.kl_ctl.value
+            kl = trainer.update_kl(exp, gen_bs * dist.world_size)
+            amask = exp["action_mask"].float()
+            values = {
+                "reward": float(exp["scores"].mean()), "kl": kl,
+                "actor_loss": sum(a_losses) / len(a_losses), "critic_loss": sum(c_losses) / len(c_losses),
+                "ptx_loss": sum(ptx_losses) / len(ptx_losses) if ptx_losses else None,
+                "return": float((exp["returns"] * amask).sum() / amask.sum().clamp(min=1)),
+                "answer_len": float(amask.sum(1).mean()),
+            }
+            elapsed = time.time() - t0
+            logged = {k: D.all_reduce_mean(v) for k, v in values.items() if v is not None}
+            logged.update(kl_coef=kl_coef, samples_per_s=gen_bs * dist.world_size / elapsed,
+                          gen_time_share=D.all_reduce_mean(gen_time / elapsed))
+            step += 1
+            run.metrics.write(step, "train", **logged)
+            bar.update(1)
+            bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
+            every = st.checkpoint_every_steps
+            if every and step % every == 0 and step < total_iters:
+                local = run.ckpt_local(step)
+                save_engines(engine.trained_engines(), local, step, dist.rank, {"kl_coef": trainer.kl_ctl.value})
+                if engine.ema is not None:
+                    save_module_state(engine.ema, local / EMA_STATE_FILE, dist.rank)
+                run.upload_checkpoint(step)
+                maybe_crash(step)
+            if step >= total_iters:
+                break
+    bar.close()
+    outputs = {"model": run.output_dir("model")}
+    export_causal_lm(engine.actor, tokenizer, outputs["model"], lora=options.actor_lora)
+    if engine.ema is not None:
+        outputs["ema"] = run.output_dir("ema")
+        export_causal_lm(engine.ema, tokenizer, outputs["ema"], lora=options.actor_lora)
+    for path in outputs.values():
+        if dist.is_main:  # serving pads on the left for batched generation, like training's prompts
+            tokenizer.save_pretrained(path)
+    run.finish(outputs, {"steps": step})
