@@ -49,6 +49,11 @@ class ControlPlaneUnavailable(RuntimeError):
     """The binaries are missing or a component did not come up; the message says what to do."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.cmd[1:]))} failed ({self.returncode}): {self.stderr.strip()}"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("KUBERLHF_CACHE") or Path.home() / ".cache" / "kuberlhf")
 
@@ -249,7 +254,7 @@ class ControlPlane:
             input=input, capture_output=True, text=True, timeout=timeout,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
     def service_account_token(self, namespace: str, name: str, timeout: float = 30) -> str:

@@ -21,6 +21,10 @@ Substitutions, because nothing real can run them here (each one documented where
 - Probes run from the first second (initialDelaySeconds ignored); liveness probes are not run.
 - The pod env starts from the test process's env (PATH, HOME, offline-hub settings) minus KUBECONFIG and AWS
   credentials, so a pod only has credentials its spec gives it.
+- The service-account token volume (/var/run/secrets/kubernetes.io/serviceaccount) becomes env KUBECONFIG:
+  a kubeconfig in the pod's directory with the token of the pod's ServiceAccount (unless
+  automountServiceAccountToken is false). So a controller pod (the chart's operator Deployment) talks to the
+  API server with exactly its RBAC, as in a cluster.
 
 Killing a pod's process (:meth:`ProcessKubelet.kill_pod`) is a pod failure (exit 137), as a node would report it.
 Reusable as a thread (``with ProcessKubelet(kubeconfig, workdir): ...``) or a process
@@ -30,6 +34,7 @@ Reusable as a thread (``with ProcessKubelet(kubeconfig, workdir): ...``) or a pr
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import logging
@@ -422,6 +427,7 @@ class ProcessKubelet:
     def _prepare(self, run: PodRun, containers: list[ContainerRun]) -> bool:
         ns = run.namespace
         try:
+            sa_kubeconfig = self._service_account_kubeconfig(run)
             services = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in self.api.get("/api/v1/services")["items"]}
             for c in containers:
                 env = podspec.resolve_env(run.pod, c.spec, self._secret_key, self._cm_key, self._secret_data, self._cm_data)
@@ -429,6 +435,8 @@ class ProcessKubelet:
                 if run.completion_index is not None:
                     env.setdefault(podspec.JOB_COMPLETION_INDEX_ENV, str(run.completion_index))
                 env = self._rewrite_network(ns, env, services)
+                if sa_kubeconfig is not None:
+                    env.setdefault("KUBECONFIG", str(sa_kubeconfig))
                 c.argv = [podspec.rewrite_cluster_hosts(a, ns, services) for a in c.argv]
                 c.argv, env = podspec.rewrite_ports(c.argv, env, run.ports)
                 c.env = env
@@ -438,6 +446,35 @@ class ProcessKubelet:
                 c.waiting_reason, c.waiting_message = "CreateContainerConfigError", str(e)
             return False
         return True
+
+    def _service_account_kubeconfig(self, run: PodRun) -> Path | None:
+        spec = run.pod["spec"]
+        sa_name = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        try:
+            sa = self.api.get(f"/api/v1/namespaces/{run.namespace}/serviceaccounts/{sa_name}")
+        except ApiError as e:
+            if e.status == 404:
+                raise podspec.EnvResolutionError(f"service account {run.namespace}/{sa_name} not found") from None
+            raise
+        automount = spec.get("automountServiceAccountToken", sa.get("automountServiceAccountToken", True))
+        if automount is False:
+            return None
+        for ref in sa.get("secrets") or []:
+            data = self._secret_data(run.namespace, ref["name"])
+            if data and data.get("token"):
+                break
+        else:
+            raise podspec.EnvResolutionError(f"service account {run.namespace}/{sa_name} has no token yet")
+        server = self.api.server
+        cfg = {"apiVersion": "v1", "kind": "Config",
+               "clusters": [{"name": "in-cluster", "cluster": {"server": server, "certificate-authority-data": base64.b64encode(data.get("ca.crt", "").encode() or self.api.ca_pem).decode()}}],
+               "users": [{"name": sa_name, "user": {"token": data["token"]}}],
+               "contexts": [{"name": "in-cluster", "context": {"cluster": "in-cluster", "user": sa_name, "namespace": run.namespace}}],
+               "current-context": "in-cluster"}
+        path = run.workdir / "serviceaccount.kubeconfig"
+        path.write_text(json.dumps(cfg))
+        path.chmod(0o600)
+        return path
 
     def _rewrite_network(self, ns: str, env: dict[str, str], services: set[tuple[str, str]]) -> dict[str, str]:
         out = {k: podspec.rewrite_cluster_hosts(v, ns, services) for k, v in env.items()}
@@ -613,8 +650,6 @@ class ProcessKubelet:
 
     # --- secrets, config maps, job completion index --------------------------------------------------
     def _get_data(self, kind: str, ns: str, name: str) -> dict[str, str] | None:
-        import base64
-
         try:
             obj = self.api.get(f"/api/v1/namespaces/{ns}/{kind}/{name}")
         except ApiError as e:

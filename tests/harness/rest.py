@@ -31,6 +31,7 @@ class KubeREST:
     def __init__(self, server: str, token: str, ca_pem: bytes) -> None:
         self.server = server.rstrip("/")
         self.token = token
+        self.ca_pem = ca_pem
         self.ssl = ssl.create_default_context(cadata=ca_pem.decode())
 
     @classmethod
