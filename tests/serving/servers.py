@@ -35,6 +35,7 @@ class ServerProcess:
     proc: subprocess.Popen
     url: str  # http://127.0.0.1:PORT
     log_path: Path
+    api_key: str | None = None
 
     @property
     def api(self) -> str:
@@ -61,7 +62,7 @@ def start_server(model: str | Path, log_dir: Path, *extra: str, env: dict[str, s
     full_env = {**os.environ, **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, full_env.get("KUBERLHF_API_KEY"))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -76,6 +77,8 @@ def start_server(model: str | Path, log_dir: Path, *extra: str, env: dict[str, s
     pytest.fail(f"kuberlhf serve not ready after {READY_TIMEOUT_S} s:\n{server.log()}")
 
 
-# The shared server: one generation at a time and one waiting, so the concurrency bound is observable; small
-# body limit and token cap so the limits are cheap to hit.
-SHARED_FLAGS = ("--max-concurrency", "1", "--max-queue", "1", "--max-request-bytes", "65536", "--max-new-tokens", "600")
+# The shared server: one generation at a time and one waiting, so the concurrency bound is observable; a small
+# body limit so it is cheap to hit; a token cap below the 512-token context; an API key (one server start less
+# than testing the key on a server of its own: each start imports torch, ~30 s on a busy CI machine).
+SHARED_FLAGS = ("--max-concurrency", "1", "--max-queue", "1", "--max-request-bytes", "65536", "--max-new-tokens", "400")
+SHARED_API_KEY = "test-key-0123"

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from serving.servers import ServerProcess, kuberlhf_bin, start_server
+from serving.servers import ServerProcess, kuberlhf_bin
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
@@ -20,7 +20,7 @@ HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 @pytest.fixture()
 def client(chat_server: ServerProcess) -> openai.OpenAI:
     # no retries: a 429 must reach the test, not be retried away
-    return openai.OpenAI(base_url=chat_server.api, api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=chat_server.api, api_key=chat_server.api_key, max_retries=0, timeout=60)
 
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
@@ -72,9 +72,15 @@ def test_streaming_matches_openai_chunks(client: openai.OpenAI) -> None:
     assert streamed == whole.choices[0].message.content
 
 
+def auth(server: ServerProcess) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.api_key}"}
+
+
 def test_raw_sse_stream_ends_with_done(chat_server: ServerProcess) -> None:
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", chat_server.api + "/chat/completions", json=body, timeout=60) as resp:
+    with httpx.stream(
+        "POST", chat_server.api + "/chat/completions", json=body, headers=auth(chat_server), timeout=60
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         data = [line[len("data: ") :] for line in resp.iter_lines() if line.startswith("data: ")]
@@ -129,7 +135,7 @@ def test_invalid_json_and_unknown_route(chat_server: ServerProcess) -> None:
     )
     assert resp.status_code == 400
     assert "not valid JSON" in resp.json()["error"]["message"]
-    resp = httpx.get(chat_server.api + "/nothing-here")
+    resp = httpx.get(chat_server.api + "/nothing-here", headers=auth(chat_server))
     assert resp.status_code == 404
     assert resp.json()["error"]["type"] == "invalid_request_error"
 
@@ -150,28 +156,28 @@ def test_conversation_longer_than_the_context_is_400(client: openai.OpenAI) -> N
     assert err.value.body["param"] == "messages"
 
 
-def test_max_tokens_is_capped_by_the_server(tiny_model_dir, tmp_path) -> None:
-    """A second server with --max-new-tokens 3 and an API key: the cap and the key are both enforced."""
-    server = start_server(tiny_model_dir, tmp_path, "--max-new-tokens", "3", env={"KUBERLHF_API_KEY": "s3cret"})
-    try:
-        good = openai.OpenAI(base_url=server.api, api_key="s3cret", max_retries=0)
-        model = good.models.list().data[0].id
-        done = good.chat.completions.create(model=model, messages=HELLO, max_tokens=50, temperature=0)
-        assert done.usage.completion_tokens == 3
-        assert done.choices[0].finish_reason == "length"
+def test_max_tokens_is_capped_by_the_server(client: openai.OpenAI) -> None:
+    # the server runs with --max-new-tokens 400
+    done = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=5000, temperature=0, stop=["\x00never\x00"]
+    )
+    assert done.usage.completion_tokens == 400
+    assert done.choices[0].finish_reason == "length"
 
-        bad = openai.OpenAI(base_url=server.api, api_key="wrong", max_retries=0)
-        with pytest.raises(openai.AuthenticationError) as err:
-            bad.chat.completions.create(model=model, messages=HELLO)
-        assert err.value.status_code == 401
-        assert err.value.body["code"] == "invalid_api_key"
-        with pytest.raises(openai.AuthenticationError):
-            bad.models.list()
-        # probes stay open for the kubelet
-        assert httpx.get(server.url + "/readyz").status_code == 200
-        assert httpx.get(server.url + "/healthz").status_code == 200
-    finally:
-        server.stop()
+
+def test_api_key_is_enforced(chat_server: ServerProcess) -> None:
+    bad = openai.OpenAI(base_url=chat_server.api, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model="tiny", messages=HELLO)
+    assert err.value.status_code == 401
+    assert err.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    resp = httpx.post(chat_server.api + "/chat/completions", json={"model": "tiny", "messages": HELLO})
+    assert resp.status_code == 401 and resp.json()["error"]["type"] == "invalid_request_error"
+    # probes and metrics stay open for the kubelet and Prometheus
+    assert httpx.get(chat_server.url + "/readyz").status_code == 200
+    assert httpx.get(chat_server.url + "/metrics").status_code == 200
 
 
 def test_probes_and_metrics(chat_server: ServerProcess, client: openai.OpenAI) -> None:
@@ -203,14 +209,16 @@ def test_concurrency_bound_queues_one_and_refuses_the_rest(chat_server: ServerPr
     release = threading.Event()
 
     def hold_slot() -> int:
-        with httpx.stream("POST", chat_server.api + "/chat/completions", json=long_body, timeout=120) as resp:
+        with httpx.stream(
+            "POST", chat_server.api + "/chat/completions", json=long_body, headers=auth(chat_server), timeout=120
+        ) as resp:
             lines = resp.iter_lines()
             next(lines)  # the role chunk: this request is admitted and generating
             holding.set()
             release.wait(30)
             return sum(1 for _ in lines)
 
-    client = openai.OpenAI(base_url=chat_server.api, api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=chat_server.api, api_key=chat_server.api_key, max_retries=0, timeout=120)
 
     def short() -> object:
         try:
