@@ -206,6 +206,9 @@ class _Run:
             self.actions.append(Action("create", kind, name, obj))
 
     def decision(self) -> Decision:
+        # Every condition was (re)evaluated against this generation's spec.
+        for c in self.status.get("conditions") or []:
+            c["observedGeneration"] = self.meta.generation
         return Decision(self.status, self.actions, self.events, self.requeue, self.durations)
 
     # --- phases ----------------------------------------------------------------------------------------------

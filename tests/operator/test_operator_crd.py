@@ -1,0 +1,164 @@
+"""The committed CRD is the generator's output, is structural, and agrees with the spec models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from kuberlhf.contract.spec import SpecError, parse_pipeline, parse_spec
+from kuberlhf_operator.crd import build_crd, render
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def openapi() -> dict[str, Any]:
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def server_accepts(doc: dict[str, Any]) -> bool:
+    # OpenAPI 3.0 bounds (boolean exclusiveMinimum) are draft-4 JSON schema; x-kubernetes-* keys are ignored.
+    return jsonschema.Draft4Validator(openapi()).is_valid(doc)
+
+
+def models_accept(doc: dict[str, Any]) -> bool:
+    try:
+        parse_pipeline(doc)
+        return True
+    except SpecError:
+        return False
+
+
+VALID = {
+    "apiVersion": "kuberlhf.io/v1alpha1",
+    "kind": "RLHFPipeline",
+    "metadata": {"name": "opt13b-chat"},
+    "spec": {
+        "deploymentType": "single_gpu",
+        "actor": {"model": "facebook/opt-1.3b"},
+        "reward": {"model": "facebook/opt-350m"},
+        "data": {"datasets": ["Dahoas/rm-static", {"path": "./data/pairs.jsonl"}], "split": "2,4,4",
+                 "unsupervised": {"name": "wikitext", "config": "wikitext-2-raw-v1"}, "maxSeqLen": 512},
+        "storage": {"uri": "s3://bucket/prefix", "endpoint": "http://seaweedfs.kuberlhf:8333",
+                    "secretRef": {"name": "s3-credentials"}},
+        "stages": {"sft": {"nodes": 1, "gpusPerNode": 1, "zeroStage": 2, "lora": {"dim": 128},
+                           "resources": {"limits": {"memory": "32Gi"}}},
+                   "ppo": {"ema": {"enabled": True, "beta": 0.992}, "ptxCoef": 27.8, "hybridEngine": False}},
+        "podTemplate": {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"operator": "Exists"}]},
+        "serving": {"enabled": True, "replicas": 1, "port": 8000},
+        "suspend": False,
+    },
+}
+
+
+def test_committed_crd_is_the_generator_output() -> None:
+    committed = (REPO / "crds" / "rlhfpipelines.yaml").read_text()
+    assert committed == render(), "regenerate: python -m kuberlhf_operator.crd > crds/rlhfpipelines.yaml"
+
+
+def test_crd_is_a_valid_v1_crd_with_status_and_columns() -> None:
+    crd = build_crd()
+    assert kubernetes_validate.validate(crd, "1.30", strict=True) == "1.30"
+    version = crd["spec"]["versions"][0]
+    assert crd["metadata"]["name"] == "rlhfpipelines.kuberlhf.io" and crd["spec"]["names"]["shortNames"] == ["rlhf"]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Stage", "Phase", "Attempts", "Age", "Chat"]
+    status = openapi()["properties"]["status"]["properties"]
+    for key in ("phase", "stage", "observedGeneration", "conditions", "stages", "chatEndpoint", "attempts"):
+        assert key in status
+    sft = status["stages"]["properties"]["sft"]["properties"]
+    for key in ("phase", "jobName", "attempts", "startTime", "completionTime", "checkpoint", "manifestSha256"):
+        assert key in sft
+    cond = status["conditions"]["items"]["properties"]
+    assert set(cond) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+
+
+def _walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = [(path, node)]
+    for k, v in (node.get("properties") or {}).items():
+        out += _walk(v, f"{path}.{k}")
+    if isinstance(node.get("items"), dict):
+        out += _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _walk(node["additionalProperties"], f"{path}{{}}")
+    return out
+
+
+def test_schema_is_structural_and_defaults_are_valid() -> None:
+    for path, node in _walk(openapi()):
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "title"} & set(node), path
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert node.get("additionalProperties") is not False, path
+        if "default" in node:
+            assert jsonschema.Draft4Validator(node).is_valid(node["default"]), path
+    spec = openapi()["properties"]["spec"]
+    assert spec["required"] == ["actor", "reward", "data", "storage"]
+    preserve = {p for p, n in _walk(spec) if n.get("x-kubernetes-preserve-unknown-fields")}
+    assert ".data.datasets[]" in preserve and ".stages.sft.resources" in preserve
+    assert ".podTemplate.tolerations[]" in preserve and ".podTemplate.affinity" in preserve
+    stages = spec["properties"]["stages"]["properties"]
+    # Preset-governed fields have no server default (the presets fill them per deploymentType) ...
+    for field in ("nodes", "gpusPerNode", "zeroStage", "perDeviceBatchSize", "learningRate"):
+        assert "default" not in stages["sft"]["properties"][field], field
+    # ... concrete model defaults do.
+    assert stages["sft"]["properties"]["backoffLimit"]["default"] == 2
+    assert stages["ppo"]["properties"]["ema"]["properties"]["beta"]["default"] == 0.992
+    assert spec["properties"]["deploymentType"]["default"] == "single_gpu"
+
+
+def test_valid_example_is_accepted_by_both() -> None:
+    assert server_accepts(VALID) and models_accept(VALID)
+
+
+def _mutate(path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("spec.stages.sft.nodes", -1),
+    ("spec.stages.reward.gpusPerNode", 0),
+    ("spec.deploymentType", "huge"),
+    ("spec.accelerator", "tpu"),
+    ("spec.storage", _DELETE),
+    ("spec.storage.uri", "http://not-s3"),
+    ("spec.stages.sft.zeroStage", 4),
+    ("spec.stages.ppo.ema.beta", 1.0),
+    ("spec.stages.sft.epochs", "three"),
+    ("spec.serving.port", 70000),
+    ("spec.data.datasets", []),
+    ("spec.actor", _DELETE),
+    ("spec.stages.sft.dtype", "int8"),
+    ("spec.stages.sft.lrScheduler", "step"),
+    ("metadata.name", "n" * 41),
+])
+def test_bad_specs_are_rejected_by_both(path: str, value: Any) -> None:
+    doc = _mutate(path, value)
+    assert not server_accepts(doc), f"CRD schema accepts {path}={value!r}"
+    assert not models_accept(doc), f"models accept {path}={value!r}"
+
+
+def test_examples_validate_against_crd_and_models() -> None:
+    docs = []
+    for f in sorted((REPO / "examples").glob("*.yaml")):
+        docs += [(f.name, d) for d in yaml.safe_load_all(f.read_text()) if d and d.get("kind") == "RLHFPipeline"]
+    assert docs, "no RLHFPipeline examples found"
+    for name, doc in docs:
+        assert server_accepts(doc), name
+        parse_spec(doc["spec"])

@@ -1,0 +1,321 @@
+"""The pure reconcile function: every transition, retry, exhaustion, suspend, restart and spec-change path."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+
+from conftest import Cluster, complete
+
+from kuberlhf_operator.observe import DeploymentState, JobState, Observed
+from kuberlhf_operator.reconcile import OperatorConfig, ProbeResult, get_condition, reconcile
+
+
+def cond(status: dict, ctype: str) -> dict:
+    c = get_condition(status, ctype)
+    assert c is not None, f"no condition {ctype} in {status.get('conditions')}"
+    return c
+
+
+def reasons(cluster: Cluster) -> list[str]:
+    return [e.reason for e in cluster.events]
+
+
+def run_to_serving(cluster: Cluster) -> None:
+    cluster.step()
+    for stage in ("sft", "reward", "ppo"):
+        cluster.finish(f"tiny-{stage}-1")
+        cluster.step(complete(stage))
+
+
+def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
+    d = cluster.step()
+    assert [(a.verb, a.kind, a.name) for a in d.actions] == [
+        ("create", "Service", "tiny-sft-1"), ("create", "Job", "tiny-sft-1")]
+    st = cluster.status
+    assert (st["phase"], st["stage"], st["attempts"]) == ("Running", "sft", 1)
+    assert st["stages"]["sft"]["jobName"] == "tiny-sft-1" and st["stages"]["sft"]["startTime"]
+    assert cond(st, "Ready")["status"] == "False"
+
+    for stage, nxt in (("sft", "reward"), ("reward", "ppo")):
+        cluster.finish(f"tiny-{stage}-1")
+        d = cluster.step(complete(stage, sha=stage * 4))
+        s = cluster.status["stages"][stage]
+        assert s["phase"] == "Succeeded"
+        assert s["checkpoint"] == f"s3://bucket/pipelines/team/tiny/0000-uid/{stage}"
+        assert s["manifestSha256"] == stage * 4 and s["completionTime"] == "2025-01-01T13:00:00Z"
+        assert cluster.status["stage"] == nxt and cluster.status["phase"] == "Running"
+        assert ("create", "Job", f"tiny-{nxt}-1") in [(a.verb, a.kind, a.name) for a in d.actions]
+        assert stage in d.stage_durations
+
+    assert cond(cluster.status, "SFTSucceeded")["status"] == "True"
+    assert cond(cluster.status, "RewardSucceeded")["reason"] == "CheckpointComplete"
+    cluster.finish("tiny-ppo-1")
+    d = cluster.step(complete("ppo"))
+    assert cluster.status["stage"] == "serving" and cluster.status["phase"] == "Running"
+    assert {(a.kind, a.name) for a in d.actions} == {("Service", "tiny-chat"), ("Deployment", "tiny-chat")}
+    assert cluster.status["chatEndpoint"] == "http://tiny-chat.team.svc:8000/v1"
+    assert cond(cluster.status, "Serving")["status"] == "False"
+    dep = cluster.bodies[("Deployment", "tiny-chat")]
+    cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:4] == ["kuberlhf", "serve", "--model", "s3://bucket/pipelines/team/tiny/0000-uid/ppo/ema"]
+
+    cluster.deployments["tiny-chat"] = DeploymentState("tiny-chat", 1, 1)
+    cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["stage"]) == ("Succeeded", "done")
+    assert cond(st, "Ready")["status"] == "True" and cond(st, "Serving")["status"] == "True"
+    assert cond(st, "PPOSucceeded")["status"] == "True"
+    assert reasons(cluster) == ["StageStarted", "StageSucceeded", "StageStarted", "StageSucceeded", "StageStarted",
+                                "StageSucceeded", "ServingStarted", "Succeeded"]
+    # Steady state: nothing more to do, no new events.
+    d = cluster.step()
+    assert d.actions == [] and d.events == [] and d.status == st
+
+
+def test_conditions_follow_api_conventions(cluster: Cluster) -> None:
+    cluster.step()
+    first = copy.deepcopy(cond(cluster.status, "Ready"))
+    cluster.step(minutes=5)
+    again = cond(cluster.status, "Ready")
+    assert again["lastTransitionTime"] == first["lastTransitionTime"]  # unchanged status keeps its time
+    assert set(again) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+    cluster.step(generation=3)
+    assert cluster.status["observedGeneration"] == 3 and cond(cluster.status, "Ready")["observedGeneration"] == 3
+
+
+def test_failed_job_retries_then_fails_with_pod_message(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.finish("tiny-sft-1", "Failed", failure="BackoffLimitExceeded: Job has reached the specified backoff limit")
+    cluster.failure_details["tiny-sft-1"] = "pod tiny-sft-1-0 container stage exited with code 1 (Error):\nOOM"
+    d = cluster.step()
+    assert ("create", "Job", "tiny-sft-2") in [(a.verb, a.kind, a.name) for a in d.actions]
+    st = cluster.status
+    assert st["attempts"] == 2 and st["stages"]["sft"]["jobName"] == "tiny-sft-2" and st["phase"] == "Running"
+    retry = d.events[0]
+    assert retry.type == "Warning" and retry.reason == "StageRetrying" and "OOM" in retry.message
+    assert "attempt 2/2" in retry.message
+    env = {e["name"]: e.get("value") for e in
+           cluster.bodies[("Job", "tiny-sft-2")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBERLHF_ATTEMPT"] == "2"
+
+    cluster.finish("tiny-sft-2", "Failed", failure="BackoffLimitExceeded")
+    cluster.failure_details["tiny-sft-2"] = "pod tiny-sft-2-0 container stage exited with code 1 (Error):\nboom"
+    d = cluster.step()
+    st = cluster.status
+    assert d.actions == []
+    assert (st["phase"], st["stage"], st["reason"]) == ("Failed", "sft", "BackoffLimitExceeded")
+    assert "boom" in st["message"] and "after 2 attempt(s)" in st["message"]
+    assert st["stages"]["sft"]["phase"] == "Failed"
+    assert cond(st, "Failed")["status"] == "True" and "boom" in cond(st, "Failed")["message"]
+    assert d.events[-1].reason == "StageFailed"
+    # Terminal: later reconciles change nothing.
+    d = cluster.step()
+    assert d.actions == [] and d.events == []
+
+
+def test_job_succeeded_without_complete_marker_is_a_failed_attempt(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.finish("tiny-sft-1")
+    d = cluster.step({"sft": ProbeResult(False, checkpoint="s3://x")})
+    assert cluster.status["stages"]["sft"]["phase"] == "Running"
+    assert cluster.status["stages"]["sft"]["attempts"] == 2
+    assert "_COMPLETE is missing" in d.events[0].message
+    assert "_COMPLETE is missing" in cluster.status["stages"]["sft"]["message"]
+
+
+def test_unreachable_store_waits_instead_of_failing(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.finish("tiny-sft-1")
+    d = cluster.step({"sft": ProbeResult(False, error="StorageUnreachableError: connection refused")})
+    assert d.actions == [] and d.requeue_after
+    assert cluster.status["stages"]["sft"]["attempts"] == 1
+    assert "connection refused" in cluster.status["message"]
+    d = cluster.step()  # no probe at all: same
+    assert d.actions == [] and cluster.status["stages"]["sft"]["phase"] == "Running"
+
+
+def test_suspend_and_resume_patch_the_job(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.spec["suspend"] = True
+    d = cluster.step(generation=2)
+    assert [(a.verb, a.name, a.body) for a in d.actions] == [("patch", "tiny-sft-1", {"spec": {"suspend": True}})]
+    assert cluster.status["phase"] == "Suspended" and cluster.status["stages"]["sft"]["phase"] == "Suspended"
+    assert cond(cluster.status, "Suspended")["status"] == "True"
+    assert cluster.step().actions == []  # stays suspended, no repeated patches
+    cluster.spec["suspend"] = False
+    d = cluster.step(generation=3)
+    assert [(a.verb, a.name, a.body) for a in d.actions] == [("patch", "tiny-sft-1", {"spec": {"suspend": False}})]
+    assert cluster.status["phase"] == "Running" and cond(cluster.status, "Suspended")["status"] == "False"
+    assert reasons(cluster)[-2:] == ["Suspended", "Resumed"]
+
+
+def test_suspend_on_a_server_without_job_suspend_deletes_and_recreates(meta, spec) -> None:
+    cluster = Cluster(meta, spec, OperatorConfig(job_suspend_supported=False))
+    cluster.step()
+    cluster.spec["suspend"] = True
+    d = cluster.step()
+    assert [(a.verb, a.kind, a.name) for a in d.actions] == [("delete", "Job", "tiny-sft-1")]
+    assert cluster.status["phase"] == "Suspended"
+    assert cluster.step().actions == []
+    cluster.spec["suspend"] = False
+    d = cluster.step()
+    assert ("create", "Job", "tiny-sft-1") in [(a.verb, a.kind, a.name) for a in d.actions]
+    assert cluster.status["phase"] == "Running" and cluster.status["attempts"] == 1
+
+
+def test_suspended_before_start_starts_nothing(cluster: Cluster) -> None:
+    cluster.spec["suspend"] = True
+    d = cluster.step()
+    assert d.actions == [] and cluster.status["phase"] == "Suspended"
+    cluster.spec["suspend"] = False
+    d = cluster.step()
+    assert ("create", "Job", "tiny-sft-1") in [(a.verb, a.kind, a.name) for a in d.actions]
+    assert cond(cluster.status, "Suspended")["status"] == "False"
+
+
+def test_kueue_suspending_the_job_is_not_overridden(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, suspended=True)  # a queue holds it
+    assert cluster.step().actions == []
+
+
+def test_invalid_spec_fails_without_children_and_recovers(cluster: Cluster) -> None:
+    cluster.spec["data"]["datasets"] = [{"name": "a", "path": "./b.jsonl"}]
+    d = cluster.step()
+    st = cluster.status
+    assert d.actions == []
+    assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.data.datasets.0" in st["message"] and "exactly one" in st["message"]
+    assert cond(st, "Failed")["reason"] == "InvalidSpec"
+    assert [e.reason for e in d.events] == ["InvalidSpec"]
+    assert cluster.step().events == []  # reported once
+    cluster.spec["data"]["datasets"] = ["kuberlhf/synthetic-pairs"]
+    d = cluster.step(generation=2)
+    assert cluster.status["phase"] == "Running" and ("create", "Job", "tiny-sft-1") in [
+        (a.verb, a.kind, a.name) for a in d.actions]
+    assert cond(cluster.status, "Failed")["status"] == "False"
+
+
+def test_spec_change_after_start_applies_only_to_later_stages(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.spec["stages"]["sft"]["epochs"] = 7
+    cluster.spec["stages"]["ppo"]["klCoef"] = 0.5
+    cluster.spec["data"]["seed"] = 99
+    d = cluster.step(generation=2)
+    c = cond(cluster.status, "SpecChangeIgnored")
+    assert c["status"] == "True"
+    assert "spec.stages.sft.epochs" in c["message"] and "spec.data.seed" in c["message"]
+    assert "klCoef" not in c["message"]  # ppo has not started: not a change to a started stage
+    assert [e.reason for e in d.events] == ["SpecChangeIgnored"]
+    assert cluster.step().events == []  # reported once per change
+
+    # The retry of the started stage keeps the spec it started with ...
+    cluster.finish("tiny-sft-1", "Failed", failure="x")
+    cluster.step()
+    import json
+
+    def pipeline_env(job: str) -> dict:
+        env = cluster.bodies[("Job", job)]["spec"]["template"]["spec"]["containers"][0]["env"]
+        return json.loads(next(e["value"] for e in env if e["name"] == "KUBERLHF_PIPELINE"))["spec"]
+
+    assert pipeline_env("tiny-sft-2")["stages"]["sft"]["epochs"] == 1
+    # ... and the stages not yet started get the new values.
+    cluster.finish("tiny-sft-2")
+    cluster.step(complete("sft"))
+    assert pipeline_env("tiny-reward-1")["data"]["seed"] == 99
+    cluster.finish("tiny-reward-1")
+    cluster.step(complete("reward"))
+    assert pipeline_env("tiny-ppo-1")["stages"]["ppo"]["klCoef"] == 0.5
+
+
+def test_storage_is_pinned_for_the_whole_pipeline(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.spec["storage"]["uri"] = "s3://elsewhere/x"
+    cluster.finish("tiny-sft-1")
+    cluster.step(complete("sft"))
+    env = cluster.bodies[("Job", "tiny-reward-1")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert '"uri":"s3://bucket/pipelines"' in next(e["value"] for e in env if e["name"] == "KUBERLHF_PIPELINE")
+    assert "spec.storage" in cond(cluster.status, "SpecChangeIgnored")["message"]
+
+
+def test_restart_same_state_gives_same_decision_and_no_duplicates(cluster: Cluster, meta, spec) -> None:
+    """An operator killed after creating children but before writing status sees the children on restart."""
+    cluster.step()
+    first = cluster.decide()
+    second = cluster.decide()
+    assert first.status == second.status and first.actions == second.actions == []
+    # Lost status write: children exist, status is empty -> adopt them, create nothing.
+    d = reconcile(meta, spec, {}, cluster.observed(), cluster.now, None, cluster.config)
+    assert [a for a in d.actions if a.verb == "create"] == []
+    assert d.status["stages"]["sft"]["jobName"] == "tiny-sft-1" and d.status["phase"] == "Running"
+    # Killed mid-retry: attempt 2's Job exists while status still says attempt 1.
+    cluster.finish("tiny-sft-1", "Failed", failure="x")
+    stale = copy.deepcopy(cluster.status)
+    cluster.step()
+    d = reconcile(meta, spec, stale, cluster.observed(), cluster.now, None, cluster.config)
+    assert [a for a in d.actions if a.verb == "create"] == []
+    assert d.status["stages"]["sft"]["attempts"] == 2 and d.status["stages"]["sft"]["jobName"] == "tiny-sft-2"
+    # Killed at a stage boundary: reward-1 exists but status still says sft running.
+    cluster.finish("tiny-sft-2")
+    stale = copy.deepcopy(cluster.status)
+    cluster.step(complete("sft"))
+    d = reconcile(meta, spec, stale, cluster.observed(), cluster.now, complete("sft"), cluster.config)
+    assert [a for a in d.actions if a.verb == "create"] == []
+    assert d.status["stage"] == "reward"
+    assert sorted(n for k, n in cluster.created if k == "Job") == ["tiny-reward-1", "tiny-sft-1", "tiny-sft-2"]
+
+
+def test_a_deleted_job_is_recreated_under_the_same_name(cluster: Cluster) -> None:
+    cluster.step()
+    del cluster.jobs["tiny-sft-1"]
+    d = cluster.step()
+    assert [(a.verb, a.kind, a.name) for a in d.actions] == [("create", "Job", "tiny-sft-1")]
+    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, deleting=True)
+    del cluster.jobs["tiny-sft-1"]
+    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, deleting=True)
+    d = cluster.decide()
+    assert d.actions == [] and d.requeue_after  # wait until the old one is gone
+
+
+def test_serving_disabled_ends_after_ppo(cluster: Cluster) -> None:
+    cluster.spec["serving"] = {"enabled": False}
+    run_to_serving(cluster)
+    assert (cluster.status["phase"], cluster.status["stage"]) == ("Succeeded", "done")
+    assert not [k for k, _ in cluster.created if k == "Deployment"]
+    assert cond(cluster.status, "Ready")["status"] == "True"
+
+
+def test_serving_without_ema_serves_the_final_actor(cluster: Cluster) -> None:
+    cluster.spec["serving"] = {"useEma": False, "port": 9000, "replicas": 2}
+    run_to_serving(cluster)
+    dep = cluster.bodies[("Deployment", "tiny-chat")]
+    assert dep["spec"]["replicas"] == 2
+    assert "s3://bucket/pipelines/team/tiny/0000-uid/ppo/model" in dep["spec"]["template"]["spec"]["containers"][0][
+        "command"]
+    assert cluster.status["chatEndpoint"] == "http://tiny-chat.team.svc:9000/v1"
+
+
+def test_deleted_chat_deployment_is_recreated_after_success(cluster: Cluster) -> None:
+    run_to_serving(cluster)
+    cluster.deployments["tiny-chat"] = DeploymentState("tiny-chat", 1, 1)
+    cluster.step()
+    assert cluster.status["phase"] == "Succeeded"
+    del cluster.deployments["tiny-chat"]
+    d = cluster.step()
+    assert ("create", "Deployment", "tiny-chat") in [(a.verb, a.kind, a.name) for a in d.actions]
+    assert cluster.status["phase"] == "Succeeded" and cond(cluster.status, "Serving")["status"] == "False"
+
+
+def test_stage_duration_is_measured_from_start(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.finish("tiny-sft-1")
+    d = cluster.step(complete("sft"))
+    started = cluster.status["stages"]["sft"]["startTime"]
+    assert started == "2025-01-01T12:01:00Z"
+    assert d.stage_durations["sft"] == timedelta(minutes=59).total_seconds()
+
+
+def test_no_status_no_children_is_pending_to_running(meta, spec) -> None:
+    d = reconcile(meta, spec, None, Observed(), __import__("conftest").T0)
+    assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 1
