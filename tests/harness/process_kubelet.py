@@ -434,11 +434,11 @@ class ProcessKubelet:
                 c.argv = podspec.container_argv(c.spec, env, self.default_entrypoint)
                 if run.completion_index is not None:
                     env.setdefault(podspec.JOB_COMPLETION_INDEX_ENV, str(run.completion_index))
-                env = self._rewrite_network(ns, env, services)
+                c.argv = [podspec.rewrite_cluster_hosts(a, ns, services) for a in c.argv]
+                c.argv, ported = podspec.rewrite_ports(c.argv, env, run.ports)
+                env = self._rewrite_network(ns, env, ported, services)
                 if sa_kubeconfig is not None:
                     env.setdefault("KUBECONFIG", str(sa_kubeconfig))
-                c.argv = [podspec.rewrite_cluster_hosts(a, ns, services) for a in c.argv]
-                c.argv, env = podspec.rewrite_ports(c.argv, env, run.ports)
                 c.env = env
                 c.waiting_reason, c.waiting_message = "ContainerCreating", ""
         except podspec.EnvResolutionError as e:
@@ -476,12 +476,14 @@ class ProcessKubelet:
         path.chmod(0o600)
         return path
 
-    def _rewrite_network(self, ns: str, env: dict[str, str], services: set[tuple[str, str]]) -> dict[str, str]:
+    def _rewrite_network(self, ns: str, original: dict[str, str], env: dict[str, str],
+                         services: set[tuple[str, str]]) -> dict[str, str]:
         out = {k: podspec.rewrite_cluster_hosts(v, ns, services) for k, v in env.items()}
-        addr = env.get("MASTER_ADDR")
-        if addr and out["MASTER_ADDR"] != addr and env.get("MASTER_PORT"):
-            # One free port per Job rendezvous (keyed by its DNS name), shared by all of that Job's pods.
-            key = (ns, addr, env["MASTER_PORT"])
+        addr, port = original.get("MASTER_ADDR"), original.get("MASTER_PORT")
+        if addr and port:
+            # One free port per Job rendezvous (keyed by its address as written, e.g. <job>-0.<svc>), shared by
+            # all of that Job's pods: never the per-pod containerPort map, on which the pods would disagree.
+            key = (ns, addr, port)
             with self._lock:
                 if key not in self._master_ports:
                     self._master_ports[key] = free_port()
