@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from datetime import timedelta
 
-from conftest import Cluster, complete
+from operator_sim import T0, Cluster, complete
 
 from kuberlhf_operator.observe import DeploymentState, JobState, Observed
 from kuberlhf_operator.reconcile import OperatorConfig, ProbeResult, get_condition, reconcile
@@ -317,5 +317,5 @@ def test_stage_duration_is_measured_from_start(cluster: Cluster) -> None:
 
 
 def test_no_status_no_children_is_pending_to_running(meta, spec) -> None:
-    d = reconcile(meta, spec, None, Observed(), __import__("conftest").T0)
+    d = reconcile(meta, spec, None, Observed(), T0)
     assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 1

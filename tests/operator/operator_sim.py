@@ -1,0 +1,77 @@
+"""A simulated cluster for the operator's unit tier: it turns a Decision's create/patch/delete actions into the
+Observed state the next reconcile sees (pure: no API server; the e2e tier runs the same code against the real
+kube-apiserver). A plain module rather than conftest so that test files can import it unambiguously."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from kuberlhf_operator.observe import DeploymentState, JobState, Observed
+from kuberlhf_operator.reconcile import Decision, OperatorConfig, PipelineMeta, ProbeResult, reconcile
+
+T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+class Cluster:
+    """Children as the API server would hold them after each decision; tests flip Job phases by hand."""
+
+    def __init__(self, meta: PipelineMeta, spec: dict[str, Any], config: OperatorConfig | None = None) -> None:
+        self.meta, self.spec = meta, copy.deepcopy(spec)
+        self.config = config or OperatorConfig(default_image="trainer:test")
+        self.status: dict[str, Any] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.services: set[str] = set()
+        self.deployments: dict[str, DeploymentState] = {}
+        self.failure_details: dict[str, str] = {}
+        self.created: list[tuple[str, str]] = []
+        self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.now = T0
+        self.events: list = []
+
+    def observed(self) -> Observed:
+        return Observed(jobs=dict(self.jobs), services=frozenset(self.services), deployments=dict(self.deployments),
+                        failure_details=dict(self.failure_details))
+
+    def decide(self, probes: dict[str, ProbeResult] | None = None, generation: int | None = None) -> Decision:
+        meta = replace(self.meta, generation=generation or self.meta.generation)
+        return reconcile(meta, self.spec, self.status, self.observed(), self.now, probes, self.config)
+
+    def step(self, probes: dict[str, ProbeResult] | None = None, minutes: int = 1, **kw: Any) -> Decision:
+        self.now += timedelta(minutes=minutes)
+        d = self.decide(probes, **kw)
+        self.apply(d)
+        return d
+
+    def apply(self, d: Decision) -> None:
+        for a in d.actions:
+            if a.verb == "create":
+                self.created.append((a.kind, a.name))
+                self.bodies[(a.kind, a.name)] = a.body
+                labels = a.body["metadata"]["labels"]
+                if a.kind == "Job":
+                    assert a.name not in self.jobs, f"duplicate Job {a.name}"
+                    self.jobs[a.name] = JobState(a.name, labels["kuberlhf.io/stage"],
+                                                 int(labels["kuberlhf.io/attempt"]),
+                                                 suspended=a.body["spec"]["suspend"])
+                elif a.kind == "Service":
+                    self.services.add(a.name)
+                else:
+                    self.deployments[a.name] = DeploymentState(a.name, a.body["spec"]["replicas"], 0)
+            elif a.verb == "patch":
+                self.jobs[a.name] = replace(self.jobs[a.name], suspended=a.body["spec"]["suspend"])
+            elif a.verb == "delete":
+                self.jobs.pop(a.name)
+        self.status = copy.deepcopy(d.status)
+        self.events += d.events
+
+    def finish(self, job: str, phase: str = "Succeeded", failure: str | None = None) -> None:
+        self.jobs[job] = replace(self.jobs[job], phase=phase, failure=failure,
+                                 completion_time="2025-01-01T13:00:00Z" if phase == "Succeeded" else None)
+
+
+def complete(stage: str, sha: str = "ab" * 32) -> dict[str, ProbeResult]:
+    return {stage: ProbeResult(True, checkpoint=f"s3://bucket/pipelines/team/tiny/0000-uid/{stage}",
+                               manifest_sha256=sha)}
