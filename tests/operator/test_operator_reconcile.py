@@ -271,9 +271,7 @@ def test_a_deleted_job_is_recreated_under_the_same_name(cluster: Cluster) -> Non
     del cluster.jobs["tiny-sft-1"]
     d = cluster.step()
     assert [(a.verb, a.kind, a.name) for a in d.actions] == [("create", "Job", "tiny-sft-1")]
-    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, deleting=True)
-    del cluster.jobs["tiny-sft-1"]
-    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, deleting=True)
+    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, deleting=True)  # deleted again, still going
     d = cluster.decide()
     assert d.actions == [] and d.requeue_after  # wait until the old one is gone
 
