@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -28,21 +29,13 @@ from types import TracebackType
 
 ENV_WEED_BINARY = "KUBERLHF_WEED_BINARY"
 
-# Every listener `weed mini` opens, by its flag. The gRPC ports would default to http+10000, which may be taken,
-# so each is chosen explicitly. Iceberg, Lance and WebDAV are switched off instead (flags below).
-_PORT_FLAGS = (
-    "master.port",
-    "master.port.grpc",
-    "volume.port",
-    "volume.port.grpc",
-    "filer.port",
-    "filer.port.grpc",
-    "s3.port",
-    "s3.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
-)
-_UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
+# Every listener `weed mini` opens: an http port per service, and its gRPC port. Parts of weed derive the gRPC
+# port as http + 10000 whatever the flag says (the admin worker does), so each pair is chosen with that offset,
+# both free. Iceberg, Lance and WebDAV are switched off instead (flags below).
+_SERVICES = ("master", "volume", "filer", "s3", "admin")
+_GRPC_OFFSET = 10000
+_UNIX_SOCKET_MAX = 100
+_VOLUME_SIZE_MB = 1024  # sun_path is 108 bytes on Linux; keep a margin
 
 
 class SeaweedError(RuntimeError):
@@ -81,9 +74,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+def _port_is_free(port: int, host: str = "127.0.0.1", *, reuse: bool = True) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:  # a restart may rebind ports whose old connections linger in TIME_WAIT
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -237,8 +231,9 @@ class SeaweedServer:
                 self._terminate(signal.SIGKILL)
         raise SeaweedError(str(last_error))
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Graceful stop (SIGTERM to the whole process group, SIGKILL after ``timeout``)."""
+    def stop(self, timeout: float = 8.0) -> None:
+        """Graceful stop: SIGTERM to the whole process group, SIGKILL after ``timeout`` (weed sometimes hangs in
+        shutdown after a crash-restart; its writes are already in the OS, so a kill loses nothing)."""
         self._terminate(signal.SIGTERM, timeout)
 
     def kill(self) -> None:
@@ -255,14 +250,20 @@ class SeaweedServer:
 
     # --- internals ---------------------------------------------------------------------------------------
     def _pick_ports(self) -> dict[str, int]:
+        rng = random.SystemRandom()
         ports: dict[str, int] = {}
         used: set[int] = set()
-        for flag in _PORT_FLAGS:
-            port = free_port()
-            while port in used:
-                port = free_port()
-            used.add(port)
-            ports[flag] = port
+        for service in _SERVICES:
+            for _ in range(1000):
+                port = rng.randrange(20000, 65535 - _GRPC_OFFSET)
+                pair = (port, port + _GRPC_OFFSET)
+                if not used.intersection(pair) and all(_port_is_free(p, reuse=False) for p in pair):
+                    break
+            else:
+                raise SeaweedError("found no free pair of ports (http, http+10000) on 127.0.0.1 for `weed mini`")
+            used.update(pair)
+            ports[f"{service}.port"] = port
+            ports[f"{service}.port.grpc"] = port + _GRPC_OFFSET
         return ports
 
     def _wait_ports_free(self, timeout: float) -> None:
@@ -282,6 +283,12 @@ class SeaweedServer:
             self._sock_dir = candidate
         return self._sock_dir
 
+    def _volume_max(self) -> int:
+        # `weed mini` auto-sizes -volume.max from free space only on a fresh data dir; on a restart it reports 0
+        # free volumes and stalls new writes. Fix it (sparse volumes: an unused one costs no disk).
+        free = shutil.disk_usage(self.data_dir).free
+        return max(8, free // (_VOLUME_SIZE_MB << 20))
+
     def command(self, binary: str, config_path: Path) -> list[str]:
         sock = self._socket_dir()
         cmd = [
@@ -296,6 +303,8 @@ class SeaweedServer:
             "-s3.port.lance=0",
             "-webdav=false",
             "-admin.ui=false",
+            f"-volume.max={self._volume_max()}",
+            f"-master.volumeSizeLimitMB={_VOLUME_SIZE_MB}",
             f"-admin.dataDir={self.data_dir / 'admin'}",
             f"-filer.localSocket={sock / 'filer.sock'}",
             f"-s3.localSocket={sock / 's3.sock'}",

@@ -1,0 +1,112 @@
+"""Crash consistency: the S3 server is SIGKILLed while an upload runs, then restarted (own server, not the
+session one, so other tests are not disturbed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kuberlhf.storage import IncompleteCheckpointError, ObjectStore, StorageError
+from kuberlhf.storage.s3 import TransferTuning
+from kuberlhf.storage.seaweed import SeaweedServer
+from storage.trees import read_tree, write_tree
+
+MiB = 1 << 20
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[SeaweedServer]:
+    with SeaweedServer(tmp_path / "sw") as srv:
+        srv.create_bucket("crash")
+        yield srv
+
+
+def _store(server: SeaweedServer, attempts: int = 8) -> ObjectStore:
+    return ObjectStore.from_uri(
+        "s3://crash",
+        endpoint=server.endpoint,
+        env=server.credentials_env(),
+        tuning=TransferTuning(max_attempts=attempts),
+    )
+
+
+def test_kill_during_upload_then_retry_completes(server: SeaweedServer, tmp_path: Path) -> None:
+    uri = "s3://crash/ns/p/u/sft/model"
+    v1 = write_tree(tmp_path / "v1", {"config.json": b'{"v": 1}', "w.bin": 1000})
+    v2 = write_tree(
+        tmp_path / "v2",
+        {"config.json": b'{"v": 2}', "w.bin": 2000, **{f"big-{i}.bin": 60 * MiB for i in range(4)}},
+    )
+    store = _store(server)
+    store.upload_dir(v1, uri, producer="sft")
+    assert store.is_complete(uri)
+
+    # upload v2 over v1; retries are cut to 2 so the killed upload fails instead of waiting for the restart
+    failing = _store(server, attempts=2)
+    outcome: list[BaseException | None] = []
+
+    def upload() -> None:
+        try:
+            failing.upload_dir(v2, uri, producer="sft")
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
+            outcome.append(e)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    probe = server.client()
+    deadline = time.monotonic() + 60
+    # kill once the writer has un-committed v1 and started sending v2 (a v2-only object is being written)
+    while time.monotonic() < deadline and thread.is_alive():
+        if not store.is_complete(uri):
+            keys = {o["Key"] for o in probe.list_objects_v2(Bucket="crash").get("Contents", [])}
+            uploads = probe.list_multipart_uploads(Bucket="crash").get("Uploads", [])
+            if uploads or any("big-" in k for k in keys):
+                break
+        time.sleep(0.02)
+    server.kill()
+    thread.join(timeout=120)
+    assert outcome and isinstance(outcome[0], StorageError), f"the upload was not interrupted: {outcome}"
+
+    server.start()
+    # neither v1 nor half of v2 is readable as complete
+    assert not store.is_complete(uri)
+    assert store.read_manifest(uri) is None
+    with pytest.raises(IncompleteCheckpointError):
+        store.download_dir(uri, tmp_path / "half")
+
+    manifest = store.upload_dir(v2, uri, producer="sft")  # the retry
+    assert store.is_complete(uri)
+    assert manifest.by_path()["config.json"].size == len(b'{"v": 2}')
+    store.download_dir(uri, tmp_path / "out")
+    assert read_tree(tmp_path / "out") == read_tree(v2)
+
+
+def test_restart_within_the_retry_window_lets_the_same_call_finish(server: SeaweedServer, tmp_path: Path) -> None:
+    """botocore retries with backoff: a short outage does not fail the upload."""
+    uri = "s3://crash/blip"
+    tree = write_tree(tmp_path / "t", {f"f-{i}.bin": 8 * MiB for i in range(12)})
+    store = _store(server, attempts=10)
+    outcome: list[BaseException | None] = []
+
+    def upload() -> None:
+        try:
+            store.upload_dir(tree, uri, producer="sft")
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    time.sleep(0.3)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    thread.join(timeout=180)
+    assert outcome == [None], f"upload did not survive a short outage: {outcome}"
+    store.download_dir(uri, tmp_path / "out")
+    assert read_tree(tmp_path / "out") == read_tree(tree)
