@@ -56,10 +56,13 @@ def serve(
     )
 
     def load() -> object:
-        from kuberlhf.serving.engine import ChatEngine
         from kuberlhf.serving.model_source import resolve_model
 
-        return ChatEngine(resolve_model(model, endpoint=storage_endpoint, cache_dir=cache_dir), device=device)
+        # download and check first: a bad URI fails in seconds, before torch is imported
+        model_dir = resolve_model(model, endpoint=storage_endpoint, cache_dir=cache_dir)
+        from kuberlhf.serving.engine import ChatEngine
+
+        return ChatEngine(model_dir, device=device)
 
     server: uvicorn.Server | None = None
 
