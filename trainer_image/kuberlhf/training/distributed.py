@@ -67,6 +67,26 @@ def disable_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def skip_muon_import() -> None:
+    """DeepSpeed imports its Muon optimizer in every ``deepspeed.initialize`` only for ``isinstance`` checks;
+    the import pulls in torch.compile machinery (~9 s per rank here, more under load). We never build a Muon
+    optimizer, so a stand-in module whose ``MuonWithAuxAdam`` no optimizer is an instance of gives DeepSpeed
+    the same answers without the import. ``KUBERLHF_DS_MUON=1`` keeps the real module."""
+    import sys
+    import types
+
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if os.environ.get("KUBERLHF_DS_MUON") == "1" or name in sys.modules:
+        return
+    stand_in = types.ModuleType(name)
+
+    class MuonWithAuxAdam:  # never instantiated: only the target of DeepSpeed's isinstance checks
+        pass
+
+    stand_in.MuonWithAuxAdam = MuonWithAuxAdam
+    sys.modules[name] = stand_in
+
+
 def init_distributed(accelerator: str, timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA) and return this rank."""
     import deepspeed
@@ -74,6 +94,7 @@ def init_distributed(accelerator: str, timeout_s: int = 1800) -> DistInfo:
 
     configure_extensions_dir()
     set_single_process_env()
+    skip_muon_import()
     if accelerator == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         disable_cpu_shm_comm()
