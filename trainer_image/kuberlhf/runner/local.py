@@ -64,16 +64,35 @@ class RunResult:
     plots: list[Path] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
 
-def run_id_for(pipeline: RLHFPipeline) -> str:
-    """The uid of a local run: metadata.uid if given, else a digest of what the stages compute from (storage,
-    serving and pod settings excluded), so re-running the same manifest resumes and a changed one starts anew."""
+def run_id_for(pipeline: RLHFPipeline, out: Path) -> str:
+    """The uid of a local run: metadata.uid if given, else one per output directory, so re-running into the
+    same directory resumes and two directories never share objects in a shared store."""
     if pipeline.metadata.uid:
         return pipeline.metadata.uid
-    wire = pipeline.spec.to_wire()
-    for key in ("storage", "serving", "podTemplate", "image", "imagePullPolicy", "suspend"):
-        wire.pop(key, None)
-    digest = hashlib.sha256(json.dumps([pipeline.metadata.name, wire], sort_keys=True).encode()).hexdigest()
-    return f"local-{digest[:10]}"
+    return "local-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:10]
+
+
+# fields that do not change what a stage computes (where it runs, how it is retried or logged)
+_NOT_RESULT_FIELDS = ("resources", "env", "backoffLimit", "tensorboard", "nodes", "gpusPerNode", "offload")
+
+
+def stage_fingerprints(pipeline: RLHFPipeline) -> dict[str, str]:
+    """A digest per stage of everything its result depends on, including the stages it reads: a changed PPO
+    setting re-runs only PPO; a changed SFT setting re-runs SFT and PPO (which starts from SFT's model)."""
+    spec = pipeline.spec.to_wire()
+
+    def digest(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def stage_part(name: str) -> dict[str, Any]:
+        return {k: v for k, v in spec["stages"][name].items() if k not in _NOT_RESULT_FIELDS}
+
+    common = (pipeline.metadata.name, spec["data"], spec["accelerator"])
+    sft = digest(common, spec["actor"], stage_part("sft"))
+    reward = digest(common, spec["reward"], stage_part("reward"))
+    ppo = digest(common, sft, reward, stage_part("ppo"))
+    return {Stage.sft.value: sft, Stage.reward.value: reward, Stage.ppo.value: ppo}
+
 
 def with_storage(pipeline: RLHFPipeline, storage: StorageSpec) -> RLHFPipeline:
     """A copy of the pipeline whose stages use ``storage`` (the embedded server's endpoint)."""
@@ -163,7 +182,7 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
     if opts.fresh:
         clean_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_id = run_id_for(pipeline)
+    run_id = run_id_for(pipeline, out)
     namespace = pipeline.metadata.namespace or "local"
     stages = stages_to_run(opts.stages)
     result = RunResult(output_dir=out, run_id=run_id)
@@ -179,7 +198,22 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
                       "storageUri": storage.uri, "endpoint": storage.endpoint, "root": layout.root,
                       "credentialsFile": str(out / ".kuberlhf" / "s3-credentials.json") if creds else None})
         state.setdefault("attempts", {})
+        state.setdefault("fingerprints", {})
         _write_state(out, state)
+        fingerprints = stage_fingerprints(pipeline)
+        for stage in STAGE_ORDER:
+            # a stage made (or begun) from other settings is stale: its output and checkpoints must not be reused
+            recorded = state["fingerprints"].get(stage.value)
+            if recorded and recorded != fingerprints[stage.value]:
+                if stage in required_before(stages):
+                    raise RunError(f"the output of {STAGE_TITLES[stage]} in {layout.stage_uri(stage)} was made from "
+                                   f"other settings than this manifest's: run that step again (e.g. `--step 1 2 3`)")
+                if stage not in stages:
+                    continue  # a later stage that this run does not touch
+                console.warn(f"the settings of {stage.value} (or of a stage it reads) changed since its output was "
+                             f"made: discarding {layout.stage_uri(stage)} and running it again")
+                store.delete_prefix(layout.stage_uri(stage))
+                state["attempts"].pop(stage.value, None)
 
         for needed in required_before(stages):
             if not store.is_complete(layout.stage_uri(needed)):
@@ -199,6 +233,7 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
                                        f"attempt {attempt}"
                                 + (f", resuming from checkpoint step-{ckpts[-1][0]}" if ckpts else ""))
             state["attempts"][stage.value] = attempt + 1
+            state["fingerprints"][stage.value] = fingerprints[stage.value]
             _write_state(out, state)
             elapsed = _run_stage(staged, stage, namespace, run_id, attempt, creds, out, opts, console)
             result.stage_times[stage.value] = elapsed

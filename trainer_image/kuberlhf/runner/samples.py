@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from kuberlhf.contract.spec import RLHFPipeline, Stage
-from kuberlhf.data.format import cut_at_next_turn, format_prompt, format_response
+from kuberlhf.data.format import ASSISTANT, HUMAN, cut_at_next_turn, format_prompt, format_response
 from kuberlhf.runner.console import Console
+
+
+def display_prompt(prompt: str) -> str:
+    """The user's words of a formatted prompt: ' Human: What is 2+2? Assistant:' -> 'What is 2+2?'."""
+    text = prompt.strip()
+    if text.endswith(ASSISTANT):
+        text = text[: -len(ASSISTANT)].rstrip()
+    if text.startswith(HUMAN):
+        text = text[len(HUMAN):].lstrip()
+    return text
 
 
 def heldout_prompts(pipeline: RLHFPipeline, limit: int | None = None) -> list[str]:
@@ -102,7 +112,7 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
     sft, fin = ev["policies"]["sft"], ev["policies"]["final"]
     console.header(f"sample exchanges (held-out prompts; reward-model score in brackets; final = {final})")
     for i in range(min(n, len(prompts))):
-        console.line(f"Human: {prompts[i]}")
+        console.line(f"Human: {display_prompt(prompts[i])}")
         console.line(f"  SFT       [{sft['scores'][i]:+.2f}] Assistant: {sft['answers'][i]}")
         console.line(f"  SFT + PPO [{fin['scores'][i]:+.2f}] Assistant: {fin['answers'][i]}")
         console.line()
