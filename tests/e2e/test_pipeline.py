@@ -1,0 +1,317 @@
+"""The tiny pipeline end to end on the real control plane, run ONCE and asserted by several tests.
+
+Real pieces: kube-apiserver + kube-controller-manager v1.20.2 (Job, Deployment, ReplicaSet, GC controllers), the
+chart's operator Deployment (run by the process kubelet under the chart's ServiceAccount token, so the rendered
+RBAC is what it has), real `kuberlhf stage` processes writing checkpoints to the session's SeaweedFS S3, and the
+chat Deployment's real `kuberlhf serve` answered by the official openai client. Only the node is a stand-in: the
+process kubelet (tests/harness/process_kubelet.py documents its substitutions).
+
+During the one run the test injects faults: it kills the operator mid-stage and again at the sft -> reward
+boundary, and it kills the sft pod's process right after its first checkpoint was committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import KubeREST, wait_for
+
+from kuberlhf_operator import LABEL_PIPELINE
+from kuberlhf_operator.manifests import chat_name, job_name
+
+try:
+    from chart.helm import render_chart
+except ImportError:  # run with the repository root on sys.path
+    from tests.chart.helm import render_chart
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "tiny"
+OPERATOR_NS = "kuberlhf-system"
+GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
+RUN_TIMEOUT = 720
+
+
+def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
+    """examples/tiny-cpu.yaml pointed at the session SeaweedFS, one CPU rank per stage and fewer steps (CI
+    budget); sft checkpoints often so a killed attempt has something to resume from."""
+    obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    obj["metadata"] = {"name": NAME}
+    spec = obj["spec"]
+    spec["storage"] = {"uri": f"s3://{bucket}/pipelines", "endpoint": endpoint, "secretRef": {"name": "s3-credentials"}}
+    spec["data"]["maxSamples"] = 256
+    st = spec["stages"]
+    for stage in ("sft", "reward", "ppo"):
+        st[stage].update(gpusPerNode=1, resources={})
+    st["sft"].update(epochs=20, maxSteps=40, checkpointEverySteps=5, perDeviceBatchSize=8)
+    st["reward"].update(epochs=1, maxSteps=8, checkpointEverySteps=0, perDeviceBatchSize=8)
+    st["ppo"].update(maxSteps=4, checkpointEverySteps=2, perDeviceBatchSize=4, generationBatchSize=4, maxAnswerLen=8)
+    spec["serving"].update(maxNewTokens=16, resources={})
+    return obj
+
+
+@dataclass
+class Run:
+    ns: str
+    api: KubeREST
+    control_plane: Any
+    kubelet: Any
+    s3: Any
+    bucket: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    jobs_seen: dict[str, str] = field(default_factory=dict)  # job name -> uid (a re-created Job changes uid)
+    sft_kill_time: float = 0.0
+    sft_kill_step: int = 0
+    operator_kills: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def pipeline(self) -> dict[str, Any]:
+        return self.api.get(f"{GROUP_PATH}/namespaces/{self.ns}/rlhfpipelines/{NAME}")
+
+    def status(self) -> dict[str, Any]:
+        return self.pipeline().get("status") or {}
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.api.get(f"/apis/batch/v1/namespaces/{self.ns}/jobs", labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
+
+    def describe(self) -> str:
+        try:
+            st = self.status()
+        except Exception as e:  # noqa: BLE001
+            st = {"error": str(e)}
+        op = [r for r in self.kubelet.active(OPERATOR_NS)]
+        op_log = self.kubelet.logs(OPERATOR_NS, op[0].name)[-3000:] if op else "(operator not running)"
+        pods = self.api.get(f"/api/v1/namespaces/{self.ns}/pods")["items"]
+        tails = []
+        for p in pods:
+            with contextlib.suppress(KeyError):
+                tails.append(f"--- {p['metadata']['name']} ({(p.get('status') or {}).get('phase')}):\n"
+                             + self.kubelet.logs(self.ns, p["metadata"]["name"])[-1500:])
+        return (f"status: {json.dumps(st, indent=1)[:3000]}\nhistory: {self.history}\njobs: {list(self.jobs_seen)}\n"
+                f"operator log tail:\n{op_log}\npod logs:\n" + "\n".join(tails))
+
+    def operator_pod(self) -> str:
+        pods = self.api.get(f"/api/v1/namespaces/{OPERATOR_NS}/pods", labelSelector="app.kubernetes.io/name=kuberlhf")
+        return pods["items"][0]["metadata"]["name"]
+
+    def kill_operator(self, when: str) -> None:
+        """Kill the operator's process as a crash would; the process kubelet restarts the container
+        (restartPolicy Always), and the new process must carry on from the API state alone."""
+        pod = self.operator_pod()
+        run = self.kubelet.find(OPERATOR_NS, pod)
+        before = run.containers[0].restart_count
+        assert self.kubelet.kill_pod(OPERATOR_NS, pod), "operator process not running"
+        self.operator_kills.append(when)
+        wait_for(lambda: run.containers[0].restart_count > before and run.containers[0].ready,
+                 f"the operator to restart after the kill {when}", 60, 0.2, describe=self.describe)
+
+
+def _watch_status(run: Run, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            st = run.status()
+            key = (st.get("phase", ""), st.get("stage", ""))
+            if not run.history or run.history[-1] != key:
+                run.history.append(key)
+            for j in run.jobs():
+                run.jobs_seen.setdefault(j["metadata"]["name"], j["metadata"]["uid"])
+        except Exception:  # noqa: BLE001 - the pipeline may not exist yet
+            pass
+        stop.wait(0.3)
+
+
+@pytest.fixture(scope="module")
+def operator_chart(control_plane, kubelet, crd, tmp_path_factory):
+    """The chart rendered for namespaced mode and applied for real; its operator Deployment runs as a pod."""
+    ns = f"rlhf-{uuid.uuid4().hex[:6]}"
+    values = tmp_path_factory.mktemp("values") / "e2e-values.yaml"
+    values.write_text(yaml.safe_dump({
+        "watch": {"namespaces": [ns]},
+        "crds": {"install": False},  # the crd fixture applied crds/rlhfpipelines.yaml
+        # The declared ports as env, so the process kubelet can move them to free local ports.
+        "extraEnv": [{"name": "KUBERLHF_LIVENESS_PORT", "value": "8080"},
+                     {"name": "KUBERLHF_METRICS_PORT", "value": "9090"},
+                     {"name": "KUBERLHF_RECONCILE_INTERVAL", "value": "5"}],
+    }))
+    # `helm install` would run hook objects (the `helm test` pod) only on `helm test`: leave them out.
+    objs = [o for o in render_chart(namespace=OPERATOR_NS, values_files=[values])
+            if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+    for name in (OPERATOR_NS, ns):
+        control_plane.kubectl("create", "namespace", name, check=False)
+    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+
+    def operator_ready() -> bool:
+        pods = api.get(f"/api/v1/namespaces/{OPERATOR_NS}/pods", labelSelector="app.kubernetes.io/name=kuberlhf")
+        return any(c["type"] == "Ready" and c["status"] == "True"
+                   for p in pods["items"] for c in (p.get("status") or {}).get("conditions") or [])
+
+    wait_for(operator_ready, "the chart's operator pod to be Ready", 90, 0.5)
+    return {"namespace": ns, "objects": objs}
+
+
+@pytest.fixture(scope="module")
+def run(control_plane, kubelet, operator_chart, s3_server) -> Run:
+    ns = operator_chart["namespace"]
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    r = Run(ns=ns, api=api, control_plane=control_plane, kubelet=kubelet, s3=s3_server, bucket=bucket)
+    control_plane.kubectl("create", "secret", "generic", "s3-credentials", "-n", ns,
+                          f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+                          f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
+    t0 = time.monotonic()
+    control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(tiny_pipeline(bucket, s3_server.endpoint)))
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_status, args=(r, stop), daemon=True)
+    watcher.start()
+    try:
+        _drive(r)
+        wait_for(lambda: r.status().get("phase") in ("Succeeded", "Failed"), "the pipeline to finish",
+                 RUN_TIMEOUT, 1.0, describe=r.describe)
+    finally:
+        stop.set()
+        watcher.join(5)
+        r.duration_s = time.monotonic() - t0
+        print(f"\n[e2e] tiny pipeline: {r.duration_s:.0f}s, history {r.history}, jobs {list(r.jobs_seen)}")
+    assert r.status()["phase"] == "Succeeded", r.describe()
+    return r
+
+
+def _drive(r: Run) -> None:
+    """The faults, in pipeline order."""
+    from kuberlhf.contract.stage import StageLayout
+    from kuberlhf.storage import ObjectStore
+
+    sft1 = job_name(NAME, "sft", 1)
+    wait_for(lambda: r.kubelet.active(r.ns, {"job-name": sft1}), "the first sft pod to run", 120, 0.3, describe=r.describe)
+    r.kill_operator("mid-stage (sft running)")
+
+    # A pod failure: kill the sft process right after its first checkpoint is committed.
+    uid = r.pipeline()["metadata"]["uid"]
+    layout = StageLayout(storage_uri=f"s3://{r.bucket}/pipelines", namespace=r.ns, pipeline=NAME, uid=uid)
+    store = ObjectStore.from_uri(layout.storage_uri, endpoint=r.s3.endpoint, env=r.s3.credentials_env())
+    ckpts = wait_for(lambda: store.list_checkpoints(layout.ckpt_root("sft")), "the first sft checkpoint", 240, 0.1,
+                     describe=r.describe)
+    pods = r.kubelet.active(r.ns, {"job-name": sft1})
+    assert pods, f"sft attempt 1 finished before it could be killed (checkpoints {ckpts}); slow the sft stage down"
+    r.sft_kill_time = time.time()
+    assert r.kubelet.kill_pod(r.ns, pods[0].name)
+    pods[0].done.wait(30)
+    # The newest checkpoint the dead attempt committed: where the retry must resume.
+    r.sft_kill_step = store.list_checkpoints(layout.ckpt_root("sft"))[-1][0]
+
+    # The retry's Job succeeds: kill the operator at that stage boundary.
+    sft2 = job_name(NAME, "sft", 2)
+    wait_for(lambda: (r.api.get(f"/apis/batch/v1/namespaces/{r.ns}/jobs/{sft2}").get("status") or {}).get("succeeded"),
+             "the sft retry to succeed", 300, 0.2, describe=r.describe)
+    r.kill_operator("at the sft -> reward boundary")
+
+
+# --- the assertions, all on the one run ----------------------------------------------------------------------
+
+def test_pipeline_walks_every_stage_and_succeeds(run):
+    stages = [s for _, s in run.history if s]
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order == ["sft", "reward", "ppo", "serving", "done"], run.history
+    assert run.history[-1] == ("Succeeded", "done")
+    assert run.operator_kills == ["mid-stage (sft running)", "at the sft -> reward boundary"]
+
+
+def test_status_conditions_and_checkpoints(run):
+    st = run.status()
+    conds = {c["type"]: c for c in st["conditions"]}
+    for ctype in ("SFTSucceeded", "RewardSucceeded", "PPOSucceeded", "Serving", "Ready"):
+        assert conds[ctype]["status"] == "True", (ctype, conds)
+        assert conds[ctype]["reason"] and conds[ctype]["lastTransitionTime"]
+    assert st.get("observedGeneration") == run.pipeline()["metadata"]["generation"]
+    for stage in ("sft", "reward", "ppo"):
+        s = st["stages"][stage]
+        assert s["phase"] == "Succeeded" and s["checkpoint"].endswith(f"/{stage}") and len(s["manifestSha256"]) == 64
+    assert st["stages"]["sft"]["attempts"] == 2 and st["stages"]["reward"]["attempts"] == 1
+    assert st["chatEndpoint"] == f"http://{chat_name(NAME)}.{run.ns}.svc:8000/v1"
+
+
+def test_events_record_every_transition(run):
+    events = run.api.get(f"/api/v1/namespaces/{run.ns}/events",
+                         fieldSelector=f"involvedObject.name={NAME},involvedObject.kind=RLHFPipeline")["items"]
+    reasons = [e["reason"] for e in sorted(events, key=lambda e: e.get("firstTimestamp") or "")]
+    assert "StageRetrying" in reasons and "Succeeded" in reasons, reasons
+    assert reasons.count("StageSucceeded") == 3, reasons
+    retry = next(e for e in events if e["reason"] == "StageRetrying")
+    assert retry["type"] == "Warning" and "sft" in retry["message"]
+
+
+def test_no_duplicate_jobs_across_operator_restarts(run):
+    names = sorted(j["metadata"]["name"] for j in run.jobs())
+    assert names == sorted([job_name(NAME, "sft", 1), job_name(NAME, "sft", 2), job_name(NAME, "reward", 1),
+                            job_name(NAME, "ppo", 1)]), names
+    # and none was deleted and re-created in between (same uid as when first seen)
+    assert {j["metadata"]["name"]: j["metadata"]["uid"] for j in run.jobs()} == run.jobs_seen
+
+
+def test_failed_pod_is_retried_and_resumes_from_its_checkpoint(run):
+    from kuberlhf.contract.stage import StageLayout
+    from kuberlhf.storage import ObjectStore
+
+    uid = run.pipeline()["metadata"]["uid"]
+    layout = StageLayout(storage_uri=f"s3://{run.bucket}/pipelines", namespace=run.ns, pipeline=NAME, uid=uid)
+    store = ObjectStore.from_uri(layout.storage_uri, endpoint=run.s3.endpoint, env=run.s3.credentials_env())
+    rows = [json.loads(line) for line in store.get_bytes(f"{layout.stage_uri('sft')}/metrics.jsonl").decode().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 20, steps  # each step once, none lost
+    # Steps up to the killed attempt's checkpoint were trained before the kill; the retry did only the rest.
+    before = [r for r in rows if r["split"] == "train" and r["step"] <= run.sft_kill_step]
+    after = [r for r in rows if r["split"] == "train" and r["step"] > run.sft_kill_step]
+    assert before and all(r["time"] < run.sft_kill_time for r in before)
+    assert after and all(r["time"] > run.sft_kill_time for r in after)
+    failed = [p for p in run.api.get(f"/api/v1/namespaces/{run.ns}/pods", labelSelector=f"job-name={job_name(NAME, 'sft', 1)}")["items"]
+              if p["status"]["phase"] == "Failed"]
+    assert failed and failed[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+
+
+def test_kubectl_get_rlhf_shows_the_columns(run):
+    out = run.control_plane.kubectl("get", "rlhf", "-n", run.ns).stdout.splitlines()
+    assert out[0].split() == ["NAME", "STAGE", "PHASE", "ATTEMPTS", "AGE", "CHAT"], out
+    row = out[1].split()
+    assert row[:3] == [NAME, "done", "Succeeded"] and row[-1].startswith(f"http://{chat_name(NAME)}."), out
+
+
+def test_chat_pod_answers_an_openai_request(run):
+    from openai import OpenAI
+
+    url = wait_for(lambda: run.kubelet.service_url(run.ns, chat_name(NAME)), "a Ready chat pod", 60)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, max_tokens=8,
+                                           messages=[{"role": "user", "content": "How do I boil an egg?"}])
+    assert reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8
+
+
+def test_deleting_the_pipeline_garbage_collects_its_children(run):
+    run.control_plane.kubectl("delete", "rlhf", NAME, "-n", run.ns, "--wait=false")
+
+    def leftovers() -> list[str]:
+        out = []
+        for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                     "/apis/apps/v1/namespaces/{ns}/deployments", "/apis/apps/v1/namespaces/{ns}/replicasets",
+                     "/api/v1/namespaces/{ns}/pods"):
+            out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in run.api.get(path.format(ns=run.ns))["items"]]
+        return out
+
+    wait_for(lambda: not leftovers(), "the garbage collector to delete every child of the pipeline", 120, 1.0,
+             describe=lambda: str(leftovers()))
+    assert not run.kubelet.active(run.ns), "processes of deleted pods still run"
