@@ -1,0 +1,126 @@
+"""Benchmark 2: SFT tokens/s of kuberlhf's DeepSpeed path (the step-1 stage's own pieces: ``load_causal_lm``,
+``make_optimizer``, ``make_scheduler``, ``train_ds_config`` -> ``deepspeed.initialize``, engine forward /
+backward / step) against a bare PyTorch loop with the same model weights, batches, AdamW, schedule and gradient
+clipping. Same process, interleaved step by step.
+
+    .venv/bin/python bench/sft_bench.py [--steps 40] [--zero 0 2]
+
+Goal: ours >= 0.9x the bare loop (DeepSpeed's overhead bounded)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_env, emit, goal_line, interleave, tiny_spec  # noqa: E402
+
+GOAL = 0.9
+
+
+def sft_batches(spec: Any, tokenizer: Any, micro: int, cache_dir: Path) -> list[dict[str, Any]]:
+    from kuberlhf.contract.spec import Stage
+    from kuberlhf.data import SFTDataset, stage_rows
+    from kuberlhf.training.loop import make_loader
+
+    rows, _ = stage_rows(spec.data, Stage.sft)
+    ds = SFTDataset(rows, tokenizer, spec.data.max_seq_len, spec.stages.sft.mask_prompt, cache_dir=cache_dir,
+                    cache_key="bench")
+    return list(make_loader(ds, micro, 0, 1, spec.stages.sft.seed, 0))
+
+
+def run_config(zero: int, steps: int, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    from kuberlhf.models import load_causal_lm, load_tokenizer
+    from kuberlhf.models.tiny import TINY_MODEL_NAME
+    from kuberlhf.rlhf.ppo_math import causal_lm_loss
+    from kuberlhf.training.ds_config import stage_settings, train_ds_config
+    from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
+
+    spec = tiny_spec({"sft": {"zeroStage": zero}})
+    st = spec.stages.sft
+    s = stage_settings(spec, "sft", 1)
+    tok = load_tokenizer(TINY_MODEL_NAME)
+    batches = sft_batches(spec, tok, s.micro_batch, tmp / "tok-cache")
+    lr = st.learning_rate or 1e-5
+    total = 10_000
+
+    # ours: exactly the objects run_sft builds
+    model = load_causal_lm(TINY_MODEL_NAME, seed=st.seed, dropout=spec.actor.dropout)
+    opt = make_optimizer(model, lr, st.weight_decay, st.offload)
+    engine = ds_initialize(model, train_ds_config(s), opt, make_scheduler(opt, st.lr_scheduler, st.warmup_steps, total))
+    # bare: same weights (same seed), same optimizer factory and schedule, plain autograd + clipping
+    bare = load_causal_lm(TINY_MODEL_NAME, seed=st.seed, dropout=spec.actor.dropout)
+    bare_opt = make_optimizer(bare, lr, st.weight_decay, False)
+    bare_sched = make_scheduler(bare_opt, st.lr_scheduler, st.warmup_steps, total)
+    engine.train()
+    bare.train()
+    it = {"ours": 0, "bare": 0}
+    tokens = {"ours": 0.0, "bare": 0.0}
+
+    def ours() -> None:
+        b = batches[it["ours"] % len(batches)]
+        it["ours"] += 1
+        out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        loss = causal_lm_loss(out.logits, b["labels"])
+        engine.backward(loss)
+        engine.step()
+        tokens["ours"] += float(b["attention_mask"].sum())
+
+    def baseline() -> None:
+        b = batches[it["bare"] % len(batches)]
+        it["bare"] += 1
+        out = bare(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+        loss = causal_lm_loss(out.logits, b["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare.parameters(), s.gradient_clipping)
+        bare_opt.step()
+        bare_sched.step()
+        bare_opt.zero_grad(set_to_none=True)
+        tokens["bare"] += float(b["attention_mask"].sum())
+
+    interleave({"ours": ours, "bare": baseline}, rounds=0, warmup=3)
+    tokens.update(ours=0.0, bare=0.0)
+    t = interleave({"ours": ours, "bare": baseline}, rounds=steps, warmup=0)
+    res = {"zero_stage": zero, "dtype": s.dtype, "micro_batch": s.micro_batch, "max_seq_len": spec.data.max_seq_len,
+           "steps": steps, "ours_tokens_per_s": tokens["ours"] / t.total("ours"),
+           "bare_tokens_per_s": tokens["bare"] / t.total("bare"),
+           "ours_step_ms_median": 1000 * t.median("ours"), "bare_step_ms_median": 1000 * t.median("bare")}
+    res["ratio"] = res["ours_tokens_per_s"] / res["bare_tokens_per_s"]
+    res["ratio_median_step"] = t.median("bare") / t.median("ours")
+    return res
+
+
+def report(res: dict[str, Any]) -> None:
+    print(f"\n== SFT, tiny OPT, ZeRO-{res['zero_stage']} {res['dtype']}, micro-batch {res['micro_batch']} x "
+          f"<= {res['max_seq_len']} tokens, {res['steps']} interleaved steps ==")
+    print(f"  ours (DeepSpeed): {res['ours_tokens_per_s']:9.1f} tokens/s  median step {res['ours_step_ms_median']:.1f} ms")
+    print(f"  bare PyTorch    : {res['bare_tokens_per_s']:9.1f} tokens/s  median step {res['bare_step_ms_median']:.1f} ms")
+    print("  " + goal_line("SFT tokens/s ours/bare", res["ratio"], GOAL)
+          + f"  (by median step: {res['ratio_median_step']:.2f}x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--zero", type=int, nargs="+", default=[0, 2], help="ZeRO stages to run (0 = tiny-cpu example)")
+    args = p.parse_args(argv)
+    cpu_env()
+    from kuberlhf.training.distributed import init_distributed
+
+    init_distributed("cpu")
+    with tempfile.TemporaryDirectory(prefix="kuberlhf-bench-sft-") as d:
+        for zero in args.zero:
+            res = run_config(zero, args.steps, Path(d))
+            report(res)
+            emit({"bench": "sft", **res})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
