@@ -204,9 +204,9 @@ def test_missing_file_and_bad_files(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n{oops\n')
     with pytest.raises(DataError, match=r"bad.jsonl' line 2 is not valid JSON"):
         load_rows(DatasetRef(path=str(tmp_path / "bad.jsonl")))
-    (tmp_path / "data.txt").write_text("hello")
-    with pytest.raises(DataError, match=r"unsupported type '.txt'"):
-        load_rows(DatasetRef(path=str(tmp_path / "data.txt")))
+    (tmp_path / "data.xml").write_text("<a/>")
+    with pytest.raises(DataError, match=r"unsupported type '.xml'"):
+        load_rows(DatasetRef(path=str(tmp_path / "data.xml")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"cannot load dataset directory .*empty"):
         load_rows(DatasetRef(path=str(tmp_path / "empty")))
@@ -222,3 +222,12 @@ def test_unsupervised_text_field_error(tmp_path: Path) -> None:
 def test_bare_strings_in_spec_resolve_to_builtin_and_paths() -> None:
     spec = DataSpec(datasets=["kuberlhf/synthetic-pairs", "./pairs.jsonl"])
     assert spec.datasets[0].name == "kuberlhf/synthetic-pairs" and spec.datasets[1].path == "./pairs.jsonl"
+
+
+def test_plain_text_corpus_and_inconsistent_rows(tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_text("the sky is blue\n\nthe sea is blue\n")
+    texts = load_texts(DatasetRef(path=str(tmp_path / "corpus.txt")))
+    assert list(texts["text"]) == ["the sky is blue", "the sea is blue"]
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "a", "chosen": 1}\n{"prompt": "b", "chosen": "x"}\n')
+    with pytest.raises(DataError, match=r"mixed.jsonl'.*consistent column types"):
+        load_rows(DatasetRef(path=str(tmp_path / "mixed.jsonl")))

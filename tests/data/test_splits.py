@@ -57,7 +57,7 @@ def test_independent_of_rank_and_world_size() -> None:
     code = ("import json; from kuberlhf.data import split_indices; "
             "print(json.dumps(split_indices(301, (2, 4, 4), 99, 'k')))")
     results = []
-    for rank, world in ((0, 1), (1, 2), (3, 4), (7, 16)):
+    for rank, world in ((1, 2), (7, 16)):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank % 2), "WORLD_SIZE": str(world),
                "NODE_RANK": str(rank // 2), "PYTHONHASHSEED": str(rank + 11)}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,

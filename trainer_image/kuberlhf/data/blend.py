@@ -41,9 +41,10 @@ def stage_slice_indices(n: int, data: DataSpec, stage: Stage, key: str, sft_only
     return part[:len(part) - n_eval], part[len(part) - n_eval:]
 
 
-def _dataset_key(ref: DatasetRef, position: int, kind: str) -> str:
-    # The key seeds the split: the same dataset listed in the same place splits alike on every rank and node.
-    return f"{kind}:{position}:{ref.key}"
+def _dataset_key(ref: DatasetRef, kind: str) -> str:
+    # The key seeds the split. It names the dataset, not its place in the list, so adding or reordering datasets
+    # leaves each dataset's partition (which rows each stage saw) unchanged.
+    return f"{kind}:{ref.key}:{ref.config or ''}"
 
 
 def stage_rows(data: DataSpec, stage: Stage, *,
@@ -53,11 +54,11 @@ def stage_rows(data: DataSpec, stage: Stage, *,
     stage = Stage(stage)
     trains: list[datasets.Dataset] = []
     evals: list[datasets.Dataset] = []
-    sources = [(ref, i, "pairs", False) for i, ref in enumerate(data.datasets)]
+    sources = [(ref, "pairs", False) for ref in data.datasets]
     if stage is Stage.sft:
-        sources += [(ref, i, "sft_only", True) for i, ref in enumerate(data.sft_only)]
-    for ref, position, kind, sft_only in sources:
-        key = _dataset_key(ref, position, kind)
+        sources += [(ref, "sft_only", True) for ref in data.sft_only]
+    for ref, kind, sft_only in sources:
+        key = _dataset_key(ref, kind)
         rows = capped(load_rows(ref, storage=storage), data.max_samples, data.seed, key)
         train_idx, eval_idx = stage_slice_indices(len(rows), data, stage, key, sft_only)
         train, ev = rows.select(train_idx), rows.select(eval_idx)
@@ -91,7 +92,7 @@ def unsupervised_texts(data: DataSpec, *, storage: StorageSpec | None = None) ->
     if data.unsupervised is None:
         return None
     texts = load_texts(data.unsupervised, data.unsupervised_text_field, storage=storage)
-    return capped(texts, data.max_samples, data.seed, _dataset_key(data.unsupervised, 0, "unsupervised"))
+    return capped(texts, data.max_samples, data.seed, _dataset_key(data.unsupervised, "unsupervised"))
 
 
 def spec_hash(data: DataSpec) -> str:

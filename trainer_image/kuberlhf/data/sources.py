@@ -31,7 +31,7 @@ BUILTINS: dict[str, Path] = {
     "kuberlhf/synthetic-corpus": BUILTIN_DIR / "synthetic-corpus.jsonl",
 }
 COLUMNS = ("prompt", "chosen", "rejected")
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -67,6 +67,12 @@ def read_file(path: Path) -> datasets.Dataset:
             # Many ".json" files are really JSON lines.
             return _from_records(_read_jsonl(path), path)
         return _from_json_doc(doc, path)
+    if suffix == ".txt":
+        # A plain-text corpus (ptx): one row per non-empty line, in column "text".
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise DataError(f"dataset file {str(path)!r} holds no text")
+        return datasets.Dataset.from_dict({"text": lines})
     if suffix in (".parquet", ".csv"):
         import pyarrow.csv
         import pyarrow.parquet
@@ -117,7 +123,11 @@ def _from_records(records: list[Any], path: Path) -> datasets.Dataset:
         raise DataError(f"dataset file {str(path)!r} must hold JSON objects (one row each)")
     if not records:
         raise DataError(f"dataset file {str(path)!r} holds no rows")
-    return datasets.Dataset.from_list(records)
+    try:
+        return datasets.Dataset.from_list(records)
+    except (ValueError, TypeError, OverflowError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError are ValueErrors
+        raise DataError(f"dataset file {str(path)!r}: the rows do not have consistent column types ({e}); give "
+                        f"every row the same fields with string values") from None
 
 
 def read_directory(path: Path) -> datasets.Dataset:
@@ -140,7 +150,11 @@ def _concat_splits(obj: datasets.Dataset | datasets.DatasetDict) -> datasets.Dat
     names = sorted(obj, key=lambda s: (s != "train", s))
     if len(names) == 1:
         return obj[names[0]]
-    return datasets.concatenate_datasets([obj[n] for n in names])
+    try:
+        return datasets.concatenate_datasets([obj[n] for n in names])
+    except ValueError:
+        # Splits with different columns (some hub datasets): the train split alone is the dataset.
+        return obj[names[0]]
 
 
 def read_hub(name: str, config: str | None) -> datasets.Dataset:
