@@ -142,10 +142,11 @@ def run_repl(
     params: GenerationParams,
     *,
     read: Callable[[str], str] = input,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     banner: str = "",
 ) -> int:
     """The interactive loop; returns the exit status."""
+    out = out or sys.stdout  # looked up per call: test runners swap sys.stdout
     conversation = Conversation()
     if banner:
         out.write(banner + "\n")
@@ -180,8 +181,9 @@ def run_repl(
         out.flush()
 
 
-def run_messages(backend: Backend, messages: Sequence[str], params: GenerationParams, out: TextIO = sys.stdout) -> int:
+def run_messages(backend: Backend, messages: Sequence[str], params: GenerationParams, out: TextIO | None = None) -> int:
     """Non-interactive: one conversation of the given user messages, each printed with its answer."""
+    out = out or sys.stdout
     conversation = Conversation()
     for text in messages:
         out.write(f"{USER_PROMPT}{text}\n")
