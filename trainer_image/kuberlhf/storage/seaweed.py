@@ -24,6 +24,7 @@ import sysconfig
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -135,12 +136,14 @@ class SeaweedServer:
         *,
         region: str = "us-east-1",
         start_timeout: float = 60.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.access_key = access_key or "kuberlhf-" + secrets.token_hex(6)
         self.secret_key = secret_key or secrets.token_urlsafe(24)
         self.region = region
         self.start_timeout = start_timeout
+        self.extra_args = list(extra_args)  # more `weed mini` flags (tuning experiments, e.g. -filer.maxMB=8)
         self._ports: dict[str, int] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Path = self.data_dir / "weed.log"
@@ -310,7 +313,7 @@ class SeaweedServer:
             f"-s3.localSocket={sock / 's3.sock'}",
         ]
         cmd += [f"-{flag}={port}" for flag, port in self._ports.items()]
-        return cmd
+        return cmd + self.extra_args
 
     def _launch(self, binary: str, config_path: Path) -> None:
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)

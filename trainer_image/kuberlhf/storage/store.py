@@ -77,6 +77,8 @@ class ObjectStore:
         self._local = LocalBackend()
         secret = env.get(ENV_S3_SECRET_KEY) or ""
         self._secret = secret if len(secret) >= 8 else ""
+        # seconds per phase of the last upload_dir/download_dir (hash, transfer, verify, ...): for logs and bench/
+        self.last_timings: dict[str, float] = {}
 
     # --- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -237,6 +239,7 @@ class ObjectStore:
         already committed prefix is skipped and returns the committed manifest."""
         t0 = time.monotonic()
         entries, paths = self._scan(local_dir)
+        timings = self.last_timings = {"hash": time.monotonic() - t0}
         target = parse_uri(uri)
         backend = self._backend(target)
         backend.check_bucket(target)
@@ -250,7 +253,9 @@ class ObjectStore:
                 log.info("%s already holds this checkpoint (manifest %s): upload skipped", uri, current.sha256[:12])
                 return current
         backend.delete(target.child(COMPLETE_MARKER))
-        sent = self._upload(backend, target, entries, paths)
+        t1 = time.monotonic()
+        sent = self._upload(backend, target, entries, paths, timings)
+        timings["transfer"] = time.monotonic() - t1
         dt = time.monotonic() - t0
         log.info(
             "uploaded %s -> %s: %d/%d files, %.1f MiB in %.2fs",
@@ -263,7 +268,10 @@ class ObjectStore:
         )
         if not commit:
             return build_manifest(entries, producer=producer, extra=extra)
-        return self.commit(uri, entries, producer=producer, extra=extra)
+        t2 = time.monotonic()
+        manifest = self.commit(uri, entries, producer=producer, extra=extra)
+        timings["commit"] = time.monotonic() - t2
+        return manifest
 
     def download_dir(self, uri: str, local_dir: str | os.PathLike[str]) -> Manifest:
         """Download a committed checkpoint; refuses one without ``_COMPLETE``; verifies every file's size and
@@ -290,13 +298,19 @@ class ObjectStore:
                 return False
             return sha256_file(path) == entry.sha256
 
+        timings = self.last_timings = {"manifest": time.monotonic() - t0}
+        t1 = time.monotonic()
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             have = list(pool.map(present, manifest.files))
+        timings["check_local"] = time.monotonic() - t1
         todo = [e for e, ok in zip(manifest.files, have, strict=True) if not ok]
         parts = [(e, root / (e.path + PART_SUFFIX)) for e in todo]
         for _e, part in parts:
             part.parent.mkdir(parents=True, exist_ok=True)
+        t2 = time.monotonic()
         backend.download_files([(target.child(e.path), part) for e, part in parts])
+        timings["transfer"] = time.monotonic() - t2
+        t3 = time.monotonic()
         # verify before anything gets its final name: a corrupt file is never left where a loader would find it
         checked = hash_files([(e.path, part) for e, part in parts])
         bad = [
@@ -314,6 +328,7 @@ class ObjectStore:
             )
         for e, part in parts:
             os.replace(part, root / e.path)
+        timings["verify"] = time.monotonic() - t3
         dt = time.monotonic() - t0
         log.info(
             "downloaded %s -> %s: %d/%d files (%.1f MiB) in %.2fs",
@@ -333,7 +348,12 @@ class ObjectStore:
         return hash_files(files), dict(files)
 
     def _upload(
-        self, backend: S3Backend | LocalBackend, target: ParsedUri, entries: list[FileEntry], paths: dict[str, Path]
+        self,
+        backend: S3Backend | LocalBackend,
+        target: ParsedUri,
+        entries: list[FileEntry],
+        paths: dict[str, Path],
+        timings: dict[str, float] | None = None,
     ) -> int:
         """Upload what is not already there (same size + sha256); returns the number of files sent."""
         existing = backend.list_sizes(target)
@@ -344,5 +364,8 @@ class ObjectStore:
                 matches = list(pool.map(lambda e: backend.remote_matches(target.child(e.path), e), maybe))
             skip = {e.path for e, ok in zip(maybe, matches, strict=True) if ok}
         todo = [(paths[e.path], target.child(e.path), e) for e in entries if e.path not in skip]
+        t0 = time.monotonic()
         backend.upload_files(todo)
+        if timings is not None:
+            timings["send"] = time.monotonic() - t0
         return len(todo)
