@@ -162,3 +162,9 @@ def test_admission_limiter_counts_running_and_waiting() -> None:
     assert limiter.try_admit()
     with pytest.raises(ValueError):
         AdmissionLimiter(0, 0)
+
+
+def test_repl_shows_control_characters_instead_of_sending_them_to_the_terminal() -> None:
+    from kuberlhf.serving.repl import printable
+
+    assert printable("a\x1b[2Jb\x00c\n\td") == "a\\x1b[2Jb\\x00c\n\td"

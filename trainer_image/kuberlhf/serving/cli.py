@@ -113,8 +113,11 @@ def chat(
             model_dir = resolve_model(model, endpoint=storage_endpoint)
         except ModelSourceError as exc:
             raise _fail(str(exc)) from None
+        from transformers.utils import logging as hf_logging
+
         from kuberlhf.serving.engine import ChatEngine
 
+        hf_logging.disable_progress_bar()  # a loading bar per start is noise in a chat
         backend = LocalBackend(ChatEngine(model_dir, device=device))
         banner = f"Chatting with {model}."
     else:

@@ -144,7 +144,8 @@ class ChatEngine:
         )
 
     def _max_context(self) -> int:
-        limits = [getattr(self.model.config, "max_position_embeddings", None)]
+        config = self.model.config
+        limits = [getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)]
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         if tok_max and tok_max < _SANE_MAX_LENGTH:
             limits.append(tok_max)

@@ -4,6 +4,7 @@ our server's OpenAI API with the official client (:class:`EndpointBackend`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,15 @@ CLEAR_WORDS = {"clear", "/clear", "reset"}
 QUIT_WORDS = {"quit", "exit", "/quit", "/exit", ":q"}
 USER_PROMPT = "Human: "
 ASSISTANT_PREFIX = "Assistant: "
+
+
+# Model output is untrusted text: control characters (ESC sequences included) are shown, not executed by the
+# terminal. Newlines and tabs pass.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+
+
+def printable(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 class ChatBackendError(RuntimeError):
@@ -124,7 +134,7 @@ class Conversation:
         try:
             for piece in backend.reply(turns, params):
                 pieces.append(piece)
-                out.write(piece)
+                out.write(printable(piece))
                 out.flush()
         finally:
             out.write("\n")
@@ -147,6 +157,9 @@ def run_repl(
 ) -> int:
     """The interactive loop; returns the exit status."""
     out = out or sys.stdout  # looked up per call: test runners swap sys.stdout
+    if read is input and sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # line editing and history for input(), where available
+            import readline  # noqa: F401
     conversation = Conversation()
     if banner:
         out.write(banner + "\n")
