@@ -81,7 +81,11 @@ def tokenize_cached(rows: datasets.Dataset, tokenizer: Any, kind: str, max_len: 
     if cache_dir is None:
         return encode_rows(rows, tokenizer, kind, max_len, options)
     root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the tokenised-data cache directory {root}: {e.strerror}; point "
+                        f"XDG_CACHE_HOME at a writable directory") from None
     final = root / f"{kind}-{cache_key(rows, tokenizer, kind, max_len, key, options)}"
     if final.is_dir():
         return datasets.load_from_disk(str(final))
