@@ -213,13 +213,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         from harness.controlplane import free_port
 
-        live = free_port()
+        live, metrics_port = free_port(), free_port()
         env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "KUBERLHF_DEFAULT_IMAGE": "kuberlhf-trainer:bench"}
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.pop(k, None)  # the operator must use the namespace's Secret, as in a cluster
         log = open(Path(d) / "operator.log", "wb")  # noqa: SIM115
         op = subprocess.Popen([sys.executable, "-m", "kuberlhf_operator.main", "--namespace", ns,
-                               "--liveness-port", str(live), "--metrics-port", "0", "--bind", "127.0.0.1"],
+                               "--liveness-port", str(live), "--metrics-port", str(metrics_port), "--bind", "127.0.0.1"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         rss = RSSMonitor(op.pid)
         try:
@@ -264,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["operator_rss_peak_mb"] = rss.peak / 2**20
             res["operator_rss_end_mb"] = rss.samples[-1] / 2**20
             res["operator_cpu_s"] = sum(psutil_cpu(op.pid))
+            res["reconciles"] = scrape_reconciles(metrics_port)
             watch.stop.set()
         finally:
             rss.stop.set()
@@ -277,6 +278,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.keep_log:
                 print((Path(d) / "operator.log").read_text(errors="replace")[-4000:])
     return res
+
+
+def scrape_reconciles(port: int) -> dict[str, float]:
+    """The operator's own ``kuberlhf_reconciles_total`` counters, by trigger (where its CPU went)."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("kuberlhf_reconciles_total{"):
+                trigger = line.split('trigger="', 1)[1].split('"', 1)[0]
+                out[trigger] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def psutil_cpu(pid: int) -> tuple[float, float]:
@@ -302,6 +315,10 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"  burst: {args.burst} CRs posted in {res['burst_create_s']:.1f} s, all first Jobs after "
           f"{res['burst_all_first_jobs_s']:.1f} s; operator CPU {res['operator_cpu_s']:.1f} s; RSS peak "
           f"{res['operator_rss_peak_mb']:.0f} MB")
+    n = sum(res["reconciles"].values())
+    if n:
+        print(f"  reconciles run: {n:.0f} ({', '.join(f'{k} {v:.0f}' for k, v in sorted(res['reconciles'].items()))});"
+              f" operator CPU per reconcile {1000 * res['operator_cpu_s'] / n:.0f} ms")
     p95a, p95b = res["cr_to_first_job_s"]["p95"], res["job_complete_to_next_job_s"]["p95"]
     print("  " + goal_line("CR -> first Job p95 / 1 s goal", p95a / 1.0, 1.0, higher_is_better=False))
     print("  " + goal_line("Job complete -> next Job p95 / 2 s goal", p95b / 2.0, 1.0, higher_is_better=False))
