@@ -182,6 +182,10 @@ def run(control_plane, kubelet, operator_chart, s3_server) -> Run:
     finally:
         stop.set()
         watcher.join(5)
+        with contextlib.suppress(Exception):  # the watcher may have stopped just before the last transition
+            final = (r.status().get("phase", ""), r.status().get("stage", ""))
+            if r.history[-1:] != [final]:
+                r.history.append(final)
         r.duration_s = time.monotonic() - t0
         print(f"\n[e2e] tiny pipeline: {r.duration_s:.0f}s, history {r.history}, jobs {list(r.jobs_seen)}")
     assert r.status()["phase"] == "Succeeded", r.describe()

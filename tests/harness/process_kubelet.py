@@ -403,6 +403,9 @@ class ProcessKubelet:
             if run.delete_requested.is_set():
                 self._finish_deleted(run)
                 return
+            if self._stopped.is_set():  # the kubelet stops: its processes die, nothing restarts them
+                self._signal_run(run, signal.SIGKILL)
+                return
             for c in run.containers:
                 if c.proc is not None and not c.running and c.exit_code is None:
                     self._reap(c)
@@ -495,6 +498,8 @@ class ProcessKubelet:
                "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": self.api.server.rsplit(":", 1)[1],
                **c.env}
         argv = list(c.argv)
+        if self._stopped.is_set():
+            return
         exe = self.executables.get(argv[0]) if argv else None
         exe = exe or (shutil.which(argv[0], path=env.get("PATH", self.search_path)) if argv else None)
         c.started_at = now_rfc3339()
