@@ -30,7 +30,7 @@ run() {  # name, command...
 for b in "${todo[@]}"; do
   case $b in
     ppo) run ppo "$PY" bench/ppo_bench.py --profile ;;
-    sft) run sft "$PY" bench/sft_bench.py ;;
+    sft) run sft "$PY" bench/sft_bench.py --profile ;;
     transfer)
       if [ -f bench/transfer_bench.py ]; then
         # the storage helper's benchmark: upload + download of 1 GB through SeaweedFS vs a local cp

@@ -33,7 +33,7 @@ def sft_batches(spec: Any, tokenizer: Any, micro: int, cache_dir: Path) -> list[
     return list(make_loader(ds, micro, 0, 1, spec.stages.sft.seed, 0))
 
 
-def run_config(zero: int, steps: int, tmp: Path) -> dict[str, Any]:
+def run_config(zero: int, steps: int, tmp: Path, profile: bool = False) -> dict[str, Any]:
     import torch
 
     from kuberlhf.models import load_causal_lm, load_tokenizer
@@ -93,6 +93,15 @@ def run_config(zero: int, steps: int, tmp: Path) -> dict[str, Any]:
            "ours_step_ms_median": 1000 * t.median("ours"), "bare_step_ms_median": 1000 * t.median("bare")}
     res["ratio"] = res["ours_tokens_per_s"] / res["bare_tokens_per_s"]
     res["ratio_median_step"] = t.median("bare") / t.median("ours")
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                ours()
+        res["profile_top_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                                           max_name_column_width=48)
     return res
 
 
@@ -103,12 +112,16 @@ def report(res: dict[str, Any]) -> None:
     print(f"  bare PyTorch    : {res['bare_tokens_per_s']:9.1f} tokens/s  median step {res['bare_step_ms_median']:.1f} ms")
     print("  " + goal_line("SFT tokens/s ours/bare", res["ratio"], GOAL)
           + f"  (by median step: {res['ratio_median_step']:.2f}x)")
+    if "profile_top_ops" in res:
+        print("  torch.profiler, 10 DeepSpeed steps, top operators by self CPU time:")
+        print("\n".join("    " + line for line in res["profile_top_ops"].splitlines()))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--zero", type=int, nargs="+", default=[0, 2], help="ZeRO stages to run (0 = tiny-cpu example)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler top operators of the DeepSpeed step")
     args = p.parse_args(argv)
     cpu_env()
     from kuberlhf.training.distributed import init_distributed
@@ -116,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed("cpu")
     with tempfile.TemporaryDirectory(prefix="kuberlhf-bench-sft-") as d:
         for zero in args.zero:
-            res = run_config(zero, args.steps, Path(d))
+            res = run_config(zero, args.steps, Path(d), args.profile)
             report(res)
-            emit({"bench": "sft", **res})
+            emit({"bench": "sft", **{k: v for k, v in res.items() if k != "profile_top_ops"}})
     return 0
 
 
