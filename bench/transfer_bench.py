@@ -18,7 +18,6 @@ process and of the weed server).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import resource
@@ -33,6 +32,9 @@ from pathlib import Path
 from kuberlhf.storage import ObjectStore
 from kuberlhf.storage.s3 import TransferTuning
 from kuberlhf.storage.seaweed import SeaweedServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, goal_line  # noqa: E402 - bench/common.py: the result line every benchmark prints
 
 MiB = 1 << 20
 
@@ -143,8 +145,9 @@ def report(samples: dict, nbytes: int, nfiles: int, tuning: TransferTuning) -> d
             f"{s.server_cpu:10.2f}  {phases}"
         )
     round_trip = 2 * cp.seconds / (up.seconds + down.seconds)
-    print(f"round trip (upload + download) vs two disk copies: {round_trip:.2f}x   (target >= 0.8x)")
+    print(goal_line("round trip (upload + download) vs two disk copies", round_trip, 0.8))
     result = {
+        "bench": "transfer",
         "bytes": nbytes,
         "files": nfiles,
         "cp_mib_s": round(cp.mib_s, 1),
@@ -155,8 +158,16 @@ def report(samples: dict, nbytes: int, nfiles: int, tuning: TransferTuning) -> d
         "round_trip_vs_cp": round(round_trip, 3),
         "tuning": tuning.__dict__,
         "all_seconds": {k: [round(s.seconds, 3) for s in v] for k, v in samples.items()},
+        "cpu_s_per_gib": {
+            s.name: {
+                "client": round(s.client_cpu * (1 << 30) / nbytes, 2),
+                "weed": round(s.server_cpu * (1 << 30) / nbytes, 2),
+            }
+            for s in (cp, up, down)
+        },
+        "loadavg": round(os.getloadavg()[0], 1),
     }
-    print("RESULT " + json.dumps(result))
+    emit(result)
     return result
 
 

@@ -39,7 +39,7 @@ def test_kill_during_upload_then_retry_completes(server: SeaweedServer, tmp_path
     v1 = write_tree(tmp_path / "v1", {"config.json": b'{"v": 1}', "w.bin": 1000})
     v2 = write_tree(
         tmp_path / "v2",
-        {"config.json": b'{"v": 2}', "w.bin": 2000, **{f"big-{i}.bin": 60 * MiB for i in range(4)}},
+        {"config.json": b'{"v": 2}', "w.bin": 2000, **{f"big-{i}.bin": 40 * MiB for i in range(3)}},
     )
     store = _store(server)
     store.upload_dir(v1, uri, producer="sft")
@@ -89,8 +89,13 @@ def test_kill_during_upload_then_retry_completes(server: SeaweedServer, tmp_path
 def test_restart_within_the_retry_window_lets_the_same_call_finish(server: SeaweedServer, tmp_path: Path) -> None:
     """botocore retries with backoff: a short outage does not fail the upload."""
     uri = "s3://crash/blip"
-    tree = write_tree(tmp_path / "t", {f"f-{i}.bin": 8 * MiB for i in range(12)})
-    store = _store(server, attempts=10)
+    tree = write_tree(tmp_path / "t", {f"f-{i}.bin": 8 * MiB for i in range(10)})
+    store = ObjectStore.from_uri(
+        "s3://crash",
+        endpoint=server.endpoint,
+        env=server.credentials_env(),
+        tuning=TransferTuning(max_attempts=10, max_concurrency=2),  # slow enough to be caught mid-way
+    )
     outcome: list[BaseException | None] = []
 
     def upload() -> None:
@@ -102,7 +107,11 @@ def test_restart_within_the_retry_window_lets_the_same_call_finish(server: Seawe
 
     thread = threading.Thread(target=upload)
     thread.start()
-    time.sleep(0.3)
+    probe = server.client()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not probe.list_objects_v2(Bucket="crash", Prefix="blip/").get("KeyCount"):
+        time.sleep(0.02)
+    assert thread.is_alive(), "the upload finished before the outage; nothing was tested"
     server.kill()
     time.sleep(0.5)
     server.start()

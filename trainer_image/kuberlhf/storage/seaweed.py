@@ -125,7 +125,8 @@ class SeaweedServer:
     """``weed mini`` on 127.0.0.1 with S3 keys. Use as a context manager, or call :meth:`start` / :meth:`stop`.
 
     ``kill()`` sends SIGKILL (a crash); ``start()`` again reuses the same ports and data directory, so the
-    endpoint stays valid and committed objects are still there.
+    endpoint stays valid and committed objects are still there. On Linux the server is tied to the *thread* that
+    started it (PR_SET_PDEATHSIG): start it from the main thread or a thread that lives as long as it should.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kuberlhf.contract.stage import COMPLETE_MARKER, ENV_S3_SECRET_KEY, MANIFEST_FILE
+from kuberlhf.contract.stage import COMPLETE_MARKER, ENV_S3_SECRET_KEY, ENV_STORAGE_ENDPOINT, MANIFEST_FILE
 from kuberlhf.storage.errors import ChecksumMismatchError, IncompleteCheckpointError, StorageError
 from kuberlhf.storage.local import LocalBackend
 from kuberlhf.storage.manifest import (
@@ -54,7 +54,8 @@ class ObjectNotFoundError(StorageError):
 class ObjectStore:
     """One store per endpoint configuration; methods take full URIs (s3://bucket/prefix or file:///dir).
 
-    file:// URIs always work; s3:// URIs use the endpoint, region and addressing given at construction.
+    file:// URIs always work; s3:// URIs use the endpoint, region and addressing given at construction (endpoint
+    default: KUBERLHF_STORAGE_ENDPOINT, then AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from ``env``, else AWS S3).
     Credentials come from ``env`` (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and are never logged or written.
     """
 
@@ -68,7 +69,13 @@ class ObjectStore:
         tuning: TransferTuning | None = None,
     ) -> None:
         env = os.environ if env is None else env
-        self.endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        self.endpoint = (
+            endpoint
+            or env.get(ENV_STORAGE_ENDPOINT)
+            or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL")
+            or None
+        )
         self.region = region
         self.path_style = path_style
         self._env = dict(env)
