@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,21 +127,27 @@ class LocalBackend:
     def upload_files(self, items: list[tuple[Path, ParsedUri, FileEntry]]) -> None:
         self._parallel([(src, self._path(t)) for src, t, _e in items], fsync=True)
 
-    def download_files(self, items: list[tuple[ParsedUri, Path]]) -> None:
+    def download_files(
+        self, items: list[tuple[ParsedUri, Path]], on_file_done: Callable[[int], None] | None = None
+    ) -> None:
         # downloads are verified (and re-verified on resume), so no fsync is needed for them
-        self._parallel([(self._path(s), d) for s, d in items], fsync=False)
+        self._parallel([(self._path(s), d) for s, d in items], fsync=False, on_file_done=on_file_done)
 
-    def _parallel(self, pairs: list[tuple[Path, Path]], *, fsync: bool) -> None:
-        def one(pair: tuple[Path, Path]) -> None:
-            src, dest = pair
+    def _parallel(
+        self, pairs: list[tuple[Path, Path]], *, fsync: bool, on_file_done: Callable[[int], None] | None = None
+    ) -> None:
+        def one(indexed: tuple[int, tuple[Path, Path]]) -> None:
+            i, (src, dest) = indexed
             try:
                 atomic_copy(src, dest, fsync=fsync)
             except FileNotFoundError as e:
                 raise StorageError(f"copying {src} -> {dest} failed: {e.filename} does not exist") from e
             except OSError as e:
                 raise StorageError(f"copying {src} -> {dest} failed: {e}") from e
+            if on_file_done is not None:
+                on_file_done(i)
 
         if not pairs:
             return
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kuberlhf-copy") as pool:
-            list(pool.map(one, pairs))
+            list(pool.map(one, enumerate(pairs)))

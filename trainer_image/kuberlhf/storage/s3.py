@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+from s3transfer.subscribers import BaseSubscriber
 
 from kuberlhf.contract.stage import ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY
 from kuberlhf.storage.errors import BucketNotFoundError, StorageAuthError, StorageError, StorageUnreachableError
@@ -300,15 +301,39 @@ class S3Backend:
             for fut in futures:
                 fut.result()
 
-    def download_files(self, items: list[tuple[ParsedUri, Path]]) -> None:
+    def download_files(
+        self, items: list[tuple[ParsedUri, Path]], on_file_done: Callable[[int], None] | None = None
+    ) -> None:
         """Download every (source, local file) concurrently (the transfer manager writes to a temp name and
-        renames it into place itself)."""
+        renames it into place itself). ``on_file_done(i)`` runs as soon as item ``i`` is on disk, so the caller
+        can verify it while the others are still transferring."""
         if not items:
             return
         with (
             self.errors(f"downloading {len(items)} files"),
             create_transfer_manager(self.client, self.tuning.transfer_config()) as manager,
         ):
-            futures = [manager.download(src.bucket, src.key, str(dest)) for src, dest in items]
+            futures = [
+                manager.download(
+                    src.bucket,
+                    src.key,
+                    str(dest),
+                    subscribers=[_DoneSubscriber(i, on_file_done)] if on_file_done else None,
+                )
+                for i, (src, dest) in enumerate(items)
+            ]
             for fut in futures:
                 fut.result()
+
+
+class _DoneSubscriber(BaseSubscriber):
+    def __init__(self, index: int, callback: Callable[[int], None]) -> None:
+        self.index = index
+        self.callback = callback
+
+    def on_done(self, future, **kwargs) -> None:  # noqa: ANN001 - s3transfer's signature
+        try:
+            future.result()
+        except BaseException:  # noqa: BLE001 - the failure surfaces from fut.result() in download_files
+            return
+        self.callback(self.index)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,14 @@ log = logging.getLogger("kuberlhf.storage")
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _HEAD_WORKERS = 16
+
+
+def _hash_workers() -> int:
+    return min(8, (os.cpu_count() or 2) * 2)
+
+
+def _entry_of(rel: str, path: Path) -> FileEntry:
+    return FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_file(path))
 
 
 class ObjectNotFoundError(StorageError):
@@ -307,7 +316,7 @@ class ObjectStore:
 
         timings = self.last_timings = {"manifest": time.monotonic() - t0}
         t1 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        with ThreadPoolExecutor(max_workers=_hash_workers()) as pool:
             have = list(pool.map(present, manifest.files))
         timings["check_local"] = time.monotonic() - t1
         todo = [e for e, ok in zip(manifest.files, have, strict=True) if not ok]
@@ -315,11 +324,24 @@ class ObjectStore:
         for _e, part in parts:
             part.parent.mkdir(parents=True, exist_ok=True)
         t2 = time.monotonic()
-        backend.download_files([(target.child(e.path), part) for e, part in parts])
-        timings["transfer"] = time.monotonic() - t2
-        t3 = time.monotonic()
+        # each file is hashed as soon as it is on disk, overlapping verification with the other transfers
+        with ThreadPoolExecutor(max_workers=_hash_workers(), thread_name_prefix="kuberlhf-verify") as pool:
+            hashed: dict[int, Future[FileEntry]] = {}
+            lock = threading.Lock()
+
+            def verify_later(i: int) -> None:
+                e, part = parts[i]
+                with lock:
+                    if i not in hashed:
+                        hashed[i] = pool.submit(_entry_of, e.path, part)
+
+            backend.download_files([(target.child(e.path), part) for e, part in parts], verify_later)
+            timings["transfer"] = time.monotonic() - t2
+            t3 = time.monotonic()
+            for i in range(len(parts)):
+                verify_later(i)  # no-op for files already being hashed
+            checked = [hashed[i].result() for i in range(len(parts))]
         # verify before anything gets its final name: a corrupt file is never left where a loader would find it
-        checked = hash_files([(e.path, part) for e, part in parts])
         bad = [
             (e, got)
             for (e, _p), got in zip(parts, checked, strict=True)
