@@ -86,7 +86,11 @@ class PPOTrainer:
         are done (``synced_gpus``), or the parameter all-gathers would deadlock."""
         self.actor.eval()
         synced = self.rlhf.actor_zero3 and self.world_size > 1
-        return self.actor.module.generate(
+        # the hybrid engine (CUDA only) swaps in its inference kernels through engine.generate; plain engines
+        # generate through the wrapped HF module
+        hybrid = bool(getattr(self.actor, "_config", None) and self.actor._config.hybrid_engine.enabled)
+        gen = self.actor.generate if hybrid else self.actor.module.generate
+        return gen(
             input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=self.s.max_answer_len, do_sample=True,
             temperature=self.s.temperature, top_p=self.s.top_p, top_k=0, pad_token_id=self.pad_id,
             eos_token_id=self.eos_id, synced_gpus=synced, use_cache=True)
