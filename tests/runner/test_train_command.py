@@ -127,3 +127,22 @@ def test_train_bad_flags_exit_2_and_run_nothing(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "--step" in res.stderr and "nothing was run" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_train_step_3_without_steps_1_and_2_says_what_to_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The local path of `kuberlhf train` (any HF causal LM: here a local tiny OPT directory): step 3 alone
+    needs steps 1 and 2 in the object store (the embedded SeaweedFS starts, finds nothing, and says so)."""
+    res = CliRunner().invoke(cli(), ["train", "--actor-model", str(tiny_model_dir), "--reward-model",
+                                     str(tiny_model_dir), "--deployment-type", "single_gpu", "--accelerator", "cpu",
+                                     "--dataset", "kuberlhf/synthetic-pairs", "--output-dir", str(tmp_path / "o"),
+                                     "--step", "3"])
+    assert res.exit_code == 1, res.output
+    assert "needs the output of step 1: supervised fine-tuning (SFT)" in res.stderr
+    assert "--step 1 2 3" in res.stderr
+    assert "embedded SeaweedFS" in res.stdout
+
+
+def test_step_flags_take_several_values_like_e2e_rlhf() -> None:
+    res = CliRunner().invoke(cli(), ["train", "--step", "1", "2", "3", "--emit", "-"])
+    assert res.exit_code == 0, res.output
+    assert "--step is for local runs" not in res.stderr  # all three steps: nothing to warn about

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import urlparse
@@ -40,11 +42,23 @@ def endpoint_reachable(endpoint: str, timeout: float = 1.5) -> bool:
     if not parsed.hostname:
         return False
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    # name resolution ignores socket timeouts (a resolver without network can hang for many seconds): bound it
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
+        addrs = pool.submit(socket.getaddrinfo, parsed.hostname, port, type=socket.SOCK_STREAM).result(timeout)
+    except (OSError, FutureTimeout):
         return False
+    finally:
+        pool.shutdown(wait=False)
+    for family, kind, proto, _, addr in addrs:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def choose_storage(
