@@ -48,9 +48,12 @@ class _State:
     config: OperatorConfig = OperatorConfig(default_image=os.environ.get("KUBERLHF_DEFAULT_IMAGE") or None)
     locks: dict[tuple[str, str], threading.Lock] = {}
     locks_guard = threading.Lock()
+    namespaced: bool = False  # set by main(); namespaced operators skip kopf's namespace scanning
 
 
-def configure(kube: Kube | None = None, config: OperatorConfig | None = None) -> None:
+def configure(kube: Kube | None = None, config: OperatorConfig | None = None, namespaced: bool | None = None) -> None:
+    if namespaced is not None:
+        _State.namespaced = namespaced
     if kube is not None:
         _State.kube = kube
     if config is not None:
@@ -250,6 +253,10 @@ def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.persistence.finalizer = f"{API_GROUP}/kopf-finalizer"
     settings.peering.standalone = True
+    if _State.namespaced:
+        # The watched namespaces are listed explicitly: scanning would list/watch Namespace objects, which a
+        # namespaced install's RBAC does not grant (kopf then retries for about a minute before handling anything).
+        settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

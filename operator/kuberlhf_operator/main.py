@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     from kuberlhf_operator import handlers  # registers the handlers with kopf's default registry
     from kuberlhf_operator.reconcile import OperatorConfig
 
-    handlers.configure(config=OperatorConfig(default_image=args.default_image or None))
+    handlers.configure(config=OperatorConfig(default_image=args.default_image or None),
+                       namespaced=not args.all_namespaces)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None
