@@ -1,0 +1,55 @@
+"""Pure parts of `kuberlhf run`: which stages run, which outputs are stale, the run id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kuberlhf.contract.spec import Stage, parse_pipeline
+from kuberlhf.runner.local import required_before, run_id_for, stage_fingerprints, stages_to_run
+from kuberlhf.runner.samples import display_prompt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny(mutate=None):
+    doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    if mutate:
+        mutate(doc)
+    return parse_pipeline(doc)
+
+
+def changed(mutate) -> set[str]:
+    before, after = stage_fingerprints(tiny()), stage_fingerprints(tiny(mutate))
+    return {k for k in before if before[k] != after[k]}
+
+
+def test_fingerprints_rerun_only_affected_stages() -> None:
+    assert changed(lambda d: d["spec"]["stages"]["ppo"].update(klCoef=0.3)) == {"ppo"}
+    assert changed(lambda d: d["spec"]["stages"]["sft"].update(epochs=2)) == {"sft", "ppo"}
+    assert changed(lambda d: d["spec"]["stages"]["reward"].update(learningRate=1e-4)) == {"reward", "ppo"}
+    assert changed(lambda d: d["spec"]["data"].update(seed=1)) == {"sft", "reward", "ppo"}
+    # where and how a stage runs does not change its result
+    assert changed(lambda d: d["spec"]["stages"]["sft"].update(resources={"limits": {"cpu": "4"}})) == set()
+    assert changed(lambda d: d["spec"]["storage"].update(endpoint="http://elsewhere:9000")) == set()
+
+
+def test_stage_selection() -> None:
+    assert stages_to_run(None) == [Stage.sft, Stage.reward, Stage.ppo]
+    assert stages_to_run([Stage.ppo, Stage.sft]) == [Stage.sft, Stage.ppo]
+    assert required_before([Stage.ppo]) == [Stage.sft, Stage.reward]
+    assert required_before([Stage.reward, Stage.ppo]) == [Stage.sft]
+    assert required_before([Stage.sft]) == []
+
+
+def test_run_id_is_per_output_dir_unless_given(tmp_path: Path) -> None:
+    p = tiny()
+    assert run_id_for(p, tmp_path / "a") == run_id_for(p, tmp_path / "a")
+    assert run_id_for(p, tmp_path / "a") != run_id_for(p, tmp_path / "b")
+    assert run_id_for(tiny(lambda d: d["metadata"].update(uid="abc")), tmp_path) == "abc"
+
+
+def test_display_prompt() -> None:
+    assert display_prompt(" Human: What is 2+2? Assistant:") == "What is 2+2?"
+    assert display_prompt("plain") == "plain"
