@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from kuberlhf.storage.seaweed import SeaweedError, SeaweedServer, find_weed_binary
+from kuberlhf.storage.seaweed import SeaweedError, SeaweedServer, find_weed_binary, remove_socket_files
 
 
 def _listening_sockets(pid: int) -> list[tuple[str, int]]:
@@ -111,12 +111,12 @@ def test_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         "import sys, time\n"
         "from kuberlhf.storage.seaweed import SeaweedServer\n"
         f"s = SeaweedServer({str(tmp_path / 'sw')!r}).start()\n"
-        "print(s.pid, flush=True)\n"
+        "print(s.pid, *s._ports.values(), flush=True)\n"
         "time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        weed_pid = int(parent.stdout.readline())
+        weed_pid, *ports = (int(x) for x in parent.stdout.readline().split())
         os.kill(weed_pid, 0)  # running
     finally:
         parent.send_signal(signal.SIGKILL)  # no atexit, no cleanup: only PR_SET_PDEATHSIG can stop weed
@@ -126,6 +126,7 @@ def test_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         try:
             os.kill(weed_pid, 0)
         except ProcessLookupError:
+            remove_socket_files(ports)  # its parent died without cleaning up: do it here
             return
         time.sleep(0.2)
     pytest.fail(f"weed (pid {weed_pid}) outlived the process that started it")

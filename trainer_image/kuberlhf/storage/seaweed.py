@@ -24,7 +24,7 @@ import sysconfig
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -84,6 +84,15 @@ def _port_is_free(port: int, host: str = "127.0.0.1", *, reuse: bool = True) -> 
         except OSError:
             return False
         return True
+
+
+def remove_socket_files(ports: Iterable[int]) -> None:
+    """`weed` leaves unix sockets named by port in the temp dir (gRPC ones, even after a clean stop); remove
+    those of a server that is gone."""
+    tmp = Path(tempfile.gettempdir())
+    for port in ports:
+        for path in tmp.glob(f"seaweedfs-*-{port}.sock"):
+            path.unlink(missing_ok=True)
 
 
 def s3_identity_config(access_key: str, secret_key: str) -> dict:
@@ -393,11 +402,7 @@ class SeaweedServer:
         self._remove_sockets()
 
     def _remove_sockets(self) -> None:
-        """`weed` leaves its unix sockets behind (gRPC ones in the temp dir, named by port); remove ours."""
-        tmp = Path(tempfile.gettempdir())
-        for port in self._ports.values():
-            for path in tmp.glob(f"seaweedfs-*-{port}.sock"):
-                path.unlink(missing_ok=True)
+        remove_socket_files(self._ports.values())
         if self._sock_dir is not None:
             for path in self._sock_dir.glob("*.sock"):
                 path.unlink(missing_ok=True)
