@@ -72,8 +72,9 @@ def run_id_for(pipeline: RLHFPipeline, out: Path) -> str:
     return "local-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:10]
 
 
-# fields that do not change what a stage computes (where it runs, how it is retried or logged)
-_NOT_RESULT_FIELDS = ("resources", "env", "backoffLimit", "tensorboard", "nodes", "gpusPerNode", "offload")
+# fields that do not change what a stage computes (pod resources, retries, logging); the world size does, as
+# it sets the global batch
+_NOT_RESULT_FIELDS = ("resources", "env", "backoffLimit", "tensorboard", "offload")
 
 
 def stage_fingerprints(pipeline: RLHFPipeline) -> dict[str, str]:
