@@ -160,7 +160,12 @@ class StageRun:
                     shutil.copytree(local, out / name, dirs_exist_ok=True)
                 shutil.copyfile(self.metrics.path, out / METRICS_FILE)
                 (out / "summary.json").write_text(json.dumps(extra, indent=2) + "\n")
+                if (self.workdir / "tensorboard").exists():
+                    shutil.copytree(self.workdir / "tensorboard", out / "tensorboard", dirs_exist_ok=True)
         D.barrier()
+        # the object store holds everything now; scratch of a finished stage is only clutter
+        if self.dist.is_local_main and os.environ.get("KUBERLHF_KEEP_WORKDIR") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def close(self) -> None:
         D.destroy()
