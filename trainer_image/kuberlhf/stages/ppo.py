@@ -33,7 +33,7 @@ def _ptx_batches(run: StageRun, tokenizer: Any, batch_size: int):
     st, spec = run.stage_spec, run.spec
     if st.ptx_coef == 0 or spec.data.unsupervised is None:
         return None
-    texts = unsupervised_texts(spec.data)
+    texts = unsupervised_texts(spec.data, storage=spec.storage)
     ds = UnsupervisedDataset(texts, tokenizer, spec.data.max_seq_len, cache_dir=tokenized_cache_dir(run),
                              cache_key=cache_key(run, "ptx"))
 
@@ -55,7 +55,7 @@ def run_ppo(run: StageRun) -> None:
     actor_dir = run.fetch(run.layout.model_uri("sft"), "sft-model", "the step-1 (SFT) model")
     critic_dir = run.fetch(run.layout.model_uri("reward"), "reward-model", "the step-2 (reward) model")
     tokenizer = load_tokenizer(str(actor_dir), "spec.actor.model", padding_side="left")
-    rows, _ = stage_rows(spec.data, run.ctx.stage)
+    rows, _ = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
     prompts = PromptDataset(rows, tokenizer, st.max_prompt_len, cache_dir=tokenized_cache_dir(run),
                             cache_key=cache_key(run, "train"))
     gen_bs = st.generation_batch_size or st.per_device_batch_size or 1

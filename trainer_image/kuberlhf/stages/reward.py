@@ -50,7 +50,7 @@ def run_reward(run: StageRun) -> None:
     ds_config = train_ds_config(s)
     source = run.model_source(spec.reward.model, "spec.reward.model", "reward-base")
     tokenizer = load_tokenizer(spec.reward.tokenizer or source, "spec.reward.model")
-    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage)
+    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
     cache = tokenized_cache_dir(run)
     train_ds = PairDataset(train_rows, tokenizer, spec.data.max_seq_len, cache_dir=cache,
                            cache_key=cache_key(run, "train"))

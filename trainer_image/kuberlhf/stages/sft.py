@@ -48,7 +48,7 @@ def run_sft(run: StageRun) -> None:
     ds_config = train_ds_config(s)
     source = run.model_source(spec.actor.model, "spec.actor.model", "actor")
     tokenizer = load_tokenizer(spec.actor.tokenizer or source, "spec.actor.model")
-    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage)
+    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
     cache = tokenized_cache_dir(run)
     train_ds = SFTDataset(train_rows, tokenizer, spec.data.max_seq_len, st.mask_prompt, cache_dir=cache,
                           cache_key=cache_key(run, "train"))
