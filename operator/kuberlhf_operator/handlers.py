@@ -1,7 +1,11 @@
 """Thin kopf handlers: gather what the pipeline owns, probe the object store, call the pure ``reconcile`` and
 apply its decision idempotently. One entry point (:func:`reconcile_pipeline`) serves every cause (create,
-resume after an operator restart, spec update, a timer as the safety net, and Job/Deployment events that wake
-the owner promptly); a per-pipeline lock keeps them from interleaving and every run reads the pipeline fresh."""
+resume after an operator restart, spec update, a timer as the safety net, and Job/Pod/Deployment events that wake
+the owner promptly); a per-pipeline lock keeps them from interleaving and every run reads the pipeline fresh.
+
+Cost at scale (wakeups.py): child events reconcile only when what reconcile reads of the child changed, the timer
+reconciles a pipeline only when it is due (a requeue the decision asked for, else a safety interval that grows
+with the number of pipelines), and object-store clients are cached per endpoint and credentials."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,14 +23,18 @@ from kubernetes.client.exceptions import ApiException
 
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, PLURAL, StorageSpec
 from kuberlhf.contract.stage import ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY, StageLayout
-from kuberlhf_operator import LABEL_ATTEMPT, LABEL_PIPELINE, LABEL_STAGE, metrics
+from kuberlhf_operator import LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_PIPELINE, LABEL_STAGE, metrics, wakeups
 from kuberlhf_operator.kube import Kube
+from kuberlhf_operator.manifests import job_name
 from kuberlhf_operator.observe import (
+    JobState,
     Observed,
+    PodsState,
     failure_detail,
     pod_failure,
     summarize_deployment,
     summarize_job,
+    summarize_pods,
 )
 from kuberlhf_operator.reconcile import (
     Decision,
@@ -39,7 +48,11 @@ from kuberlhf_operator.reconcile import (
 )
 
 log = logging.getLogger("kuberlhf.operator")
-TIMER_INTERVAL = float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "15"))
+# The safety timer: each pipeline is reconciled at least every KUBERLHF_RECONCILE_INTERVAL seconds (more with many
+# pipelines, see wakeups.safety_interval); kopf's timer ticks every TIMER_TICK seconds to check who is due.
+SAFETY_INTERVAL = float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "60"))
+TIMER_TICK = min(SAFETY_INTERVAL, float(os.environ.get("KUBERLHF_TIMER_TICK", "5")))
+ERROR_RETRY_SECONDS = 10.0
 STATUS_CONFLICT_RETRIES = 4
 
 
@@ -49,6 +62,11 @@ class _State:
     locks: dict[tuple[str, str], threading.Lock] = {}
     locks_guard = threading.Lock()
     namespaced: bool = False  # set by main(); namespaced operators skip kopf's namespace scanning
+    stores = wakeups.StoreCache()
+    schedule = wakeups.Schedule()
+    jobs_seen = wakeups.ChangeFilter()
+    pods_seen = wakeups.ChangeFilter()
+    deployments_seen = wakeups.ChangeFilter()
 
 
 def configure(kube: Kube | None = None, config: OperatorConfig | None = None, namespaced: bool | None = None) -> None:
@@ -82,25 +100,40 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
                          if _owned_by(s, meta.uid))
     deployments = {d["metadata"]["name"]: summarize_deployment(d)
                    for d in kube.list("Deployment", meta.namespace, selector) if _owned_by(d, meta.uid)}
-    details: dict[str, str] = {}
     stages_st = status.get("stages") or {}
-    for job in jobs.values():
+
+    def current(job: JobState) -> bool:
         st = stages_st.get(job.stage) or {}
-        if job.phase != "Failed" or st.get("phase") in ("Failed", "Succeeded") or job.attempt < int(
-                st.get("attempts") or 0):
+        return st.get("phase") not in ("Failed", "Succeeded") and job.attempt >= int(st.get("attempts") or 0)
+
+    # Pods only of the current attempts' Jobs that still run (Pending vs Running) or failed (the failure text).
+    wanted = [j for j in jobs.values() if current(j) and not j.deleting and j.phase in ("Running", "Failed")]
+    by_job: dict[str, list[dict[str, Any]]] = {j.name: [] for j in wanted}
+    if wanted:
+        for pod in kube.list("Pod", meta.namespace, f"{selector},{LABEL_COMPONENT}=stage"):
+            labels = pod["metadata"].get("labels") or {}
+            try:
+                name = job_name(meta.name, labels[LABEL_STAGE], int(labels[LABEL_ATTEMPT]))
+            except (KeyError, ValueError):
+                continue
+            if name in by_job:
+                by_job[name].append(pod)
+    details: dict[str, str] = {}
+    pods: dict[str, PodsState] = {}
+    for job in wanted:
+        if job.phase == "Running":
+            pods[job.name] = summarize_pods(by_job[job.name])
             continue
-        pods = kube.list("Pod", meta.namespace,
-                         f"{selector},{LABEL_STAGE}={job.stage},{LABEL_ATTEMPT}={job.attempt}")
         logs = {}
-        for pod in pods:
+        for pod in by_job[job.name]:
             summary, wants_log = pod_failure(pod)
             if summary is not None and wants_log:
                 pod_name = pod["metadata"]["name"]
                 logs[pod_name] = kube.pod_log_tail(meta.namespace, pod_name, "stage")
-        text = failure_detail(pods, logs)
+        text = failure_detail(by_job[job.name], logs)
         if text:
             details[job.name] = text
-    return Observed(jobs=jobs, services=services, deployments=deployments, failure_details=details)
+    return Observed(jobs=jobs, services=services, deployments=deployments, failure_details=details, pods=pods)
 
 
 def storage_env(kube: Kube, namespace: str, storage: StorageSpec) -> dict[str, str]:
@@ -126,10 +159,8 @@ def probe(kube: Kube, meta: PipelineMeta, spec: dict[str, Any], status: dict[str
     if not stages:
         return {}
     try:
-        from kuberlhf.storage import ObjectStore
-
         storage = StorageSpec.model_validate(storage_spec_for_probe(spec, status))
-        store = ObjectStore.from_spec(storage, env=storage_env(kube, meta.namespace, storage))
+        store = _State.stores.get(storage, storage_env(kube, meta.namespace, storage))
         layout = StageLayout(storage_uri=storage.uri, namespace=meta.namespace, pipeline=meta.name, uid=meta.uid)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot tell yet": retry later
         return {s: ProbeResult(False, error=f"{type(e).__name__}: {e}") for s in stages}
@@ -200,6 +231,7 @@ def reconcile_pipeline(namespace: str, name: str, trigger: str = "manual", kube:
             body = kube.get("RLHFPipeline", namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 metrics.set_phase(namespace, name, None)
+                _State.schedule.drop((namespace, name))
                 return None
             m = body["metadata"]
             meta = PipelineMeta(name=m["name"], namespace=m["namespace"], uid=m["uid"],
@@ -224,11 +256,15 @@ def reconcile_pipeline(namespace: str, name: str, trigger: str = "manual", kube:
             for stage, seconds in decision.stage_durations.items():
                 metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
             metrics.set_phase(namespace, name, decision.status.get("phase"))
+            _State.schedule.set((namespace, name), time.monotonic() + (decision.requeue_after or wakeups.safety_interval(
+                len(_State.schedule), SAFETY_INTERVAL)))
             return decision
         raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=2)
 
 
 def _guarded(namespace: str, name: str, trigger: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    # Until this run succeeds, the timer retries it soon (a failed run leaves no fresh schedule).
+    _State.schedule.set((namespace, name), time.monotonic() + ERROR_RETRY_SECONDS)
     try:
         reconcile_pipeline(namespace, name, trigger)
     except kopf.TemporaryError:
@@ -290,10 +326,12 @@ def on_update(namespace: str, name: str, logger: logging.Logger, **_: Any) -> No
     _guarded(namespace, name, "update", logger)
 
 
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=TIMER_INTERVAL, initial_delay=TIMER_INTERVAL, idle=None)
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=TIMER_TICK, initial_delay=TIMER_TICK, idle=None)
 def on_timer(namespace: str, name: str, status: dict[str, Any], logger: logging.Logger, **_: Any) -> None:
     if status.get("phase") == "Failed" and status.get("reason") != "InvalidSpec":
         return  # terminal; nothing can change without a spec change (which the update handler sees)
+    if not _State.schedule.due((namespace, name), time.monotonic()):
+        return  # reconciled recently (events drive progress); the timer is only the safety net
     _guarded(namespace, name, "timer", logger)
 
 
@@ -301,22 +339,49 @@ def on_timer(namespace: str, name: str, status: dict[str, Any], logger: logging.
 def on_pipeline_event(type: str, namespace: str, name: str, **_: Any) -> None:  # noqa: A002 - kopf's kwarg
     if type == "DELETED":
         metrics.set_phase(namespace, name, None)
+        _State.schedule.drop((namespace, name))
 
 
-def _wake_owner(namespace: str, labels: dict[str, str], logger: logging.Logger) -> None:
+def _wake_owner(namespace: str, labels: dict[str, str], trigger: str, logger: logging.Logger) -> None:
     owner = labels.get(LABEL_PIPELINE)
     if owner:
-        _guarded(namespace, owner, "child", logger)
+        _guarded(namespace, owner, trigger, logger)
+
+
+def _child_changed(seen: wakeups.ChangeFilter, type_: str | None, uid: str, key: Any, first_matters: bool) -> bool:
+    if type_ == "DELETED":
+        seen.forget(uid)
+        return True
+    return seen.changed(uid, key, first_matters=first_matters)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_PIPELINE: kopf.PRESENT})
-def on_job_event(type: str, namespace: str, labels: dict[str, str], logger: logging.Logger,  # noqa: A002
-                 **_: Any) -> None:
-    if type in ("ADDED", "MODIFIED", "DELETED", None):
-        _wake_owner(namespace, labels, logger)
+def on_job_event(type: str, namespace: str, body: kopf.Body, labels: dict[str, str],  # noqa: A002
+                 logger: logging.Logger, **_: Any) -> None:
+    key = wakeups.job_key(dict(body))
+    if _child_changed(_State.jobs_seen, type, body.metadata.uid, key, wakeups.job_first_sight_matters(key)):
+        _wake_owner(namespace, labels, "job", logger)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_PIPELINE: kopf.PRESENT, LABEL_COMPONENT: "stage"})
+def on_pod_event(type: str, namespace: str, body: kopf.Body, labels: dict[str, str],  # noqa: A002
+                 logger: logging.Logger, **_: Any) -> None:
+    if type == "DELETED":
+        # A running pod gone (evicted, preempted) may leave its Job waiting for a replacement: look again. Other
+        # deletions (finished pods, the pipeline's garbage collection) are told by the Job's own events.
+        last = _State.pods_seen.forget(body.metadata.uid)
+        if last is not None and last[0] == "Running":  # type: ignore[index]
+            _wake_owner(namespace, labels, "pod", logger)
+        return
+    key = wakeups.pod_key(dict(body))
+    if _State.pods_seen.changed(body.metadata.uid, key, first_matters=wakeups.pod_first_sight_matters(key)):
+        _wake_owner(namespace, labels, "pod", logger)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_PIPELINE: kopf.PRESENT})
-def on_deployment_event(type: str, namespace: str, labels: dict[str, str], logger: logging.Logger,  # noqa: A002
-                        **_: Any) -> None:
-    _wake_owner(namespace, labels, logger)
+def on_deployment_event(type: str, namespace: str, body: kopf.Body, labels: dict[str, str],  # noqa: A002
+                        logger: logging.Logger, **_: Any) -> None:
+    key = wakeups.deployment_key(dict(body))
+    if _child_changed(_State.deployments_seen, type, body.metadata.uid, key,
+                      wakeups.deployment_first_sight_matters(key)):
+        _wake_owner(namespace, labels, "deployment", logger)

@@ -13,6 +13,8 @@ from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
 JobPhase = Literal["Running", "Succeeded", "Failed"]
 FAILURE_TAIL_LINES = 20
 FAILURE_TAIL_CHARS = 2000
+# Waiting reasons every pod passes through on its way to Running: shown in status, but not worth an Event.
+ROUTINE_WAITING = frozenset({"ContainerCreating", "PodInitializing", "PodScheduling"})
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,31 @@ class DeploymentState:
 
 
 @dataclass(frozen=True)
+class PodsState:
+    """The pods of one Job: how many run (or ran), else why the first waiting one waits."""
+
+    total: int = 0
+    running: int = 0  # phase Running or Succeeded: the stage process has started
+    reason: str | None = None  # Unschedulable, ImagePullBackOff, ContainerCreating, ...
+    message: str = ""
+
+    @property
+    def routine(self) -> bool:
+        """Waiting only the way every pod waits for a moment (nothing a user has to act on)."""
+        return self.reason is None or self.reason in ROUTINE_WAITING
+
+
+@dataclass(frozen=True)
 class Observed:
     """Everything the pipeline owns, as last listed. ``failure_details`` maps a Job name to its failed pod's
-    termination message or log tail (the handler reads logs only for failed Jobs)."""
+    termination message or log tail (the handler reads logs only for failed Jobs); ``pods`` summarises the
+    pods of the Jobs still active (a Job missing there has no pods yet)."""
 
     jobs: dict[str, JobState] = field(default_factory=dict)
     services: frozenset[str] = frozenset()
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
     failure_details: dict[str, str] = field(default_factory=dict)
+    pods: dict[str, PodsState] = field(default_factory=dict)
 
 
 def _cond(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
@@ -91,6 +110,54 @@ def summarize_job(job: dict[str, Any]) -> JobState | None:
         completion_time=status.get("completionTime"),
         failure=failure,
     )
+
+
+def pod_waiting(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of a pod that does not run yet; None once it runs or ran. The scheduler's verdict
+    (PodScheduled=False) comes first, then a container's waiting reason that is not routine (ImagePullBackOff,
+    CreateContainerConfigError, ...), then the routine ones."""
+    status = pod.get("status") or {}
+    if (status.get("phase") or "Pending") != "Pending":
+        return None
+    name = (pod.get("metadata") or {}).get("name", "?")
+    sched = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+    if sched is not None and sched.get("status") == "False":
+        reason = sched.get("reason") or "Unschedulable"
+        return reason, f"pod {name} cannot be scheduled: {sched.get('message') or reason}"
+    routine = None
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting")
+        if not waiting:
+            continue
+        reason = waiting.get("reason") or "ContainerCreating"
+        text = f"pod {name} container {cs.get('name', '?')}: {reason}"
+        if waiting.get("message"):
+            text += f": {waiting['message']}"
+        if reason not in ROUTINE_WAITING:
+            return reason, text
+        routine = routine or (reason, text)
+    if routine:
+        return routine
+    if not (pod.get("spec") or {}).get("nodeName"):
+        return "PodScheduling", f"pod {name} waits to be scheduled"
+    return "ContainerCreating", f"pod {name} is starting"
+
+
+def summarize_pods(pods: list[dict[str, Any]]) -> PodsState:
+    """The pods of one Job -> PodsState (the most telling waiting reason wins: a non-routine one first)."""
+    running, waits = 0, []
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Running", "Succeeded"):
+            running += 1
+        wait = pod_waiting(pod)
+        if wait is not None:
+            waits.append(wait)
+    waits.sort(key=lambda w: w[0] in ROUTINE_WAITING)  # stable: non-routine first, then by pod name
+    reason, message = waits[0] if waits else (None, "")
+    return PodsState(total=running + len(waits), running=running, reason=reason, message=message)
 
 
 def summarize_deployment(dep: dict[str, Any]) -> DeploymentState:

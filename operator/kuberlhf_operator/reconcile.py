@@ -33,7 +33,7 @@ from kuberlhf_operator.manifests import (
     chat_name,
     job_name,
 )
-from kuberlhf_operator.observe import JobState, Observed
+from kuberlhf_operator.observe import JobState, Observed, PodsState
 
 SERVING = "serving"
 DONE = "done"
@@ -44,6 +44,7 @@ REASON_INVALID_SPEC = "InvalidSpec"
 _NOT_STAGE_FIELDS = {"stages", "serving", "suspend"}
 _SERVING_FIELDS = ("serving", "image", "imagePullPolicy", "podTemplate", "accelerator")
 REQUEUE_SECONDS = 10.0
+_SAME_WAITING = {"ErrImagePull": "ImagePullBackOff"}
 
 
 @dataclass(frozen=True)
@@ -308,9 +309,11 @@ class _Run:
         s = self.status["stages"][stage]
         name = job_name(self.meta.name, stage, attempt)
         limit = pipeline.spec.stages.get(stage).backoff_limit + 1
-        s.update(phase="Running", attempts=attempt, jobName=name)
-        self.status.update(phase="Running", stage=stage, attempts=attempt, reason=reason,
-                           message=f"stage {stage}: attempt {attempt}/{limit} running as Job {name}")
+        # Pending (API conventions) until one of the Job's pods runs: job_running moves it on.
+        s.update(phase="Pending", attempts=attempt, jobName=name)
+        self.status.update(phase="Pending", stage=stage, attempts=attempt, reason=reason,
+                           message=f"stage {stage}: attempt {attempt}/{limit}: created Job {name}, "
+                                   "waiting for its pods to run")
         self.create(build_stage_service(self.owner, stage, attempt))
         self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image))
         text = f"stage {stage} attempt {attempt}/{limit}: created Job {name}"
@@ -339,38 +342,73 @@ class _Run:
         if self.status.get("phase") == "Suspended":
             self.resumed(stage)
         # Created but not yet listed, deleted by someone, or deleted to suspend on an old server: (re)create.
-        s["phase"] = "Running"
-        self.status.update(phase="Running", stage=stage)
+        s["phase"] = "Pending"
+        self.status.update(phase="Pending", stage=stage)
         self.create(build_stage_service(self.owner, stage, attempt))
         self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image))
 
     def resumed(self, stage: str) -> None:
         msg = f"spec.suspend is false: stage {stage} resumes"
         self.event("Normal", "Resumed", msg)
-        self.status.update(phase="Running", reason="Resumed", message=msg)
+        self.status.update(phase="Pending", reason="Resumed", message=msg)  # Running once a pod runs again
         self.cond("Suspended", False, "Resumed", msg)
 
     def job_running(self, stage: str, job: JobState, suspended: bool) -> None:
         s = self.status["stages"][stage]
-        # Only act on transitions of spec.suspend, so a queue (Kueue) that suspends/unsuspends the Job itself
-        # is not overridden.
-        if suspended and self.status.get("phase") != "Suspended":
-            if self.config.job_suspend_supported:
-                self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": True}}))
-            else:
-                self.actions.append(Action("delete", "Job", job.name))
-            s["phase"] = "Suspended"
-            self.set_suspended(stage, f"stage {stage}: Job {job.name} suspended (spec.suspend)")
-        elif not suspended and self.status.get("phase") == "Suspended":
-            if job.suspended:
-                self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": False}}))
-            s["phase"] = "Running"
-            self.resumed(stage)
-        elif self.status.get("phase") != "Suspended":
-            s["phase"] = "Running"
-            self.status["phase"] = "Running"
         if job.start_time and not s.get("startTime"):
             s["startTime"] = job.start_time
+        # Only act on transitions of spec.suspend, so a queue (Kueue) that suspends/unsuspends the Job itself
+        # is not overridden.
+        if suspended:
+            if self.status.get("phase") != "Suspended":
+                if self.config.job_suspend_supported:
+                    self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": True}}))
+                else:
+                    self.actions.append(Action("delete", "Job", job.name))
+                s["phase"] = "Suspended"
+                self.set_suspended(stage, f"stage {stage}: Job {job.name} suspended (spec.suspend)")
+            return
+        queued = job.suspended
+        if self.status.get("phase") == "Suspended":
+            if job.suspended:
+                self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": False}}))
+                queued = False  # this very decision unsuspends it
+            self.resumed(stage)
+        pods = self.observed.pods.get(job.name) or PodsState()
+        if pods.running:
+            self.pods_running(stage, job, pods)
+        else:
+            self.pods_pending(stage, job, pods, queued)
+
+    def pods_running(self, stage: str, job: JobState, pods: PodsState) -> None:
+        s = self.status["stages"][stage]
+        msg = f"stage {stage}: attempt {job.attempt} running as Job {job.name} ({pods.running} pod(s) running)"
+        if s.get("phase") != "Running" or self.status.get("phase") != "Running":
+            self.event("Normal", "StageRunning", msg)
+            self.status.update(reason="StageRunning", message=msg)
+        s["phase"] = "Running"
+        self.status.update(phase="Running", stage=stage)
+
+    def pods_pending(self, stage: str, job: JobState, pods: PodsState, queued: bool) -> None:
+        """The Job exists but none of its pods runs: Pending, with why (unschedulable, image pull, ...)."""
+        s = self.status["stages"][stage]
+        if queued:
+            reason = "JobSuspended"
+            msg = f"stage {stage}: Job {job.name} is suspended (by a queue such as Kueue); waiting for admission"
+        elif pods.total == 0:
+            reason, msg = "PodsPending", f"stage {stage}: Job {job.name} is waiting for its pods to be created"
+        else:
+            # A kubelet flips between ErrImagePull and ImagePullBackOff: one reason, so one Event.
+            reason = _SAME_WAITING.get(pods.reason or "", pods.reason or "PodsPending")
+            msg = f"stage {stage}: Job {job.name} is waiting for its pods to run: {pods.message}"
+        # One Event per waiting episode and reason (the status message follows every change).
+        if not pods.routine and not queued and (s.get("phase") != "Pending" or self.status.get("reason") != reason):
+            self.event("Warning", reason, msg)
+        if pods.total or queued or self.status.get("reason") not in ("StageStarted", "StageRetrying", "Resumed"):
+            # Until pods exist, keep the message of the transition that created the Job.
+            self.status.update(reason=reason, message=msg)
+        s["phase"] = "Pending"
+        self.status.update(phase="Pending", stage=stage)
 
     def job_succeeded(self, stage: str, job: JobState, pipeline: RLHFPipeline, current: dict[str, Any]) -> None:
         probe = self.probes.get(stage)

@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kuberlhf_operator.observe import DeploymentState, JobState, Observed
+from kuberlhf_operator.observe import DeploymentState, JobState, Observed, PodsState
 from kuberlhf_operator.reconcile import Decision, OperatorConfig, PipelineMeta, ProbeResult, reconcile
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -26,6 +26,7 @@ class Cluster:
         self.services: set[str] = set()
         self.deployments: dict[str, DeploymentState] = {}
         self.failure_details: dict[str, str] = {}
+        self.pods: dict[str, PodsState] = {}  # by Job name; tests set them (no kubelet here)
         self.created: list[tuple[str, str]] = []
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
         self.now = T0
@@ -33,7 +34,7 @@ class Cluster:
 
     def observed(self) -> Observed:
         return Observed(jobs=dict(self.jobs), services=frozenset(self.services), deployments=dict(self.deployments),
-                        failure_details=dict(self.failure_details))
+                        failure_details=dict(self.failure_details), pods=dict(self.pods))
 
     def decide(self, probes: dict[str, ProbeResult] | None = None, generation: int | None = None) -> Decision:
         meta = replace(self.meta, generation=generation or self.meta.generation)
@@ -66,6 +67,10 @@ class Cluster:
                 self.jobs.pop(a.name)
         self.status = copy.deepcopy(d.status)
         self.events += d.events
+
+    def run_pods(self, job: str, running: int = 1) -> None:
+        """The Job's pods were scheduled and run (what a kubelet reports)."""
+        self.pods[job] = PodsState(total=running, running=running)
 
     def finish(self, job: str, phase: str = "Succeeded", failure: str | None = None) -> None:
         self.jobs[job] = replace(self.jobs[job], phase=phase, failure=failure,

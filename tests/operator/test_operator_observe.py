@@ -11,10 +11,13 @@ from kuberlhf_operator.main import parse_args
 from kuberlhf_operator.observe import (
     JobState,
     Observed,
+    PodsState,
     failure_detail,
     pod_failure,
+    pod_waiting,
     summarize_deployment,
     summarize_job,
+    summarize_pods,
 )
 from kuberlhf_operator.reconcile import PipelineMeta, stages_to_probe
 
@@ -24,6 +27,40 @@ LABELS = {"kuberlhf.io/pipeline": "tiny", "kuberlhf.io/stage": "sft", "kuberlhf.
 def job(status: dict, spec: dict | None = None, **meta) -> dict:
     return {"metadata": {"name": "tiny-sft-2", "labels": LABELS, **meta},
             "spec": {"completions": 2, "backoffLimit": 0, **(spec or {})}, "status": status}
+
+
+def pod(name: str, phase: str = "Pending", conditions: list | None = None, waiting: dict | None = None,
+        node: str | None = "n1") -> dict:
+    statuses = [{"name": "stage", "state": {"waiting": waiting}}] if waiting else []
+    return {"metadata": {"name": name}, "spec": {"nodeName": node} if node else {},
+            "status": {"phase": phase, "conditions": conditions or [], "containerStatuses": statuses}}
+
+
+def test_pod_waiting_reasons() -> None:
+    unsched = pod("p-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}], node=None)
+    assert pod_waiting(unsched) == (
+        "Unschedulable", "pod p-0 cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    pull = pod("p-1", waiting={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x:1"'})
+    assert pod_waiting(pull) == ("ImagePullBackOff", 'pod p-1 container stage: ImagePullBackOff: Back-off pulling '
+                                                     'image "x:1"')
+    assert pod_waiting(pod("p-2", waiting={"reason": "ContainerCreating"}))[0] == "ContainerCreating"
+    assert pod_waiting(pod("p-3", node=None)) == ("PodScheduling", "pod p-3 waits to be scheduled")
+    assert pod_waiting(pod("p-4", "Running")) is None and pod_waiting(pod("p-5", "Succeeded")) is None
+
+
+def test_summarize_pods_prefers_the_telling_reason() -> None:
+    assert summarize_pods([]) == PodsState()
+    creating = pod("a-0", waiting={"reason": "ContainerCreating"})
+    bad = pod("b-1", waiting={"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'})
+    st = summarize_pods([creating, bad])
+    assert (st.total, st.running, st.reason) == (2, 0, "CreateContainerConfigError") and not st.routine
+    assert 'secret "s3" not found' in st.message
+    assert summarize_pods([creating]).routine
+    both = summarize_pods([pod("a-0", "Running"), bad])
+    assert (both.total, both.running) == (2, 1)
+    gone = {**pod("c-0", "Running"), "metadata": {"name": "c-0", "deletionTimestamp": "t"}}
+    assert summarize_pods([gone]) == PodsState()
 
 
 def test_summarize_job_phases() -> None:

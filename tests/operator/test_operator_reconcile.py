@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from operator_sim import T0, Cluster, complete
 
-from kuberlhf_operator.observe import DeploymentState, JobState, Observed
+from kuberlhf_operator.observe import DeploymentState, JobState, Observed, PodsState
 from kuberlhf_operator.reconcile import OperatorConfig, ProbeResult, get_condition, reconcile
 
 
@@ -33,9 +33,13 @@ def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
     assert [(a.verb, a.kind, a.name) for a in d.actions] == [
         ("create", "Service", "tiny-sft-1"), ("create", "Job", "tiny-sft-1")]
     st = cluster.status
-    assert (st["phase"], st["stage"], st["attempts"]) == ("Running", "sft", 1)
+    assert (st["phase"], st["stage"], st["attempts"]) == ("Pending", "sft", 1)
     assert st["stages"]["sft"]["jobName"] == "tiny-sft-1" and st["stages"]["sft"]["startTime"]
     assert cond(st, "Ready")["status"] == "False"
+    cluster.run_pods("tiny-sft-1")
+    d = cluster.step()
+    assert (cluster.status["phase"], cluster.status["stages"]["sft"]["phase"]) == ("Running", "Running")
+    assert [e.reason for e in d.events] == ["StageRunning"] and cluster.step().events == []
 
     for stage, nxt in (("sft", "reward"), ("reward", "ppo")):
         cluster.finish(f"tiny-{stage}-1")
@@ -44,7 +48,7 @@ def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
         assert s["phase"] == "Succeeded"
         assert s["checkpoint"] == f"s3://bucket/pipelines/team/tiny/0000-uid/{stage}"
         assert s["manifestSha256"] == stage * 4 and s["completionTime"] == "2025-01-01T13:00:00Z"
-        assert cluster.status["stage"] == nxt and cluster.status["phase"] == "Running"
+        assert cluster.status["stage"] == nxt and cluster.status["phase"] == "Pending"
         assert ("create", "Job", f"tiny-{nxt}-1") in [(a.verb, a.kind, a.name) for a in d.actions]
         assert stage in d.stage_durations
 
@@ -66,11 +70,57 @@ def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
     assert (st["phase"], st["stage"]) == ("Succeeded", "done")
     assert cond(st, "Ready")["status"] == "True" and cond(st, "Serving")["status"] == "True"
     assert cond(st, "PPOSucceeded")["status"] == "True"
-    assert reasons(cluster) == ["StageStarted", "StageSucceeded", "StageStarted", "StageSucceeded", "StageStarted",
-                                "StageSucceeded", "ServingStarted", "Succeeded"]
+    assert reasons(cluster) == ["StageStarted", "StageRunning", "StageSucceeded", "StageStarted", "StageSucceeded",
+                                "StageStarted", "StageSucceeded", "ServingStarted", "Succeeded"]
     # Steady state: nothing more to do, no new events.
     d = cluster.step()
     assert d.actions == [] and d.events == [] and d.status == st
+
+
+def test_stage_is_pending_until_a_pod_runs_with_the_waiting_reason(cluster: Cluster) -> None:
+    cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["stages"]["sft"]["phase"], st["reason"]) == ("Pending", "Pending", "StageStarted")
+    d = cluster.step()  # the Job exists, its controller made no pod yet: the creation message stays
+    assert cluster.status["phase"] == "Pending" and "created Job tiny-sft-1" in cluster.status["message"]
+    assert d.events == []
+    # Starting normally (ContainerCreating): shown in the message, no Event.
+    cluster.pods["tiny-sft-1"] = PodsState(1, 0, "ContainerCreating", "pod tiny-sft-1-abc container stage: "
+                                                                        "ContainerCreating")
+    d = cluster.step()
+    assert (cluster.status["reason"], d.events) == ("ContainerCreating", [])
+    # No GPU free: the scheduler's message, one Warning Event, not repeated while it stays so.
+    unsched = "pod tiny-sft-1-abc cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    cluster.pods["tiny-sft-1"] = PodsState(1, 0, "Unschedulable", unsched)
+    d = cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["stage"], st["reason"]) == ("Pending", "sft", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in st["message"] and "tiny-sft-1" in st["message"]
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "Unschedulable")]
+    assert "Insufficient nvidia.com/gpu" in d.events[0].message
+    assert cluster.step().events == []
+    # The image cannot be pulled: ErrImagePull and ImagePullBackOff alternate; one Event for both.
+    cluster.pods["tiny-sft-1"] = PodsState(1, 0, "ErrImagePull", "pod p container stage: ErrImagePull: not found")
+    d = cluster.step()
+    assert [e.reason for e in d.events] == ["ImagePullBackOff"] and cluster.status["reason"] == "ImagePullBackOff"
+    cluster.pods["tiny-sft-1"] = PodsState(1, 0, "ImagePullBackOff", "pod p container stage: ImagePullBackOff")
+    assert cluster.step().events == [] and "ImagePullBackOff" in cluster.status["message"]
+    # A pod runs: Running, one Normal Event.
+    cluster.run_pods("tiny-sft-1")
+    d = cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["stages"]["sft"]["phase"], st["reason"]) == ("Running", "Running", "StageRunning")
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", "StageRunning")]
+    assert cluster.step().events == []
+
+
+def test_a_job_held_by_a_queue_is_pending(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, suspended=True)  # Kueue has not admitted it
+    d = cluster.step()
+    assert d.actions == [] and d.events == []
+    assert (cluster.status["phase"], cluster.status["reason"]) == ("Pending", "JobSuspended")
+    assert "Kueue" in cluster.status["message"]
 
 
 def test_conditions_follow_api_conventions(cluster: Cluster) -> None:
@@ -91,7 +141,7 @@ def test_failed_job_retries_then_fails_with_pod_message(cluster: Cluster) -> Non
     d = cluster.step()
     assert ("create", "Job", "tiny-sft-2") in [(a.verb, a.kind, a.name) for a in d.actions]
     st = cluster.status
-    assert st["attempts"] == 2 and st["stages"]["sft"]["jobName"] == "tiny-sft-2" and st["phase"] == "Running"
+    assert st["attempts"] == 2 and st["stages"]["sft"]["jobName"] == "tiny-sft-2" and st["phase"] == "Pending"
     retry = d.events[0]
     assert retry.type == "Warning" and retry.reason == "StageRetrying" and "OOM" in retry.message
     assert "attempt 2/2" in retry.message
@@ -118,7 +168,7 @@ def test_job_succeeded_without_complete_marker_is_a_failed_attempt(cluster: Clus
     cluster.step()
     cluster.finish("tiny-sft-1")
     d = cluster.step({"sft": ProbeResult(False, checkpoint="s3://x")})
-    assert cluster.status["stages"]["sft"]["phase"] == "Running"
+    assert cluster.status["stages"]["sft"]["phase"] == "Pending"
     assert cluster.status["stages"]["sft"]["attempts"] == 2
     assert "_COMPLETE is missing" in d.events[0].message
     assert "_COMPLETE is missing" in cluster.status["stages"]["sft"]["message"]
@@ -132,7 +182,7 @@ def test_unreachable_store_waits_instead_of_failing(cluster: Cluster) -> None:
     assert cluster.status["stages"]["sft"]["attempts"] == 1
     assert "connection refused" in cluster.status["message"]
     d = cluster.step()  # no probe at all: same
-    assert d.actions == [] and cluster.status["stages"]["sft"]["phase"] == "Running"
+    assert d.actions == [] and cluster.status["stages"]["sft"]["phase"] == "Pending"
 
 
 def test_suspend_and_resume_patch_the_job(cluster: Cluster) -> None:
@@ -146,7 +196,7 @@ def test_suspend_and_resume_patch_the_job(cluster: Cluster) -> None:
     cluster.spec["suspend"] = False
     d = cluster.step(generation=3)
     assert [(a.verb, a.name, a.body) for a in d.actions] == [("patch", "tiny-sft-1", {"spec": {"suspend": False}})]
-    assert cluster.status["phase"] == "Running" and cond(cluster.status, "Suspended")["status"] == "False"
+    assert cluster.status["phase"] == "Pending" and cond(cluster.status, "Suspended")["status"] == "False"
     assert reasons(cluster)[-2:] == ["Suspended", "Resumed"]
 
 
@@ -161,7 +211,7 @@ def test_suspend_on_a_server_without_job_suspend_deletes_and_recreates(meta, spe
     cluster.spec["suspend"] = False
     d = cluster.step()
     assert ("create", "Job", "tiny-sft-1") in [(a.verb, a.kind, a.name) for a in d.actions]
-    assert cluster.status["phase"] == "Running" and cluster.status["attempts"] == 1
+    assert cluster.status["phase"] == "Pending" and cluster.status["attempts"] == 1
 
 
 def test_suspended_before_start_starts_nothing(cluster: Cluster) -> None:
@@ -192,7 +242,7 @@ def test_invalid_spec_fails_without_children_and_recovers(cluster: Cluster) -> N
     assert cluster.step().events == []  # reported once
     cluster.spec["data"]["datasets"] = ["kuberlhf/synthetic-pairs"]
     d = cluster.step(generation=2)
-    assert cluster.status["phase"] == "Running" and ("create", "Job", "tiny-sft-1") in [
+    assert cluster.status["phase"] == "Pending" and ("create", "Job", "tiny-sft-1") in [
         (a.verb, a.kind, a.name) for a in d.actions]
     assert cond(cluster.status, "Failed")["status"] == "False"
 
@@ -248,7 +298,7 @@ def test_restart_same_state_gives_same_decision_and_no_duplicates(cluster: Clust
     # Lost status write: children exist, status is empty -> adopt them, create nothing.
     d = reconcile(meta, spec, {}, cluster.observed(), cluster.now, None, cluster.config)
     assert [a for a in d.actions if a.verb == "create"] == []
-    assert d.status["stages"]["sft"]["jobName"] == "tiny-sft-1" and d.status["phase"] == "Running"
+    assert d.status["stages"]["sft"]["jobName"] == "tiny-sft-1" and d.status["phase"] == "Pending"
     # Killed mid-retry: attempt 2's Job exists while status still says attempt 1.
     cluster.finish("tiny-sft-1", "Failed", failure="x")
     stale = copy.deepcopy(cluster.status)
@@ -314,6 +364,6 @@ def test_stage_duration_is_measured_from_start(cluster: Cluster) -> None:
     assert d.stage_durations["sft"] == timedelta(minutes=59).total_seconds()
 
 
-def test_no_status_no_children_is_pending_to_running(meta, spec) -> None:
+def test_no_status_no_children_creates_the_first_job_and_is_pending(meta, spec) -> None:
     d = reconcile(meta, spec, None, Observed(), T0)
-    assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 1
+    assert d.status["phase"] == "Pending" and d.status["observedGeneration"] == 1
