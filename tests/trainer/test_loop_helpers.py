@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
-from kuberlhf.training.loop import StepPlan, plan_for, rank_indices
+import torch
+
+from kuberlhf.stages.ppo import ptx_stream
+from kuberlhf.training.loop import StepPlan, batches_per_epoch, epoch_position, make_loader, plan_for, rank_indices
 from kuberlhf.training.metrics import MetricsWriter, metric_record
 
 
@@ -35,3 +39,38 @@ def test_metrics_lines_and_resume_truncation(tmp_path):
     assert [x["step"] for x in lines] == [1, 2] and lines[0]["stage"] == "sft"
     MetricsWriter(tmp_path / "other.jsonl", "sft", enabled=False).write(1, "train", loss=1.0)
     assert not (tmp_path / "other.jsonl").exists()
+
+
+class RowIds(torch.utils.data.Dataset):
+    """Rows that are their own index, so a batch shows which rows it holds."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {"ids": torch.tensor(rows)}
+
+
+def test_ptx_stream_resumes_at_the_consumed_position_across_epochs():
+    ds = RowIds(23)  # 11 rows per rank -> 3 batches of 3 per epoch (the last row dropped)
+    assert batches_per_epoch(len(ds), 3, rank=1, world=2) == 3
+    assert epoch_position(7, 3) == (2, 1) and epoch_position(0, 3) == (0, 0)
+    full = [b["ids"].tolist() for b in itertools.islice(ptx_stream(ds, 3, 1, 2, seed=5), 10)]
+    resumed = [b["ids"].tolist() for b in itertools.islice(ptx_stream(ds, 3, 1, 2, seed=5, consumed=4), 6)]
+    assert resumed == full[4:]
+    assert full[0] != full[3]  # the next epoch is reshuffled, not replayed
+
+
+def test_make_loader_leaves_the_global_rng_alone():
+    """A resumed run builds its loader after restoring the RNG; it must not shift the sampling stream."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(make_loader(RowIds(8), 2, 0, 1, seed=1, epoch=0)))
+    assert torch.equal(torch.rand(3), expected)

@@ -25,7 +25,9 @@ def tiny_manifest(name: str, storage: dict[str, Any], stages: dict[str, Any] | N
         "reward": {**base_stage, "zeroStage": 2, "learningRate": 1e-3, "maxSteps": 24, "epochs": 3},
         "ppo": {**base_stage, "actorZeroStage": 2, "criticZeroStage": 2, "generationBatchSize": 4,
                 "maxSteps": 3, "maxPromptLen": 32, "maxAnswerLen": 12, "actorLearningRate": 1e-4,
-                "criticLearningRate": 1e-4, "ptxCoef": 1.0, "ema": {"enabled": True, "beta": 0.9}},
+                "criticLearningRate": 1e-4, "ptxCoef": 1.0, "ema": {"enabled": True, "beta": 0.9},
+                # a checkpoint mid-run for the resume test; a short horizon so the adaptive KL coefficient moves
+                "checkpointEverySteps": 2, "adaptiveKl": {"enabled": True, "target": 0.5, "horizon": 40}},
     }
     for stage, extra in (stages or {}).items():
         spec_stages[stage] = {**spec_stages[stage], **extra}
@@ -100,6 +102,13 @@ class PipelineRun:
         if name not in self.done:
             self.done[name] = ok(run_stage(self.manifest, name, self.s3, self.uid))
         return self.done[name]
+
+    def copy_stage_models_from(self, other: PipelineRun, stages: tuple[str, ...]) -> None:
+        """Give this run the committed final models of ``other``'s earlier stages (as if it had trained them)."""
+        store = self.store()
+        for stage in stages:
+            local = other.fetch(other.layout.model_uri(stage), f"copy-{self.uid}-{stage}")
+            store.upload_dir(str(local), self.layout.model_uri(stage), producer=f"kuberlhf-stage-{stage}")
 
     def fetch(self, uri: str, local: str) -> Path:
         dest = self.workdir / local

@@ -15,9 +15,9 @@ from kuberlhf.stages.common import cache_key, tokenized_cache_dir
 from kuberlhf.stages.runtime import StageRun
 from kuberlhf.stages.supervised import maybe_crash, progress
 from kuberlhf.training import distributed as D
-from kuberlhf.training.checkpoint import load_engines, load_module_state, save_engines, save_module_state
+from kuberlhf.training.checkpoint import load_engines, load_module_state, save_engines, save_module_state, seed_all
 from kuberlhf.training.export import export_causal_lm
-from kuberlhf.training.loop import make_loader, rank_indices
+from kuberlhf.training.loop import batches_per_epoch, epoch_position, make_loader, rank_indices
 
 EMA_STATE_FILE = "ema_state.pt"
 
@@ -27,21 +27,28 @@ def split_micro(exp: dict[str, torch.Tensor], size: int) -> list[dict[str, torch
     return [{k: v[i:i + size] for k, v in exp.items()} for i in range(0, n, size)]
 
 
-def _ptx_batches(run: StageRun, tokenizer: Any, batch_size: int):
+def ptx_dataset(run: StageRun, tokenizer: Any):
+    """The tokenised pre-training corpus of mixed training, or ``None`` when it is off."""
     from kuberlhf.data import UnsupervisedDataset, unsupervised_texts
 
     st, spec = run.stage_spec, run.spec
     if st.ptx_coef == 0 or spec.data.unsupervised is None:
         return None
     texts = unsupervised_texts(spec.data, storage=spec.storage)
-    ds = UnsupervisedDataset(texts, tokenizer, spec.data.max_seq_len, cache_dir=tokenized_cache_dir(run),
-                             cache_key=cache_key(run, "ptx"))
+    return UnsupervisedDataset(texts, tokenizer, spec.data.max_seq_len, cache_dir=tokenized_cache_dir(run),
+                               cache_key=cache_key(run, "ptx"))
 
-    def forever():
-        for epoch in itertools.count():
-            yield from make_loader(ds, batch_size, run.dist.rank, run.dist.world_size, st.seed, epoch)
 
-    return forever()
+def ptx_stream(ds: Any, batch_size: int, rank: int, world: int, seed: int, consumed: int = 0):
+    """Endless ptx batches of this rank, starting after ``consumed`` batches, so a resumed run continues the
+    pre-training data where the interrupted one stopped."""
+    per_epoch = batches_per_epoch(len(ds), batch_size, rank, world)
+    if per_epoch == 0:
+        raise ValueError(f"data.unsupervised: {len(ds)} texts give no batch of perDeviceBatchSize {batch_size} "
+                         f"on {world} ranks; add texts or lower spec.stages.ppo.perDeviceBatchSize")
+    start_epoch, skip = epoch_position(consumed, per_epoch)
+    for epoch in itertools.count(start_epoch):
+        yield from make_loader(ds, batch_size, rank, world, seed, epoch, skip if epoch == start_epoch else 0)
 
 
 def run_ppo(run: StageRun) -> None:
@@ -67,8 +74,9 @@ def run_ppo(run: StageRun) -> None:
     total_iters = iters_per_epoch * st.epochs
     if st.max_steps:
         total_iters = min(total_iters, st.max_steps)
-    ptx = _ptx_batches(run, tokenizer, micro)
-    per_iter = st.ppo_epochs * ((gen_bs + micro - 1) // micro) * (2 if ptx else 1)
+    ptx_ds = ptx_dataset(run, tokenizer)
+    micro_per_iter = st.ppo_epochs * ((gen_bs + micro - 1) // micro)
+    per_iter = micro_per_iter * (2 if ptx_ds is not None else 1)
     engine = RLHFEngine(str(actor_dir), str(critic_dir), tokenizer, options,
                         num_total_iters=max(1, total_iters * per_iter // options.actor_settings.grad_accum))
     trainer = PPOTrainer(engine, PPOSettings.from_spec(st), world_size=dist.world_size)
@@ -82,6 +90,11 @@ def run_ppo(run: StageRun) -> None:
             load_module_state(engine.ema, local / EMA_STATE_FILE)
         trainer.kl_ctl.value = float(state["kl_coef"])
         step = int(state["step"])
+    else:  # a resumed run continues the RNG stream of its checkpoint instead
+        seed_all(st.seed + dist.rank)
+    # one ptx batch follows every PPO micro-batch step
+    ptx = None if ptx_ds is None else ptx_stream(ptx_ds, micro, dist.rank, dist.world_size, st.seed,
+                                                  consumed=step * micro_per_iter)
 
     bar = progress(total_iters, step, dist.is_main, "ppo")
     while step < total_iters:

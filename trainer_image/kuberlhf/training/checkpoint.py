@@ -19,6 +19,14 @@ def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (the sampling RNG of generation), so a fresh run does not depend on how much
+    randomness set-up code happened to draw."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -34,7 +34,17 @@ def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if skips_gradient_allreduce(engine.zero_optimization_stage(), engine.dp_world_size, engine.mpu):
+        # averaging gradients over one rank is the identity, but DeepSpeed still flattens, all-reduces (gloo
+        # here) and copies them back on every backward
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def skips_gradient_allreduce(zero_stage: int, dp_world_size: int, mpu: Any = None) -> bool:
+    """Whether the backward gradient all-reduce can be switched off: one data-parallel rank, ZeRO 0 (ZeRO 1-3
+    move gradients into their partitions in that step too) and no model parallelism."""
+    return zero_stage == 0 and dp_world_size == 1 and mpu is None
 
 
 def rank_indices(dataset_len: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True
@@ -50,8 +60,23 @@ def make_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed: 
                 skip_batches: int = 0, shuffle: bool = True, drop_last: bool = True) -> DataLoader:
     """The epoch's batches of this rank, starting after ``skip_batches`` (resume mid-epoch)."""
     indices = rank_indices(len(dataset), rank, world, seed, epoch, shuffle)[skip_batches * batch_size:]
+    # a DataLoader draws its base seed from the global torch RNG unless it has its own generator; that draw
+    # would shift the sampling RNG of a resumed run (which builds its loader after restoring the RNG state)
+    # against an uninterrupted one (which built it before)
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=dataset.collate,
-                      drop_last=drop_last)
+                      drop_last=drop_last, generator=torch.Generator())
+
+
+def batches_per_epoch(dataset_len: int, batch_size: int, rank: int, world: int) -> int:
+    """Full batches one rank gets per epoch from :func:`make_loader` (``drop_last``)."""
+    return len(rank_indices(dataset_len, rank, world, 0, 0, shuffle=False)) // batch_size
+
+
+def epoch_position(consumed: int, per_epoch: int) -> tuple[int, int]:
+    """(epoch, batches to skip in it) after ``consumed`` batches of ``per_epoch`` each (endless iteration)."""
+    if per_epoch <= 0:
+        return 0, 0
+    return divmod(consumed, per_epoch)
 
 
 @dataclass(frozen=True)
