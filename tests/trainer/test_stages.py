@@ -166,3 +166,77 @@ def test_sft_interrupted_and_resumed_matches_uninterrupted(zero2, s3_server, buc
     w2 = load_file(str(resumed.fetch(resumed.layout.model_uri("sft"), "sft-model") / "model.safetensors"))
     for name, tensor in w1.items():
         assert torch.allclose(tensor, w2[name], atol=1e-4), name
+
+
+def test_ppo_interrupted_and_resumed_matches_uninterrupted(zero2, s3_server, bucket_storage, tmp_path):
+    """PPO (2 ranks, ZeRO-2, EMA, ptx, adaptive KL) crashes right after its step-2 checkpoint and is started
+    again: it resumes from ckpt/step-2 (actor + critic optimizer and scheduler, EMA weights, KL coefficient,
+    RNG, prompt and ptx data positions) and ends where the uninterrupted run (zero2's ppo, same spec) ended."""
+    from safetensors.torch import load_file
+    from trainer_stage_helpers import run_stage
+
+    from kuberlhf.stages.supervised import FAIL_AT_STEP_ENV
+
+    zero2.stage("ppo")
+    resumed = PipelineRun(zero2.manifest, s3_server, tmp_path)
+    resumed.copy_stage_models_from(zero2, ("sft", "reward"))
+    crashed = run_stage(resumed.manifest, "ppo", s3_server, resumed.uid, extra_env={FAIL_AT_STEP_ENV: "2"})
+    assert crashed.returncode != 0
+    store = resumed.store()
+    assert not store.is_complete(resumed.layout.stage_uri("ppo"))
+    assert [step for step, _ in store.list_checkpoints(resumed.layout.ckpt_root("ppo"))] == [2]
+
+    resumed.stage("ppo")  # same command again: resumes at step 3
+    base = {m["step"]: m for m in zero2.metrics("ppo")}
+    again = {m["step"]: m for m in resumed.metrics("ppo")}
+    assert sorted(base) == sorted(again) == [1, 2, 3]
+    # the adaptive controller moved, so restoring it (not the spec's initial klCoef) is what step 3 tests
+    assert base[3]["kl_coef"] != base[1]["kl_coef"]
+    for step in base:
+        for key in ("reward", "kl", "actor_loss", "critic_loss", "ptx_loss", "return", "kl_coef", "answer_len"):
+            assert again[step][key] == pytest.approx(base[step][key], rel=1e-4, abs=1e-5), (step, key)
+    for uri_of, name in ((lambda r: r.layout.model_uri("ppo"), "actor"), (lambda r: r.layout.ema_uri(), "ema")):
+        w1 = load_file(str(zero2.fetch(uri_of(zero2), f"ppo-{name}-base") / "model.safetensors"))
+        w2 = load_file(str(resumed.fetch(uri_of(resumed), f"ppo-{name}-resumed") / "model.safetensors"))
+        assert w1.keys() == w2.keys()
+        for key, tensor in w1.items():
+            assert torch.allclose(tensor, w2[key], atol=1e-5), (name, key)
+
+
+def test_deepspeed_launcher_two_ranks_matches_our_spawner(zero2, s3_server, tmp_path):
+    """The real `deepspeed --num_gpus 2` CLI (on CPU) launching the stage module: it passes `--local_rank=N`
+    and its own env (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, CROSS_RANK, MASTER_*) to each rank. Same spec as
+    zero2's sft, which `kuberlhf stage` ran with its own elastic spawner: same losses, same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from trainer_stage_helpers import STAGE_TIMEOUT_S, ok
+
+    from kuberlhf.training.distributed import free_port
+
+    zero2.stage("sft")
+    launched = PipelineRun(zero2.manifest, s3_server, tmp_path)
+    manifest_file = tmp_path / "pipeline.json"
+    manifest_file.write_text(json.dumps(zero2.manifest))
+    # a user's shell outside Kubernetes: only the storage keys and where to put the outputs
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(s3_server.credentials_env(), KUBERLHF_NAMESPACE="test", KUBERLHF_PIPELINE_UID=launched.uid,
+               PYTHONWARNINGS="ignore::FutureWarning")
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    ok(subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                       "kuberlhf.stages.worker", "sft", "--pipeline", str(manifest_file)],
+                      env=env, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S))
+    assert launched.store().is_complete(launched.layout.stage_uri("sft"))
+    base = {(m["step"], m["split"]): m["loss"] for m in zero2.metrics("sft")}
+    again = {(m["step"], m["split"]): m["loss"] for m in launched.metrics("sft")}
+    assert sorted(again) == sorted(base)
+    for key, loss in base.items():
+        assert again[key] == pytest.approx(loss, rel=1e-4, abs=1e-4), key
+    w1 = load_file(str(zero2.fetch(zero2.layout.model_uri("sft"), "sft-model") / "model.safetensors"))
+    w2 = load_file(str(launched.fetch(launched.layout.model_uri("sft"), "sft-ds") / "model.safetensors"))
+    for name, tensor in w1.items():
+        assert torch.allclose(tensor, w2[name], atol=1e-4), name

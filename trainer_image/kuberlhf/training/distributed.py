@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +103,16 @@ def init_distributed(accelerator: str, timeout_s: int = 1800) -> DistInfo:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else "nccl",
                                timeout=datetime.timedelta(seconds=timeout_s))
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return DistInfo(rank=rank, local_rank=int(os.environ.get("LOCAL_RANK", rank % local_world)), world_size=world,
-                    local_world_size=local_world, node_rank=int(os.environ.get("GROUP_RANK", rank // local_world)))
+    return dist_info(os.environ, torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def dist_info(env: Mapping[str, str], rank: int, world: int) -> DistInfo:
+    """This rank's place from the launcher's env: torchrun sets LOCAL_WORLD_SIZE and GROUP_RANK, the DeepSpeed
+    launcher LOCAL_SIZE and CROSS_RANK; with neither, all ranks are on one node."""
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
+    node_rank = env.get("GROUP_RANK") or env.get("CROSS_RANK")
+    return DistInfo(rank=rank, local_rank=int(env.get("LOCAL_RANK", rank % local_world)), world_size=world,
+                    local_world_size=local_world, node_rank=int(node_rank) if node_rank else rank // local_world)
 
 
 def barrier() -> None:
