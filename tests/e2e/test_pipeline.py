@@ -6,7 +6,9 @@ RBAC is what it has), real `kuberlhf stage` processes writing checkpoints to the
 chat Deployment's real `kuberlhf serve` answered by the official openai client. Only the node is a stand-in: the
 process kubelet (tests/harness/process_kubelet.py documents its substitutions).
 
-During the one run the test injects faults: it kills the operator mid-stage and again at the sft -> reward
+The pipeline's pods select a node label the process kubelet's node lacks at first, so the run starts Pending
+(unschedulable, with the scheduler's message and an Event) until the test labels the node, as a GPU pool that
+scales up would. During the one run the test also injects faults: it kills the operator mid-stage and again at the sft -> reward
 boundary, and it kills the sft pod's process right after its first checkpoint was committed.
 """
 
@@ -40,6 +42,7 @@ NAME = "tiny"
 OPERATOR_NS = "kuberlhf-system"
 GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RUN_TIMEOUT = 720
+GPU_POOL_LABEL = "kuberlhf.io/e2e-gpu-pool"
 
 
 def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
@@ -57,6 +60,7 @@ def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
     st["reward"].update(epochs=1, maxSteps=8, checkpointEverySteps=0, perDeviceBatchSize=8)
     st["ppo"].update(maxSteps=4, checkpointEverySteps=2, perDeviceBatchSize=4, generationBatchSize=4, maxAnswerLen=8)
     spec["serving"].update(maxNewTokens=16, resources={})
+    spec["podTemplate"] = {"nodeSelector": {GPU_POOL_LABEL: "ready"}}
     return obj
 
 
@@ -74,6 +78,7 @@ class Run:
     sft_kill_step: int = 0
     operator_kills: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    pending_status: dict[str, Any] = field(default_factory=dict)  # status while no node matched
 
     def pipeline(self) -> dict[str, Any]:
         return self.api.get(f"{GROUP_PATH}/namespaces/{self.ns}/rlhfpipelines/{NAME}")
@@ -198,6 +203,10 @@ def _drive(r: Run) -> None:
     from kuberlhf.storage import ObjectStore
 
     sft1 = job_name(NAME, "sft", 1)
+    # No node has the pool label yet: the pipeline is Pending with the scheduler's reason; then the pool "scales up".
+    r.pending_status = wait_for(lambda: (st := r.status()).get("reason") == "Unschedulable" and st,
+                                "the pipeline to report its unschedulable pod", 60, 0.2, describe=r.describe)
+    r.control_plane.kubectl("label", "node", "--overwrite", r.kubelet.node_name, f"{GPU_POOL_LABEL}=ready")
     wait_for(lambda: r.kubelet.active(r.ns, {"job-name": sft1}), "the first sft pod to run", 120, 0.3, describe=r.describe)
     r.kill_operator("mid-stage (sft running)")
 
@@ -228,6 +237,10 @@ def test_pipeline_walks_every_stage_and_succeeds(run):
     stages = [s for _, s in run.history if s]
     order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
     assert order == ["sft", "reward", "ppo", "serving", "done"], run.history
+    # Pending (API conventions) while no pod of the sft Job could run, then Running.
+    assert run.history.index(("Pending", "sft")) < run.history.index(("Running", "sft")), run.history
+    assert run.pending_status["phase"] == "Pending" and run.pending_status["stages"]["sft"]["phase"] == "Pending"
+    assert "didn't match Pod's node affinity/selector" in run.pending_status["message"], run.pending_status
     assert run.history[-1] == ("Succeeded", "done")
     assert run.operator_kills == ["mid-stage (sft running)", "at the sft -> reward boundary"]
 
@@ -251,6 +264,7 @@ def test_events_record_every_transition(run):
                          fieldSelector=f"involvedObject.name={NAME},involvedObject.kind=RLHFPipeline")["items"]
     reasons = [e["reason"] for e in sorted(events, key=lambda e: e.get("firstTimestamp") or "")]
     assert "StageRetrying" in reasons and "Succeeded" in reasons, reasons
+    assert reasons.count("Unschedulable") == 1 and reasons.index("Unschedulable") < reasons.index("StageRunning")
     assert reasons.count("StageSucceeded") == 3, reasons
     retry = next(e for e in events if e["reason"] == "StageRetrying")
     assert retry["type"] == "Warning" and "sft" in retry["message"]

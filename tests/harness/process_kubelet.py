@@ -18,6 +18,10 @@ Substitutions, because nothing real can run them here (each one documented where
   cluster) and to env JOB_COMPLETION_INDEX (as current Kubernetes injects it).
 - Volumes are not mounted; the container's working directory is a per-pod temporary directory.
 - The termination message is the log's tail (FallbackToLogsOnError): /dev/termination-log cannot exist here.
+- Scheduling: the kubelet binds pods itself, and only when the pod's nodeSelector matches its Node's labels (as
+  read from the API server, so a test can `kubectl label node process-kubelet ...`); until then the pod stays
+  Pending with PodScheduled=False, reason Unschedulable and the scheduler's message, re-checked every second.
+  Resource requests (nvidia.com/gpu), affinity and taints are not checked.
 - Probes run from the first second (initialDelaySeconds ignored); liveness probes are not run.
 - The pod env starts from the test process's env (PATH, HOME, offline-hub settings) minus KUBECONFIG and AWS
   credentials, so a pod only has credentials its spec gives it.
@@ -360,6 +364,13 @@ class ProcessKubelet:
         pod = run.pod
         spec = pod["spec"]
         if not spec.get("nodeName"):
+            while (why := self._unschedulable(run)) is not None:
+                self._write_status(run, {"phase": "Pending", "conditions": [{
+                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why,
+                    "lastProbeTime": None, "lastTransitionTime": now_rfc3339()}]})
+                if run.delete_requested.wait(1.0):
+                    self._finish_deleted(run)
+                    return
             self._bind(run)
         run.workdir.mkdir(parents=True, exist_ok=True)
         self._assign_index(run)
@@ -628,6 +639,16 @@ class ProcessKubelet:
         except ApiError as e:
             if e.status != 409:  # 409: already bound (a previous kubelet of this node)
                 raise
+
+    def _unschedulable(self, run: PodRun) -> str | None:
+        """The scheduler's message when the pod's nodeSelector does not match this node's labels, else None."""
+        selector = run.pod["spec"].get("nodeSelector") or {}
+        if not selector:
+            return None
+        labels = (self.api.get(f"/api/v1/nodes/{self.node_name}").get("metadata") or {}).get("labels") or {}
+        if all(labels.get(k) == v for k, v in selector.items()):
+            return None
+        return "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
 
     def _confirm_delete(self, namespace: str, name: str, uid: str) -> None:
         # A bound pod's graceful deletion ends when its kubelet confirms with grace period 0.
