@@ -46,10 +46,11 @@ class Owner:
     uid: str
 
     def reference(self) -> dict[str, Any]:
-        # No blockOwnerDeletion: setting it needs 'update' on rlhfpipelines/finalizers, which the operator's
-        # RBAC deliberately lacks; garbage collection works the same without it.
+        # blockOwnerDeletion: a foreground deletion of the pipeline (kubectl delete --cascade=foreground) waits
+        # until its Jobs, Services and Deployment are gone. Setting it needs `update` on rlhfpipelines/finalizers
+        # (the chart's RBAC grants it; the e2e API server enforces it).
         return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": self.name, "uid": self.uid,
-                "controller": True}
+                "controller": True, "blockOwnerDeletion": True}
 
 
 def fit_name(name: str, limit: int = MAX_NAME) -> str:

@@ -10,6 +10,7 @@ from chart.helm import render_chart
 NAMESPACED: dict[tuple[str, str], set[str]] = {
     ("kuberlhf.io", "rlhfpipelines"): {"get", "list", "watch", "patch"},
     ("kuberlhf.io", "rlhfpipelines/status"): {"get", "patch", "update"},
+    ("kuberlhf.io", "rlhfpipelines/finalizers"): {"update"},  # to set blockOwnerDeletion on children
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "services"): {"create", "get", "list", "watch", "delete"},
     ("apps", "deployments"): {"create", "get", "list", "watch", "patch", "delete"},

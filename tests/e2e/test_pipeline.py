@@ -320,7 +320,11 @@ def test_chat_pod_answers_an_openai_request(run):
 
 
 def test_deleting_the_pipeline_garbage_collects_its_children(run):
-    run.control_plane.kubectl("delete", "rlhf", NAME, "-n", run.ns, "--wait=false")
+    # Foreground: the pipeline stays (deletionTimestamp, foregroundDeletion finalizer) until the garbage collector
+    # deleted every child that blocks its owner's deletion, then goes itself.
+    run.control_plane.kubectl("delete", "rlhf", NAME, "-n", run.ns, "--cascade=foreground", "--wait=false")
+    meta = run.pipeline()["metadata"]
+    assert meta.get("deletionTimestamp") and "foregroundDeletion" in meta.get("finalizers", []), meta
 
     def leftovers() -> list[str]:
         out = []
@@ -333,3 +337,5 @@ def test_deleting_the_pipeline_garbage_collects_its_children(run):
     wait_for(lambda: not leftovers(), "the garbage collector to delete every child of the pipeline", 120, 1.0,
              describe=lambda: str(leftovers()))
     assert not run.kubelet.active(run.ns), "processes of deleted pods still run"
+    wait_for(lambda: not run.api.get(f"{GROUP_PATH}/namespaces/{run.ns}/rlhfpipelines")["items"],
+             "the pipeline itself to go after its children", 30, 0.5)

@@ -181,6 +181,9 @@ class ControlPlane:
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
+            # As on managed clusters: setting blockOwnerDeletion needs `update` on the owner's finalizers, so the
+            # e2e tier checks that the chart's RBAC grants what the operator's children need.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             # one machine, 2 cores: the flow-control queues and profiling only cost CPU here
             "--enable-priority-and-fairness=false", "--profiling=false",
             f"--v={self.verbosity}",

@@ -73,6 +73,7 @@ def test_every_manifest_passes_strict_validation(spec, gpu_spec, variant) -> Non
     for obj in objs:
         validate(obj)
         assert obj["metadata"]["ownerReferences"] == [OWNER.reference()]
+        assert obj["metadata"]["ownerReferences"][0]["blockOwnerDeletion"] is True
         assert obj["metadata"]["labels"]["kuberlhf.io/pipeline"] == OWNER.name
         assert len(obj["metadata"]["name"]) <= 63
 

@@ -72,6 +72,11 @@ Secrets: only get (the operator checks spec.storage.secretRef exists; pods read 
 - apiGroups: [kuberlhf.io]
   resources: [rlhfpipelines/status]
   verbs: [get, patch, update]
+# Children carry blockOwnerDeletion (foreground deletion of a pipeline waits for them); the API server lets only
+# those who may update the owner's finalizers set it.
+- apiGroups: [kuberlhf.io]
+  resources: [rlhfpipelines/finalizers]
+  verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, watch, patch, delete]
