@@ -116,3 +116,71 @@ def test_adaptive_kl_controller():
     ctl = pm.AdaptiveKLController(value=0.1, target=6.0, horizon=10000)
     assert ctl.update(3.0, 100) == pytest.approx(0.0998)
     assert pm.FixedKLController(0.3).update(100.0, 5) == 0.3
+
+
+def gae_by_recursion(rewards, values, mask, gamma, lam):
+    """The textbook backward loop, as the reference of the closed form."""
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    n = rewards.shape[1]
+    for i in reversed(range(n)):
+        next_mask = mask[:, i + 1] if i + 1 < n else torch.zeros_like(last)
+        next_value = values[:, i + 1] * next_mask if i + 1 < n else torch.zeros_like(last)
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        last = (delta + gamma * lam * next_mask * last) * mask[:, i]
+        adv[:, i] = last
+    return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.5), (0.99, 0.0), (0.0, 1.0)])
+def test_gae_closed_form_equals_the_recursion(gamma, lam):
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
+    mask = torch.zeros(6, 40)
+    mask[0, 10:30] = 1  # prompt, answer, padding
+    mask[1, 5:] = 1  # answer to the end
+    mask[2, 1:4] = 1
+    mask[2, 7:9] = 1  # two runs: the recursion restarts after a gap
+    mask[4, 39] = 1  # a single action at the end; row 3: no actions at all
+    mask[5] = (torch.rand(40, generator=g) > 0.5).float()
+    adv, ret = pm.gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = gae_by_recursion(rewards, values, mask, gamma, lam)
+    assert torch.allclose(adv, ref_adv, atol=1e-5) and torch.allclose(ret, ref_ret, atol=1e-5)
+    assert torch.equal(adv[3], torch.zeros(40))
+
+
+def test_answer_logprobs_layout_by_hand():
+    # prompt of 2 tokens, 2 generated: step 0 scores token 2 (shifted position 1), step 1 token 3 (position 2)
+    seq = torch.tensor([[5, 6, 1, 0]])
+    step_logits = torch.log(t([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]]))  # already normalised
+    out = pm.answer_logprobs(step_logits, seq, prompt_len=2)
+    assert out.shape == (1, 3)
+    assert torch.allclose(out, t([[0.0, math.log(0.25), math.log(0.1)]]))
+
+
+def test_generation_logits_give_the_forward_pass_logprobs():
+    """The identity behind reusing generation: the raw logits of KV-cache sampling (``output_logits``) give the
+    same log-probs of the sampled answer as a full forward over the left-padded sequence."""
+    from kuberlhf.models.loading import load_tokenizer
+    from kuberlhf.models.tiny import TINY_MODEL_NAME, tiny_causal_lm
+    from kuberlhf.rlhf.trainer import answer_mask, position_ids
+
+    tok = load_tokenizer(TINY_MODEL_NAME, padding_side="left")
+    model = tiny_causal_lm(11).eval()
+    enc = tok([" Human: name a color Assistant:", " Human: hi Assistant:"], return_tensors="pt", padding=True)
+    p_len = enc.input_ids.shape[1]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=True, top_k=0, temperature=0.7,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             return_dict_in_generate=True, output_logits=True)
+        seq = out.sequences
+        mask = torch.cat([enc.attention_mask, answer_mask(seq[:, p_len:], tok.eos_token_id, tok.pad_token_id)], 1)
+        seq = torch.where(mask.bool(), seq, torch.full_like(seq, tok.pad_token_id))
+        forward = pm.token_logprobs(model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)
+                                          ).logits, seq)
+    reused = pm.answer_logprobs(torch.stack(out.logits, dim=1), seq, p_len)
+    actions = mask[:, 1:].clone()
+    actions[:, : p_len - 1] = 0
+    assert int(actions.sum()) >= 4
+    assert torch.allclose(reused * actions, forward * actions, atol=1e-5)

@@ -1,6 +1,7 @@
 """The README's "Python API" block, run verbatim in one process (DeepSpeed's init_distributed on gloo, world
 size 1) from a directory laid out like after `kuberlhf run examples/tiny-cpu.yaml --output-dir out/tiny`
-(tiny random-weight step-1 and step-2 models under out/tiny/)."""
+(tiny random-weight step-1 and step-2 models under out/tiny/). The same run then checks generate_experience's
+shortcuts against full forward passes through the engines."""
 
 from __future__ import annotations
 
@@ -14,7 +15,22 @@ from pathlib import Path
 
 REPORT = """
 import json, math
+import torch
+from kuberlhf.rlhf import ppo_math as pm
+from kuberlhf.rlhf.trainer import position_ids
+
+# the shortcuts of generate_experience against plain full forwards through the same engines: the actor's
+# log-probs taken from generation's logits, the reference's from a LM head run on the answer positions only
+torch.manual_seed(1)
+exp2 = trainer.generate_experience(prompt_batch)
+with torch.no_grad():
+    seq2, mask2, act2 = exp2["seq"], exp2["attention_mask"], exp2["action_mask"]
+    full = {name: pm.token_logprobs(eng(input_ids=seq2, attention_mask=mask2, position_ids=position_ids(mask2),
+                                        use_cache=False).logits, seq2) for name, eng in
+            (("logprobs", engine.actor), ("ref_logprobs", engine.ref))}
+diffs = {k: float(((exp2[k] - v).abs() * act2).max()) for k, v in full.items()}
 print("API-RESULT " + json.dumps({
+    "diffs": diffs, "actions2": int(act2.sum()),
     "keys": sorted(exp), "actor_loss": float(actor_loss), "critic_loss": float(critic_loss),
     "batch": int(exp["seq"].shape[0]), "prompt_len": int(prompt_batch["prompt_input_ids"].shape[1]),
     "seq_len": int(exp["seq"].shape[1]), "actions": exp["action_mask"].sum(1).tolist(),
@@ -61,3 +77,6 @@ def test_readme_python_api_runs_in_one_process(repo_root, tmp_path):
     assert all(1 <= n <= res["max_answer_len"] for n in res["actions"]), res["actions"]
     # a finite clipped-surrogate loss and a positive value loss (the critic starts as a random reward model)
     assert abs(res["actor_loss"]) < 1e3 and 0 < res["critic_loss"] < 1e6
+    # generate_experience's log-probs equal full forward passes (fp32: float rounding only)
+    assert res["actions2"] >= 2
+    assert res["diffs"]["logprobs"] < 1e-4 and res["diffs"]["ref_logprobs"] < 1e-4, res["diffs"]

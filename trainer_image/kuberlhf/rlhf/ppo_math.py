@@ -63,6 +63,21 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def answer_logprobs(step_logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The actor's log-probs of its sampled answer from the raw per-step logits of generation, laid out like
+    :func:`token_logprobs` of the full sequence: (B, A, V), (B, P + A) -> (B, P + A - 1), zero on the prompt.
+
+    Generation step ``j`` scores token ``P + j`` (position ``P - 1 + j`` of the shifted sequence). With the
+    KV cache those logits are a forward pass over the same prefix, so this equals ``token_logprobs`` of a
+    full forward at every answer position up to float rounding; the raw logits are the policy's (no
+    temperature or top-p), as in a forward pass."""
+    b, a = step_logits.shape[:2]
+    out = torch.zeros(b, prompt_len + a - 1, dtype=torch.float32, device=step_logits.device)
+    logp = F.log_softmax(step_logits.float(), dim=-1)
+    out[:, prompt_len - 1:] = logp.gather(-1, seq[:, prompt_len:prompt_len + a].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -87,17 +102,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """Generalised advantage estimation over the actions -> (advantages, returns), both zero off the actions.
 
     The value after the last action is 0 (the episode ends there), so the recursion restarts at each
-    sequence's end regardless of what the critic says about padding."""
+    sequence's end regardless of what the critic says about padding. The backward recursion
+    ``A_t = m_t (delta_t + gamma lam m_{t+1} A_{t+1})`` is evaluated in closed form (no Python loop over
+    positions): ``A_t = m_t sum_{k>=t} (gamma lam)^(k-t) delta_k`` over the unbroken run of actions after
+    ``t`` (binary mask)."""
     mask = mask.to(values.dtype)
+    zero = torch.zeros_like(mask[:, :1])
+    next_mask = torch.cat([mask[:, 1:], zero], dim=1)
+    next_values = torch.cat([values[:, 1:], zero], dim=1) * next_mask
+    delta = rewards + gamma * next_values - values
     t_len = rewards.shape[1]
-    advantages = torch.zeros_like(values)
-    last_gae = torch.zeros_like(values[:, 0])
-    for t in reversed(range(t_len)):
-        next_mask = mask[:, t + 1] if t + 1 < t_len else torch.zeros_like(mask[:, 0])
-        next_value = values[:, t + 1] * next_mask if t + 1 < t_len else torch.zeros_like(values[:, 0])
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = (delta + gamma * lam * next_mask * last_gae) * mask[:, t]
-        advantages[:, t] = last_gae
+    pos = torch.arange(t_len, device=values.device)
+    lag = pos.unsqueeze(0) - pos.unsqueeze(1)  # [t, k] = k - t
+    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0).to(values.dtype), 0.0)
+    # k belongs to t's run iff no non-action lies in (t, k]: the count of gaps so far is the same at t and k
+    gaps = torch.cumsum(1 - mask, dim=1)
+    same_run = gaps.unsqueeze(2) == gaps.unsqueeze(1)  # [b, t, k]
+    advantages = torch.einsum("btk,bk->bt", discount * same_run, delta) * mask
     returns = (advantages + values) * mask
     return advantages.detach(), returns.detach()
 

@@ -29,6 +29,9 @@ class PPOSettings:
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: int = 10000
+    # the actor's log-probs of its samples from generation's own logits instead of one more forward pass
+    # (identical up to float rounding: see ppo_math.answer_logprobs)
+    reuse_generation_logprobs: bool = True
 
     @classmethod
     def from_spec(cls, st: Any) -> PPOSettings:
@@ -55,11 +58,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _accepts_position_ids(module: Any) -> bool:
+def _forward_params(module: Any) -> set[str]:
+    """Keyword arguments the wrapped causal LM's forward takes (through a peft wrapper, whose own forward is
+    ``**kwargs``)."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
     try:
-        return "position_ids" in inspect.signature(module.forward).parameters
+        return set(inspect.signature(base.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
 
 
 class PPOTrainer:
@@ -73,27 +79,61 @@ class PPOTrainer:
                        if settings.adaptive_kl else pm.FixedKLController(settings.kl_coef))
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
-        self._lm_pos = _accepts_position_ids(self.actor.module)
+        params = _forward_params(self.actor.module)
+        self._lm_pos = "position_ids" in params
+        # transformers' logits_to_keep: the LM head only on the positions that score answer tokens
+        self._lm_keep = "logits_to_keep" in params
 
     # --- experience ------------------------------------------------------------------------------------
-    def _lm_logits(self, engine: Any, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {"position_ids": position_ids(mask)} if self._lm_pos else {}
-        return engine(input_ids=seq, attention_mask=mask, use_cache=False, **kwargs).logits
+    def _lm_logits(self, engine: Any, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        kwargs = {"position_ids": position_ids(mask) if pos is None else pos} if self._lm_pos else {}
+        return self._frozen_or_engine(engine)(input_ids=seq, attention_mask=mask, use_cache=False, **kwargs).logits
+
+    def _answer_logprobs(self, engine: Any, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                         pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probs of the answer tokens (zero on the prompt), (B, L-1) like ``token_logprobs``. The LM head
+        and log-softmax run only on the ``A + 1`` positions from the last prompt token on (every prompt of a
+        batch is left-padded to ``prompt_len``), which is the same per-position computation as slicing full
+        logits; the prompt's logits are never needed."""
+        if not self._lm_keep:
+            return pm.token_logprobs(self._lm_logits(engine, seq, mask, pos), seq)
+        kwargs = {"position_ids": position_ids(mask) if pos is None else pos} if self._lm_pos else {}
+        tail = self._frozen_or_engine(engine)(input_ids=seq, attention_mask=mask, use_cache=False,
+                                              logits_to_keep=seq.shape[1] - prompt_len + 1, **kwargs).logits
+        return pm.answer_logprobs(tail[:, :-1], seq, prompt_len)
+
+    def _frozen_or_engine(self, engine: Any) -> Any:
+        """Inference forwards (no_grad) of an engine that does not partition weights go straight to its module:
+        the DeepSpeed engine's forward wrapper only adds per-call bookkeeping there. Training forwards and
+        ZeRO-3 engines (whose wrapper coordinates parameter gathering) keep the engine."""
+        if torch.is_grad_enabled() or engine.zero_optimization_partition_weights():
+            return engine
+        return engine.module
 
     @torch.no_grad()
-    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """KV-cache sampling from the actor; under ZeRO-3 with several ranks every rank keeps stepping until all
-        are done (``synced_gpus``), or the parameter all-gathers would deadlock."""
+    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, return_logits: bool = False):
+        """KV-cache sampling from the actor -> the sequences, or ``(sequences, step_logits | None)`` with
+        ``return_logits`` (raw logits of each generated position, (B, A, V)). Under ZeRO-3 with several ranks
+        every rank keeps stepping until all are done (``synced_gpus``), or the parameter all-gathers would
+        deadlock."""
         self.actor.eval()
         synced = self.rlhf.actor_zero3 and self.world_size > 1
         # the hybrid engine (CUDA only) swaps in its inference kernels through engine.generate; plain engines
         # generate through the wrapped HF module
         hybrid = bool(getattr(self.actor, "_config", None) and self.actor._config.hybrid_engine.enabled)
         gen = self.actor.generate if hybrid else self.actor.module.generate
-        return gen(
+        out = gen(
             input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=self.s.max_answer_len, do_sample=True,
             temperature=self.s.temperature, top_p=self.s.top_p, top_k=0, pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id, synced_gpus=synced, use_cache=True)
+            eos_token_id=self.eos_id, synced_gpus=synced, use_cache=True,
+            return_dict_in_generate=return_logits, output_logits=return_logits)
+        if not return_logits:
+            return out
+        if isinstance(out, torch.Tensor):  # a generate that ignores output_logits
+            return out, None
+        logits = getattr(out, "logits", None)
+        return out.sequences, (torch.stack(logits, dim=1) if logits else None)
 
     @torch.no_grad()
     def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,18 +142,21 @@ class PPOTrainer:
         device = self.actor.device
         prompts = prompt_batch["prompt_input_ids"].to(device)
         prompt_mask = prompt_batch["prompt_attention_mask"].to(device)
-        seq = self.generate(prompts, prompt_mask)
+        seq, step_logits = self.generate(prompts, prompt_mask, return_logits=self.s.reuse_generation_logprobs)
         p_len = prompts.shape[1]
         ans_mask = answer_mask(seq[:, p_len:], self.eos_id, self.pad_id)
         mask = torch.cat([prompt_mask.long(), ans_mask], dim=1)
         seq = torch.where(mask.bool(), seq, torch.full_like(seq, self.pad_id))
         action_mask = mask[:, 1:].clone()
         action_mask[:, : p_len - 1] = 0
-        logprobs = pm.token_logprobs(self._lm_logits(self.actor, seq, mask), seq)
-        ref_logprobs = pm.token_logprobs(self._lm_logits(self.ref, seq, mask), seq)
         pos = position_ids(mask)
-        values, _ = self.critic(seq, mask, pos)
-        _, scores = self.reward(seq, mask, pos)
+        if step_logits is not None:
+            logprobs = pm.answer_logprobs(step_logits, seq, p_len)
+        else:
+            logprobs = self._answer_logprobs(self.actor, seq, mask, p_len, pos)
+        ref_logprobs = self._answer_logprobs(self.ref, seq, mask, p_len, pos)
+        values, _ = self._frozen_or_engine(self.critic)(seq, mask, pos)
+        _, scores = self._frozen_or_engine(self.reward)(seq, mask, pos)
         self.actor.train()
         return {"prompts": prompts, "seq": seq, "attention_mask": mask, "action_mask": action_mask,
                 "logprobs": logprobs.float(), "ref_logprobs": ref_logprobs.float(),
@@ -132,7 +175,10 @@ class PPOTrainer:
             exp = {**exp, **self.advantages(exp)}
         seq, mask, amask = exp["seq"], exp["attention_mask"], exp["action_mask"]
         self.actor.train()
-        logprobs = pm.token_logprobs(self._lm_logits(self.actor, seq, mask), seq)
+        if "prompts" in exp:
+            logprobs = self._answer_logprobs(self.actor, seq, mask, exp["prompts"].shape[1])
+        else:  # an experience built by hand: no prompt length to cut at
+            logprobs = pm.token_logprobs(self._lm_logits(self.actor, seq, mask), seq)
         actor_loss = pm.policy_loss(logprobs, exp["logprobs"], exp["advantages"], amask, self.s.clip_range)
         self.actor.backward(actor_loss)
         self.actor.step()
