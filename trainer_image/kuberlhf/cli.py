@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import typer
 
@@ -13,6 +14,21 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+
+@app.callback()
+def _root(
+    local_rank: int | None = typer.Option(
+        None, "--local_rank", "--local-rank", hidden=True,
+        help="set by the DeepSpeed launcher, which puts it before the sub-command",
+    ),
+) -> None:
+    # `deepspeed $(which kuberlhf) stage sft` runs `kuberlhf --local_rank=N stage sft`: keep the rank for the
+    # stage entrypoint, which reads LOCAL_RANK like under torchrun.
+    if local_rank is not None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+
 
 # module -> registers: `stage` (stage entrypoints), `run`/`train` (local runner), `chat`/`serve` (serving)
 COMMAND_MODULES = ("kuberlhf.stages.cli", "kuberlhf.runner.cli", "kuberlhf.serving.cli")
