@@ -7,17 +7,12 @@ from pathlib import Path
 
 import typer
 
+from kuberlhf.contract.spec import DeploymentType
 from kuberlhf.runner.storage_choice import StorageMode
 
 EXIT_SPEC = 2  # the manifest or flags are wrong: nothing ran
 EXIT_FAILED = 1  # a stage (or the store) failed
 EXIT_INTERRUPTED = 130
-
-
-class DeploymentTypeOpt(str, Enum):
-    single_gpu = "single_gpu"
-    single_node = "single_node"
-    multi_node = "multi_node"
 
 
 class AcceleratorOpt(str, Enum):
@@ -77,7 +72,7 @@ def train(
     actor_model: str = typer.Option("facebook/opt-1.3b", "--actor-model",
                                     help="Any HF causal LM: hub name, local directory, s3:// URI (or an OPT size like 1.3b)."),
     reward_model: str = typer.Option("facebook/opt-350m", "--reward-model", help="Reward/critic base model."),
-    deployment_type: DeploymentTypeOpt = typer.Option(DeploymentTypeOpt.single_gpu, "--deployment-type",
+    deployment_type: DeploymentType = typer.Option(DeploymentType.single_gpu, "--deployment-type",
                                                       help="DeepSpeed-Chat recipe preset."),
     step: list[int] = typer.Option([], "--step", help="Steps to run: --step 1 2 3 (default: all)."),
     actor_zero_stage: int | None = typer.Option(None, "--actor-zero-stage", min=0, max=3,
