@@ -22,9 +22,11 @@ kuberlhf run examples/tiny-cpu.yaml --output-dir "$OUT" "${fresh[@]}"
 
 MODEL=$OUT/ppo/ema
 if [ -t 0 ] && [ -t 1 ]; then
-  say "chat with the RLHF-trained model (type 'clear' to reset, 'quit' to leave)"
+  say "chat with the RLHF-trained model ('clear' starts a new conversation, 'quit' leaves; the tiny model was trained on single turns, so 'clear' between questions)"
   exec kuberlhf chat --model "$MODEL"
 fi
-say "no terminal attached: a two-turn conversation instead (interactive: kuberlhf chat --model $MODEL)"
-kuberlhf chat --model "$MODEL" --seed 1 --message "What is the capital of France?" \
-  --message "Can you count from one to four?"
+# the tiny model was trained on single turns (64 tokens), so each question starts a fresh conversation here
+say "no terminal attached: two questions instead (interactive: kuberlhf chat --model $MODEL)"
+for question in "What is the capital of France?" "Can you count from one to four?"; do
+  kuberlhf chat --model "$MODEL" --seed 1 --message "$question"
+done

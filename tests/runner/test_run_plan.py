@@ -58,3 +58,10 @@ def test_run_id_is_per_output_dir_unless_given(tmp_path: Path) -> None:
 def test_display_prompt() -> None:
     assert display_prompt(" Human: What is 2+2? Assistant:") == "What is 2+2?"
     assert display_prompt("plain") == "plain"
+
+
+def test_samples_show_the_largest_score_changes() -> None:
+    from kuberlhf.runner.samples import most_changed
+
+    assert most_changed([1.0, 2.0, 3.0, 0.0], [1.0, 5.0, 2.0, 0.5], 2) == [1, 2]
+    assert most_changed([0.0, 0.0], [1.0, -1.0], 5) == [0, 1]  # equal changes keep their order; n may exceed

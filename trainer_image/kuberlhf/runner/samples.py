@@ -95,10 +95,19 @@ def evaluate_policies(policies: Mapping[str, Path], reward_dir: Path, prompts: S
     return result
 
 
+def most_changed(before: Sequence[float], after: Sequence[float], n: int) -> list[int]:
+    """Indices of the n largest score changes (by size, ties by position): where PPO's effect shows."""
+    order = sorted(range(len(before)), key=lambda i: (-abs(after[i] - before[i]), i))
+    return order[:n]
+
+
 def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) -> dict[str, Any] | None:
     """Print n exchanges (SFT vs final policy) and the mean RM score of both on the held-out prompts."""
     import json
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # loading four small models: their bars are noise here
     ppo = pipeline.spec.stages.ppo
     final = out / "ppo" / ("ema" if ppo.ema.enabled and (out / "ppo" / "ema").exists() else "model")
     if not (final.exists() and (out / "sft").exists() and (out / "reward").exists()):
@@ -110,8 +119,9 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
     ev = evaluate_policies(policies, out / "reward", prompts, max_new_tokens=ppo.max_answer_len,
                            temperature=ppo.temperature, top_p=ppo.top_p, seed=ppo.seed)
     sft, fin = ev["policies"]["sft"], ev["policies"]["final"]
-    console.header(f"sample exchanges (held-out prompts; reward-model score in brackets; final = {final})")
-    for i in range(min(n, len(prompts))):
+    console.header(f"sample exchanges: the held-out prompts where PPO changed the reward-model score most "
+                   f"(score in brackets; final = {final})")
+    for i in most_changed(sft["scores"], fin["scores"], n):
         console.line(f"Human: {display_prompt(prompts[i])}")
         console.line(f"  SFT       [{sft['scores'][i]:+.2f}] Assistant: {sft['answers'][i]}")
         console.line(f"  SFT + PPO [{fin['scores'][i]:+.2f}] Assistant: {fin['answers'][i]}")

@@ -72,8 +72,12 @@ def spawn_workers(ctx: StageContext, pipeline: str | None, resume: bool) -> None
 
 
 def run_in_process(stage: str, pipeline: str | None, resume: bool) -> None:
+    import transformers
+
     from kuberlhf.stages.runtime import StageRun
 
+    # the stage shows its own tqdm; transformers' per-load/per-save bars would interleave with it in pod logs
+    transformers.utils.logging.disable_progress_bar()
     ctx = StageContext.from_env(stage, pipeline=pipeline)
     run = StageRun(ctx, resume=resume)
     try:
