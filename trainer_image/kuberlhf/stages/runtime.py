@@ -97,8 +97,11 @@ class StageRun:
 
     def download_checkpoint(self, step: int) -> Path:
         local = self.ckpt_local(step)
+        uri = self.layout.ckpt_uri(self.stage, step)
+        if self.dist.is_main:
+            print(f"resuming {self.stage} from {uri}", flush=True)  # the pod log says where a retry started
         if self.dist.is_local_main:
-            self.store.download_dir(self.layout.ckpt_uri(self.stage, step), str(local))
+            self.store.download_dir(uri, str(local))
         D.barrier()
         if self.dist.is_main and (local / METRICS_FILE).exists():
             shutil.copyfile(local / METRICS_FILE, self.metrics.path)
