@@ -74,3 +74,40 @@ def test_make_loader_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     next(iter(make_loader(RowIds(8), 2, 0, 1, seed=1, epoch=0)))
     assert torch.equal(torch.rand(3), expected)
+
+
+def tensorboard_scalars_in(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a TensorBoard log dir, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_mirror_metrics_and_follow_a_resume(tmp_path):
+    from kuberlhf.training.metrics import tensorboard_scalars
+
+    assert tensorboard_scalars({"stage": "ppo", "step": 4, "split": "train", "time": 1.0, "reward": 2, "kl": None,
+                                "note": "x", "flag": True}) == [("ppo/train/reward", 2.0, 4)]
+    tb = tmp_path / "tb"
+    w = MetricsWriter(tmp_path / "metrics.jsonl", "sft", tensorboard_dir=tb)
+    for step in (1, 2, 3):
+        w.write(step, "train", loss=float(step), lr=0.5)
+    w.write(3, "eval", loss=9.0, perplexity=math.inf)
+    assert tensorboard_scalars_in(tb) == {"sft/train/loss": [(1, 1.0), (2, 2.0), (3, 3.0)],
+                                          "sft/train/lr": [(1, 0.5), (2, 0.5), (3, 0.5)],
+                                          "sft/eval/loss": [(3, 9.0)]}
+    # a resume from the step-2 checkpoint on the same disk: steps after it are gone from both records, and the
+    # re-measured step 3 appears once
+    w.truncate_after(2)
+    w.write(3, "train", loss=30.0, lr=0.5)
+    w.close()
+    got = tensorboard_scalars_in(tb)
+    assert got["sft/train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)] and "sft/eval/loss" not in got
+    w.reset()  # a fresh start (--no-resume) on a disk with an earlier attempt's events
+    assert tensorboard_scalars_in(tb) == {} and not (tmp_path / "metrics.jsonl").exists()
+    w.close()
+    assert not (tmp_path / "rank1").exists()
+    MetricsWriter(tmp_path / "rank1" / "metrics.jsonl", "sft", enabled=False, tensorboard_dir=tmp_path / "rank1")
+    assert not (tmp_path / "rank1").exists()  # only rank 0 writes events

@@ -62,7 +62,7 @@ def node_files(disks: Path, node: int) -> set[str]:
 @pytest.fixture(scope="module")
 def two_nodes(s3_server, bucket_storage, tmp_path_factory) -> dict[str, Any]:
     manifest = tiny_manifest("multinode", bucket_storage, stages={"sft": {
-        "nodes": 2, "gpusPerNode": 1, "zeroStage": 2, "maxSteps": STEPS, "checkpointEverySteps": CKPT_EVERY}})
+        "nodes": 2, "gpusPerNode": 1, "zeroStage": 2, "maxSteps": STEPS, "checkpointEverySteps": CKPT_EVERY, "tensorboard": True}})
     tmp = tmp_path_factory.mktemp("multinode")
     run = PipelineRun(manifest, s3_server, tmp)
     crashed = run_two_nodes(run, "sft", tmp / "first", {FAIL_AT_STEP_ENV: str(CKPT_EVERY)})
@@ -122,3 +122,23 @@ def test_restarted_two_node_stage_resumes_and_commits(two_nodes) -> None:
     with torch.no_grad():
         logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_tensorboard_events_are_committed_with_the_stage_and_show_each_step_once(two_nodes, tmp_path) -> None:
+    """`tensorboard: true`: rank 0's event files are part of the stage's outputs (``sft/tensorboard/``, committed
+    and listed in the stage manifest); after the crash and the resume on another node's disk, the loss series
+    holds every step exactly once with the values of metrics.jsonl."""
+    from test_loop_helpers import tensorboard_scalars_in
+
+    run = two_nodes["run"]
+    store = run.store()
+    uri = run.layout.tensorboard_uri("sft")
+    assert uri == f"{run.layout.stage_uri('sft')}/tensorboard" and store.is_complete(uri)
+    stage_files = {f.path for f in store.read_manifest(run.layout.stage_uri("sft")).files}
+    assert any(p.startswith("tensorboard/events.out.tfevents.") for p in stage_files), stage_files
+    scalars = tensorboard_scalars_in(run.fetch(uri, "tb"))
+    metrics = {m["step"]: m for m in run.metrics("sft") if m["split"] == "train"}
+    assert [step for step, _ in scalars["sft/train/loss"]] == list(range(1, STEPS + 1))
+    for step, value in scalars["sft/train/loss"]:
+        assert value == pytest.approx(metrics[step]["loss"], rel=1e-6)
+    assert {"sft/train/lr", "sft/train/tokens_per_s", "sft/eval/loss", "sft/eval/perplexity"} <= set(scalars)

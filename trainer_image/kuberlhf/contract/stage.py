@@ -42,6 +42,7 @@ ENTRYPOINT = "kuberlhf"
 MODEL_DIR = "model"
 EMA_DIR = "ema"
 CKPT_DIR = "ckpt"
+TENSORBOARD_DIR = "tensorboard"  # <stage>/tensorboard/: event files of a stage run with `tensorboard: true`
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.json"
 COMPLETE_MARKER = "_COMPLETE"
@@ -106,7 +107,9 @@ def stage_env(
 
 
 class StageLayout(BaseModel):
-    """Where a pipeline's stages live: ``<storage.uri>/<namespace>/<pipeline>/<uid>/<stage>/``."""
+    """Where a pipeline's stages live: ``<storage.uri>/<namespace>/<pipeline>/<uid>/<stage>/`` holding
+    ``model/``, ``ema/`` (ppo), ``tensorboard/`` (when asked), ``ckpt/step-N/``, metrics.jsonl, manifest.json and
+    ``_COMPLETE``."""
 
     model_config = ConfigDict(frozen=True)
     storage_uri: str
@@ -132,6 +135,10 @@ class StageLayout(BaseModel):
 
     def ckpt_uri(self, stage: Stage | str, step: int) -> str:
         return f"{self.ckpt_root(stage)}/step-{step}"
+
+    def tensorboard_uri(self, stage: Stage | str) -> str:
+        """TensorBoard events of the stage (only when its spec has ``tensorboard: true``); committed like a model."""
+        return f"{self.stage_uri(stage)}/{TENSORBOARD_DIR}"
 
     def complete_marker_uri(self, stage: Stage | str) -> str:
         return f"{self.stage_uri(stage)}/{COMPLETE_MARKER}"

@@ -40,7 +40,7 @@ STAGE_TITLES = {
     Stage.ppo: "step 3: PPO (RLHF)",
 }
 # what --fresh removes: only what a run writes, never anything else a user keeps in the output directory
-RUN_OUTPUTS = (".s3", ".kuberlhf", "logs", "sft", "reward", "ppo", "plots", "metrics.jsonl", "run.json",
+RUN_OUTPUTS = (".s3", ".kuberlhf", "logs", "sft", "reward", "ppo", "plots", "tensorboard", "metrics.jsonl", "run.json",
                "samples.jsonl")
 
 class RunError(RuntimeError):

@@ -23,6 +23,13 @@ def output_targets(layout: StageLayout, pipeline: RLHFPipeline, out: Path) -> li
     return targets
 
 
+def tensorboard_targets(layout: StageLayout, pipeline: RLHFPipeline, out: Path) -> list[tuple[Stage, str, Path]]:
+    """TensorBoard events of the stages with ``tensorboard: true``, into ``<out>/tensorboard/<stage>/`` (one
+    ``tensorboard --logdir <out>/tensorboard`` shows every stage)."""
+    return [(st, layout.tensorboard_uri(st), out / "tensorboard" / st.value) for st in STAGE_ORDER
+            if pipeline.spec.stages.get(st).tensorboard]
+
+
 def collect_outputs(store: Any, layout: StageLayout, pipeline: RLHFPipeline, out: Path,
                     console: Console) -> list[Record]:
     """Download every complete stage's models (files already present and verified are skipped) and merge
@@ -36,6 +43,12 @@ def collect_outputs(store: Any, layout: StageLayout, pipeline: RLHFPipeline, out
             continue
         manifest = store.download_dir(uri, local)
         console.info(f"{stage.value:>6}: {local}  ({len(getattr(manifest, 'files', []) or [])} files, verified)")
+    for stage, uri, local in tensorboard_targets(layout, pipeline, out):
+        # a stage that completed before `tensorboard: true` was set has no events (the setting alone does not
+        # re-run a stage)
+        if stage in complete and store.is_complete(uri):
+            store.download_dir(uri, local)
+            console.info(f"{stage.value:>6}: TensorBoard events in {local} (tensorboard --logdir {local.parent})")
     per_stage = []
     for stage in STAGE_ORDER:
         uri = f"{layout.stage_uri(stage)}/{METRICS_FILE}"

@@ -2,6 +2,10 @@
 layout (inputs, periodic checkpoints, resume, final model + metrics + manifest + ``_COMPLETE``), the local
 work directory, metrics and progress.
 
+Outputs in ``<stage>/``: the model dirs (each committed with its own manifest), ``tensorboard/`` (the event files,
+committed the same way, when the stage spec has ``tensorboard: true``; tags ``<stage>/<split>/<key>``),
+metrics.jsonl, then the stage's manifest.json and ``_COMPLETE``.
+
 Multi-node writes: every node saves its own ranks' checkpoint files into a node-local directory and uploads
 them; after a barrier rank 0 merges every node's file list and commits (manifest.json, then ``_COMPLETE``).
 """
@@ -15,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kuberlhf.contract.stage import METRICS_FILE, StageContext, manifest_summary
+from kuberlhf.contract.stage import METRICS_FILE, TENSORBOARD_DIR, StageContext, manifest_summary
 from kuberlhf.training import distributed as D
 from kuberlhf.training.metrics import MetricsWriter
 
@@ -48,11 +52,10 @@ class StageRun:
         if self.dist.is_local_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
         D.barrier()
-        tb = self.workdir / "tensorboard" if self.stage_spec.tensorboard else None
+        tb = self.workdir / TENSORBOARD_DIR if self.stage_spec.tensorboard else None
         self.metrics = MetricsWriter(self.workdir / METRICS_FILE, self.stage, enabled=self.dist.is_main,
                                      tensorboard_dir=tb)
-        if self.dist.is_main and self.metrics.path.exists():
-            self.metrics.path.unlink()  # a fresh run (or a resume, which restores it from the checkpoint)
+        self.metrics.reset()  # a fresh run (or a resume, which restores both from the checkpoint)
 
     # --- inputs --------------------------------------------------------------------------------------
     def fetch(self, uri: str, name: str, what: str) -> Path:
@@ -144,8 +147,11 @@ class StageRun:
             stage_uri = self.layout.stage_uri(self.stage)
             extra = {**manifest_summary(self.ctx.pipeline), "stage": self.stage, "attempt": self.ctx.attempt,
                      **(summary or {})}
+            dirs = dict(model_dirs)
+            if self.metrics.tensorboard_dir is not None and self.metrics.tensorboard_dir.exists():
+                dirs[TENSORBOARD_DIR] = self.metrics.tensorboard_dir
             entries = []
-            for name, local in model_dirs.items():
+            for name, local in dirs.items():
                 manifest = self.store.upload_dir(str(local), f"{stage_uri}/{name}", producer=self.producer,
                                                  extra=extra)
                 entries += [e.model_copy(update={"path": f"{name}/{e.path}"}) for e in manifest.files]
@@ -159,12 +165,10 @@ class StageRun:
             if self.ctx.local_output:
                 out = Path(self.ctx.local_output)
                 out.mkdir(parents=True, exist_ok=True)
-                for name, local in model_dirs.items():
+                for name, local in dirs.items():
                     shutil.copytree(local, out / name, dirs_exist_ok=True)
                 shutil.copyfile(self.metrics.path, out / METRICS_FILE)
                 (out / "summary.json").write_text(json.dumps(extra, indent=2) + "\n")
-                if (self.workdir / "tensorboard").exists():
-                    shutil.copytree(self.workdir / "tensorboard", out / "tensorboard", dirs_exist_ok=True)
         D.barrier()
         # the object store holds everything now; scratch of a finished stage is only clutter
         if self.dist.is_local_main and os.environ.get("KUBERLHF_KEEP_WORKDIR") != "1":
