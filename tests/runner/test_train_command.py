@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -146,3 +147,73 @@ def test_step_flags_take_several_values_like_e2e_rlhf() -> None:
     res = CliRunner().invoke(cli(), ["train", "--step", "1", "2", "3", "--emit", "-"])
     assert res.exit_code == 0, res.output
     assert "--step is for local runs" not in res.stderr  # all three steps: nothing to warn about
+
+
+def tiny_llama_dir(out: Path) -> Path:
+    """A 2-layer Llama (hidden 64) with random weights and the shipped tokenizer, in hub layout."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(REPO / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch, trained_weight", [("opt", "model.decoder.layers.0.fc1.weight"),
+                                                  ("llama", "model.layers.0.mlp.up_proj.weight")])
+def test_train_step_1_runs_the_single_gpu_recipe_on_a_hub_layout_model(tmp_path: Path, tiny_model_dir: Path,
+                                                                       arch: str, trained_weight: str) -> None:
+    """`kuberlhf train` for real, as DeepSpeed-Chat's e2e_rlhf.py is used: a model directory laid out like a hub
+    model (config, safetensors, tokenizer files; an OPT and, as "any HF causal LM", a Llama), the single_gpu
+    recipe (ZeRO 0, micro-batch 16 x gradient accumulation 8, LoRA dim 128 on the actor: a rank above the tiny
+    model's hidden size 64 still trains, it only saves nothing; on the Llama, whose layer names lack the default
+    moduleName 'decoder.layers.', LoRA goes on its decoder blocks), step 1 only, on CPU with the embedded
+    SeaweedFS. The SFT model comes out merged (no LoRA weights) and loads with plain transformers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kuberlhf.data import stage_rows
+
+    model_dir = tiny_model_dir if arch == "opt" else tiny_llama_dir(tmp_path / "llama")
+    pipeline = build_train_pipeline(actor_model=str(model_dir), reward_model=str(model_dir),
+                                    deployment_type="single_gpu", datasets=["kuberlhf/synthetic-pairs"],
+                                    accelerator="cpu")
+    sft = pipeline.spec.stages.sft
+    assert (sft.zero_stage, sft.per_device_batch_size, sft.gradient_accumulation_steps, sft.lora.dim) == (0, 16, 8, 128)
+    out = tmp_path / "out"
+    exe = Path(sys.executable).parent / "kuberlhf"
+    proc = subprocess.run([str(exe), "train", "--actor-model", str(model_dir), "--reward-model",
+                           str(model_dir), "--deployment-type", "single_gpu", "--step", "1", "--accelerator",
+                           "cpu", "--dataset", "kuberlhf/synthetic-pairs", "--output-dir", str(out)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "step 1: supervised fine-tuning (SFT)" in proc.stdout and "step 3" not in proc.stdout
+    assert not (out / "reward").exists() and not (out / "ppo").exists()  # --step 1 ran step 1 only
+
+    # one optimizer step per 16 x 8 = 128 training rows, as the single_gpu recipe says
+    train_rows, _ = stage_rows(pipeline.spec.data, Stage.sft)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in records if r["stage"] == "sft" and r["split"] == "train"]
+    assert steps == list(range(1, len(train_rows) // 128 + 1)) and len(steps) >= 2
+
+    weights = load_file(str(out / "sft" / "model.safetensors"))
+    assert not any("lora" in k for k in weights)  # adapters merged into the plain OPT weights
+    before = load_file(str(model_dir / "model.safetensors"))
+    name = trained_weight
+    assert weights[name].shape == before[name].shape and not torch.equal(weights[name], before[name])
+    model = AutoModelForCausalLM.from_pretrained(out / "sft").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "sft")
+    ids = tokenizer(" Human: What is the capital of France? Assistant:", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size

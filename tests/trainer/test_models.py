@@ -68,3 +68,41 @@ def test_lora_only_trains_adapters_and_merges_to_same_function():
 def test_lora_module_name_that_matches_nothing():
     with pytest.raises(ValueError, match="moduleName='nope'"):
         apply_lora(load_causal_lm("kuberlhf/tiny-opt"), LoraSpec(dim=4, module_name="nope"), "spec.stages.sft.lora")
+
+
+def tiny_llama_and_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    return {"llama": llama, "gpt2": gpt2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_default_lora_module_name_adapts_the_decoder_blocks_of_any_causal_lm(arch):
+    """DeepSpeed-Chat's default moduleName ('decoder.layers.', OPT's names) on a Llama (model.layers.N, Linear)
+    and a GPT-2 (transformer.h.N, Conv1D): the adapters go on the decoder blocks' layers, a rank (dim 128) above
+    the hidden size (32) trains, and the merged export computes the same function."""
+    model = tiny_llama_and_gpt2()[arch].eval()  # GPT-2's default dropout would make two forwards differ
+    spec = LoraSpec(dim=128)
+    apply_lora(model, spec, "spec.stages.sft.lora")
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    block = "model.layers." if arch == "llama" else "transformer.h."
+    assert adapted and all(n.startswith(block) for n in adapted)
+    per_block = {"llama": 7, "gpt2": 4}[arch]  # q,k,v,o,gate,up,down | c_attn, c_proj, c_fc, mlp.c_proj
+    assert len(adapted) == 2 * per_block
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    ids = torch.tensor([[1, 5, 9, 30, 77]])
+    expected = model(input_ids=ids).logits
+    builder = type(model)  # a fresh model of the same architecture, as the export builds it
+    plain = plain_module(lambda: builder(model.config), model.state_dict(), spec).eval()
+    assert not has_lora(plain)
+    assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
+    # a name the user chose is taken as given: no fallback
+    with pytest.raises(ValueError, match="moduleName='decoder.blocks.'"):
+        apply_lora(tiny_llama_and_gpt2()[arch], LoraSpec(dim=4, module_name="decoder.blocks."))

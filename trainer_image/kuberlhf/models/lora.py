@@ -1,6 +1,12 @@
-"""LoRA through ``peft``: adapters are injected into the Linear layers whose qualified name contains
-``LoraSpec.module_name``, optionally everything else is frozen, and before export the adapters are merged
-into the base weights so the saved model is a plain Hugging Face model."""
+"""LoRA through ``peft``: adapters are injected into the Linear layers (and GPT-2 style ``Conv1D`` layers) whose
+qualified name contains ``LoraSpec.module_name``, optionally everything else is frozen, and before export the
+adapters are merged into the base weights so the saved model is a plain Hugging Face model.
+
+``module_name``'s default, ``decoder.layers.``, is DeepSpeed-Chat's (OPT's layer names). A model whose names
+do not contain it (Llama ``model.layers.N``, GPT-2 ``transformer.h.N``, GPT-NeoX ``gpt_neox.layers.N``...) gets
+its adapters on the layers of its decoder blocks instead: the Linear/Conv1D layers inside the model's
+``ModuleList`` of blocks, which is what the default means for OPT. A name the user set explicitly is used as
+given and an error names the field when it matches nothing."""
 
 from __future__ import annotations
 
@@ -9,10 +15,35 @@ from typing import Any
 import torch
 from torch import nn
 
+DEFAULT_MODULE_NAME = "decoder.layers."  # LoraSpec.module_name's default (DeepSpeed-Chat's --lora_module_name)
+
+
+def _adaptable(m: nn.Module) -> bool:
+    """Layers peft can put LoRA on: nn.Linear and transformers' Conv1D (GPT-2's transposed Linear)."""
+    if isinstance(m, nn.Linear):
+        return True
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, Conv1D)
+
 
 def lora_targets(module: nn.Module, substring: str) -> list[str]:
-    names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and substring in n]
-    return names
+    return [n for n, m in module.named_modules() if _adaptable(m) and substring in n]
+
+
+def block_layer_targets(module: nn.Module) -> list[str]:
+    """The adaptable layers inside the model's decoder blocks: the ``ModuleList``(s) whose items hold them, so
+    embeddings, the LM head and a reward model's value head are left alone."""
+    lists = [name for name, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    prefixes = tuple(f"{name}." for name in lists)
+    return [n for n, m in module.named_modules() if _adaptable(m) and n.startswith(prefixes)]
+
+
+def resolve_lora_targets(module: nn.Module, module_name: str) -> list[str]:
+    targets = lora_targets(module, module_name)
+    if not targets and module_name == DEFAULT_MODULE_NAME:
+        targets = block_layer_targets(module)
+    return targets
 
 
 def apply_lora(module: nn.Module, spec: Any, field: str = "lora") -> nn.Module:
@@ -21,11 +52,15 @@ def apply_lora(module: nn.Module, spec: Any, field: str = "lora") -> nn.Module:
         return module
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = lora_targets(module, spec.module_name)
+    targets = resolve_lora_targets(module, spec.module_name)
     if not targets:
         raise ValueError(f"{field}.moduleName={spec.module_name!r} matches no Linear layer of the model; "
-                         "use a substring of its layer names (e.g. 'decoder.layers.' for OPT, 'h.' for GPT-2)")
-    config = LoraConfig(r=spec.dim, lora_alpha=spec.alpha or spec.dim, target_modules=targets, lora_dropout=0.0)
+                         "use a substring of its layer names (e.g. 'decoder.layers.' for OPT, 'layers.' for Llama, "
+                         "'h.' for GPT-2)")
+    conv1d = any(not isinstance(module.get_submodule(t), nn.Linear) for t in targets)
+    # Conv1D stores its weight transposed (fan_in_fan_out); a model has either kind, not both
+    config = LoraConfig(r=spec.dim, lora_alpha=spec.alpha or spec.dim, target_modules=targets, lora_dropout=0.0,
+                        fan_in_fan_out=conv1d)
     inject_adapter_in_model(config, module)
     if spec.only_optimize_lora:
         for name, p in module.named_parameters():
