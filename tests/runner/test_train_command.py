@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -163,39 +167,33 @@ def tiny_llama_dir(out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("arch, trained_weight", [("opt", "model.decoder.layers.0.fc1.weight"),
-                                                  ("llama", "model.layers.0.mlp.up_proj.weight")])
-def test_train_step_1_runs_the_single_gpu_recipe_on_a_hub_layout_model(tmp_path: Path, tiny_model_dir: Path,
-                                                                       arch: str, trained_weight: str) -> None:
-    """`kuberlhf train` for real, as DeepSpeed-Chat's e2e_rlhf.py is used: a model directory laid out like a hub
-    model (config, safetensors, tokenizer files; an OPT and, as "any HF causal LM", a Llama), the single_gpu
-    recipe (ZeRO 0, micro-batch 16 x gradient accumulation 8, LoRA dim 128 on the actor: a rank above the tiny
-    model's hidden size 64 still trains, it only saves nothing; on the Llama, whose layer names lack the default
-    moduleName 'decoder.layers.', LoRA goes on its decoder blocks), step 1 only, on CPU with the embedded
-    SeaweedFS. The SFT model comes out merged (no LoRA weights) and loads with plain transformers."""
-    import json
-    import os
-    import subprocess
-    import sys
+def run_train(args: list[str]) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "kuberlhf"
+    return subprocess.run([str(exe), "train", *args], env={**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"},
+                          capture_output=True, text=True, timeout=300)
 
+
+def test_train_step_1_runs_the_single_gpu_recipe_on_a_hub_layout_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`kuberlhf train` for real, as DeepSpeed-Chat's e2e_rlhf.py is used: a model directory laid out like a hub
+    model (config, safetensors, tokenizer files), the single_gpu recipe (ZeRO 0, micro-batch 16 x gradient
+    accumulation 8, LoRA dim 128 on the actor: a rank above the tiny model's hidden size 64 still trains, it only
+    saves nothing), step 1 only, on CPU with the embedded SeaweedFS. The SFT model comes out merged (no LoRA
+    weights) and loads with plain transformers."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kuberlhf.data import stage_rows
 
-    model_dir = tiny_model_dir if arch == "opt" else tiny_llama_dir(tmp_path / "llama")
+    model_dir = tiny_model_dir
     pipeline = build_train_pipeline(actor_model=str(model_dir), reward_model=str(model_dir),
                                     deployment_type="single_gpu", datasets=["kuberlhf/synthetic-pairs"],
                                     accelerator="cpu")
     sft = pipeline.spec.stages.sft
     assert (sft.zero_stage, sft.per_device_batch_size, sft.gradient_accumulation_steps, sft.lora.dim) == (0, 16, 8, 128)
     out = tmp_path / "out"
-    exe = Path(sys.executable).parent / "kuberlhf"
-    proc = subprocess.run([str(exe), "train", "--actor-model", str(model_dir), "--reward-model",
-                           str(model_dir), "--deployment-type", "single_gpu", "--step", "1", "--accelerator",
-                           "cpu", "--dataset", "kuberlhf/synthetic-pairs", "--output-dir", str(out)],
-                          env={**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_train(["--actor-model", str(model_dir), "--reward-model", str(model_dir), "--deployment-type",
+                      "single_gpu", "--step", "1", "--accelerator", "cpu", "--dataset", "kuberlhf/synthetic-pairs",
+                      "--output-dir", str(out)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "step 1: supervised fine-tuning (SFT)" in proc.stdout and "step 3" not in proc.stdout
     assert not (out / "reward").exists() and not (out / "ppo").exists()  # --step 1 ran step 1 only
@@ -209,7 +207,7 @@ def test_train_step_1_runs_the_single_gpu_recipe_on_a_hub_layout_model(tmp_path:
     weights = load_file(str(out / "sft" / "model.safetensors"))
     assert not any("lora" in k for k in weights)  # adapters merged into the plain OPT weights
     before = load_file(str(model_dir / "model.safetensors"))
-    name = trained_weight
+    name = "model.decoder.layers.0.fc1.weight"
     assert weights[name].shape == before[name].shape and not torch.equal(weights[name], before[name])
     model = AutoModelForCausalLM.from_pretrained(out / "sft").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "sft")
@@ -217,3 +215,38 @@ def test_train_step_1_runs_the_single_gpu_recipe_on_a_hub_layout_model(tmp_path:
     with torch.no_grad():
         logits = model(**ids).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+
+
+def test_train_all_steps_on_a_llama_with_deepspeed_chat_length_flags(tmp_path: Path) -> None:
+    """Any HF causal LM through all three steps: a tiny Llama (layer names without the default LoRA moduleName
+    'decoder.layers.': LoRA dim 128 goes on its decoder blocks), the single_gpu recipe, ptx on, capped with
+    DeepSpeed-Chat's length flags and --max-steps so it takes seconds on a CPU."""
+    from safetensors.torch import load_file
+
+    from kuberlhf.models.reward import RewardModel
+
+    model_dir = tiny_llama_dir(tmp_path / "llama")
+    flags = ["--max-steps", "2", "--max-seq-len", "64", "--max-prompt-seq-len", "24", "--max-answer-seq-len", "8"]
+    common = ["--actor-model", str(model_dir), "--reward-model", str(model_dir), "--deployment-type", "single_gpu",
+              "--accelerator", "cpu", "--dataset", "kuberlhf/synthetic-pairs", "--unsupervised-dataset",
+              "kuberlhf/synthetic-corpus", *flags]
+    emitted = yaml.safe_load(run_train([*common, "--emit", "-"]).stdout)
+    spec = emitted["spec"]
+    assert spec["data"]["maxSeqLen"] == 64 and spec["stages"]["ppo"]["maxAnswerLen"] == 8
+    assert {spec["stages"][s]["maxSteps"] for s in ("sft", "reward", "ppo")} == {2}
+    assert spec["stages"]["sft"]["lora"]["dim"] == 128 and spec["stages"]["ppo"]["actorLora"]["dim"] == 128
+
+    out = tmp_path / "out"
+    proc = run_train([*common, "--step", "1", "2", "3", "--output-dir", str(out), "--samples", "1"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for stage in ("sft", "reward", "ppo"):
+        assert [r["step"] for r in records if r["stage"] == stage and r["split"] == "train"] == [1, 2], stage
+    ppo = [r for r in records if r["stage"] == "ppo"]
+    assert all(r["ptx_loss"] is not None and r["reward"] is not None for r in ppo)
+    for d in (out / "sft", out / "ppo" / "model", out / "ppo" / "ema"):
+        weights = load_file(str(d / "model.safetensors"))
+        assert "model.layers.0.mlp.up_proj.weight" in weights and not any("lora" in k for k in weights), d
+    rm = RewardModel.from_pretrained(out / "reward")
+    assert rm.config.model_type == "llama"
+    assert "kuberlhf chat --model" in proc.stdout

@@ -83,6 +83,13 @@ def train(
     dataset: list[str] = typer.Option([], "--dataset", help="Dataset(s) (hub names or files); default Dahoas/rm-static."),
     data_split: str = typer.Option("2,4,4", "--data-split", help="Share of each dataset for steps 1, 2, 3."),
     unsupervised_dataset: str | None = typer.Option(None, "--unsupervised-dataset", help="ptx corpus for step 3."),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="Max tokens of steps 1-2 (data.maxSeqLen)."),
+    max_prompt_seq_len: int | None = typer.Option(None, "--max-prompt-seq-len",
+                                                  help="Step 3 prompt tokens (stages.ppo.maxPromptLen)."),
+    max_answer_seq_len: int | None = typer.Option(None, "--max-answer-seq-len",
+                                                  help="Step 3 generated tokens (stages.ppo.maxAnswerLen)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Cap on every stage's optimizer steps "
+                                                                    "(a quick try, e.g. on a CPU)."),
     accelerator: AcceleratorOpt = typer.Option(AcceleratorOpt.auto, "--accelerator",
                                                help="auto: cuda when emitting or when a GPU is here, else cpu."),
     name: str | None = typer.Option(None, "--name", help="metadata.name (default: from the actor model)."),
@@ -123,7 +130,8 @@ def train(
             datasets=dataset or ["Dahoas/rm-static"], data_split=data_split,
             unsupervised_dataset=unsupervised_dataset, accelerator=accel, name=name, namespace=namespace,
             storage_uri=storage_uri, storage_endpoint=storage_endpoint or None, storage_secret=storage_secret or None,
-            image=image,
+            image=image, max_seq_len=max_seq_len, max_prompt_seq_len=max_prompt_seq_len,
+            max_answer_seq_len=max_answer_seq_len, max_steps=max_steps,
         )
     except SpecError as e:
         console.error(f"{e}\nnothing was run.")

@@ -64,12 +64,19 @@ def build_train_pipeline(
     storage_endpoint: str | None = DEFAULT_STORAGE_ENDPOINT,
     storage_secret: str | None = DEFAULT_SECRET,
     image: str | None = None,
+    max_seq_len: int | None = None,
+    max_prompt_seq_len: int | None = None,
+    max_answer_seq_len: int | None = None,
+    max_steps: int | None = None,
 ) -> RLHFPipeline:
     """The RLHFPipeline equivalent to ``e2e_rlhf.py --actor-model A --reward-model R --deployment-type T``.
 
     As in DeepSpeed-Chat, ``--actor-zero-stage`` sets step 1's and the PPO actor's ZeRO stage and
     ``--reward-zero-stage`` step 2's and the PPO critic's; unset ones come from the deployment-type preset.
     Validation goes through the same spec models as ``kubectl apply`` (errors name the field).
+    ``max_seq_len`` / ``max_prompt_seq_len`` / ``max_answer_seq_len`` are DeepSpeed-Chat's flags of the same names
+    (data.maxSeqLen, the PPO stage's maxPromptLen / maxAnswerLen); ``max_steps`` caps every chosen stage's
+    optimizer steps (a quick try on a CPU; DeepSpeed-Chat has no such flag).
     """
     stages: dict[str, dict[str, Any]] = {"sft": {}, "reward": {}, "ppo": {}}
     if actor_zero_stage is not None:
@@ -78,7 +85,16 @@ def build_train_pipeline(
     if reward_zero_stage is not None:
         stages["reward"]["zeroStage"] = reward_zero_stage
         stages["ppo"]["criticZeroStage"] = reward_zero_stage
+    if max_prompt_seq_len is not None:
+        stages["ppo"]["maxPromptLen"] = max_prompt_seq_len
+    if max_answer_seq_len is not None:
+        stages["ppo"]["maxAnswerLen"] = max_answer_seq_len
+    if max_steps is not None:
+        for stage in stages.values():
+            stage["maxSteps"] = max_steps
     data: dict[str, Any] = {"datasets": list(datasets) or [DEFAULT_DATASET], "split": data_split}
+    if max_seq_len is not None:
+        data["maxSeqLen"] = max_seq_len
     if unsupervised_dataset:
         data["unsupervised"] = unsupervised_dataset
     storage: dict[str, Any] = {"uri": storage_uri}
