@@ -196,7 +196,7 @@ class CommonStageSpec(SpecModel):
     resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of each stage pod.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the stage pods.")
     extra_args: list[str] = Field(default_factory=list, description="Extra command-line arguments of the stage.")
-    tensorboard: bool = Field(default=False, description="Also write TensorBoard scalars.")
+    tensorboard: bool = Field(default=False, description="Also write TensorBoard scalars (stored as <stage>/tensorboard/).")
 
 
 class SFTStageSpec(CommonStageSpec):
