@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 from kuberlhf.rlhf.ppo_math import pairwise_loss
-from kuberlhf.stages.common import cache_key, mean_over_ranks, settings, tokenized_cache_dir
+from kuberlhf.stages.common import mean_over_ranks, settings
 from kuberlhf.stages.runtime import StageRun
-from kuberlhf.stages.supervised import supervised_loop
+from kuberlhf.stages.supervised import supervised_loop, tokenized_splits, training_engine
 from kuberlhf.training.ds_config import train_ds_config
 from kuberlhf.training.export import export_reward_model
-from kuberlhf.training.loop import ds_initialize, make_loader, make_optimizer, make_scheduler, plan_for, to_device
+from kuberlhf.training.loop import make_loader, plan_for, to_device
 
 
 def pair_scores(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def evaluate_rm(engine, dataset, micro_batch: int, rank: int, world: int) -> dic
 
 
 def run_reward(run: StageRun) -> None:
-    from kuberlhf.data import PairDataset, stage_rows
+    from kuberlhf.data import PairDataset
     from kuberlhf.models import RewardModel, load_tokenizer
     from kuberlhf.models.lora import apply_lora
 
@@ -50,22 +50,14 @@ def run_reward(run: StageRun) -> None:
     ds_config = train_ds_config(s)
     source = run.model_source(spec.reward.model, "spec.reward.model", "reward-base")
     tokenizer = load_tokenizer(spec.reward.tokenizer or source, "spec.reward.model")
-    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
-    cache = tokenized_cache_dir(run)
-    train_ds = PairDataset(train_rows, tokenizer, spec.data.max_seq_len, cache_dir=cache,
-                           cache_key=cache_key(run, "train"))
-    eval_ds = PairDataset(eval_rows, tokenizer, spec.data.max_seq_len, cache_dir=cache,
-                          cache_key=cache_key(run, "eval"))
+    train_ds, eval_ds = tokenized_splits(run, PairDataset, tokenizer, spec.data.max_seq_len)
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.reward")
     model = RewardModel.from_causal_lm_source(source, "spec.reward.model", seed=st.seed, dropout=spec.reward.dropout)
     if st.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_lora(model, st.lora, "spec.stages.reward.lora")
-    lr = st.learning_rate or 5e-5
-    optimizer = make_optimizer(model, lr, st.weight_decay, st.offload, st.lora.learning_rate if st.lora else None)
-    scheduler = make_scheduler(optimizer, st.lr_scheduler, st.warmup_steps, plan.total_steps)
-    engine = ds_initialize(model, ds_config, optimizer, scheduler)
+    engine = training_engine(run, model, ds_config, plan.total_steps, default_lr=5e-5)
 
     def train_step(batch):
         c, r = pair_scores(engine, batch)

@@ -6,20 +6,12 @@ from __future__ import annotations
 import torch
 
 from kuberlhf.rlhf.ppo_math import causal_lm_loss
-from kuberlhf.stages.common import cache_key, mean_over_ranks, settings, tokenized_cache_dir
+from kuberlhf.stages.common import mean_over_ranks, settings
 from kuberlhf.stages.runtime import StageRun
-from kuberlhf.stages.supervised import supervised_loop
+from kuberlhf.stages.supervised import supervised_loop, tokenized_splits, training_engine
 from kuberlhf.training.ds_config import train_ds_config
 from kuberlhf.training.export import export_causal_lm
-from kuberlhf.training.loop import (
-    ds_initialize,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    plan_for,
-    safe_exp,
-    to_device,
-)
+from kuberlhf.training.loop import make_loader, plan_for, safe_exp, to_device
 
 
 @torch.no_grad()
@@ -38,7 +30,7 @@ def evaluate_lm(engine, dataset, micro_batch: int, rank: int, world: int) -> dic
 
 
 def run_sft(run: StageRun) -> None:
-    from kuberlhf.data import SFTDataset, stage_rows
+    from kuberlhf.data import SFTDataset
     from kuberlhf.models import load_causal_lm, load_tokenizer
     from kuberlhf.models.loading import align_embeddings
     from kuberlhf.models.lora import apply_lora
@@ -48,22 +40,14 @@ def run_sft(run: StageRun) -> None:
     ds_config = train_ds_config(s)
     source = run.model_source(spec.actor.model, "spec.actor.model", "actor")
     tokenizer = load_tokenizer(spec.actor.tokenizer or source, "spec.actor.model")
-    train_rows, eval_rows = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
-    cache = tokenized_cache_dir(run)
-    train_ds = SFTDataset(train_rows, tokenizer, spec.data.max_seq_len, st.mask_prompt, cache_dir=cache,
-                          cache_key=cache_key(run, "train"))
-    eval_ds = SFTDataset(eval_rows, tokenizer, spec.data.max_seq_len, st.mask_prompt, cache_dir=cache,
-                         cache_key=cache_key(run, "eval"))
+    train_ds, eval_ds = tokenized_splits(run, SFTDataset, tokenizer, spec.data.max_seq_len, st.mask_prompt)
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.sft")
     model = load_causal_lm(source, "spec.actor.model", seed=st.seed, dropout=spec.actor.dropout,
                            gradient_checkpointing=st.gradient_checkpointing)
     align_embeddings(model, tokenizer)
     apply_lora(model, st.lora, "spec.stages.sft.lora")
-    lr = st.learning_rate or 1e-5
-    optimizer = make_optimizer(model, lr, st.weight_decay, st.offload, st.lora.learning_rate if st.lora else None)
-    scheduler = make_scheduler(optimizer, st.lr_scheduler, st.warmup_steps, plan.total_steps)
-    engine = ds_initialize(model, ds_config, optimizer, scheduler)
+    engine = training_engine(run, model, ds_config, plan.total_steps, default_lr=1e-5)
 
     def train_step(batch):
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

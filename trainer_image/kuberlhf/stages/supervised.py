@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kuberlhf.stages.common import cache_key, tokenized_cache_dir
 from kuberlhf.stages.runtime import StageRun
 from kuberlhf.training import distributed as D
 from kuberlhf.training.checkpoint import load_engines, save_engines
@@ -30,6 +31,28 @@ def progress(total: int, initial: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def tokenized_splits(run: StageRun, make: Callable[..., Any], tokenizer: Any, *args: Any) -> tuple[Any, Any]:
+    """This stage's (train, eval) rows, tokenised through the shared cache: ``make(rows, tokenizer, *args, ...)``
+    is a dataset class of ``kuberlhf.data`` (SFTDataset, PairDataset)."""
+    from kuberlhf.data import stage_rows
+
+    rows = stage_rows(run.spec.data, run.ctx.stage, storage=run.spec.storage)
+    cache = tokenized_cache_dir(run)
+    return tuple(make(split_rows, tokenizer, *args, cache_dir=cache, cache_key=cache_key(run, split))
+                 for split_rows, split in zip(rows, ("train", "eval"), strict=True))
+
+
+def training_engine(run: StageRun, model: Any, ds_config: dict[str, Any], total_steps: int, default_lr: float) -> Any:
+    """The stage's DeepSpeed engine: AdamW (LoRA weights at their own rate) + LR schedule from the stage spec."""
+    from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
+
+    st = run.stage_spec
+    optimizer = make_optimizer(model, st.learning_rate or default_lr, st.weight_decay, st.offload,
+                               st.lora.learning_rate if st.lora else None)
+    scheduler = make_scheduler(optimizer, st.lr_scheduler, st.warmup_steps, total_steps)
+    return ds_initialize(model, ds_config, optimizer, scheduler)
 
 
 def supervised_loop(run: StageRun, engine: Any, train_ds: Any, plan: StepPlan, micro_batch: int,
