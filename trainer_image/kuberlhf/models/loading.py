@@ -99,23 +99,29 @@ def apply_dropout(config: Any, dropout: float | None) -> None:
             setattr(config, key, dropout)
 
 
+def load_pretrained(auto_cls: Any, path: str, source: str, field: str, dropout: float | None) -> Any:
+    """``auto_cls.from_pretrained(path)`` in fp32 with the dropout override; a failure names the spec field."""
+    import torch
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        apply_dropout(config, dropout)
+        return auto_cls.from_pretrained(path, config=config, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, field, e) from e
+
+
 def load_causal_lm(source: str, field: str = "spec.actor.model", seed: int = 1234, dropout: float | None = None,
                    gradient_checkpointing: bool = False):
     """A causal LM in fp32 (DeepSpeed casts it to the configured precision)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if is_tiny(source):
         model = tiny_causal_lm(seed)
         apply_dropout(model.config, dropout)
     else:
-        path = resolve_local(source, field)
-        try:
-            config = AutoConfig.from_pretrained(path)
-            apply_dropout(config, dropout)
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise _hub_error(source, field, e) from e
+        model = load_pretrained(AutoModelForCausalLM, resolve_local(source, field), source, field, dropout)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

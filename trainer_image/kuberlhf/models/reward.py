@@ -51,7 +51,7 @@ class RewardModel(nn.Module):
         """A fresh reward model whose backbone is the base model of a causal LM (head randomly initialised)."""
         from transformers import AutoModel
 
-        from kuberlhf.models.loading import _hub_error, apply_dropout, is_tiny, resolve_local
+        from kuberlhf.models.loading import apply_dropout, is_tiny, load_pretrained, resolve_local
         from kuberlhf.models.tiny import tiny_config
 
         with torch.random.fork_rng(devices=[]):
@@ -64,14 +64,7 @@ class RewardModel(nn.Module):
                 path = resolve_local(source, field)
                 if (Path(path) / REWARD_CONFIG_FILE).exists():
                     return cls.from_pretrained(path, dropout=dropout)
-                try:
-                    from transformers import AutoConfig
-
-                    config = AutoConfig.from_pretrained(path)
-                    apply_dropout(config, dropout)
-                    backbone = AutoModel.from_pretrained(path, config=config, dtype=torch.float32)
-                except (OSError, ValueError) as e:
-                    raise _hub_error(source, field, e) from e
+                backbone = load_pretrained(AutoModel, path, source, field, dropout)
             model = cls(backbone)
             nn.init.normal_(model.v_head.weight, std=1.0 / (model.v_head.in_features ** 0.5))
         return model
