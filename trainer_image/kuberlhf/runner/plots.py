@@ -44,6 +44,15 @@ def _finish(ax, title: str, ylabel: str, xlabel: str = "optimizer step") -> None
         ax.text(0.5, 0.5, "no data recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # figures are kept by pyplot until closed
+    return path
+
+
 def plot_sft(records: Sequence[Record], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -53,10 +62,7 @@ def plot_sft(records: Sequence[Record], path: Path) -> Path:
     if vals:
         ax.plot(steps, vals, "s--", color="tab:orange", label="held-out loss")
     _finish(ax, "Step 1 - supervised fine-tuning: next-token loss", "cross-entropy loss (nats/token)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reward(records: Sequence[Record], path: Path) -> Path:
@@ -80,10 +86,7 @@ def plot_reward(records: Sequence[Record], path: Path) -> Path:
         ax_score.plot(steps_r, rejected, "o-", color="tab:red", label="rejected answers")
     _line(ax_score, *series(records, "reward", "loss"), "train pairwise loss", "tab:gray")
     _finish(ax_score, "Step 2 - mean reward score on held-out pairs", "score / loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ppo(records: Sequence[Record], path: Path) -> Path:
@@ -102,10 +105,7 @@ def plot_ppo(records: Sequence[Record], path: Path) -> Path:
         _line(ax, *series(records, "ppo", key), key.replace("_", " "), color)
         _finish(ax, title, ylabel)
     fig.suptitle("Step 3 - PPO with EMA and mixed pre-training loss", fontsize=14)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(records: Sequence[Record], out_dir: Path) -> list[Path]:
