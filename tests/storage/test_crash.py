@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kuberlhf.storage import IncompleteCheckpointError, ObjectStore, StorageError
-from kuberlhf.storage.s3 import TransferTuning
+from kuberlhf.storage.s3 import S3Backend, TransferTuning
 from kuberlhf.storage.seaweed import SeaweedServer
 from storage.trees import read_tree, write_tree
 
@@ -37,7 +37,8 @@ def _store(server: SeaweedServer, attempts: int = 8) -> ObjectStore:
     )
 
 
-def test_kill_during_upload_then_retry_completes(server: SeaweedServer, tmp_path: Path) -> None:
+def test_kill_during_upload_then_retry_completes(server: SeaweedServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     uri = "s3://crash/ns/p/u/sft/model"
     v1 = write_tree(tmp_path / "v1", {"config.json": b'{"v": 1}', "w.bin": 1000})
     v2 = write_tree(
@@ -48,32 +49,29 @@ def test_kill_during_upload_then_retry_completes(server: SeaweedServer, tmp_path
     store.upload_dir(v1, uri, producer="sft")
     assert store.is_complete(uri)
 
-    # upload v2 over v1; retries are cut to 2 so the killed upload fails instead of waiting for the restart
+    # Upload v2 over v1; retries are cut to 2 so the killed upload fails instead of waiting for the restart.
+    # The kill is placed deterministically inside the transfer: the first half of v2's files is sent for real,
+    # then the server dies and the rest is sent to a dead server (polling for a moment to kill raced with an
+    # upload that can finish within one poll on an idle machine).
     failing = _store(server, attempts=2)
-    outcome: list[BaseException | None] = []
+    real_upload_files = S3Backend.upload_files
+    killed: list[bool] = []
 
-    def upload() -> None:
-        try:
-            failing.upload_dir(v2, uri, producer="sft")
-            outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
-            outcome.append(e)
+    def upload_files_then_crash(self: S3Backend, items: list) -> None:
+        if killed or len(items) < 2:
+            return real_upload_files(self, items)
+        half = len(items) // 2
+        real_upload_files(self, items[:half])
+        assert not store.is_complete(uri), "v1 must be un-committed before v2's files are sent"
+        server.kill()
+        killed.append(True)
+        real_upload_files(self, items[half:])
 
-    thread = threading.Thread(target=upload)
-    thread.start()
-    probe = server.client()
-    deadline = time.monotonic() + 60
-    # kill once the writer has un-committed v1 and started sending v2 (a v2-only object is being written)
-    while time.monotonic() < deadline and thread.is_alive():
-        if not store.is_complete(uri):
-            keys = {o["Key"] for o in probe.list_objects_v2(Bucket="crash").get("Contents", [])}
-            uploads = probe.list_multipart_uploads(Bucket="crash").get("Uploads", [])
-            if uploads or any("big-" in k for k in keys):
-                break
-        time.sleep(0.02)
-    server.kill()
-    thread.join(timeout=120)
-    assert outcome and isinstance(outcome[0], StorageError), f"the upload was not interrupted: {outcome}"
+    monkeypatch.setattr(S3Backend, "upload_files", upload_files_then_crash)
+    with pytest.raises(StorageError):
+        failing.upload_dir(v2, uri, producer="sft")
+    assert killed, "the upload never reached the transfer of v2's files"
+    monkeypatch.setattr(S3Backend, "upload_files", real_upload_files)
 
     server.start()
     # neither v1 nor half of v2 is readable as complete
