@@ -213,10 +213,10 @@ def test_kind_values_match_the_tiny_example_and_the_e2e_script() -> None:
         f"{svc['metadata']['name']}.kuberlhf.svc:{svc['spec']['ports'][0]['port']}",
     )
     weed = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "kuberlhf-s3")
-    container = weed["spec"]["template"]["spec"]["containers"][0]
+    store, gateway = weed["spec"]["template"]["spec"]["containers"]
     bucket = storage["uri"].split("://", 1)[1].split("/", 1)[0]
-    assert any(a.startswith("-bucket=") and bucket in a[len("-bucket="):].split(",") for a in container["args"])
-    assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
+    assert any(a.startswith("-bucket=") and bucket in a[len("-bucket="):].split(",") for a in store["args"])
+    assert gateway["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
     assert storage["secretRef"]["name"] == secret["metadata"]["name"]
     operator = _operator(objects)["spec"]["template"]["spec"]["containers"][0]
     assert operator["image"] == "kuberlhf-operator:dev" and operator["imagePullPolicy"] == "Never"
@@ -236,7 +236,7 @@ def test_seaweedfs_uses_a_claim_when_persistent() -> None:
     weed = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-s3"))
     volumes = {v["name"]: v for v in weed["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    secret = next(o for o in objects if o["kind"] == "Secret")
+    secret = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-credentials"))
     assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "ci-access", "AWS_SECRET_ACCESS_KEY": "ci-secret-key"}
     args = weed["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "-bucket=kuberlhf,datasets" in args and "-master.telemetry=false" in args
@@ -281,6 +281,15 @@ def test_notes_tell_the_user_what_to_do_next(tmp_path: Path) -> None:
     assert "endpoint: http://seaweedfs.kuberlhf:8333" in text
     assert "kubectl -n kuberlhf get rlhf -w" in text
     assert "port-forward svc/<pipeline>-chat" in text
+    assert "WARNING" not in text  # kind-values keys come from a Secret `helm template` cannot read
+    demo = render_chart(chart=chart, namespace="kuberlhf", set_values=[
+        "seaweedfs.enabled=true", "seaweedfs.auth.accessKey=kuberlhf-demo",
+        "seaweedfs.auth.secretKey=kuberlhf-demo-secret-change-me"])
+    warning = next(o for o in demo if o["kind"] == "ConfigMap")["data"]["notes"]
+    assert "WARNING: the in-cluster SeaweedFS uses the demo keys of examples/s3-secret.yaml" in warning
+    own = render_chart(chart=chart, namespace="kuberlhf", set_values=[
+        "seaweedfs.enabled=true", "seaweedfs.auth.accessKey=a1b2", "seaweedfs.auth.secretKey=c3d4e5"])
+    assert "WARNING" not in next(o for o in own if o["kind"] == "ConfigMap")["data"]["notes"]
 
 
 def test_chart_packages(tmp_path: Path) -> None:

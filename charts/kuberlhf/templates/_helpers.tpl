@@ -123,3 +123,27 @@ app.kubernetes.io/name: {{ include "kuberlhf.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: s3
 {{- end }}
+
+{{- define "kuberlhf.seaweedfs.containerSecurityContext" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/*
+"true" when the in-cluster SeaweedFS runs with the public demo keys of examples/s3-secret.yaml: given inline, or
+in the existing Secret (read with lookup, so only on a real install/upgrade).
+*/}}
+{{- define "kuberlhf.seaweedfs.demoKeys" -}}
+{{- $demo := list "kuberlhf-demo" "kuberlhf-demo-secret-change-me" }}
+{{- $auth := .Values.seaweedfs.auth }}
+{{- if $auth.existingSecret }}
+{{- with lookup "v1" "Secret" .Release.Namespace $auth.existingSecret }}
+{{- $data := .data | default dict }}
+{{- if or (has (get $data "AWS_ACCESS_KEY_ID" | b64dec) $demo) (has (get $data "AWS_SECRET_ACCESS_KEY" | b64dec) $demo) }}true{{ end }}
+{{- end }}
+{{- else if or (has $auth.accessKey $demo) (has $auth.secretKey $demo) }}true
+{{- end }}
+{{- end }}
