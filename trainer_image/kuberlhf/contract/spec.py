@@ -212,7 +212,12 @@ class RewardStageSpec(CommonStageSpec):
 
 class EMASpec(SpecModel):
     enabled: bool = True
-    beta: float = Field(default=0.992, gt=0, lt=1)
+    beta: float = Field(default=0.992, gt=0, lt=1, description="Decay per actor optimizer step (DeepSpeed-Chat's "
+                        "0.992): the average spans about 1 / (1 - beta) optimizer steps whatever the batch settings.")
+    warmup: bool = Field(default=True, description="Decay min(beta, (1 + t) / (10 + t)) at optimizer step t "
+                         "(TensorFlow's ExponentialMovingAverage num_updates), so a run shorter than the horizon "
+                         "does not end with an EMA dominated by the SFT weights; false = DeepSpeed-Chat's constant "
+                         "beta.")
 
 
 class AdaptiveKLSpec(SpecModel):

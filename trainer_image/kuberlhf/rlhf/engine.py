@@ -5,7 +5,10 @@
 - ``ref``: frozen copy of step 1 (the KL anchor);
 - ``critic``: trained, initialised from the reward model;
 - ``reward``: frozen reward model;
-- ``ema``: exponential moving average of the actor (when enabled), saved separately.
+- ``ema``: exponential moving average of the actor (when enabled), saved separately. It is updated once per
+  actor optimizer step (:meth:`RLHFEngine.maybe_update_ema`, OpenRLHF's cadence), so ``beta``'s horizon of
+  ``1 / (1 - beta)`` optimizer steps means the same with any gradient accumulation; with ``ema.warmup`` the decay
+  follows :func:`~kuberlhf.rlhf.ppo_math.ema_beta`'s warm-up so a short run's EMA does not lag by design.
 
 Trained models get :func:`train_ds_config`, frozen ones :func:`eval_ds_config` (ZeRO-3 sharding only when
 their trained twin uses ZeRO-3).
@@ -21,7 +24,7 @@ import torch
 from kuberlhf.models.loading import align_embeddings, load_causal_lm
 from kuberlhf.models.lora import apply_lora
 from kuberlhf.models.reward import RewardModel
-from kuberlhf.rlhf.ppo_math import ema_update_
+from kuberlhf.rlhf.ppo_math import ema_beta, ema_update_
 from kuberlhf.training.ds_config import TrainSettings, eval_ds_config, train_ds_config
 from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
 
@@ -41,6 +44,7 @@ class EngineOptions:
     critic_lora: Any = None
     ema_enabled: bool = True
     ema_beta: float = 0.992
+    ema_warmup: bool = True
     gradient_checkpointing: bool = False
     seed: int = 1234
     dropout: float | None = 0.0
@@ -58,6 +62,7 @@ class EngineOptions:
             critic_lr=st.critic_learning_rate or st.learning_rate or 5e-6,
             weight_decay=st.weight_decay, lr_scheduler=st.lr_scheduler, warmup_steps=st.warmup_steps,
             actor_lora=st.actor_lora, critic_lora=st.critic_lora, ema_enabled=st.ema.enabled, ema_beta=st.ema.beta,
+            ema_warmup=st.ema.warmup,
             gradient_checkpointing=st.gradient_checkpointing, seed=st.seed,
             dropout=spec.actor.dropout if spec.actor.dropout is not None else 0.0,
         )
@@ -78,6 +83,8 @@ class RLHFEngine:
         self.ema = self._init_frozen_lm(actor_path, lora=True) if options.ema_enabled else None
         self.critic = self._init_critic(critic_path)
         self.reward = self._init_reward(critic_path)
+        # the actor optimizer step the EMA last followed (DeepSpeed's global_steps counts applied steps only)
+        self._ema_step = 0
         if self.ema is not None:
             self.update_ema(beta=0.0)  # start the average at the actor (LoRA weights included)
 
@@ -138,6 +145,18 @@ class RLHFEngine:
                 continue
             with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0, enabled=self.actor_zero3):
                 ema_update_(q.data, p.data, beta)
+
+    def maybe_update_ema(self) -> bool:
+        """Fold the actor into the EMA if its optimizer stepped since the last call (a micro-batch inside a
+        gradient-accumulation window does not step it); call after every actor backward/step. The decay is
+        ``ema_beta(beta, step, warmup)`` at the actor's optimizer step, which a resumed engine restores with
+        its checkpoint, so the schedule continues where it stopped."""
+        step = int(self.actor.global_steps)
+        if self.ema is None or step == self._ema_step:
+            return False
+        self._ema_step = step
+        self.update_ema(ema_beta(self.options.ema_beta, step, self.options.ema_warmup))
+        return True
 
     def trained_engines(self) -> dict[str, Any]:
         return {"actor": self.actor, "critic": self.critic}

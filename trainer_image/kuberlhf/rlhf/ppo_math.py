@@ -125,8 +125,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_range: float) -> torch.Tensor:
-    """PPO's clipped surrogate, masked mean: ``max(-A r, -A clip(r, 1-c, 1+c))`` with ``r = exp(logp - old)``."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """PPO's clipped surrogate, masked mean: ``max(-A r, -A clip(r, 1-c, 1+c))`` with ``r = exp(logp - old)``.
+
+    The log-ratio is masked BEFORE it is exponentiated (DeepSpeed-Chat's ``actor_loss_fn`` order): a masked
+    position (prompt, padding) whose log-ratio is huge would otherwise give ``exp = inf`` and ``inf * 0 = nan``
+    in the loss and every gradient. ``where`` rather than a product, so even a non-finite log-prob there is cut
+    off (its gradient is exactly zero)."""
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return masked_mean(torch.max(unclipped, clipped), mask)
@@ -155,6 +161,17 @@ def mixed_actor_loss(actor_loss: torch.Tensor, lm_loss: torch.Tensor | None, ptx
     if lm_loss is None or ptx_coef == 0:
         return actor_loss
     return actor_loss + ptx_loss(lm_loss, ptx_coef)
+
+
+def ema_beta(beta: float, step: int, warmup: bool) -> float:
+    """The EMA decay used at optimizer step ``step`` (1-based). Without warm-up: ``beta`` (DeepSpeed-Chat's
+    constant). With warm-up: ``min(beta, (1 + step) / (10 + step))``, the ``num_updates`` schedule of
+    TensorFlow's ``tf.train.ExponentialMovingAverage``: early on the average follows the actor closely, so a run
+    shorter than the horizon ``1 / (1 - beta)`` is not an average dominated by the SFT start; from
+    ``step = (10 beta - 1) / (1 - beta)`` on (1115 steps at 0.992) it is ``beta`` again."""
+    if not warmup:
+        return beta
+    return min(beta, (1.0 + step) / (10.0 + step))
 
 
 @torch.no_grad()

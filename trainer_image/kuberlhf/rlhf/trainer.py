@@ -142,7 +142,10 @@ class PPOTrainer:
         device = self.actor.device
         prompts = prompt_batch["prompt_input_ids"].to(device)
         prompt_mask = prompt_batch["prompt_attention_mask"].to(device)
-        seq, step_logits = self.generate(prompts, prompt_mask, return_logits=self.s.reuse_generation_logprobs)
+        if self.s.reuse_generation_logprobs:
+            seq, step_logits = self.generate(prompts, prompt_mask, return_logits=True)
+        else:  # generate returns the sequences alone then
+            seq, step_logits = self.generate(prompts, prompt_mask), None
         p_len = prompts.shape[1]
         ans_mask = answer_mask(seq[:, p_len:], self.eos_id, self.pad_id)
         mask = torch.cat([prompt_mask.long(), ans_mask], dim=1)

@@ -108,11 +108,12 @@ def run_ppo(run: StageRun) -> None:
             for _ in range(st.ppo_epochs):
                 for mb in split_micro(exp, micro):
                     a, c = trainer.train_rlhf(mb)
+                    engine.maybe_update_ema()
                     a_losses.append(float(a))
                     c_losses.append(float(c))
                     if ptx is not None:
                         ptx_losses.append(float(trainer.train_unsupervised(next(ptx), st.ptx_coef)))
-                    engine.update_ema()
+                        engine.maybe_update_ema()
             kl_coef = trainer.kl_ctl.value
             kl = trainer.update_kl(exp, gen_bs * dist.world_size)
             amask = exp["action_mask"].float()
