@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from kuberlhf.contract.preflight import format_problems, preflight
 from kuberlhf.contract.spec import STAGE_ORDER, ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec
 from kuberlhf.contract.stage import StageLayout
 from kuberlhf_operator.manifests import (
@@ -511,6 +512,10 @@ def reconcile(
         return run.invalid(str(e))
     except ValidationError as e:  # metadata (e.g. a name too long for child names)
         return run.invalid(f"invalid RLHFPipeline metadata: {e.errors()[0]['msg']} (metadata.name)")
+    # Everything checkable without a GPU fails here, before any child exists, and is never retried.
+    problems = preflight(resolved.spec)
+    if problems:
+        return run.invalid(format_problems(problems))
     current = resolved.spec.to_wire()
     return run.run(current)
 

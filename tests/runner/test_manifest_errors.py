@@ -28,6 +28,10 @@ def run_cli(*args: str):
     (lambda d: d["spec"]["data"].update({"split": "2,4"}), ["spec.data.split", "three"]),
     (lambda d: d["spec"]["stages"]["ppo"].update({"klCoef": -1}), ["spec.stages.ppo.klCoef"]),
     (lambda d: d["metadata"].update({"name": "Tiny_CPU"}), ["metadata.name"]),
+    # validates, but cannot run: the preflight refuses it before the object store or any stage starts
+    (lambda d: d["spec"]["data"].update({"datasets": ["./no-such-pairs.jsonl"]}),
+     ["spec.data.datasets[0].path", "does not exist"]),
+    (lambda d: d["spec"]["stages"]["sft"].update({"dtype": "fp16"}), ["spec.stages.sft.dtype", "fix:"]),
 ])
 def test_bad_field_is_named_and_nothing_runs(tmp_path: Path, mutate, expected: list[str]) -> None:
     doc = tiny_doc()

@@ -134,6 +134,16 @@ def test_train_bad_flags_exit_2_and_run_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_emit_refuses_a_spec_that_cannot_run(tmp_path: Path) -> None:
+    """The preflight runs before anything is written: here a dataset URI with a bucket and no object."""
+    out = tmp_path / "p.yaml"
+    res = CliRunner().invoke(cli(), ["train", "--deployment-type", "single_node", "--actor-zero-stage", "0",
+                                     "--dataset", "s3://bucket", "--emit", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "spec.data.datasets[0].path" in res.stderr and "nothing was run" in res.stderr
+    assert not out.exists()
+
+
 def test_train_step_3_without_steps_1_and_2_says_what_to_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The local path of `kuberlhf train` (any HF causal LM: here a local tiny OPT directory): step 3 alone
     needs steps 1 and 2 in the object store (the embedded SeaweedFS starts, finds nothing, and says so)."""

@@ -55,8 +55,8 @@ def test_eval_config_shards_only_at_zero3():
 
 
 @pytest.mark.parametrize(("kw", "needles"), [
-    ({"dtype": "fp16"}, ["spec.stages.sft.dtype", "bf16 or fp32"]),
-    ({"hybrid_engine": True, "field": "spec.stages.ppo"}, ["spec.stages.ppo.hybridEngine", "false"]),
+    ({"zero_stage": 4}, ["spec.stages.sft.zeroStage", "0, 1, 2 or 3"]),
+    ({"micro_batch": 0}, ["spec.stages.sft", "perDeviceBatchSize"]),
     ({"offload": True, "zero_stage": 0}, ["spec.stages.sft.offload", "zeroStage", "2 or 3"]),
 ])
 def test_clear_errors(kw, needles):
@@ -72,7 +72,13 @@ def test_stage_settings_from_spec():
     critic = stage_settings(spec, "ppo", world_size=2, role="critic")
     assert (actor.zero_stage, critic.zero_stage, actor.micro_batch) == (3, 2, 2)
     assert actor.hybrid_engine is False  # presets turn the hybrid engine off on CPU
-    with pytest.raises(DSConfigError, match="spec.stages.ppo.hybridEngine"):
-        train_ds_config(stage_settings(pipeline(ppo={"hybridEngine": True}), "ppo", 1, role="actor"))
     with pytest.raises(DSConfigError, match="spec.stages.reward.offload"):
         train_ds_config(stage_settings(pipeline(reward={"zeroStage": 0, "offload": True}), "reward", 1))
+
+
+def test_stage_settings_have_no_fallbacks_of_their_own():
+    """Unset preset-governed fields are an error, not a silent code-level default."""
+    spec = pipeline()
+    spec.stages.sft.zero_stage = None
+    with pytest.raises(DSConfigError, match="spec.stages.sft.zeroStage is unset"):
+        stage_settings(spec, "sft", 1)

@@ -28,7 +28,7 @@ def failed(proc, *needles):
 
 
 @pytest.mark.parametrize(("stage", "stages", "needles"), [
-    ("sft", {"sft": {"dtype": "fp16"}}, ["spec.stages.sft.dtype=fp16", "bf16 or fp32"]),
+    ("sft", {"sft": {"dtype": "fp16"}}, ["spec.stages.sft.dtype", "fp16 needs CUDA", "bf16 or fp32"]),
     ("ppo", {"ppo": {"hybridEngine": True}}, ["spec.stages.ppo.hybridEngine", "CUDA"]),
     ("reward", {"reward": {"zeroStage": 0, "offload": True}}, ["spec.stages.reward.offload", "zeroStage"]),
     ("ppo", {"ppo": {"actorZeroStage": 0, "offload": True}}, ["spec.stages.ppo.offload", "actorZeroStage"]),

@@ -21,15 +21,10 @@ from kuberlhf.data.adapters import (
     known_names,
     missing_columns,
 )
+from kuberlhf.data.builtins import BUILTIN_DIR, BUILTINS  # noqa: F401 - BUILTIN_DIR re-exported
 from kuberlhf.data.errors import DataError
 from kuberlhf.data.format import format_prompt, format_response
 
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "assets" / "data"
-# Shipped with the package so the tiny pipeline runs with no hub (regenerate: hack/make_synthetic_data.py).
-BUILTINS: dict[str, Path] = {
-    "kuberlhf/synthetic-pairs": BUILTIN_DIR / "synthetic-pairs.jsonl",
-    "kuberlhf/synthetic-corpus": BUILTIN_DIR / "synthetic-corpus.jsonl",
-}
 COLUMNS = ("prompt", "chosen", "rejected")
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
 _TRUE = ("1", "true", "yes", "on")

@@ -56,13 +56,18 @@ def run(
 ) -> None:
     """Run a whole RLHFPipeline on this machine: SFT -> reward model -> PPO, each stage as local processes
     through the same stage contract as on Kubernetes. Re-running resumes."""
+    from kuberlhf.contract.preflight import PreflightError, check_spec
     from kuberlhf.contract.spec import SpecError, load_pipeline_file
     from kuberlhf.runner.console import Console
 
     try:
         pipeline = load_pipeline_file(str(pipeline_file))
+        check_spec(pipeline.spec, local=True)
     except SpecError as e:
         Console().error(f"{e}\nnothing was run.")
+        raise typer.Exit(EXIT_SPEC) from None
+    except PreflightError as e:
+        Console().error(f"{pipeline_file}: {e}\nnothing was run.")
         raise typer.Exit(EXIT_SPEC) from None
     _execute(pipeline, output_dir, fresh, storage, samples)
 
@@ -108,6 +113,7 @@ def train(
 ) -> None:
     """DeepSpeed-Chat's e2e_rlhf.py: the three steps with its recipe for a deployment type, run here or
     emitted as an RLHFPipeline for `kubectl apply`."""
+    from kuberlhf.contract.preflight import PreflightError, check_spec
     from kuberlhf.contract.spec import SpecError
     from kuberlhf.runner.console import Console
     from kuberlhf.runner.deepspeed_chat import build_train_pipeline, emit_yaml, steps_to_stages
@@ -133,7 +139,9 @@ def train(
             image=image, max_seq_len=max_seq_len, max_prompt_seq_len=max_prompt_seq_len,
             max_answer_seq_len=max_answer_seq_len, max_steps=max_steps,
         )
-    except SpecError as e:
+        # an emitted manifest's local paths are read in the pods, a local run's here
+        check_spec(pipeline.spec, local=emit is None)
+    except (SpecError, PreflightError) as e:
         console.error(f"{e}\nnothing was run.")
         raise typer.Exit(EXIT_SPEC) from None
     if emit is not None:

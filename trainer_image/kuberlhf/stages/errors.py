@@ -11,6 +11,7 @@ USER_ERROR_EXIT = 2
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
+    from kuberlhf.contract.preflight import PreflightError
     from kuberlhf.contract.spec import SpecError
     from kuberlhf.data.errors import DataError
     from kuberlhf.models.loading import ModelError
@@ -19,7 +20,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from kuberlhf.storage import StorageError
     from kuberlhf.training.ds_config import DSConfigError
 
-    return (SpecError, DataError, ModelError, DSConfigError, StageInputError, StorageError, StageFailed)
+    return (SpecError, PreflightError, DataError, ModelError, DSConfigError, StageInputError, StorageError, StageFailed)
 
 
 @contextlib.contextmanager

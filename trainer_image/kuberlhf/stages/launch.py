@@ -37,19 +37,11 @@ def worker_args(stage: str, pipeline: str | None, resume: bool) -> list[str]:
 
 
 def preflight(ctx: StageContext) -> None:
-    """Fail fast on settings no worker could run (raises DSConfigError naming the field)."""
-    from kuberlhf.models.loading import is_tiny, is_uri, resolve_local
-    from kuberlhf.training.ds_config import stage_settings, train_ds_config
+    """Fail fast on settings no worker could run (raises PreflightError naming every field): the same checks as
+    the operator's reconcile, plus that local paths exist in this pod."""
+    from kuberlhf.contract.preflight import check_spec
 
-    spec = ctx.pipeline.spec
-    roles = ["actor", "critic"] if ctx.stage is Stage.ppo else [None]
-    for role in roles:
-        train_ds_config(stage_settings(spec, ctx.stage.value, ctx.world_size, role=role))
-    # a local model path that does not exist is reported before any worker starts
-    field, ref = {Stage.sft: ("spec.actor.model", spec.actor), Stage.reward: ("spec.reward.model", spec.reward)
-                  }.get(ctx.stage, (None, None))
-    if ref is not None and not is_tiny(ref.model) and not is_uri(ref.model):
-        resolve_local(ref.model, field)
+    check_spec(ctx.pipeline.spec, local=True)
 
 
 def spawn_workers(ctx: StageContext, pipeline: str | None, resume: bool) -> None:

@@ -3,13 +3,17 @@
 Mirrors DeepSpeed-Chat's ``get_train_ds_config`` / ``get_eval_ds_config``: the trained models get ZeRO
 (0-3), mixed precision, optional CPU offload, gradient accumulation and (actor only, CUDA only) the hybrid
 engine; frozen models (reference, reward) get an inference config that shards weights only at ZeRO-3.
-Combinations that cannot work raise :class:`DSConfigError` naming the spec field and the fix.
+Combinations that cannot work raise :class:`DSConfigError` naming the spec field and the fix; the same checks run
+before any Job or worker starts (:func:`kuberlhf.contract.preflight.preflight`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kuberlhf.contract.preflight import Problem
 
 
 class DSConfigError(ValueError):
@@ -36,26 +40,32 @@ class TrainSettings:
     tensorboard_dir: str | None = None
 
 
-def check_settings(s: TrainSettings) -> None:
-    """Raise DSConfigError for settings DeepSpeed cannot run (see module docstring)."""
+def settings_problems(s: TrainSettings) -> list[Problem]:
+    """The settings DeepSpeed cannot run, each naming the manifest field and the fix. The accelerator rules (fp16
+    and the hybrid engine need CUDA) are cross-field rules of the spec (``kuberlhf.contract.rules``)."""
+    from kuberlhf.contract.preflight import Problem
+
+    out: list[Problem] = []
     if s.zero_stage not in (0, 1, 2, 3):
-        raise DSConfigError(f"{s.field}.{s.zero_field}={s.zero_stage}: ZeRO stage must be 0, 1, 2 or 3")
+        out.append(Problem(f"{s.field}.{s.zero_field}", f"ZeRO stage {s.zero_stage} does not exist",
+                           f"set {s.field}.{s.zero_field} to 0, 1, 2 or 3"))
     if s.world_size < 1 or s.micro_batch < 1 or s.grad_accum < 1:
-        raise DSConfigError(f"{s.field}: world size, perDeviceBatchSize and gradientAccumulationSteps must be >= 1")
+        out.append(Problem(s.field, "world size, perDeviceBatchSize and gradientAccumulationSteps must be >= 1",
+                           f"set {s.field}.nodes, gpusPerNode, perDeviceBatchSize, gradientAccumulationSteps >= 1"))
     if s.dtype not in ("bf16", "fp16", "fp32"):
-        raise DSConfigError(f"{s.field}.dtype={s.dtype!r}: use bf16, fp16 (GPU only) or fp32")
-    if s.accelerator == "cpu" and s.dtype == "fp16":
-        raise DSConfigError(
-            f"{s.field}.dtype=fp16 is not supported on CPU (spec.accelerator=cpu): set {s.field}.dtype to bf16 or fp32, "
-            "or run on GPUs (spec.accelerator=cuda)")
-    if s.hybrid_engine and s.accelerator != "cuda":
-        raise DSConfigError(
-            f"{s.field}.hybridEngine=true needs CUDA GPUs (spec.accelerator={s.accelerator}): set "
-            f"{s.field}.hybridEngine to false")
+        out.append(Problem(f"{s.field}.dtype", f"unknown dtype {s.dtype!r}", "use bf16, fp16 (GPU only) or fp32"))
     if s.offload and s.zero_stage == 0:
-        raise DSConfigError(
-            f"{s.field}.offload=true needs ZeRO stage 1, 2 or 3 ({s.field}.{s.zero_field}=0 keeps the optimizer on "
-            f"the device): set {s.field}.{s.zero_field} to 2 or 3, or {s.field}.offload to false")
+        out.append(Problem(
+            f"{s.field}.offload", f"offload needs ZeRO stage 1, 2 or 3 ({s.field}.{s.zero_field} is 0, which keeps "
+            "the optimizer on the device)", f"set {s.field}.{s.zero_field} to 2 or 3, or {s.field}.offload to false"))
+    return out
+
+
+def check_settings(s: TrainSettings) -> None:
+    """Raise DSConfigError for settings DeepSpeed cannot run (see :func:`settings_problems`)."""
+    problems = settings_problems(s)
+    if problems:
+        raise DSConfigError("; ".join(str(p) for p in problems))
 
 
 def _precision(dtype: str) -> dict[str, Any]:
@@ -138,12 +148,21 @@ def stage_settings(spec: Any, stage: str, world_size: int, role: str | None = No
             raise ValueError("ppo settings need role='actor' or 'critic'")
         zero_field = f"{role}ZeroStage"
         zero_stage = getattr(st, f"{role}_zero_stage")
-        hybrid = bool(st.hybrid_engine) and role == "actor"
+        hybrid = _resolved(st.hybrid_engine, f"{field}.hybridEngine") and role == "actor"
         max_out = st.max_prompt_len + st.max_answer_len
     else:
         zero_field, zero_stage, hybrid, max_out = "zeroStage", st.zero_stage, False, spec.data.max_seq_len
+    # every preset-governed value is filled by the spec's validator (kuberlhf.contract.presets): no fallback here
     return TrainSettings(
         field=field, accelerator=spec.accelerator.value, world_size=world_size,
-        micro_batch=st.per_device_batch_size or 1, grad_accum=st.gradient_accumulation_steps or 1,
-        zero_stage=0 if zero_stage is None else zero_stage, dtype=st.dtype.value, offload=st.offload,
+        micro_batch=_resolved(st.per_device_batch_size, f"{field}.perDeviceBatchSize"),
+        grad_accum=_resolved(st.gradient_accumulation_steps, f"{field}.gradientAccumulationSteps"),
+        zero_stage=_resolved(zero_stage, f"{field}.{zero_field}"), dtype=st.dtype.value, offload=st.offload,
         zero_field=zero_field, hybrid_engine=hybrid, max_out_tokens=max_out, tensorboard_dir=tensorboard_dir)
+
+
+def _resolved(value: Any, field: str) -> Any:
+    if value is None:
+        raise DSConfigError(f"{field} is unset: build the spec with PipelineSpec(...)/parse_spec, whose validator "
+                            "fills it from the deploymentType preset, or set it")
+    return value

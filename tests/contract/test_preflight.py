@@ -1,0 +1,144 @@
+"""The preflight: every check that needs no GPU and no download, on the validated spec. Each bad spec is named
+by its field and a fix; the examples and the fixtures pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kuberlhf.contract.preflight import CHECKS, PreflightError, Problem, check_spec, preflight
+from kuberlhf.contract.rules import RULES
+from kuberlhf.contract.spec import parse_pipeline, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def spec_of(accelerator: str = "cpu", deployment: str = "single_node", data=None, stages=None, **top):
+    return parse_spec(
+        {
+            "deploymentType": deployment,
+            "accelerator": accelerator,
+            "actor": {"model": "kuberlhf/tiny-opt"},
+            "reward": {"model": "kuberlhf/tiny-opt"},
+            "data": data or {"datasets": ["kuberlhf/synthetic-pairs"]},
+            "storage": {"uri": "s3://bucket/pipelines"},
+            "stages": stages or {},
+            **top,
+        }
+    )
+
+
+# (spec arguments, the field the problem names, words of the message or fix)
+BAD = [
+    ({"stages": {"sft": {"dtype": "fp16"}}}, "spec.stages.sft.dtype", "bf16 or fp32"),
+    ({"stages": {"reward": {"dtype": "fp16"}}}, "spec.stages.reward.dtype", "bf16 or fp32"),
+    ({"stages": {"ppo": {"dtype": "fp16"}}}, "spec.stages.ppo.dtype", "spec.accelerator to cuda"),
+    ({"stages": {"ppo": {"hybridEngine": True}}}, "spec.stages.ppo.hybridEngine", "CUDA"),
+    ({"stages": {"sft": {"lora": {"onlyOptimizeLora": True}}}}, "spec.stages.sft.lora.onlyOptimizeLora", "dim > 0"),
+    ({"stages": {"reward": {"lora": {"onlyOptimizeLora": True}}}}, "spec.stages.reward.lora.onlyOptimizeLora", "dim"),
+    (
+        {"stages": {"ppo": {"actorLora": {"onlyOptimizeLora": True}}}},
+        "spec.stages.ppo.actorLora.onlyOptimizeLora",
+        "dim",
+    ),
+    (
+        {"stages": {"ppo": {"criticLora": {"dim": 0, "onlyOptimizeLora": True}}}},
+        "spec.stages.ppo.criticLora.onlyOptimizeLora",
+        "dim > 0",
+    ),
+    ({"stages": {"reward": {"zeroStage": 0, "offload": True}}}, "spec.stages.reward.offload", "zeroStage to 2 or 3"),
+    ({"stages": {"ppo": {"actorZeroStage": 0, "offload": True}}}, "spec.stages.ppo.offload", "actorZeroStage"),
+    # DeepSpeed-Chat's step-3 refusal, reached through the presets (single_node: ZeRO-2, hybrid engine, no LoRA)
+    ({"accelerator": "cuda", "stages": {"ppo": {"offload": True}}}, "spec.stages.ppo", "actorLora"),
+    ({"data": {"datasets": ["kuberlhf/synthetic-pairs"], "split": "10,0,0"}}, "spec.data.split", "share"),
+    ({"data": {"datasets": ["kuberlhf/no-such-builtin"]}}, "spec.data.datasets[0].name", "kuberlhf/synthetic-pairs"),
+    ({"data": {"datasets": [{"path": "s3://Bad_Bucket/x.jsonl"}]}}, "spec.data.datasets[0].path", "bucket"),
+    ({"data": {"datasets": [{"path": "s3://bucket"}]}}, "spec.data.datasets[0].path", "no object"),
+    ({"data": {"datasets": [{"name": "s3:/bucket/x.jsonl"}]}}, "spec.data.datasets[0].name", "path: s3://"),
+    ({"data": {"datasets": [{"path": "gs://bucket/x.jsonl"}]}}, "spec.data.datasets[0].path", "s3://"),
+    (
+        {"data": {"datasets": [{"path": "./p.jsonl", "adapter": "nobody/unknown"}]}},
+        "spec.data.datasets[0].adapter",
+        "Dahoas/rm-static",
+    ),
+    (
+        {"data": {"datasets": ["kuberlhf/synthetic-pairs"], "unsupervised": "kuberlhf/nope"}},
+        "spec.data.unsupervised.name",
+        "unknown built-in",
+    ),
+    ({"actor": {"model": "s3://b/x"}}, "spec.actor.model", "bucket"),
+    ({"reward": {"model": "kuberlhf/tiny-gpt"}}, "spec.reward.model", "kuberlhf/tiny-opt"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field", "words"), BAD)
+def test_each_check_names_the_field_and_the_fix(kwargs, field, words) -> None:
+    problems = preflight(spec_of(**kwargs))
+    assert [p.field for p in problems] == [field], problems
+    assert words in str(problems[0])
+    with pytest.raises(PreflightError) as err:
+        check_spec(spec_of(**kwargs))
+    assert field in str(err.value) and "fix:" in str(err.value)
+
+
+def test_examples_and_good_specs_pass() -> None:
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        if "kind: RLHFPipeline" in path.read_text():
+            assert preflight(parse_pipeline(path.read_text()).spec) == [], path
+    # only the resolved value counts: fp16 on GPUs, a whole bucket as storage, LoRA-only with a rank
+    assert (
+        preflight(
+            spec_of(
+                "cuda",
+                stages={"sft": {"dtype": "fp16", "lora": {"dim": 8, "onlyOptimizeLora": True}}},
+                storage={"uri": "s3://bucket"},
+            )
+        )
+        == []
+    )
+    # step 1 may take all of its data from sftOnly
+    assert (
+        preflight(
+            spec_of(
+                data={
+                    "datasets": ["kuberlhf/synthetic-pairs"],
+                    "split": "0,5,5",
+                    "sftOnly": ["kuberlhf/synthetic-pairs"],
+                }
+            )
+        )
+        == []
+    )
+
+
+def test_local_paths_are_checked_only_where_they_are_read(tmp_path: Path, monkeypatch) -> None:
+    missing = {"data": {"datasets": [{"path": str(tmp_path / "nope.jsonl")}]}, "actor": {"model": "./no-model"}}
+    assert preflight(spec_of(**missing)) == []  # the operator: the paths are inside the pods
+    fields = [p.field for p in preflight(spec_of(**missing), local=True)]
+    assert fields == ["spec.data.datasets[0].path", "spec.actor.model"]
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert preflight(spec_of(data={"datasets": ["./pairs.jsonl"]}), local=True) == []
+
+
+def test_problems_are_not_repeated_and_checks_extend() -> None:
+    # actor and critic share spec.stages.ppo.offload: one problem, not two
+    spec = spec_of(stages={"ppo": {"actorZeroStage": 0, "criticZeroStage": 0, "offload": True}})
+    assert [p.field for p in preflight(spec)] == ["spec.stages.ppo.offload"] * 2  # one per zero field
+    assert len({str(p) for p in preflight(spec)}) == 2
+
+    def no_big_batches(spec, options):
+        if spec.stages.sft.per_device_batch_size > 2:
+            yield Problem("spec.stages.sft.perDeviceBatchSize", "too big", "lower it")
+
+    assert [p.field for p in preflight(spec_of(), checks=(*CHECKS, no_big_batches))] == [
+        "spec.stages.sft.perDeviceBatchSize"
+    ]
+
+
+def test_every_rule_is_exercised_and_has_one_message() -> None:
+    named = {field for _, field, _ in BAD}
+    for rule in RULES:
+        assert rule.field in named, f"no bad spec in BAD exercises {rule.field}"
+        assert rule.text == f"{rule.field}: {rule.message}; fix: {rule.fix}"
