@@ -149,18 +149,21 @@ def test_oversized_body_is_413(client: openai.OpenAI) -> None:
 
 
 def test_conversation_longer_than_the_context_is_400(client: openai.OpenAI) -> None:
-    long = [{"role": "user", "content": "word " * 2000}]  # under the byte limit, over 512 tokens
+    long = [{"role": "user", "content": "word " * 2000}]  # one message, under the byte limit, over 512 tokens
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny", messages=long)
     assert err.value.body["code"] == "context_length_exceeded"
     assert err.value.body["param"] == "messages"
 
 
-def test_max_tokens_is_capped_by_the_server(client: openai.OpenAI) -> None:
-    # the server runs with --max-new-tokens 400
-    done = client.chat.completions.create(
-        model="tiny", messages=HELLO, max_tokens=5000, temperature=0, stop=["\x00never\x00"]
-    )
+def test_max_tokens_above_the_server_cap_is_400(client: openai.OpenAI) -> None:
+    # the server runs with --max-new-tokens 400: more is refused (as OpenAI refuses more than a model's limit)
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=HELLO, **{field: 401})
+        assert err.value.body["param"] == field
+        assert "at most 400" in err.value.body["message"]
+    done = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=400, temperature=0, stop=["\x00"])
     assert done.usage.completion_tokens == 400
     assert done.choices[0].finish_reason == "length"
 
@@ -200,7 +203,7 @@ def test_concurrency_bound_queues_one_and_refuses_the_rest(chat_server: ServerPr
     long_body = {
         "model": "tiny",
         "messages": HELLO,
-        "max_tokens": 480,
+        "max_tokens": 400,
         "temperature": 0,
         "stream": True,
         "stop": ["\x00never\x00"],

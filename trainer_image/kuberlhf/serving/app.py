@@ -27,14 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kuberlhf.contract.stage import ENV_API_KEY
 from kuberlhf.serving.limits import AdmissionLimiter, BodySizeLimit
 from kuberlhf.serving.metrics import ServeMetrics
-from kuberlhf.serving.params import GenerationParams, PromptTooLongError
+from kuberlhf.serving.openapi import install_openapi
+from kuberlhf.serving.params import GenerationParams, InvalidParamError, PromptTooLongError
 from kuberlhf.serving.protocol import (
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     chunk_object,
     completion_object,
     error_body,
+    logprobs_object,
     model_list,
+    model_object,
     usage_object,
     validation_param,
 )
@@ -42,6 +45,7 @@ from kuberlhf.serving.protocol import (
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+DROPPED_TURNS_HEADER = "X-Kuberlhf-Dropped-Turns"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ def create_app(
         log.info("model %s ready after %.1f s", settings.model_name, time.monotonic() - t0)
 
     app = FastAPI(title="kuberlhf chat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_openapi(app, settings.max_new_tokens, auth=bool(settings.api_key))
     app.state.engine = None
     app.state.load_error = None
     app.state.metrics = metrics
@@ -121,7 +126,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422 with its own shape; OpenAI answers 400 naming the parameter
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        errors = exc.errors()
+        # a failed check of ours (e.g. a lone surrogate) says more than the union branch that failed beside it
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else None)
+        first = first or {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return _error_response(400, error_body(f"request body is not valid JSON: {first.get('msg')}"))
         param = validation_param(first.get("loc", ()))
@@ -207,6 +215,18 @@ def create_app(
         _check_key(request)
         return model_list(settings.model_name, created)
 
+    @app.get("/v1/models/{model}")
+    async def model(request: Request, model: str) -> dict:
+        _check_key(request)
+        if model != settings.model_name:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist: this server serves '{settings.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        return model_object(settings.model_name, created)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         _check_key(request)
@@ -235,18 +255,27 @@ def create_app(
         t0 = time.monotonic()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
+        headers = {DROPPED_TURNS_HEADER: str(stream.usage.dropped_turns)} if stream.usage.dropped_turns else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(
                 _events(stream, completion_id, now, include_usage, limiter, t0),
                 sep="\n",
                 ping=15,
-                headers={"Cache-Control": "no-store"},
+                headers={"Cache-Control": "no-store", **(headers or {})},
             )
         metrics.in_flight.inc()
+        generation = asyncio.ensure_future(asyncio.to_thread(stream.text))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            text = await asyncio.to_thread(stream.text)
+            await asyncio.wait({generation, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not generation.done():
+                # the client left (closed the connection or timed out): free the slot instead of finishing
+                stream.cancel()
+                log.info("client went away: generation %s cancelled", completion_id)
+            text = await generation
         finally:
+            gone.cancel()
             stream.cancel()
             metrics.in_flight.dec()
             limiter.release(acquired)
@@ -261,8 +290,15 @@ def create_app(
                 u.finish_reason or "stop",
                 u.prompt_tokens,
                 u.completion_tokens,
-            )
+                logprobs_object(u.logprobs) if stream.params.logprobs else None,
+            ),
+            headers=headers,
         )
+
+    async def _client_gone(request: Request) -> None:
+        # after the body, the next ASGI message is the disconnect (uvicorn sends it when the socket closes)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     def _validate(body: ChatCompletionRequest) -> tuple[Any, list[tuple[str, str]]]:
         if body.n is not None and body.n > 1:
@@ -272,6 +308,9 @@ def create_app(
                 "send n=1 (or several requests)",
                 param="n",
             )
+        refused = body.unsupported_field()
+        if refused is not None:
+            raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
         if body.model != settings.model_name:
             raise APIError(
                 404,
@@ -289,14 +328,29 @@ def create_app(
                 400, '\'messages\' has no user message: add at least one {"role": "user", ...}', param="messages"
             )
         requested = body.requested_max_tokens()
-        # max_tokens is capped by the operator's --max-new-tokens, as OpenAI caps by the model's limit
-        max_new = settings.max_new_tokens if requested is None else min(requested, settings.max_new_tokens)
+        if requested is not None and requested > settings.max_new_tokens:
+            # as OpenAI answers a max_tokens over the model's limit; the operator's cap is --max-new-tokens
+            name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise APIError(
+                400,
+                f"'{name}' is too large: {requested}. This server generates at most {settings.max_new_tokens} "
+                f"completion tokens per request (kuberlhf serve --max-new-tokens): send {name} <= "
+                f"{settings.max_new_tokens}",
+                param=name,
+                code="invalid_value",
+            )
         params = GenerationParams(
-            max_new_tokens=max_new,
+            max_new_tokens=settings.max_new_tokens if requested is None else requested,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             stop=tuple(stops),
             seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
+            # top_logprobs implies logprobs (OpenAI refuses it alone; answering with what was asked is as honest)
+            logprobs=bool(body.logprobs or body.top_logprobs),
+            top_logprobs=body.top_logprobs or 0,
         )
         return params, [(m.role, m.text()) for m in body.messages]
 
@@ -305,6 +359,8 @@ def create_app(
             return engine.start(turns, params)
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+        except InvalidParamError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from exc
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
 
@@ -328,12 +384,19 @@ def create_app(
                 chunk_object(completion_id, now, name, {"role": "assistant", "content": ""}, with_usage=include_usage)
             )
             first = True
+            sent = 0
             try:
                 async for piece in iterate_in_threadpool(iter(stream)):
                     if first:
                         metrics.first_token.observe(time.monotonic() - t0)
                         first = False
-                    yield event(chunk_object(completion_id, now, name, {"content": piece}, with_usage=include_usage))
+                    sent += len(piece)
+                    lp = logprobs_object(stream.take_logprobs(sent)) if stream.params.logprobs else None
+                    yield event(
+                        chunk_object(
+                            completion_id, now, name, {"content": piece}, with_usage=include_usage, logprobs=lp
+                        )
+                    )
             except RuntimeError as exc:
                 # headers are sent: report in-band, as OpenAI does for mid-stream failures
                 yield event(error_body(str(exc), "server_error"))

@@ -18,7 +18,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def serve(
     model: str = typer.Option(..., "--model", help="Local Hugging Face model directory, or an s3:// / file:// URI."),
-    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on (loopback by default; the chat Deployment passes 0.0.0.0)."
+    ),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_new_tokens: int = typer.Option(256, min=1, help="Cap on max_tokens of any request (and its default)."),
     storage_endpoint: str | None = typer.Option(
@@ -31,6 +33,10 @@ def serve(
     cache_dir: Path | None = typer.Option(None, help="Where s3:// models are downloaded (default ~/.cache/kuberlhf)."),
     device: str | None = typer.Option(None, help="torch device (default: cuda when available, else cpu)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    limit_connections: int = typer.Option(64, min=1, help="Open connections at most; requests beyond get 503."),
+    keep_alive_timeout: float = typer.Option(5.0, min=0.1, help="Seconds an idle keep-alive connection stays open."),
+    header_timeout: float = typer.Option(10.0, min=0.1, help="Seconds a connection has to send a request's headers."),
+    body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a request has to send its body after the headers."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions), with a chat page at /."""
     import os
@@ -38,6 +44,7 @@ def serve(
     import uvicorn
 
     from kuberlhf.serving.app import ServeSettings, create_app
+    from kuberlhf.serving.connections import ConnectionBounds, bounded_protocol
     from kuberlhf.serving.model_source import ModelSourceError, check_hf_model_dir, is_uri, model_display_name
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,7 +78,17 @@ def serve(
             server.should_exit = True  # a pod that cannot load its model should restart, not idle unready
 
     app = create_app(settings, load, on_load_failure)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    bounds = ConnectionBounds(limit_connections, keep_alive_timeout, header_timeout, body_timeout)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+        http=bounded_protocol(bounds),
+        limit_concurrency=bounds.limit_connections,
+        timeout_keep_alive=bounds.keep_alive_timeout,
+    )
     server = uvicorn.Server(config)
     typer.echo(
         f"serving {model} as '{settings.model_name}' on http://{host}:{port} (chat page at /, API at /v1"

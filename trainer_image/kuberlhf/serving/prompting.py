@@ -41,6 +41,24 @@ def build_prompt(turns: Sequence[Turn], chat_template: ChatTemplate | None = Non
     return format_conversation(turns)
 
 
+def fit_turns(
+    turns: Sequence[Turn], prompt_tokens: Callable[[Sequence[Turn]], int], max_context: int, reserve: int
+) -> tuple[list[Turn], int]:
+    """The conversation that fits: while the prompt plus ``reserve`` answer tokens exceed ``max_context``, the
+    oldest exchange (a user message and the assistant turns after it) is left out. System messages and the
+    last user message (with whatever follows it) are always kept; if they alone do not fit, the caller clips
+    the answer or refuses. Returns the kept turns and how many turns were left out."""
+    turns = list(turns)
+    kept = list(turns)
+    while prompt_tokens(kept) + reserve > max_context:
+        users = [i for i, (role, _) in enumerate(kept) if ROLE_ALIASES.get(role, role) == "user"]
+        if len(users) < 2:
+            break
+        # drop everything non-system from the start up to (not including) the second user message
+        kept = [t for i, t in enumerate(kept) if i >= users[1] or ROLE_ALIASES.get(t[0], t[0]) == "system"]
+    return kept, len(turns) - len(kept)
+
+
 def stop_strings(user_stops: Sequence[str] | None, human_format: bool) -> list[str]:
     """Where the answer ends: the caller's stop sequences, plus "Human:" in the Human/Assistant format."""
     stops = [s for s in (user_stops or []) if s]
