@@ -21,7 +21,8 @@ def fake_records() -> list[dict]:
                  "chosen_score": 1.2, "rejected_score": -0.4})
     for s in range(1, 31):
         recs.append({"stage": "ppo", "step": s, "split": "train", "time": 200 + s, "reward": -1 + s / 15,
-                     "kl": s / 100, "actor_loss": 0.1 / s, "critic_loss": 1 / s, "ptx_loss": 3.0, "return": s / 20})
+                     "kl": s / 100, "actor_loss": 0.1 / s, "critic_loss": 1 / s, "ptx_loss": 3.0, "return": s / 20,
+                     "true_reward": 0.5 + s / 60})
     return recs
 
 
@@ -44,6 +45,7 @@ def test_summaries() -> None:
     assert "eval accuracy 80.0%" in summarize_stage(recs, "reward")
     assert summarize_stage(recs, "sft").startswith("40 steps, loss")
     assert "reward -0.933 -> +1.000" in summarize_stage(recs, "ppo")
+    assert "true reward 0.517 -> 1.000" in summarize_stage(recs, "ppo")
     assert summarize_stage([], "ppo") == "no metrics recorded"
     assert series(recs, "sft", "perplexity", "eval") == ([40], [12.2])
 
@@ -68,3 +70,30 @@ def test_plots_are_readable_pngs(tmp_path: Path) -> None:
             assert im.size[0] >= 700 and im.size[1] >= 400
             # a blank canvas would have a handful of colours; lines, text and legends give many
             assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
+
+
+def test_ppo_plot_has_a_true_reward_panel_when_the_data_provides_one(tmp_path: Path) -> None:
+    """The true-reward panel is drawn from the records' true_reward; without it the panel says 'no data'."""
+    import matplotlib
+
+    from kuberlhf.runner import plots
+
+    matplotlib.use("Agg")
+    drawn: list[str] = []
+    real_line = plots._line
+
+    def spy(ax, steps, values, label, color, smooth=True):
+        if values:
+            drawn.append(label)
+        return real_line(ax, steps, values, label, color, smooth)
+
+    plots._line = spy
+    try:
+        plots.plot_ppo(fake_records(), tmp_path / "with.png")
+        with_truth = list(drawn)
+        drawn.clear()
+        plots.plot_ppo([{k: v for k, v in r.items() if k != "true_reward"} for r in fake_records()],
+                       tmp_path / "without.png")
+    finally:
+        plots._line = real_line
+    assert "true reward" in with_truth and "true reward" not in drawn

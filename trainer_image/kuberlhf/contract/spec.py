@@ -113,6 +113,11 @@ class DataSpec(SpecModel):
     max_samples: int | None = Field(default=None, ge=1, description="Cap on rows per dataset (quick runs).")
     eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="Held-out share of each stage's slice.")
     seed: int = Field(default=1234, description="Seed for the deterministic split.")
+    true_reward: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Reporting only, never trained on: 'module:function' importable in the stage image, "
+        "f(prompt, answer) -> float in [0, 1], the preference the data was made from. Step 3 logs its mean over "
+        "each rollout batch (true_reward) and kuberlhf run prints and plots it.")
 
     @field_validator("datasets", "sft_only", mode="before")
     @classmethod

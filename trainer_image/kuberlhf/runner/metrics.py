@@ -82,6 +82,8 @@ def summarize_stage(records: Sequence[Record], stage: str) -> str:
     elif stage == "ppo":
         if fl := _first_last(records, "ppo", "reward"):
             parts.append(f"reward {fl[0]:+.3f} -> {fl[1]:+.3f}")
+        if fl := _first_last(records, "ppo", "true_reward"):
+            parts.append(f"true reward {fl[0]:.3f} -> {fl[1]:.3f}")
         if fl := _first_last(records, "ppo", "kl"):
             parts.append(f"KL {fl[1]:.3f}")
     steps = [int(r.get("step") or 0) for r in records if r.get("stage") == stage and r.get("split", "train") == "train"]

@@ -92,14 +92,16 @@ def plot_reward(records: Sequence[Record], path: Path) -> Path:
 def plot_ppo(records: Sequence[Record], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     panels = [
         ("reward", "Mean reward-model score of generated answers", "RM score", "tab:green"),
+        ("true_reward", "True reward of generated answers (data.trueReward)", "true reward [0, 1]", "tab:cyan"),
         ("kl", "KL divergence from the reference (SFT) policy", "KL (nats/sequence)", "tab:purple"),
         ("return", "Mean return (KL-shaped reward)", "return", "tab:olive"),
         ("actor_loss", "Actor (policy) loss", "clipped PPO loss", "tab:blue"),
         ("critic_loss", "Critic (value) loss", "clipped value loss", "tab:red"),
         ("ptx_loss", "Pre-training (ptx) loss", "cross-entropy loss", "tab:brown"),
+        ("answer_len", "Mean answer length", "tokens", "tab:gray"),
     ]
     for ax, (key, title, ylabel, color) in zip(axes.flat, panels, strict=True):
         _line(ax, *series(records, "ppo", key), key.replace("_", " "), color)

@@ -128,9 +128,29 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
         console.line()
     console.info(f"mean reward-model score on {len(prompts)} held-out prompts: SFT {sft['mean_score']:+.3f} -> "
                  f"SFT + PPO {fin['mean_score']:+.3f}")
+    truth = score_true_reward(pipeline, prompts, ev)
+    if truth:
+        console.info(f"mean true reward ({pipeline.spec.data.true_reward}, never trained on) on the same answers: "
+                     f"SFT {truth['sft']:.3f} -> SFT + PPO {truth['final']:.3f}")
     with open(out / "samples.jsonl", "w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"prompt": p, "sft": sft["answers"][i], "sft_score": sft["scores"][i],
                                 "final": fin["answers"][i], "final_score": fin["scores"][i]}) + "\n")
-    return {"heldoutPrompts": len(prompts), "sftMeanScore": sft["mean_score"], "finalMeanScore": fin["mean_score"],
-            "finalModel": str(final)}
+    result = {"heldoutPrompts": len(prompts), "sftMeanScore": sft["mean_score"], "finalMeanScore": fin["mean_score"],
+              "finalModel": str(final)}
+    if truth:
+        result.update(sftTrueReward=truth["sft"], finalTrueReward=truth["final"])
+    return result
+
+
+def score_true_reward(pipeline: RLHFPipeline, prompts: Sequence[str], ev: Mapping[str, Any]) -> dict[str, float]:
+    """Mean ``spec.data.trueReward`` of each evaluated policy's answers ({} when the data has none); the
+    function gets the prompt as the model saw it, like in step 3's rollouts."""
+    from kuberlhf.data.true_reward import load_true_reward, true_rewards
+
+    fn = load_true_reward(pipeline.spec.data.true_reward)
+    if fn is None:
+        return {}
+    formatted = [format_prompt(p) for p in prompts]
+    return {name: sum(v := true_rewards(fn, formatted, pol["answers"])) / max(1, len(v))
+            for name, pol in ev["policies"].items()}

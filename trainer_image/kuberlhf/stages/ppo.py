@@ -51,14 +51,29 @@ def ptx_stream(ds: Any, batch_size: int, rank: int, world: int, seed: int, consu
         yield from make_loader(ds, batch_size, rank, world, seed, epoch, skip if epoch == start_epoch else 0)
 
 
+def rollout_texts(tokenizer: Any, exp: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """(prompts, answers) of an experience batch as text: the prompt as the model saw it, the answer up to its
+    EOS and cut at a 'Human:' turn the model started itself."""
+    from kuberlhf.data.format import cut_at_next_turn
+
+    p_len = exp["prompts"].shape[1]
+    prompts = tokenizer.batch_decode(exp["prompts"], skip_special_tokens=True)
+    answer_mask = exp["attention_mask"][:, p_len:].bool()
+    answers = [cut_at_next_turn(tokenizer.decode(row[m], skip_special_tokens=True))
+               for row, m in zip(exp["seq"][:, p_len:], answer_mask, strict=True)]
+    return prompts, answers
+
+
 def run_ppo(run: StageRun) -> None:
     from kuberlhf.data import PromptDataset, stage_rows
+    from kuberlhf.data.true_reward import load_true_reward, true_rewards
     from kuberlhf.models import load_tokenizer
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
     from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
 
     spec, st, dist = run.spec, run.stage_spec, run.dist
     options = EngineOptions.from_spec(spec, dist.world_size)
+    true_reward = load_true_reward(spec.data.true_reward)  # reporting only; fails before any model is loaded
     actor_dir = run.fetch(run.layout.model_uri("sft"), "sft-model", "the step-1 (SFT) model")
     critic_dir = run.fetch(run.layout.model_uri("reward"), "reward-model", "the step-2 (reward) model")
     tokenizer = load_tokenizer(str(actor_dir), "spec.actor.model", padding_side="left")
@@ -123,7 +138,11 @@ def run_ppo(run: StageRun) -> None:
                 "ptx_loss": sum(ptx_losses) / len(ptx_losses) if ptx_losses else None,
                 "return": float((exp["returns"] * amask).sum() / amask.sum().clamp(min=1)),
                 "answer_len": float(amask.sum(1).mean()),
+                "true_reward": None,
             }
+            if true_reward is not None:
+                scored = true_rewards(true_reward, *rollout_texts(tokenizer, exp))
+                values["true_reward"] = sum(scored) / len(scored)
             elapsed = time.time() - t0
             logged = {k: D.all_reduce_mean(v) for k, v in values.items() if v is not None}
             logged.update(kl_coef=kl_coef, samples_per_s=gen_bs * dist.world_size / elapsed,
