@@ -1,4 +1,5 @@
-"""Clear errors from `kuberlhf stage` (exit code 2, one line naming the manifest field or dataset and the fix).
+"""Clear errors from `kuberlhf stage` (exit code EXIT_USER_ERROR, one line naming the manifest field or dataset and
+the fix), and an unavailable store told apart from them (EXIT_STORAGE_UNAVAILABLE: retried, not the user's fault).
 Settings no worker could run are refused before any worker starts; the rest by the (single) worker."""
 
 from __future__ import annotations
@@ -7,6 +8,9 @@ import json
 
 import pytest
 from trainer_stage_helpers import run_stage, tiny_manifest
+
+from kuberlhf.contract.stage import ENV_STORAGE_RETRY_SECONDS, EXIT_STORAGE_UNAVAILABLE, EXIT_USER_ERROR
+from kuberlhf.training.distributed import free_port
 
 
 def single(storage_dir, stages=None, data=None, **spec):
@@ -17,8 +21,8 @@ def single(storage_dir, stages=None, data=None, **spec):
     return manifest
 
 
-def failed(proc, *needles):
-    assert proc.returncode == 2, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+def failed(proc, *needles, code=EXIT_USER_ERROR):
+    assert proc.returncode == code, f"rc={proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     last = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert last, proc.stderr[-4000:]
     for needle in needles:
@@ -63,3 +67,15 @@ def test_unknown_dataset_and_missing_columns(tmp_path, s3_server):
 def test_ppo_without_earlier_stages(tmp_path, s3_server):
     failed(run_stage(single(tmp_path), "ppo", s3_server, "e5", timeout=240), "step-1 (SFT) model is missing",
            "_COMPLETE")
+
+
+def test_unreachable_store_is_retried_then_reported_as_unavailable_not_as_a_user_error(tmp_path, s3_server):
+    """An S3 endpoint that refuses connections (the store restarting) is retried for the budget (one call with
+    boto3's own retries takes ~12 s), then the stage exits EXIT_STORAGE_UNAVAILABLE, which the operator retries,
+    instead of the user-error code it never retries."""
+    manifest = tiny_manifest("outage", {"uri": "s3://kuberlhf/runs", "endpoint": f"http://127.0.0.1:{free_port()}"})
+    manifest["spec"]["stages"]["sft"]["gpusPerNode"] = 1
+    proc = run_stage(manifest, "sft", s3_server, "e6", extra_env={ENV_STORAGE_RETRY_SECONDS: "15"}, timeout=240)
+    msg = failed(proc, "cannot reach the S3 endpoint", code=EXIT_STORAGE_UNAVAILABLE)
+    assert "spec.storage.endpoint" in msg
+    assert "storage unavailable, retrying in" in proc.stderr  # it waited for the store first

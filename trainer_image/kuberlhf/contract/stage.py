@@ -38,6 +38,27 @@ ENV_STORAGE_ENDPOINT = "KUBERLHF_STORAGE_ENDPOINT"
 DEFAULT_MASTER_PORT = 29500
 ENTRYPOINT = "kuberlhf"
 
+# --- how a stage process ends (the operator classifies a failed pod by these) ------------------------------
+# The stage's configuration is wrong (a spec field, a dataset, a model path, the bucket or its keys): retrying
+# cannot help, so the operator fails the pipeline at once. EX_CONFIG of sysexits.h.
+EXIT_USER_ERROR = 78
+# The object store stayed unreachable (or answered 5xx) past the stage's retry budget: retried as a new attempt.
+# EX_UNAVAILABLE of sysexits.h.
+EXIT_STORAGE_UNAVAILABLE = 69
+# Stopped by SIGTERM (preemption, node drain, eviction) after committing a resumable checkpoint: 128 + SIGTERM,
+# what a container runtime reports for a process that SIGTERM ended.
+EXIT_INTERRUPTED = 143
+# Seconds a stage may take after SIGTERM to finish its step and commit a checkpoint before it is killed. The pod's
+# terminationGracePeriodSeconds must cover it (one step + one checkpoint upload).
+ENV_STOP_GRACE_SECONDS = "KUBERLHF_STOP_GRACE_SECONDS"
+DEFAULT_STOP_GRACE_SECONDS = 300
+# How long a stage retries an unreachable object store (or one answering 5xx) before it gives up on the attempt.
+ENV_STORAGE_RETRY_SECONDS = "KUBERLHF_STORAGE_RETRY_SECONDS"
+DEFAULT_STORAGE_RETRY_SECONDS = 300
+# Where the stage reports what it committed when it succeeds (the Pod's terminationMessagePath).
+ENV_TERMINATION_LOG = "KUBERLHF_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
 # --- object-store layout -------------------------------------------------------------------------------
 MODEL_DIR = "model"
 EMA_DIR = "ema"

@@ -16,11 +16,15 @@ import sys
 from collections.abc import Mapping
 
 from kuberlhf.contract.spec import Stage
-from kuberlhf.contract.stage import StageContext
-
-
-class StageFailed(RuntimeError):
-    """A worker exited with an error (its own message was printed by the worker)."""
+from kuberlhf.contract.stage import (
+    DEFAULT_STOP_GRACE_SECONDS,
+    ENV_STOP_GRACE_SECONDS,
+    EXIT_INTERRUPTED,
+    EXIT_STORAGE_UNAVAILABLE,
+    EXIT_USER_ERROR,
+    StageContext,
+)
+from kuberlhf.stages.errors import StageFailed, StageInterrupted
 
 
 def is_worker(env: Mapping[str, str], local_rank: int | None = None) -> bool:
@@ -44,7 +48,26 @@ def preflight(ctx: StageContext) -> None:
     check_spec(ctx.pipeline.spec, local=True)
 
 
+def stop_grace_seconds(env: Mapping[str, str]) -> int:
+    """How long the stage may take to checkpoint after SIGTERM (the pod's terminationGracePeriodSeconds)."""
+    raw = env.get(ENV_STOP_GRACE_SECONDS) or ""
+    return int(raw) if raw.isdigit() else DEFAULT_STOP_GRACE_SECONDS
+
+
+def workers_exit_code(codes: list[int]) -> int:
+    """This node's exit code from its failed workers' codes: a user error anywhere wins (retrying cannot fix
+    it), then an unavailable store, then an interruption when that is all there was; else a plain failure."""
+    if EXIT_USER_ERROR in codes:
+        return EXIT_USER_ERROR
+    if EXIT_STORAGE_UNAVAILABLE in codes:
+        return EXIT_STORAGE_UNAVAILABLE
+    if codes and all(c in (EXIT_INTERRUPTED, -15) for c in codes):
+        return EXIT_INTERRUPTED
+    return 1
+
+
 def spawn_workers(ctx: StageContext, pipeline: str | None, resume: bool) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -54,13 +77,19 @@ def spawn_workers(ctx: StageContext, pipeline: str | None, resume: bool) -> None
         rdzv_backend="static", rdzv_endpoint=f"{ctx.master_addr}:{ctx.master_port}",
         rdzv_configs={"rank": ctx.node_rank, "timeout": 900},
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        # on SIGTERM the launcher forwards it to the workers, which finish their step and commit a checkpoint;
+        # they are killed only after this long (the kubelet's own deadline is the pod's grace period)
+        shutdown_timeout=stop_grace_seconds(os.environ),
     )
     try:
         elastic_launch(config, sys.executable)(*worker_args(ctx.stage.value, pipeline, resume))
+    except SignalException as e:
+        raise StageInterrupted(f"stage {ctx.stage.value} on node {ctx.node_rank} stopped by {e.sigval.name}; "
+                               "it resumes from its last committed checkpoint") from None
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         raise StageFailed(f"stage {ctx.stage.value} failed on node {ctx.node_rank} (worker exit codes {codes})",
-                          ) from None
+                          workers_exit_code(codes)) from None
 
 
 def run_in_process(stage: str, pipeline: str | None, resume: bool) -> None:

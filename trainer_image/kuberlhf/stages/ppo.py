@@ -151,13 +151,15 @@ def run_ppo(run: StageRun) -> None:
             run.metrics.write(step, "train", **logged)
             bar.update(1)
             bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
-            every = st.checkpoint_every_steps
-            if every and step % every == 0 and step < total_iters:
+            save, stop = run.checkpoint_due(step, total_iters, st.checkpoint_every_steps)
+            if save:
                 local = run.ckpt_local(step)
                 save_engines(engine.trained_engines(), local, step, dist.rank, {"kl_coef": trainer.kl_ctl.value})
                 if engine.ema is not None:
                     save_module_state(engine.ema, local / EMA_STATE_FILE, dist.rank)
                 run.upload_checkpoint(step)
+                if stop:
+                    raise run.interrupted(step)
                 maybe_crash(step)
             if step >= total_iters:
                 break

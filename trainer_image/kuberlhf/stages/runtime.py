@@ -8,18 +8,39 @@ metrics.jsonl, then the stage's manifest.json and ``_COMPLETE``.
 
 Multi-node writes: every node saves its own ranks' checkpoint files into a node-local directory and uploads
 them; after a barrier rank 0 merges every node's file list and commits (manifest.json, then ``_COMPLETE``).
+
+Stopping: SIGTERM (preemption, node drain, eviction) only sets a flag; at the next optimizer step every rank agrees
+to stop (one all-reduce per step), commits a checkpoint of that step and exits ``EXIT_INTERRUPTED``, so the next
+attempt resumes there. Object-store outages are ridden out for ``KUBERLHF_STORAGE_RETRY_SECONDS`` (RetryingStore).
+On success rank 0 writes what it committed (stage URI, manifest sha256) to the pod's termination message, which
+is how the operator learns it when it may not read the bucket itself (workload identity).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kuberlhf.contract.stage import METRICS_FILE, TENSORBOARD_DIR, StageContext, manifest_summary
+from kuberlhf.contract.stage import (
+    DEFAULT_STORAGE_RETRY_SECONDS,
+    DEFAULT_TERMINATION_LOG,
+    ENV_STORAGE_RETRY_SECONDS,
+    ENV_TERMINATION_LOG,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    StageContext,
+    manifest_summary,
+)
+from kuberlhf.stages.errors import StageInterrupted
 from kuberlhf.training import distributed as D
 from kuberlhf.training.metrics import MetricsWriter
 
@@ -32,11 +53,32 @@ def work_root() -> Path:
     return Path(os.environ.get("KUBERLHF_CACHE", Path.home() / ".cache" / "kuberlhf")) / "work"
 
 
+def storage_retry_seconds(env: Mapping[str, str]) -> float:
+    raw = env.get(ENV_STORAGE_RETRY_SECONDS) or ""
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return float(DEFAULT_STORAGE_RETRY_SECONDS)
+
+
+def completion_report(stage: str, uri: str, manifest_sha256: str) -> str:
+    """The termination message of a stage pod that committed its output (read by the operator)."""
+    return json.dumps({"kuberlhf": {"stage": stage, "checkpoint": uri, "manifestSha256": manifest_sha256}},
+                      sort_keys=True)
+
+
+def write_termination_message(text: str, env: Mapping[str, str]) -> None:
+    path = env.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
+    with contextlib.suppress(OSError):  # not in a pod (or the file is not writable): nobody reads it
+        Path(path).write_text(text)
+
+
 class StageRun:
     """One process (rank) of a stage."""
 
     def __init__(self, ctx: StageContext, resume: bool = True):
         from kuberlhf.storage import ObjectStore
+        from kuberlhf.storage.retry import RetryingStore
 
         self.ctx = ctx
         self.spec = ctx.pipeline.spec
@@ -45,7 +87,10 @@ class StageRun:
         self.resume = resume
         self.dist = D.init_distributed(self.spec.accelerator.value)
         self.layout = ctx.layout
-        self.store = ObjectStore.from_spec(self.spec.storage)
+        self.store = RetryingStore(ObjectStore.from_spec(self.spec.storage), storage_retry_seconds(os.environ))
+        self.stop_requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         key = hashlib.sha256(self.layout.stage_uri(self.stage).encode()).hexdigest()[:12]
         # node-local scratch, shared by the ranks of this node (and distinct per node even on one machine)
         self.workdir = work_root() / f"{ctx.pipeline.metadata.name}-{self.stage}-{key}" / f"node{self.dist.node_rank}"
@@ -60,23 +105,24 @@ class StageRun:
     # --- inputs --------------------------------------------------------------------------------------
     def fetch(self, uri: str, name: str, what: str) -> Path:
         """Download a committed prefix into this node's work dir (local rank 0 downloads, the rest wait)."""
-        from kuberlhf.storage import IncompleteCheckpointError, StorageError
+        from kuberlhf.storage import IncompleteCheckpointError, StorageError, StorageTransientError
 
         dest = self.workdir / "inputs" / name
-        error: str | None = None
+        error: tuple[bool, str] | None = None  # (transient, message)
         if self.dist.is_local_main:
             try:
                 if not self.store.is_complete(uri):
                     raise IncompleteCheckpointError(uri)
                 self.store.download_dir(uri, str(dest))
             except IncompleteCheckpointError:
-                error = (f"{what} is missing: {uri} has no _COMPLETE marker. Run the earlier stage first "
-                         f"(kuberlhf stage {name.split('-')[0]}) or check spec.storage.uri")
+                error = (False, f"{what} is missing: {uri} has no _COMPLETE marker. Run the earlier stage first "
+                                f"(kuberlhf stage {name.split('-')[0]}) or check spec.storage.uri")
             except StorageError as e:
-                error = f"cannot download {what} from {uri}: {e}"
+                error = (isinstance(e, StorageTransientError), f"cannot download {what} from {uri}: {e}")
         errors = [e for e in D.all_gather_object(error) if e]
         if errors:
-            raise StageInputError(errors[0])
+            transient, message = errors[0]
+            raise (StorageTransientError if transient else StageInputError)(message)
         return dest
 
     def model_source(self, source: str, field: str, name: str) -> str:
@@ -84,6 +130,26 @@ class StageRun:
         if source.startswith(("s3://", "file://")):
             return str(self.fetch(source, name, f"the model of {field}"))
         return source
+
+    # --- stopping on SIGTERM -----------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self.stop_requested:
+            os.write(sys.stderr.fileno(), f"{self.stage}: SIGTERM: committing a checkpoint after this step, then "
+                                          "stopping\n".encode())
+        self.stop_requested = True
+
+    def checkpoint_due(self, step: int, total: int, every: int | None) -> tuple[bool, bool]:
+        """Collective, after optimizer step ``step`` of ``total``: (save a checkpoint now, stop after saving).
+        Periodic checkpoints every ``every`` steps; a stop when any rank got SIGTERM (the last step just
+        finishes the stage instead)."""
+        stop = D.any_rank(self.stop_requested) and step < total
+        periodic = bool(every) and step % every == 0 and step < total
+        return periodic or stop, stop
+
+    def interrupted(self, step: int) -> StageInterrupted:
+        """The exception that ends a stage stopped by SIGTERM once checkpoint ``step`` is committed."""
+        return StageInterrupted(f"stage {self.stage} stopped by SIGTERM after committing checkpoint step {step} "
+                                f"({self.layout.ckpt_uri(self.stage, step)}); the next attempt resumes there")
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def ckpt_local(self, step: int) -> Path:
@@ -161,7 +227,8 @@ class StageRun:
             metrics_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.metrics.path, metrics_dir / METRICS_FILE)
             entries += self.store.upload_files(str(metrics_dir), stage_uri)
-            self.store.commit(stage_uri, entries, producer=self.producer, extra=extra)
+            manifest = self.store.commit(stage_uri, entries, producer=self.producer, extra=extra)
+            write_termination_message(completion_report(self.stage, stage_uri, manifest.sha256), os.environ)
             if self.ctx.local_output:
                 out = Path(self.ctx.local_output)
                 out.mkdir(parents=True, exist_ok=True)

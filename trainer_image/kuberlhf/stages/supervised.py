@@ -107,10 +107,12 @@ def supervised_loop(run: StageRun, engine: Any, train_ds: Any, plan: StepPlan, m
             if step % eval_every == 0 or step == plan.total_steps:
                 run.metrics.write(step, "eval", **evaluate())
                 engine.train()
-            every = st.checkpoint_every_steps
-            if every and step % every == 0 and step < plan.total_steps:
+            save, stop = run.checkpoint_due(step, plan.total_steps, st.checkpoint_every_steps)
+            if save:
                 save_engines({"model": engine}, run.ckpt_local(step), step, dist.rank, {"epoch": epoch})
                 run.upload_checkpoint(step)
+                if stop:
+                    raise run.interrupted(step)
                 maybe_crash(step)
             if step >= plan.total_steps:
                 break

@@ -7,6 +7,7 @@ from kuberlhf.storage.errors import (
     IncompleteCheckpointError,
     StorageAuthError,
     StorageError,
+    StorageTransientError,
     StorageUnreachableError,
 )
 from kuberlhf.storage.manifest import FileEntry, Manifest, scan_dir
@@ -23,6 +24,7 @@ __all__ = [
     "ObjectStore",
     "StorageAuthError",
     "StorageError",
+    "StorageTransientError",
     "StorageUnreachableError",
     "join_uri",
     "parse_uri",

@@ -38,7 +38,12 @@ class StorageAuthError(StorageError):
     """The store rejected (or we have no) credentials."""
 
 
-class StorageUnreachableError(StorageError):
+class StorageTransientError(StorageError):
+    """The store may well answer if asked again later (an outage, a 5xx, throttling): retried, never blamed on
+    the user's configuration."""
+
+
+class StorageUnreachableError(StorageTransientError):
     """The endpoint cannot be reached (refused, DNS, timeout)."""
 
 

@@ -25,7 +25,13 @@ from botocore.exceptions import (
 from s3transfer.subscribers import BaseSubscriber
 
 from kuberlhf.contract.stage import ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY
-from kuberlhf.storage.errors import BucketNotFoundError, StorageAuthError, StorageError, StorageUnreachableError
+from kuberlhf.storage.errors import (
+    BucketNotFoundError,
+    StorageAuthError,
+    StorageError,
+    StorageTransientError,
+    StorageUnreachableError,
+)
 from kuberlhf.storage.manifest import FileEntry
 from kuberlhf.storage.uri import ParsedUri
 
@@ -45,6 +51,9 @@ _AUTH_CODES = {
     "Forbidden",
 }
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# Answers that say "not now" rather than "never": the store is overloaded, restarting or throttling.
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+                    "ThrottlingException"}
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,10 @@ class S3Backend:
                 return BucketNotFoundError(
                     f"{what}: bucket {bucket!r} does not exist at {self.label}: create it, or fix the bucket in "
                     "spec.storage.uri"
+                )
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return StorageTransientError(
+                    self._redact(f"{what}: the S3 endpoint {self.label} is unavailable ({code or status}): {exc}")
                 )
             return StorageError(self._redact(f"{what} failed at {self.label}: {code or status}: {exc}"))
         if isinstance(exc, BotoCoreError):

@@ -153,6 +153,18 @@ def all_reduce_mean(value: float) -> float:
     return float(t.item() / dist.get_world_size())
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when ``flag`` is True on at least one."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def destroy() -> None:
     import torch.distributed as dist
 
