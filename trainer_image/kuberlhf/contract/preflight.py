@@ -77,7 +77,7 @@ def rule_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[Pro
 
 def world_size(spec: PipelineSpec, stage: str) -> int:
     st = spec.stages.get(stage)
-    return int(st.nodes) * int(st.gpus_per_node)  # both filled by the presets
+    return int(st.nodes) * int(st.gpus_per_node)  # both filled by the deploymentType preset
 
 
 def deepspeed_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[Problem]:

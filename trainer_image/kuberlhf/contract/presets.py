@@ -46,6 +46,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 _LORA_KEYS = {"lora_dim": "lora", "actor_lora_dim": "actor_lora"}
+# DeepSpeed-Chat's step-3 scripts pass --disable_actor_dropout: the PPO actor (and its reference/EMA copies and
+# the critic) run without dropout unless spec.actor.dropout says otherwise.
+STEP3_DROPOUT = 0.0
 
 
 def apply_preset(spec: PipelineSpec) -> None:
@@ -53,6 +56,10 @@ def apply_preset(spec: PipelineSpec) -> None:
     from kuberlhf.contract.spec import Accelerator, LoraSpec
 
     table = PRESETS[spec.deployment_type.value]
+    ppo = spec.stages.ppo
+    if ppo.learning_rate is not None:  # one rate the user gave for step 3 wins over both preset rates
+        ppo.actor_learning_rate = ppo.actor_learning_rate or ppo.learning_rate
+        ppo.critic_learning_rate = ppo.critic_learning_rate or ppo.learning_rate
     for stage_name, values in table.items():
         stage = getattr(spec.stages, stage_name)
         for key, value in values.items():

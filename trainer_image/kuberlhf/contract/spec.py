@@ -36,6 +36,12 @@ class SpecModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def spec_default(model: type[BaseModel], name: str) -> Any:
+    """The default of field ``name`` (Python name) of a spec model: what settings objects of the Python API take
+    as their own defaults, so there is one source of each default."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
 class DeploymentType(str, Enum):
     single_gpu = "single_gpu"
     single_node = "single_node"
@@ -68,7 +74,8 @@ class ModelRef(SpecModel):
     model: str = Field(min_length=1, description="Hub name, local path, or s3:// / file:// URI of an HF model.")
     tokenizer: str | None = Field(default=None, description="Tokenizer location when it differs from model.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    dropout: float | None = Field(default=None, ge=0, le=1, description="Override the model's dropout.")
+    dropout: float | None = Field(default=None, ge=0, le=1, description="Override the model's dropout (unset: the "
+                                  "model's own in steps 1-2, 0 in step 3 as DeepSpeed-Chat's --disable_actor_dropout).")
 
 
 class DatasetRef(SpecModel):
@@ -187,7 +194,8 @@ class CommonStageSpec(SpecModel):
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
     per_device_batch_size: int | None = Field(default=None, ge=1, description="Micro batch per rank.")
     gradient_accumulation_steps: int | None = Field(default=None, ge=1)
-    learning_rate: float | None = Field(default=None, gt=0)
+    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate (preset); in ppo, the "
+                                        "rate of actor and critic unless actorLearningRate / criticLearningRate are set.")
     weight_decay: float = Field(default=0.0, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)

@@ -75,12 +75,11 @@ def stage_command(stage: Stage | str) -> list[str]:
 
 
 def nproc_per_node(pipeline: RLHFPipeline, stage: Stage | str) -> int:
-    st = pipeline.spec.stages.get(stage)
-    return int(st.gpus_per_node or 1)
+    return int(pipeline.spec.stages.get(stage).gpus_per_node)  # filled by the deploymentType preset
 
 
 def num_nodes(pipeline: RLHFPipeline, stage: Stage | str) -> int:
-    return int(pipeline.spec.stages.get(stage).nodes or 1)
+    return int(pipeline.spec.stages.get(stage).nodes)
 
 
 def pipeline_json(pipeline: RLHFPipeline) -> str:

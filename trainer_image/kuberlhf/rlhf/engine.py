@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from kuberlhf.contract.presets import STEP3_DROPOUT
+from kuberlhf.contract.spec import EMASpec, PPOStageSpec, spec_default
 from kuberlhf.models.loading import align_embeddings, load_causal_lm
 from kuberlhf.models.lora import apply_lora
 from kuberlhf.models.reward import RewardModel
@@ -31,23 +33,25 @@ from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
 
 @dataclass
 class EngineOptions:
-    """What the engine needs from ``spec.stages.ppo`` (see ``from_spec``)."""
+    """What the engine needs from ``spec.stages.ppo`` (see ``from_spec``). The learning rates and DeepSpeed
+    settings come from the deploymentType presets, so they have no default here; every other default is the
+    spec's (``PPOStageSpec``), so options built by hand run the same recipe as a manifest."""
 
     actor_settings: TrainSettings
     critic_settings: TrainSettings
-    actor_lr: float = 9.65e-6
-    critic_lr: float = 5e-6
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 0
+    actor_lr: float
+    critic_lr: float
+    weight_decay: float = spec_default(PPOStageSpec, "weight_decay")
+    lr_scheduler: str = spec_default(PPOStageSpec, "lr_scheduler")
+    warmup_steps: int = spec_default(PPOStageSpec, "warmup_steps")
     actor_lora: Any = None
     critic_lora: Any = None
-    ema_enabled: bool = True
-    ema_beta: float = 0.992
-    ema_warmup: bool = True
-    gradient_checkpointing: bool = False
-    seed: int = 1234
-    dropout: float | None = 0.0
+    ema_enabled: bool = spec_default(EMASpec, "enabled")
+    ema_beta: float = spec_default(EMASpec, "beta")
+    ema_warmup: bool = spec_default(EMASpec, "warmup")
+    gradient_checkpointing: bool = spec_default(PPOStageSpec, "gradient_checkpointing")
+    seed: int = spec_default(PPOStageSpec, "seed")
+    dropout: float | None = STEP3_DROPOUT
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -58,13 +62,13 @@ class EngineOptions:
         return cls(
             actor_settings=stage_settings(spec, "ppo", world_size, role="actor"),
             critic_settings=stage_settings(spec, "ppo", world_size, role="critic"),
-            actor_lr=st.actor_learning_rate or st.learning_rate or 9.65e-6,
-            critic_lr=st.critic_learning_rate or st.learning_rate or 5e-6,
+            # filled by the presets (or from spec.stages.ppo.learningRate): kuberlhf.contract.presets
+            actor_lr=st.actor_learning_rate, critic_lr=st.critic_learning_rate,
             weight_decay=st.weight_decay, lr_scheduler=st.lr_scheduler, warmup_steps=st.warmup_steps,
             actor_lora=st.actor_lora, critic_lora=st.critic_lora, ema_enabled=st.ema.enabled, ema_beta=st.ema.beta,
             ema_warmup=st.ema.warmup,
             gradient_checkpointing=st.gradient_checkpointing, seed=st.seed,
-            dropout=spec.actor.dropout if spec.actor.dropout is not None else 0.0,
+            dropout=spec.actor.dropout if spec.actor.dropout is not None else STEP3_DROPOUT,
         )
 
 

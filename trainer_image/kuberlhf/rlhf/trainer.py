@@ -10,25 +10,29 @@ from typing import Any
 
 import torch
 
+from kuberlhf.contract.spec import AdaptiveKLSpec, PPOStageSpec, spec_default
 from kuberlhf.rlhf import ppo_math as pm
 from kuberlhf.rlhf.engine import RLHFEngine
 
 
 @dataclass
 class PPOSettings:
-    kl_coef: float = 0.1
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    reward_clip: float = 5.0
-    max_answer_len: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ptx_coef: float = 0.0
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    """PPO's constants. Every default is ``spec.stages.ppo``'s (``PPOStageSpec``, ``AdaptiveKLSpec``), so
+    ``PPOSettings()`` is the recipe a manifest gets; :meth:`from_spec` takes a manifest's values."""
+
+    kl_coef: float = spec_default(PPOStageSpec, "kl_coef")
+    clip_range: float = spec_default(PPOStageSpec, "clip_range")
+    clip_range_value: float = spec_default(PPOStageSpec, "clip_range_value")
+    gamma: float = spec_default(PPOStageSpec, "gamma")
+    lam: float = spec_default(PPOStageSpec, "lam")
+    reward_clip: float = spec_default(PPOStageSpec, "reward_clip")
+    max_answer_len: int = spec_default(PPOStageSpec, "max_answer_len")
+    temperature: float = spec_default(PPOStageSpec, "temperature")
+    top_p: float = spec_default(PPOStageSpec, "top_p")
+    ptx_coef: float = spec_default(PPOStageSpec, "ptx_coef")
+    adaptive_kl: bool = spec_default(AdaptiveKLSpec, "enabled")
+    kl_target: float = spec_default(AdaptiveKLSpec, "target")
+    kl_horizon: int = spec_default(AdaptiveKLSpec, "horizon")
     # the actor's log-probs of its samples from generation's own logits instead of one more forward pass
     # (identical up to float rounding: see ppo_math.answer_logprobs)
     reuse_generation_logprobs: bool = True
@@ -193,8 +197,10 @@ class PPOTrainer:
         self.critic.step()
         return actor_loss.detach(), critic_loss.detach()
 
-    def train_unsupervised(self, batch: dict[str, torch.Tensor], ptx_coef: float) -> torch.Tensor:
-        """The ptx step: ``ptx_coef`` x next-token loss on a pre-training batch, through the actor."""
+    def train_unsupervised(self, batch: dict[str, torch.Tensor], ptx_coef: float | None = None) -> torch.Tensor:
+        """The ptx step: ``ptx_coef`` (default: the settings') x next-token loss on a pre-training batch, through
+        the actor."""
+        ptx_coef = self.s.ptx_coef if ptx_coef is None else ptx_coef
         batch = {k: v.to(self.actor.device) for k, v in batch.items()}
         self.actor.train()
         out = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -86,7 +86,8 @@ def train(
                                                  help="ZeRO stage of step 2 and the PPO critic."),
     output_dir: Path = typer.Option(Path("output"), "--output-dir", help="Local run: models, metrics, plots."),
     dataset: list[str] = typer.Option([], "--dataset", help="Dataset(s) (hub names or files); default Dahoas/rm-static."),
-    data_split: str = typer.Option("2,4,4", "--data-split", help="Share of each dataset for steps 1, 2, 3."),
+    data_split: str | None = typer.Option(None, "--data-split", help="Share of each dataset for steps 1, 2, 3 "
+                                                                      "(default: data.split's, 2,4,4)."),
     unsupervised_dataset: str | None = typer.Option(None, "--unsupervised-dataset", help="ptx corpus for step 3."),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="Max tokens of steps 1-2 (data.maxSeqLen)."),
     max_prompt_seq_len: int | None = typer.Option(None, "--max-prompt-seq-len",

@@ -55,7 +55,7 @@ def build_train_pipeline(
     actor_zero_stage: int | None = None,
     reward_zero_stage: int | None = None,
     datasets: Sequence[str] = (DEFAULT_DATASET,),
-    data_split: str = "2,4,4",
+    data_split: str | None = None,
     unsupervised_dataset: str | None = None,
     accelerator: str = "cuda",
     name: str | None = None,
@@ -92,7 +92,9 @@ def build_train_pipeline(
     if max_steps is not None:
         for stage in stages.values():
             stage["maxSteps"] = max_steps
-    data: dict[str, Any] = {"datasets": list(datasets) or [DEFAULT_DATASET], "split": data_split}
+    data: dict[str, Any] = {"datasets": list(datasets) or [DEFAULT_DATASET]}
+    if data_split is not None:
+        data["split"] = data_split
     if max_seq_len is not None:
         data["maxSeqLen"] = max_seq_len
     if unsupervised_dataset:

@@ -80,8 +80,8 @@ def run_ppo(run: StageRun) -> None:
     rows, _ = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
     prompts = PromptDataset(rows, tokenizer, st.max_prompt_len, cache_dir=tokenized_cache_dir(run),
                             cache_key=cache_key(run, "train"))
-    gen_bs = st.generation_batch_size or st.per_device_batch_size or 1
-    micro = min(st.per_device_batch_size or gen_bs, gen_bs)
+    gen_bs = st.generation_batch_size  # both filled by the deploymentType preset
+    micro = min(st.per_device_batch_size, gen_bs)
     iters_per_epoch = len(rank_indices(len(prompts), dist.rank, dist.world_size, st.seed, 0)) // gen_bs
     if iters_per_epoch == 0:
         raise ValueError(f"spec.stages.ppo.generationBatchSize={gen_bs}: only {len(prompts)} step-3 prompts for "

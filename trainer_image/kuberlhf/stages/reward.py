@@ -57,7 +57,7 @@ def run_reward(run: StageRun) -> None:
     if st.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_lora(model, st.lora, "spec.stages.reward.lora")
-    engine = training_engine(run, model, ds_config, plan.total_steps, default_lr=5e-5)
+    engine = training_engine(run, model, ds_config, plan.total_steps)
 
     def train_step(batch):
         c, r = pair_scores(engine, batch)

@@ -47,7 +47,7 @@ def run_sft(run: StageRun) -> None:
                            gradient_checkpointing=st.gradient_checkpointing)
     align_embeddings(model, tokenizer)
     apply_lora(model, st.lora, "spec.stages.sft.lora")
-    engine = training_engine(run, model, ds_config, plan.total_steps, default_lr=1e-5)
+    engine = training_engine(run, model, ds_config, plan.total_steps)
 
     def train_step(batch):
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -44,12 +44,13 @@ def tokenized_splits(run: StageRun, make: Callable[..., Any], tokenizer: Any, *a
                  for split_rows, split in zip(rows, ("train", "eval"), strict=True))
 
 
-def training_engine(run: StageRun, model: Any, ds_config: dict[str, Any], total_steps: int, default_lr: float) -> Any:
-    """The stage's DeepSpeed engine: AdamW (LoRA weights at their own rate) + LR schedule from the stage spec."""
+def training_engine(run: StageRun, model: Any, ds_config: dict[str, Any], total_steps: int) -> Any:
+    """The stage's DeepSpeed engine: AdamW (LoRA weights at their own rate) + LR schedule from the stage spec
+    (learningRate: the deploymentType preset's unless set)."""
     from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
 
     st = run.stage_spec
-    optimizer = make_optimizer(model, st.learning_rate or default_lr, st.weight_decay, st.offload,
+    optimizer = make_optimizer(model, st.learning_rate, st.weight_decay, st.offload,
                                st.lora.learning_rate if st.lora else None)
     scheduler = make_scheduler(optimizer, st.lr_scheduler, st.warmup_steps, total_steps)
     return ds_initialize(model, ds_config, optimizer, scheduler)

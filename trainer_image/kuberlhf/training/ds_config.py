@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kuberlhf.contract.spec import CommonStageSpec, DataSpec, spec_default
+
 if TYPE_CHECKING:
     from kuberlhf.contract.preflight import Problem
 
@@ -31,11 +33,11 @@ class TrainSettings:
     grad_accum: int
     zero_stage: int
     dtype: str  # "bf16" | "fp16" | "fp32"
-    offload: bool = False
+    offload: bool = spec_default(CommonStageSpec, "offload")
     zero_field: str = "zeroStage"
-    gradient_clipping: float = 1.0
-    hybrid_engine: bool = False
-    max_out_tokens: int = 512
+    gradient_clipping: float = 1.0  # DeepSpeed-Chat's GRADIENT_CLIPPING (no spec field)
+    hybrid_engine: bool = False  # only the PPO actor's, from spec.stages.ppo.hybridEngine
+    max_out_tokens: int = spec_default(DataSpec, "max_seq_len")
     inference_tp_size: int = 1
     tensorboard_dir: str | None = None
 
