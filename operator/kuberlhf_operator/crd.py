@@ -134,7 +134,16 @@ def _stage_status_schema() -> dict[str, Any]:
             "completionTime": {"type": "string", "format": "date-time"},
             "checkpoint": {"type": "string", "description": "URI of the stage's committed output."},
             "manifestSha256": {"type": "string", "description": "sha256 of the output's manifest.json."},
-            "specHash": {"type": "string", "description": "sha256 of the spec the stage started with."},
+            "specHash": {"type": "string", "description": "sha256 of what the user wrote (the parts this stage "
+                         "depends on) and the preset version, when the stage started."},
+            "presetVersion": {"type": "string", "description": "Version of the deploymentType presets the stage "
+                              "started with."},
+            "writtenSpec": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": "What the user wrote (defaults and presets left out) of the parts this stage depends "
+                               "on, when it started: edits are compared with it.",
+            },
             "message": {"type": "string"},
             "appliedSpec": {
                 "type": "object",

@@ -13,8 +13,6 @@ Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Su
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -22,7 +20,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from kuberlhf.contract.preflight import format_problems, preflight
-from kuberlhf.contract.spec import STAGE_ORDER, ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec
+from kuberlhf.contract.spec import STAGE_ORDER, ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec, written_spec
 from kuberlhf.contract.stage import StageLayout
 from kuberlhf_operator.manifests import (
     Owner,
@@ -35,15 +33,12 @@ from kuberlhf_operator.manifests import (
     job_name,
 )
 from kuberlhf_operator.observe import JobState, Observed, PodsState
+from kuberlhf_operator.spec_pin import SERVING, changed_since_pin, pin
 
-SERVING = "serving"
 DONE = "done"
 CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded"}
 STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO"}
 REASON_INVALID_SPEC = "InvalidSpec"
-# Top-level spec fields a training stage does not depend on: changing them never "changes a started stage".
-_NOT_STAGE_FIELDS = {"stages", "serving", "suspend"}
-_SERVING_FIELDS = ("serving", "image", "imagePullPolicy", "podTemplate", "accelerator")
 REQUEUE_SECONDS = 10.0
 _SAME_WAITING = {"ErrImagePull": "ImagePullBackOff"}
 
@@ -131,33 +126,6 @@ def get_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
-def _canonical_hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def relevant_spec(wire: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The part of a resolved spec a stage depends on (what its spec hash covers)."""
-    if stage == SERVING:
-        return {k: wire[k] for k in _SERVING_FIELDS if k in wire}
-    out = {k: v for k, v in wire.items() if k not in _NOT_STAGE_FIELDS}
-    out["stages"] = {stage: (wire.get("stages") or {}).get(stage, {})}
-    return out
-
-
-def spec_hash(wire: dict[str, Any], stage: str) -> str:
-    return _canonical_hash(relevant_spec(wire, stage))
-
-
-def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
-    """Dotted paths whose values differ (lists compare whole)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            out += changed_fields(old.get(key), new.get(key), f"{prefix}.{key}")
-        return out
-    return [] if old == new else [prefix]
-
-
 def effective_spec(stage: str, current: dict[str, Any], stages_status: dict[str, Any]) -> dict[str, Any]:
     """The spec a stage runs with: its own snapshot once started; else the current spec with the parts earlier
     stages fixed pinned (storage: where every earlier output lives; serving keeps the EMA choice of PPO)."""
@@ -186,6 +154,7 @@ class _Run:
     def __init__(self, meta: PipelineMeta, status: dict[str, Any], observed: Observed, now: datetime,
                  probes: dict[str, ProbeResult], config: OperatorConfig) -> None:
         self.meta, self.observed, self.now, self.probes, self.config = meta, observed, now, probes, config
+        self.written: dict[str, Any] = {}  # what the user wrote (kuberlhf.contract.spec.written_spec)
         self.status = copy.deepcopy(status or {})
         self.owner = Owner(meta.name, meta.namespace, meta.uid)
         self.actions: list[Action] = []
@@ -229,10 +198,11 @@ class _Run:
         started = [s for s in [x.value for x in STAGE_ORDER] + [SERVING] if (stages_st.get(s) or {}).get("specHash")]
         changes: dict[str, list[str]] = {}
         for s in started:
-            snap = stages_st[s].get("appliedSpec") or {}
-            if spec_hash(current, s) != stages_st[s]["specHash"]:
-                for f in changed_fields(relevant_spec(snap, s), relevant_spec(current, s)):
-                    changes.setdefault(f, []).append(s)
+            found = changed_since_pin(stages_st[s], self.written, current, s)
+            for f in found:
+                changes.setdefault(f, []).append(s)
+            if not found and not stages_st[s].get("presetVersion"):
+                stages_st[s].update(pin(self.written, s))  # a record of an earlier release: re-pin it
         previous = get_condition(self.status, "SpecChangeIgnored")
         if not changes:
             if previous is not None and previous.get("status") == "True":
@@ -283,12 +253,12 @@ class _Run:
                 return
             if st.get("phase") == "Suspended":
                 self.resumed(stage)
-            s.update(appliedSpec=wire, specHash=spec_hash(wire, stage), startTime=timestamp(self.now))
+            s.update(appliedSpec=wire, startTime=timestamp(self.now), **pin(self.written, stage))
             self.start_attempt(stage, pipeline, 1, reason="StageStarted")
             return
         # Adopt what exists even if the status write of an earlier run was lost (restart mid-decision).
         if not s.get("appliedSpec"):
-            s.update(appliedSpec=wire, specHash=spec_hash(wire, stage))
+            s.update(appliedSpec=wire, **pin(self.written, stage))
         if attempt > int(s.get("attempts") or 0) or not s.get("jobName"):
             s.update(attempts=attempt, jobName=job_name(self.meta.name, stage, attempt), phase="Running")
             s.setdefault("startTime", timestamp(self.now))
@@ -470,7 +440,7 @@ class _Run:
             return
         s: dict[str, Any] = stages_st.setdefault(SERVING, {})
         if not s.get("appliedSpec"):
-            s.update(appliedSpec=wire, specHash=spec_hash(wire, SERVING), startTime=timestamp(self.now),
+            s.update(appliedSpec=wire, startTime=timestamp(self.now), **pin(self.written, SERVING),
                      phase="Running", attempts=1, jobName=chat_name(self.meta.name))
             st.update(phase="Running", stage=SERVING, attempts=1, reason="Serving",
                       message="creating the chat Deployment")
@@ -517,6 +487,7 @@ def reconcile(
     if problems:
         return run.invalid(format_problems(problems))
     current = resolved.spec.to_wire()
+    run.written = written_spec(spec)
     return run.run(current)
 
 

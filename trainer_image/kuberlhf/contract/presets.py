@@ -7,6 +7,8 @@ fields the user left unset, so any single value can still be overridden in the m
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,6 +51,13 @@ _LORA_KEYS = {"lora_dim": "lora", "actor_lora_dim": "actor_lora"}
 # DeepSpeed-Chat's step-3 scripts pass --disable_actor_dropout: the PPO actor (and its reference/EMA copies and
 # the critic) run without dropout unless spec.actor.dropout says otherwise.
 STEP3_DROPOUT = 0.0
+
+
+def preset_version() -> str:
+    """A digest of the preset table: recorded with each started stage, so the pin of a running stage does not
+    move when a release changes a preset (kuberlhf_operator.spec_pin)."""
+    table = {"presets": PRESETS, "step3_dropout": STEP3_DROPOUT}
+    return "ds-chat-" + hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def apply_preset(spec: PipelineSpec) -> None:

@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kuberlhf.io"
@@ -312,10 +312,11 @@ class PipelineSpec(SpecModel):
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
 
     @model_validator(mode="after")
-    def _fill_presets(self) -> PipelineSpec:
+    def _fill_presets(self, info: ValidationInfo) -> PipelineSpec:
         from kuberlhf.contract.presets import apply_preset
 
-        apply_preset(self)
+        if (info.context or {}).get("presets", True):
+            apply_preset(self)
         return self
 
 
@@ -385,6 +386,17 @@ def parse_spec(spec: dict[str, Any]) -> PipelineSpec:
         return PipelineSpec.model_validate(spec)
     except ValidationError as e:
         raise SpecError("invalid RLHFPipeline spec:\n" + format_validation_error(e, "spec")) from None
+
+
+def written_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the user wrote, normalised: the spec validated without the presets, dumped without the fields that
+    equal their model default (so a default an API server filled in, or a field a release adds with a default,
+    is not "written"). Raises SpecError like :func:`parse_spec`."""
+    try:
+        model = PipelineSpec.model_validate(spec, context={"presets": False})
+    except ValidationError as e:
+        raise SpecError("invalid RLHFPipeline spec:\n" + format_validation_error(e, "spec")) from None
+    return model.model_dump(by_alias=True, exclude_defaults=True, mode="json")
 
 
 def load_pipeline_file(path: str) -> RLHFPipeline:
