@@ -68,9 +68,13 @@ def completion_report(stage: str, uri: str, manifest_sha256: str) -> str:
 
 
 def write_termination_message(text: str, env: Mapping[str, str]) -> None:
-    path = env.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
-    with contextlib.suppress(OSError):  # not in a pod (or the file is not writable): nobody reads it
-        Path(path).write_text(text)
+    """Into ENV_TERMINATION_LOG when set, else the kubelet's /dev/termination-log when it exists (the kubelet
+    creates it; outside a pod nothing is written, so a root shell never litters /dev)."""
+    path = Path(env.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG)
+    if ENV_TERMINATION_LOG not in env and not path.exists():
+        return
+    with contextlib.suppress(OSError):  # not writable: nobody would read it
+        path.write_text(text)
 
 
 class StageRun:
