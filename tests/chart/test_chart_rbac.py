@@ -8,16 +8,15 @@ from chart.helm import render_chart
 
 # What kuberlhf_operator does, per (apiGroup, resource): the only permissions the chart may grant.
 NAMESPACED: dict[tuple[str, str], set[str]] = {
-    ("kuberlhf.io", "rlhfpipelines"): {"get", "list", "watch", "patch"},
-    ("kuberlhf.io", "rlhfpipelines/status"): {"get", "patch", "update"},
+    ("kuberlhf.io", "rlhfpipelines"): {"get", "list", "watch", "patch"},  # kopf: list/watch/annotations
+    ("kuberlhf.io", "rlhfpipelines/status"): {"patch"},  # handlers.reconcile_pipeline merge-patches status
     ("kuberlhf.io", "rlhfpipelines/finalizers"): {"update"},  # to set blockOwnerDeletion on children
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "services"): {"create", "get", "list", "watch", "delete"},
-    ("apps", "deployments"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},  # patch: suspend; delete: 1.20 fallback
+    ("", "services"): {"create", "list"},
+    ("apps", "deployments"): {"create", "list", "watch"},
+    ("", "pods"): {"list", "watch"},
     ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "events"): {"create"},  # the operator's and kopf's core/v1 Events
     ("", "secrets"): {"get"},
 }
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}

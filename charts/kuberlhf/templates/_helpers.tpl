@@ -62,8 +62,11 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
-RBAC rules the operator needs in every namespace it watches: exactly the verbs kuberlhf_operator uses.
-Secrets: only get (the operator checks spec.storage.secretRef exists; pods read the keys themselves).
+RBAC rules the operator needs in every namespace it watches: exactly the verbs kuberlhf_operator and kopf use.
+kopf lists/watches pipelines, Jobs, Pods and Deployments and patches its annotations onto pipelines; the operator
+reads a pipeline (get), writes its status (patch), creates Jobs/Services/Deployments, lists what it owns, patches
+a Job's suspend, deletes superseded Jobs, reads failed pods' logs, posts core/v1 Events (kopf too) and reads the
+Secret named in spec.storage.secretRef (pods read the keys themselves). Nothing is updated, nothing else deleted.
 */}}
 {{- define "kuberlhf.namespacedRules" -}}
 - apiGroups: [kuberlhf.io]
@@ -71,7 +74,7 @@ Secrets: only get (the operator checks spec.storage.secretRef exists; pods read 
   verbs: [get, list, watch, patch]
 - apiGroups: [kuberlhf.io]
   resources: [rlhfpipelines/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 # Children carry blockOwnerDeletion (foreground deletion of a pipeline waits for them); the API server lets only
 # those who may update the owner's finalizers set it.
 - apiGroups: [kuberlhf.io]
@@ -79,25 +82,22 @@ Secrets: only get (the operator checks spec.storage.secretRef exists; pods read 
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [create, get, list, watch, patch, delete]
+  verbs: [create, list, watch, patch, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, get, list, watch, delete]
+  verbs: [create, list]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [create, get, list, watch, patch, delete]
+  verbs: [create, list, watch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
