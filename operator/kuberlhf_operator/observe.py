@@ -5,6 +5,7 @@ function is tested with plain values and never sees API-client types."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -212,4 +213,25 @@ def failure_detail(pods: list[dict[str, Any]], logs: dict[str, str] | None = Non
         if wants_log and logs.get(name):
             return f"{summary}; last log lines:\n{tail(logs[name])}"
         return summary
+    return None
+
+
+def reported_digest(pods: list[dict[str, Any]], stage: str, checkpoint_uri: str) -> str | None:
+    """The manifest sha256 the pods of a succeeded stage Job say they committed at ``checkpoint_uri``: the
+    termination message rank 0 writes (``kuberlhf.stages.runtime.completion_report``). None when no pod reports
+    that prefix. Used when the operator may not read the bucket itself (no ``spec.storage.secretRef``: the stage
+    pods write with their workload identity); the report is as trustworthy as the pipeline's own image."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if int(term.get("exitCode") or 0) != 0 or not term.get("message"):
+                continue
+            try:
+                report = json.loads(term["message"]).get("kuberlhf") or {}
+            except (ValueError, AttributeError):
+                continue
+            digest = str(report.get("manifestSha256") or "")
+            if (report.get("stage") == stage and report.get("checkpoint") == checkpoint_uri
+                    and len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest)):
+                return digest
     return None

@@ -17,7 +17,9 @@ Substitutions, because nothing real can run them here (each one documented where
   ``batch.kubernetes.io/job-completion-index`` annotation (so downward-API fieldRefs resolve as on a current
   cluster) and to env JOB_COMPLETION_INDEX (as current Kubernetes injects it).
 - Volumes are not mounted; the container's working directory is a per-pod temporary directory.
-- The termination message is the log's tail (FallbackToLogsOnError): /dev/termination-log cannot exist here.
+- /dev/termination-log cannot exist here: each container gets env KUBERLHF_TERMINATION_LOG naming a file in the
+  pod's directory (the stage writes its completion report there instead); as on a kubelet, the file's content
+  is the termination message, else on failure the log's tail (FallbackToLogsOnError).
 - Scheduling: the kubelet binds pods itself, and only when the pod's nodeSelector matches its Node's labels (as
   read from the API server, so a test can `kubectl label node process-kubelet ...`); until then the pod stays
   Pending with PodScheduled=False, reason Unschedulable and the scheduler's message, re-checked every second.
@@ -100,6 +102,11 @@ class ContainerRun:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def termination_log(self) -> Path:
+        """The file standing in for the container's /dev/termination-log."""
+        return self.log_path.with_suffix(".termination-log")
 
     def status(self, image: str) -> dict[str, Any]:
         st: dict[str, Any] = {
@@ -507,7 +514,8 @@ class ProcessKubelet:
     def _start(self, run: PodRun, c: ContainerRun) -> None:
         env = {**self.base_env, "HOSTNAME": run.name,
                "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": self.api.server.rsplit(":", 1)[1],
-               **c.env}
+               "KUBERLHF_TERMINATION_LOG": str(c.termination_log), **c.env}
+        c.termination_log.unlink(missing_ok=True)
         argv = list(c.argv)
         if self._stopped.is_set():
             return
@@ -534,7 +542,9 @@ class ProcessKubelet:
         c.ready = False
         c.waiting_reason = None
         text = c.log_path.read_text(errors="replace") if c.log_path.exists() else ""
-        c.message = podspec.termination_message(text) if c.exit_code != 0 else ""
+        report = c.termination_log
+        written = report.read_text(errors="replace")[:4096] if report.exists() else ""
+        c.message = written or (podspec.termination_message(text) if c.exit_code != 0 else "")
 
     def _probe(self, run: PodRun) -> None:
         for c in run.containers:

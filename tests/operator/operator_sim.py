@@ -80,3 +80,29 @@ class Cluster:
 def complete(stage: str, sha: str = "ab" * 32) -> dict[str, ProbeResult]:
     return {stage: ProbeResult(True, checkpoint=f"s3://bucket/pipelines/team/tiny/0000-uid/{stage}",
                                manifest_sha256=sha)}
+
+
+class FakeKube:
+    """Objects by (kind, namespace, name) for the handler functions that only get and list (the probe); label
+    selectors are the ``k=v,k2=v2`` equality form the operator uses."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.objects = {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in objects}
+        self.calls: list[tuple[str, str]] = []
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind))
+        return copy.deepcopy(self.objects.get((kind, namespace, name)))
+
+    def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        self.calls.append(("list", kind))
+        want = dict(part.split("=", 1) for part in selector.split(",")) if selector else {}
+        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace
+                and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in want.items())]
+
+
+def secret(namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:
+    import base64
+
+    return {"kind": "Secret", "metadata": {"namespace": namespace, "name": name},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}

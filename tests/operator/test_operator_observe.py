@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from operator_sim import FakeKube, secret
 
 from kuberlhf_operator.handlers import probe, status_patch
 from kuberlhf_operator.main import parse_args
@@ -124,28 +125,28 @@ def test_probe_reads_complete_marker_and_manifest_digest(s3_bucket, s3_env, tmp_
     from kuberlhf.storage import ObjectStore
 
     meta = PipelineMeta("tiny", "team", "uid-9")
-    storage = {"uri": f"{s3_bucket}/runs", "endpoint": s3_env.endpoint}
+    storage = {"uri": f"{s3_bucket}/runs", "endpoint": s3_env.endpoint, "secretRef": {"name": "s3"}}
     spec = {"storage": storage}
+    kube = FakeKube(secret("team", "s3", s3_env.credentials_env()))
     layout = StageLayout(storage_uri=storage["uri"], namespace="team", pipeline="tiny", uid="uid-9")
-    store = ObjectStore.from_spec(StorageSpec.model_validate(storage))
+    store = ObjectStore.from_spec(StorageSpec.model_validate(storage))  # the test's own keys: s3_env
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     manifest = store.upload_dir(tmp_path, layout.stage_uri("sft"), producer="sft")
     store.upload_dir(tmp_path, layout.stage_uri("reward"), producer="reward", commit=False)
     obs = Observed(jobs={"tiny-sft-1": JobState("tiny-sft-1", "sft", 1, "Succeeded"),
                          "tiny-reward-1": JobState("tiny-reward-1", "reward", 1, "Succeeded")})
-    got = probe(None, meta, spec, {}, obs)  # no secretRef: the operator's own env holds the credentials
+    got = probe(kube, meta, spec, {}, obs)  # with the keys of the pipeline's secretRef
     assert got["sft"].complete and got["sft"].manifest_sha256 == manifest.sha256 and not got["sft"].error
     assert got["sft"].checkpoint == layout.stage_uri("sft")
     assert not got["reward"].complete and not got["reward"].error
 
 
-def test_probe_of_an_unreachable_store_reports_an_error(monkeypatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+def test_probe_of_an_unreachable_store_reports_an_error() -> None:
+    kube = FakeKube(secret("n", "s3", {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}))
     obs = Observed(jobs={"t-sft-1": JobState("t-sft-1", "sft", 1, "Succeeded")})
-    got = probe(None, PipelineMeta("t", "n", "u"), {"storage": {"uri": "s3://b/p", "endpoint": "http://127.0.0.1:9"}},
-                {}, obs)
+    storage = {"uri": "s3://b/p", "endpoint": "http://127.0.0.1:9", "secretRef": {"name": "s3"}}
+    got = probe(kube, PipelineMeta("t", "n", "u"), {"storage": storage}, {}, obs)
     assert got["sft"].error and not got["sft"].complete
 
 

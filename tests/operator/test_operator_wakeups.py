@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from operator_sim import FakeKube, secret
+
 from kuberlhf.contract.spec import StorageSpec
 from kuberlhf_operator import handlers, wakeups
 from kuberlhf_operator.observe import JobState, Observed
@@ -99,12 +101,13 @@ def test_probe_reuses_one_client_and_skips_the_store_when_nothing_waits(s3_bucke
     """Real SeaweedFS."""
     monkeypatch.setattr(handlers._State, "stores", wakeups.StoreCache())
     meta = PipelineMeta("tiny", "team", "uid-7")
-    spec = {"storage": {"uri": f"{s3_bucket}/runs", "endpoint": s3_env.endpoint}}
+    spec = {"storage": {"uri": f"{s3_bucket}/runs", "endpoint": s3_env.endpoint, "secretRef": {"name": "s3"}}}
+    kube = FakeKube(secret("team", "s3", s3_env.credentials_env()))
     running = Observed(jobs={"tiny-sft-1": JobState("tiny-sft-1", "sft", 1, "Running")})
-    assert handlers.probe(None, meta, spec, {}, running) == {}
+    assert handlers.probe(kube, meta, spec, {}, running) == {}
     assert handlers._State.stores.created == 0  # no stage waits for _COMPLETE: no client at all
     done = Observed(jobs={"tiny-sft-1": JobState("tiny-sft-1", "sft", 1, "Succeeded")})
     for _ in range(3):
-        got = handlers.probe(None, meta, spec, {}, done)
+        got = handlers.probe(kube, meta, spec, {}, done)
         assert not got["sft"].complete and not got["sft"].error
     assert handlers._State.stores.created == 1

@@ -5,6 +5,7 @@ workers; they agree on the step to stop at (an all-reduce per step) and commit i
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from trainer_stage_helpers import PipelineRun, ok, run_stage, stage_env_for, tiny_manifest
 
-from kuberlhf.contract.stage import ENV_STOP_GRACE_SECONDS, EXIT_INTERRUPTED
+from kuberlhf.contract.stage import ENV_STOP_GRACE_SECONDS, ENV_TERMINATION_LOG, EXIT_INTERRUPTED
 
 GRACE_S = 120  # generous for 2 loaded shared cores; a tiny step + checkpoint takes a few seconds
 
@@ -65,8 +66,14 @@ def test_sigterm_commits_a_checkpoint_and_the_next_attempt_resumes_there(s3_serv
     assert not store.is_complete(run.layout.stage_uri("sft"))
     print(f"stopped at step {stopped_at}, {waited:.1f}s after SIGTERM (machine loaded)")
 
-    resumed = ok(run_stage(run.manifest, "sft", s3_server, run.uid))
+    report = tmp_path / "termination-log"
+    resumed = ok(run_stage(run.manifest, "sft", s3_server, run.uid, extra_env={ENV_TERMINATION_LOG: str(report)}))
     assert f"resuming sft from {run.layout.ckpt_uri('sft', stopped_at)}" in resumed.stdout
     assert store.is_complete(run.layout.stage_uri("sft"))
+    # what the operator reads in workload-identity mode: the prefix and the digest of the committed manifest
+    committed = store.read_manifest(run.layout.stage_uri("sft"))
+    assert json.loads(report.read_text()) == {
+        "kuberlhf": {"stage": "sft", "checkpoint": run.layout.stage_uri("sft"), "manifestSha256": committed.sha256}
+    }
     steps = [m["step"] for m in run.metrics("sft") if m["split"] == "train"]
     assert steps == list(range(1, total + 1))  # every step once: nothing lost, nothing repeated
