@@ -60,24 +60,27 @@ def generate_answers(model_dir: Path, prompts: Sequence[str], *, max_new_tokens:
 
 
 def reward_scores(reward_dir: Path, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> list[float]:
-    """The reward model's score of each (prompt, answer), in the training format prompt + ' ' + answer."""
+    """The reward model's score of each (prompt, answer), encoded exactly as step 2 trained it (prompt and answer
+    tokenised apart, EOS appended: ``data.encode.encode_pairs``), so the score is read at the EOS as in training
+    and in step 3's rollouts."""
     import torch
     from transformers import AutoTokenizer
 
+    from kuberlhf.data.encode import encode_pairs, pad_id
+    from kuberlhf.data.tokenized import pad_right
     from kuberlhf.models.reward import RewardModel
 
     tok = AutoTokenizer.from_pretrained(reward_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # the score is read at the last non-pad token
     rm = RewardModel.from_pretrained(reward_dir).eval()
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [format_prompt(p) + format_response(a) for p, a in
-                 zip(prompts[start:start + batch_size], answers[start:start + batch_size], strict=True)]
-        enc = tok(texts, return_tensors="pt", padding=True)
+        ps = [format_prompt(p) for p in prompts[start:start + batch_size]]
+        ans = [format_response(a) for a in answers[start:start + batch_size]]
+        ids = [torch.tensor(x) for x in encode_pairs(ps, ans, ans, tok, 1 << 30)["chosen_input_ids"]]
+        input_ids = pad_right(ids, pad_id(tok))
+        mask = pad_right([torch.ones(len(x), dtype=torch.long) for x in ids], 0)
         with torch.no_grad():
-            scores.extend(float(s) for s in rm.end_scores(enc["input_ids"], enc["attention_mask"]))
+            scores.extend(float(s) for s in rm.end_scores(input_ids, mask))
     return scores
 
 
