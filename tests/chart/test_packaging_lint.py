@@ -22,12 +22,12 @@ def _tool(name: str) -> str:
     return found
 
 
-PACKAGING_SCRIPTS = ["kind-e2e.sh", "helm.sh"]
+PACKAGING_SCRIPTS = ["kind-e2e.sh", "helm.sh", "gpu-check.sh", "gpu-wheels.sh"]
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "hack").glob("*.sh")))
 def test_shellcheck(script: str) -> None:
-    # every script: no warnings or errors; the packaging scripts (run where nothing can test them): no notes either
+    # every script: no warnings or errors; the packaging and GPU scripts (run where nothing can test them): no notes
     severity = "style" if script in PACKAGING_SCRIPTS else "warning"
     proc = subprocess.run([_tool("shellcheck"), "-x", "-S", severity, f"hack/{script}"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

@@ -123,11 +123,11 @@ class PPOTrainer:
         deadlock."""
         self.actor.eval()
         synced = self.rlhf.actor_zero3 and self.world_size > 1
-        # the hybrid engine (CUDA only) swaps in its inference kernels through engine.generate; plain engines
-        # generate through the wrapped HF module
-        hybrid = bool(getattr(self.actor, "_config", None) and self.actor._config.hybrid_engine.enabled)
-        gen = self.actor.generate if hybrid else self.actor.module.generate
-        out = gen(
+        # Always the wrapped module's generate: the hybrid engine (CUDA only) replaces it with its own (inference
+        # kernels, ZeRO-3 gathering) when it found layers its kernels serve; when it found none (decoder layers of
+        # a transformers version it does not support) engine.generate fails on a missing ``_generate`` while the
+        # module's plain generate is right.
+        out = self.actor.module.generate(
             input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=self.s.max_answer_len, do_sample=True,
             temperature=self.s.temperature, top_p=self.s.top_p, top_k=0, pad_token_id=self.pad_id,
             eos_token_id=self.eos_id, synced_gpus=synced, use_cache=True,

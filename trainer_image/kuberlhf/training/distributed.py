@@ -142,13 +142,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def collective_device(backend: str):
+    """Where a tensor for a collective of ``backend`` must live: NCCL reduces only CUDA tensors (a CPU tensor
+    fails with "No backend type associated with device type cpu"), gloo CPU ones."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 def all_reduce_mean(value: float) -> float:
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device(dist.get_backend()))
     dist.all_reduce(t)
     return float(t.item() / dist.get_world_size())
 

@@ -1,0 +1,98 @@
+"""The GPU check (hack/gpu-check.sh + bench/gpu_check.py) cannot rot: its CPU dry run runs end to end here, through
+the same stage entrypoint and export checks as on a GPU (DS_ACCELERATOR=cpu, gloo, tiny sizes, fp16 -> fp32;
+the hybrid-engine cases are CUDA-only and recorded as skipped), and the report is read back from its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+# failing cases first: the cases after them must still run
+DRY_RUN_CASES = ["collectives", "selftest-raise", "selftest-hang", "selftest-export-mismatch", "ppo-z3-fp16"]
+
+
+def test_the_case_registry_covers_the_cuda_matrix() -> None:
+    from gpu_check import CASES
+
+    real = [c for c in CASES if not c.selftest]
+    assert len({c.name for c in CASES}) == len(CASES)
+    stages = [(c.run.keywords["stage"], c.params) for c in real if getattr(c.run, "keywords", None)]
+    for st in ("sft", "reward", "ppo"):
+        assert {(p["zero"], p["dtype"]) for s, p in stages if s == st} >= {(2, "bf16"), (3, "fp16")}, st
+    assert {p.get("hybrid", False) for s, p in stages if s == "ppo"} == {True, False}
+    assert all(c.cuda_only for c in real if c.params.get("hybrid"))
+    assert any(p.get("lora") for s, p in stages if s == "ppo" and p.get("hybrid"))
+
+
+def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "hack" / "gpu-check.sh"),
+            "--cpu",
+            str(out),
+            "--",
+            "--cases",
+            ",".join(DRY_RUN_CASES),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        env={**__import__("os").environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # the selftests fail, on purpose
+    report = json.loads((out / "gpu-check.json").read_text())
+    cases = report["cases"]
+    assert list(cases) == DRY_RUN_CASES
+    assert report["schema"] == "kuberlhf-gpu-check-v1" and report["environment"]["cpu_mode"] is True
+    assert report["install"]["steps"] == []  # --cpu installs nothing
+
+    assert cases["collectives"]["status"] == "ok" and cases["collectives"]["backend"] == "gloo"
+    raised = cases["selftest-raise"]
+    assert raised["status"] == "failed" and "deliberate failure" in raised["error"]
+    assert "Traceback" in raised["traceback"] and "_selftest_raise" in raised["traceback"]
+    hang = cases["selftest-hang"]
+    assert hang["status"] == "timeout" and hang["wall_s"] < 30
+    assert "before_hang" in hang["phases"]  # what it recorded before it was killed survives
+
+    bad = cases["selftest-export-mismatch"]
+    assert bad["status"] == "failed" and "does not reproduce the engine" in bad["error"], bad.get("error")
+    assert "CheckFailed" in bad["traceback"]
+    assert {"train", "export"} <= set(bad["phases"])  # it trained and exported first
+    assert [(e["dir"], e["match"]) for e in bad["exports"]] == [("model", False)]
+    assert bad["exports"][0]["rel_diff"] > 10 * bad["exports"][0]["rtol"]
+
+    ppo = cases["ppo-z3-fp16"]
+    assert ppo["status"] == "ok", ppo.get("traceback") or ppo.get("log_tail")
+    assert ppo["params"]["dtype"] == "fp32"  # fp16 runs only on CUDA
+    assert {e["dir"] for e in ppo["exports"]} == {"model", "ema"}
+    for e in ppo["exports"]:
+        assert e["match"] and e["finite"] and e["rel_diff"] <= e["rtol"] and e["kind"] == "causal_lm"
+        assert e["ref_max_abs"] > 0
+    steps = ppo["manifest_stage"]["maxSteps"]
+    phases = ppo["phases"]
+    assert phases["generate_experience"]["calls"] == steps and phases["generate_experience"]["answer_tokens"] > 0
+    assert phases["train_rlhf"]["calls"] == phases["train_ptx"]["calls"] >= steps
+    assert phases["ema_update"]["calls"] == phases["train_rlhf"]["calls"] + 1  # + the EMA's start at the actor
+    assert ppo["metrics"]["steps"] == steps and all(len(v) == steps for v in ppo["metrics"]["losses"].values())
+    assert ppo["samples_per_s"] > 0 and ppo["gen_tokens_per_s"] > 0
+    for role in ("actor", "critic", "ema"):
+        assert ppo["facts"][role]["zero_stage"] == 3 and ppo["facts"][role]["backend"] == "gloo", role
+    consistency = ppo["facts"]["generation_logprobs_vs_forward"]
+    assert 0 <= consistency["mean_abs"] <= consistency["max_abs"] < 1e-3  # fp32 on CPU: rounding only
+    assert ppo["facts"]["actor"]["global_steps"] == 2 * steps  # one PPO + one ptx step per micro-batch
+
+    summary = (out / "gpu-check-summary.txt").read_text()
+    assert "OK       ppo-z3-fp16" in summary and "TIMEOUT  selftest-hang" in summary
+    assert summary.strip() in proc.stdout
+    log = (out / "gpu-check.log").read_text()
+    assert "===== ppo-z3-fp16" in log and "deliberate failure" in log
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check-summary.txt", "gpu-check.json", "gpu-check.log"]
