@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, PipelineSpec, Stage
+from kuberlhf_operator import podschema
 
 STATUS_PHASES = ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 STATUS_STAGES = [s.value for s in Stage] + ["serving", "done"]
@@ -102,7 +103,7 @@ def _has_default_factory(node: dict[str, Any], prop_name: str, defs: dict[str, A
 def spec_schema() -> dict[str, Any]:
     raw = PipelineSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.get("$defs", {})
-    schema = _convert(raw, defs)
+    schema = podschema.expand(_convert(raw, defs))  # podTemplate specs: the upstream PodSpec schema
     schema["description"] = "Desired state of an RLHF pipeline (SFT -> reward model -> PPO -> chat serving)."
     return schema
 

@@ -21,6 +21,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from kuberlhf.contract.pod import TRAINER_CONTAINER
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, PLURAL, StorageSpec
 from kuberlhf.contract.stage import ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY, StageLayout
 from kuberlhf_operator import LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_PIPELINE, LABEL_STAGE, metrics, wakeups
@@ -130,7 +131,7 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
             summary, wants_log = pod_failure(pod)
             if summary is not None and wants_log:
                 pod_name = pod["metadata"]["name"]
-                logs[pod_name] = kube.pod_log_tail(meta.namespace, pod_name, "stage")
+                logs[pod_name] = kube.pod_log_tail(meta.namespace, pod_name, TRAINER_CONTAINER)
         text = failure_detail(by_job[job.name], logs)
         if text:
             details[job.name] = text

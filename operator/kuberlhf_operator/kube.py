@@ -16,6 +16,9 @@ from kubernetes.client.exceptions import ApiException
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, PLURAL
 
 MERGE_PATCH = "application/merge-patch+json"
+# fieldValidation=Strict (beta and on by default from 1.25, GA 1.27): an unknown or duplicate field in what the
+# operator writes is an error instead of being pruned. Older servers ignore or lack it, so it is sent only there.
+STRICT_SINCE = (1, 25)
 _PATHS = {
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Service": "/api/v1/namespaces/{ns}/services",
@@ -42,6 +45,16 @@ class Kube:
         self._api = api
         self._lock = threading.Lock()
         self.timeout = timeout
+        self._strict: bool | None = None  # detected on the first write, then cached
+
+    def strict_writes(self) -> bool:
+        """Whether the server takes fieldValidation=Strict (asked once per client)."""
+        if self._strict is None:
+            self._strict = self.server_version() >= STRICT_SINCE
+        return self._strict
+
+    def _write_query(self) -> dict[str, Any] | None:
+        return {"fieldValidation": "Strict"} if self.strict_writes() else None
 
     @property
     def api(self) -> client.ApiClient:
@@ -91,7 +104,7 @@ class Kube:
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
         """Create; False when it already exists (deterministic names make a repeated create harmless)."""
         try:
-            self.request("POST", self.path(kind, namespace), body=body)
+            self.request("POST", self.path(kind, namespace), body=body, query=self._write_query())
             return True
         except ApiException as e:
             if e.status == 409:
@@ -99,7 +112,8 @@ class Kube:
             raise
 
     def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
-        return self.request("PATCH", self.path(kind, namespace, name, sub), body=body, content_type=MERGE_PATCH)
+        return self.request("PATCH", self.path(kind, namespace, name, sub), body=body, content_type=MERGE_PATCH,
+                            query=self._write_query())
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         try:

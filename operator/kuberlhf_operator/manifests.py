@@ -7,7 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, Accelerator, RLHFPipeline, Stage
+from kuberlhf.contract.pod import SHM_MOUNT, SHM_VOLUME, TRAINER_CONTAINER, merge_layers
+from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, Accelerator, PodTemplate, RLHFPipeline, Stage
 from kuberlhf.contract.stage import (
     DEFAULT_MASTER_PORT,
     ENTRYPOINT,
@@ -32,7 +33,6 @@ from kuberlhf_operator import (
 # The Job controller (1.22+) writes the completion index here; NODE_RANK reads it through the downward API.
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MAX_NAME = 63
-SHM_MOUNT = "/dev/shm"
 FALLBACK_IMAGE = "ghcr.io/kuberlhf/trainer:latest"
 SERVING_STARTUP_SECONDS = 900  # first start downloads the model from the object store
 
@@ -118,31 +118,15 @@ def _resources(user: dict[str, Any], gpus: int | None) -> dict[str, Any]:
     return out
 
 
-def _pod_spec_common(pipeline: RLHFPipeline) -> dict[str, Any]:
-    """The podTemplate passthrough shared by stage and chat pods (only fields the user set)."""
-    pt = pipeline.spec.pod_template
-    spec: dict[str, Any] = {}
-    if pt.node_selector:
-        spec["nodeSelector"] = dict(pt.node_selector)
-    if pt.tolerations:
-        spec["tolerations"] = [dict(t) for t in pt.tolerations]
-    if pt.affinity:
-        spec["affinity"] = dict(pt.affinity)
-    if pt.service_account_name:
-        spec["serviceAccountName"] = pt.service_account_name
-    if pt.image_pull_secrets:
-        spec["imagePullSecrets"] = [dict(s) for s in pt.image_pull_secrets]
-    if pt.priority_class_name:
-        spec["priorityClassName"] = pt.priority_class_name
-    return spec
-
-
-def _pod_meta(pipeline: RLHFPipeline, labels: dict[str, str]) -> dict[str, Any]:
-    pt = pipeline.spec.pod_template
-    meta: dict[str, Any] = {"labels": {**pt.labels, **labels}}  # ours win: selectors depend on them
-    if pt.annotations:
-        meta["annotations"] = dict(pt.annotations)
-    return meta
+def _pod_template(pipeline: RLHFPipeline, labels: dict[str, str], spec: dict[str, Any],
+                  override: PodTemplate | None) -> dict[str, Any]:
+    """The operator's pod, then spec.podTemplate, then the stage's or serving's podTemplate (kuberlhf.contract.pod;
+    the spec models already rejected any template value the operator owns)."""
+    base = {"metadata": {"labels": dict(labels)}, "spec": spec}
+    layers = [pipeline.spec.pod_template, override]
+    out = merge_layers(base, *(t.to_wire() for t in layers if t is not None))
+    out["metadata"] = {k: v for k, v in out["metadata"].items() if v}  # no empty annotations map
+    return out
 
 
 def _image(pipeline: RLHFPipeline, default_image: str | None) -> str:
@@ -150,7 +134,7 @@ def _image(pipeline: RLHFPipeline, default_image: str | None) -> str:
 
 
 def _container_base(pipeline: RLHFPipeline, default_image: str | None) -> dict[str, Any]:
-    c: dict[str, Any] = {"image": _image(pipeline, default_image),
+    c: dict[str, Any] = {"name": TRAINER_CONTAINER, "image": _image(pipeline, default_image),
                          "terminationMessagePolicy": "FallbackToLogsOnError"}  # log tail as failure message
     if pipeline.spec.image_pull_policy:
         c["imagePullPolicy"] = pipeline.spec.image_pull_policy
@@ -158,7 +142,7 @@ def _container_base(pipeline: RLHFPipeline, default_image: str | None) -> dict[s
 
 
 def _shm_volume(pipeline: RLHFPipeline) -> dict[str, Any]:
-    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pipeline.spec.pod_template.shm_size}}
+    return {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": pipeline.spec.shm_size}}
 
 
 def build_stage_service(owner: Owner, stage: Stage | str, attempt: int) -> dict[str, Any]:
@@ -203,12 +187,11 @@ def build_stage_job(
     env_list += _credential_env(pipeline)
     gpus = int(st.gpus_per_node or 1) if pipeline.spec.accelerator is Accelerator.cuda else None
     container = {
-        "name": "stage",
         **_container_base(pipeline, default_image),
         "command": stage_command(stage),
         "env": env_list,
         "ports": [{"name": "rendezvous", "containerPort": DEFAULT_MASTER_PORT, "protocol": "TCP"}],
-        "volumeMounts": [{"name": "dshm", "mountPath": SHM_MOUNT}],
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": SHM_MOUNT}],
     }
     resources = _resources(st.resources, gpus)
     if resources:
@@ -218,7 +201,6 @@ def build_stage_job(
         "subdomain": name,  # with an Indexed Job, pod hostname <job>-<index> resolves as <job>-<index>.<svc>
         "containers": [container],
         "volumes": [_shm_volume(pipeline)],
-        **_pod_spec_common(pipeline),
     }
     return {
         "apiVersion": "batch/v1",
@@ -231,7 +213,7 @@ def build_stage_job(
             # Retries are operator-managed attempts (new Job, resume from checkpoint), never pod restarts.
             "backoffLimit": 0,
             "suspend": bool(suspend),
-            "template": {"metadata": _pod_meta(pipeline, labels), "spec": pod_spec},
+            "template": _pod_template(pipeline, labels, pod_spec, st.pod_template),
         },
     }
 
@@ -266,7 +248,6 @@ def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image
                 "timeoutSeconds": 5}
 
     container = {
-        "name": "chat",
         **_container_base(pipeline, default_image),
         "command": serve_command(pipeline, owner),
         "env": env,
@@ -274,7 +255,7 @@ def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image
         "startupProbe": probe("/readyz", 5, SERVING_STARTUP_SECONDS // 5),
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 6),
-        "volumeMounts": [{"name": "dshm", "mountPath": SHM_MOUNT}],
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": SHM_MOUNT}],
     }
     if sv.resources:
         container["resources"] = _resources(sv.resources, None)
@@ -285,11 +266,8 @@ def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image
         "spec": {
             "replicas": sv.replicas,
             "selector": {"matchLabels": dict(labels)},
-            "template": {
-                "metadata": _pod_meta(pipeline, labels),
-                "spec": {"containers": [container], "volumes": [_shm_volume(pipeline)],
-                         **_pod_spec_common(pipeline)},
-            },
+            "template": _pod_template(pipeline, labels, {"containers": [container],
+                                                         "volumes": [_shm_volume(pipeline)]}, sv.pod_template),
         },
     }
 

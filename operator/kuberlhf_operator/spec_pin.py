@@ -27,7 +27,7 @@ from kuberlhf.contract.presets import preset_version
 SERVING = "serving"
 # Top-level spec fields a training stage does not depend on: changing them never "changes a started stage".
 _NOT_STAGE_FIELDS = {"stages", "serving", "suspend"}
-_SERVING_FIELDS = ("serving", "image", "imagePullPolicy", "podTemplate", "accelerator")
+_SERVING_FIELDS = ("serving", "image", "imagePullPolicy", "podTemplate", "shmSize", "accelerator")
 _MISSING = object()
 
 

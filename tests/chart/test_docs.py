@@ -25,7 +25,7 @@ def test_field_table_lists_every_spec_field() -> None:
         "spec.storage.": _fields(S.StorageSpec),
         "spec.stages.<stage>.": _fields(S.CommonStageSpec),
         "spec.stages.ppo.": _fields(S.PPOStageSpec) - _fields(S.CommonStageSpec),
-        "spec.podTemplate.": _fields(S.PodTemplateSpec),
+        "spec.podTemplate.": _fields(S.PodTemplate),
         "spec.serving.": _fields(S.ServingSpec),
     }
     missing = [f"{prefix}{f}" for prefix, fields in expected.items() for f in sorted(fields)

@@ -4,6 +4,7 @@ with messages that name the field."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,29 @@ def test_crd_is_established_with_status_subresource_and_short_name(control_plane
     assert "rlhfpipelines" in out and "rlhf" in out and "RLHFPipeline" in out
     spec = yaml.safe_load(control_plane.kubectl("get", "crd", crd, "-o", "yaml").stdout)["spec"]
     assert spec["versions"][0]["subresources"] == {"status": {}}
+
+
+def test_crd_applies_server_side(control_plane, crd):
+    # Five upstream PodSpec schemas make a big CRD: server-side apply (no last-applied annotation) takes it too.
+    proc = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=e2e-ssa",
+                                 "-f", str(REPO / "crds" / "rlhfpipelines.yaml"), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "serverside-applied" in proc.stdout
+
+
+def test_docs_worked_example_is_stored_without_pruning(control_plane, crd, namespace):
+    """docs/kubernetes.md's pod-surface example (PVC, Secret, pipeline) is created for real; the API server keeps
+    every podTemplate field (a field missing from the CRD's schema would be pruned silently on 1.20)."""
+    doc = (REPO / "docs" / "kubernetes.md").read_text()
+    section = doc[doc.index("### Worked example"):]
+    objs = [d for d in yaml.safe_load_all(section.split("```yaml\n", 1)[1].split("```", 1)[0]) if d]
+    proc = control_plane.kubectl("create", "-n", namespace, "-f", "-", "-o", "json",
+                                 input=yaml.safe_dump_all(objs), check=False)
+    assert proc.returncode == 0, proc.stderr
+    stored = [o for o in json.loads(proc.stdout)["items"] if o["kind"] == "RLHFPipeline"][0]
+    assert stored["spec"]["podTemplate"] == objs[2]["spec"]["podTemplate"]
+    assert stored["spec"]["stages"]["ppo"]["podTemplate"] == objs[2]["spec"]["stages"]["ppo"]["podTemplate"]
+    control_plane.kubectl("delete", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(objs), check=False)
 
 
 def test_every_example_pipeline_is_accepted(control_plane, crd, namespace):
@@ -61,7 +85,11 @@ _DELETE = object()
     ("spec.stages.reward.nodes", -1, ["spec.stages.reward.nodes", "greater than or equal to 1"]),
     ("spec.deploymentType", "gpu_cluster", ["spec.deploymentType", "single_gpu", "multi_node"]),
     ("spec.storage", _DELETE, ["spec.storage", "Required"]),
-], ids=["wrong-type-int", "wrong-type-number", "negative-nodes", "unknown-deployment-type", "missing-storage"])
+    ("spec.podTemplate", {"spec": {"tolerations": "all"}}, ["spec.podTemplate.spec.tolerations", "array"]),
+    ("spec.podTemplate", {"spec": {"containers": [{"image": "x"}]}},
+     ["spec.podTemplate.spec.containers[0].name", "Required"]),
+], ids=["wrong-type-int", "wrong-type-number", "negative-nodes", "unknown-deployment-type", "missing-storage",
+        "pod-spec-type", "container-without-name"])
 def test_bad_spec_is_rejected_naming_the_field(control_plane, crd, namespace, path, value, expected):
     proc = _dry_run(control_plane, namespace, _set(_pipeline(), path, value))
     assert proc.returncode != 0, f"the API server accepted {path}={value!r}"

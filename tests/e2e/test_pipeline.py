@@ -43,6 +43,7 @@ OPERATOR_NS = "kuberlhf-system"
 GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RUN_TIMEOUT = 720
 GPU_POOL_LABEL = "kuberlhf.io/e2e-gpu-pool"
+HF_TOKEN = "hf_e2e_not_a_real_token"
 
 
 def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
@@ -60,7 +61,14 @@ def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
     st["reward"].update(epochs=1, maxSteps=8, checkpointEverySteps=0, perDeviceBatchSize=8)
     st["ppo"].update(maxSteps=4, checkpointEverySteps=2, perDeviceBatchSize=4, generationBatchSize=4, maxAnswerLen=8)
     spec["serving"].update(maxNewTokens=16, resources={})
-    spec["podTemplate"] = {"nodeSelector": {GPU_POOL_LABEL: "ready"}}
+    # The pod surface: a user volume + mount and an env var from a Secret reach every pod (docs: The pod surface).
+    spec["podTemplate"] = {"spec": {
+        "nodeSelector": {GPU_POOL_LABEL: "ready"},
+        "volumes": [{"name": "model-cache", "emptyDir": {}}],
+        "containers": [{"name": "trainer", "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}],
+                        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token",
+                                                                                     "key": "token"}}}]}],
+    }}
     return obj
 
 
@@ -175,6 +183,7 @@ def run(control_plane, kubelet, operator_chart, s3_server) -> Run:
     control_plane.kubectl("create", "secret", "generic", "s3-credentials", "-n", ns,
                           f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
                           f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
+    control_plane.kubectl("create", "secret", "generic", "hf-token", "-n", ns, f"--from-literal=token={HF_TOKEN}")
     t0 = time.monotonic()
     control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(tiny_pipeline(bucket, s3_server.endpoint)))
     stop = threading.Event()
@@ -296,6 +305,23 @@ def test_failed_pod_is_retried_and_resumes_from_its_checkpoint(run):
     failed = [p for p in run.api.get(f"/api/v1/namespaces/{run.ns}/pods", labelSelector=f"job-name={job_name(NAME, 'sft', 1)}")["items"]
               if p["status"]["phase"] == "Failed"]
     assert failed and failed[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+
+
+def test_user_volume_and_secret_env_reach_every_pod(run):
+    """The podTemplate survived the API server (no pruning) and the merge: every Job and the chat Deployment carry
+    the user's volume, mount and env.valueFrom next to the operator's own; the chat process got the value."""
+    deployment = run.api.get(f"/apis/apps/v1/namespaces/{run.ns}/deployments/{chat_name(NAME)}")
+    for obj in [*run.jobs(), deployment]:
+        pod = obj["spec"]["template"]["spec"]
+        assert {"name": "model-cache", "emptyDir": {}} in pod["volumes"], obj["metadata"]["name"]
+        assert any(v["name"] == "dshm" for v in pod["volumes"])
+        trainer = next(c for c in pod["containers"] if c["name"] == "trainer")
+        mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
+        assert mounts == {"/dev/shm": "dshm", "/cache": "model-cache"}, obj["metadata"]["name"]
+        env = {e["name"]: e for e in trainer["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    chat = next(p for p in run.kubelet.active(run.ns) if p.name.startswith(chat_name(NAME)))
+    assert chat.containers[0].env["HF_TOKEN"] == HF_TOKEN
 
 
 def test_kubectl_get_rlhf_shows_the_columns(run):

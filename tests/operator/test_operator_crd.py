@@ -49,7 +49,7 @@ VALID = {
         "stages": {"sft": {"nodes": 1, "gpusPerNode": 1, "zeroStage": 2, "lora": {"dim": 128},
                            "resources": {"limits": {"memory": "32Gi"}}},
                    "ppo": {"ema": {"enabled": True, "beta": 0.992}, "ptxCoef": 27.8, "hybridEngine": False}},
-        "podTemplate": {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"operator": "Exists"}]},
+        "podTemplate": {"spec": {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"operator": "Exists"}]}},
         "serving": {"enabled": True, "replicas": 1, "port": 8000},
         "suspend": False,
     },
@@ -92,7 +92,8 @@ def _walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any
 def test_schema_is_structural_and_defaults_are_valid() -> None:
     for path, node in _walk(openapi()):
         assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "title"} & set(node), path
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") \
+            or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
         assert node.get("additionalProperties") is not False, path
         if "default" in node:
             assert jsonschema.Draft4Validator(node).is_valid(node["default"]), path
@@ -100,7 +101,9 @@ def test_schema_is_structural_and_defaults_are_valid() -> None:
     assert spec["required"] == ["actor", "reward", "data", "storage"]
     preserve = {p for p, n in _walk(spec) if n.get("x-kubernetes-preserve-unknown-fields")}
     assert ".data.datasets[]" in preserve and ".stages.sft.resources" in preserve
-    assert ".podTemplate.tolerations[]" in preserve and ".podTemplate.affinity" in preserve
+    # The upstream PodSpec schema, typed throughout (managedFields' fieldsV1 is free-form upstream too).
+    assert {p for p in preserve if p.startswith(".podTemplate")} == {
+        ".podTemplate.spec.volumes[].ephemeral.volumeClaimTemplate.metadata.managedFields[].fieldsV1"}
     stages = spec["properties"]["stages"]["properties"]
     # Preset-governed fields have no server default (the presets fill them per deploymentType) ...
     for field in ("nodes", "gpusPerNode", "zeroStage", "perDeviceBatchSize", "learningRate"):
@@ -147,11 +150,24 @@ _DELETE = object()
     ("spec.stages.sft.dtype", "int8"),
     ("spec.stages.sft.lrScheduler", "step"),
     ("metadata.name", "n" * 41),
+    ("spec.podTemplate.spec.containers", [{"image": "no-name"}]),
 ])
 def test_bad_specs_are_rejected_by_both(path: str, value: Any) -> None:
     doc = _mutate(path, value)
     assert not server_accepts(doc), f"CRD schema accepts {path}={value!r}"
     assert not models_accept(doc), f"models accept {path}={value!r}"
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("spec.podTemplate.spec.tolerations", "all"),
+    ("spec.stages.ppo.podTemplate.spec.hostIPC", "yes"),
+    ("spec.serving.podTemplate.spec.containers", [{"name": "trainer", "env": [{"name": "X", "valueFrom": {
+        "secretKeyRef": {"name": "no-key"}}}]}]),
+    ("spec.podTemplate.spec.topologySpreadConstraints", [{"maxSkew": 1}]),
+])
+def test_the_crd_types_every_pod_spec_field(path: str, value: Any) -> None:
+    # The models check only what the merge relies on; the rest of a PodSpec is typed by the upstream schema.
+    assert not server_accepts(_mutate(path, value)), f"CRD schema accepts {path}={value!r}"
 
 
 def test_examples_validate_against_crd_and_models() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from kuberlhf.contract.spec import ObjectMeta, RLHFPipeline, Stage, parse_spec
+from kuberlhf.contract.spec import ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec
 from kuberlhf.contract.stage import stage_command
 from kuberlhf_operator.manifests import (
     COMPLETION_INDEX_ANNOTATION,
@@ -38,17 +38,32 @@ def gpu_spec(spec: dict[str, Any]) -> dict[str, Any]:
                 imagePullPolicy="IfNotPresent")
     spec["stages"] = {"sft": {"resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
                               "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}}
+    spec["shmSize"] = "32Gi"
     spec["podTemplate"] = {
-        "nodeSelector": {"gpu": "a100"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
-        "serviceAccountName": "trainer",
-        "imagePullSecrets": [{"name": "regcred"}],
-        "priorityClassName": "high",
-        "labels": {"team": "nlp", "kuberlhf.io/stage": "not-mine"},
-        "annotations": {"sidecar.istio.io/inject": "false"},
-        "shmSize": "32Gi",
+        "metadata": {"labels": {"team": "nlp"}, "annotations": {"sidecar.istio.io/inject": "false"}},
+        "spec": {
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+            "serviceAccountName": "trainer",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "priorityClassName": "high",
+            "runtimeClassName": "nvidia",
+            "hostIPC": True,
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                           "whenUnsatisfiable": "ScheduleAnyway"}],
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+            "initContainers": [{"name": "warm-cache", "image": "busybox:1.36", "command": ["true"]}],
+            "containers": [
+                {"name": "trainer", "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+                    "name": "hf", "key": "token"}}}],
+                 "volumeMounts": [{"name": "model-cache", "mountPath": "/cache"}],
+                 "resources": {"limits": {"vpc.amazonaws.com/efa": 4}}},
+                {"name": "metrics-sidecar", "image": "prom/statsd-exporter:v0.26.0"},
+            ],
+            "volumes": [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}}],
+        },
     }
     spec["serving"] = {"apiKeySecretRef": {"name": "chat-key"}, "resources": {"limits": {"nvidia.com/gpu": 1}}}
     return spec
@@ -110,15 +125,83 @@ def test_stage_job_runs_the_contract(gpu_spec) -> None:
     manifest = json.loads(env["KUBERLHF_PIPELINE"]["value"])
     assert manifest["metadata"] == {"name": OWNER.name, "namespace": "team-a", "uid": OWNER.uid}
     assert c["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"},
-                              "limits": {"memory": "96Gi", "nvidia.com/gpu": 8}}
+                              "limits": {"memory": "96Gi", "nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 4}}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in pod["volumes"]
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["serviceAccountName"] == "trainer"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu" and pod["priorityClassName"] == "high"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}] and "nodeAffinity" in pod["affinity"]
+    assert pod["runtimeClassName"] == "nvidia" and pod["hostIPC"] is True and pod["securityContext"]["fsGroup"] == 1000
+    assert pod["topologySpreadConstraints"][0]["maxSkew"] == 1
+    assert [x["name"] for x in pod["containers"]] == ["trainer", "metrics-sidecar"]
+    assert [x["name"] for x in pod["initContainers"]] == ["warm-cache"]
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert {"name": "model-cache", "mountPath": "/cache"} in c["volumeMounts"]
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}} in pod["volumes"]
     tmeta = js["template"]["metadata"]
-    assert tmeta["labels"]["team"] == "nlp" and tmeta["labels"]["kuberlhf.io/stage"] == "sft"  # ours win
+    assert tmeta["labels"]["team"] == "nlp" and tmeta["labels"]["kuberlhf.io/stage"] == "sft"
     assert tmeta["annotations"] == {"sidecar.istio.io/inject": "false"}
+
+
+def test_stage_and_serving_templates_layer_over_the_pipeline_template(gpu_spec) -> None:
+    gpu_spec["stages"]["ppo"] = {"podTemplate": {"spec": {
+        "nodeSelector": {"gpu": "h100"},
+        "containers": [{"name": "trainer", "image": "registry.example/trainer:ppo",
+                        "env": [{"name": "HF_TOKEN", "value": "ppo-only"}]}]}}}
+    gpu_spec["serving"]["podTemplate"] = {"metadata": {"labels": {"tier": "chat"}},
+                                          "spec": {"tolerations": [], "priorityClassName": "serving"}}
+    p = pipeline(gpu_spec)
+    ppo = build_stage_job(p, OWNER, "ppo", 1)["spec"]["template"]
+    sft = build_stage_job(p, OWNER, "sft", 1)["spec"]["template"]
+    chat = build_chat_deployment(p, OWNER)["spec"]["template"]
+    assert ppo["spec"]["nodeSelector"] == {"gpu": "h100"} and sft["spec"]["nodeSelector"] == {"gpu": "a100"}
+    trainer = ppo["spec"]["containers"][0]
+    assert trainer["image"] == "registry.example/trainer:ppo" and trainer["command"] == stage_command("ppo")
+    assert [e for e in trainer["env"] if e["name"] == "HF_TOKEN"] == [{"name": "HF_TOKEN", "value": "ppo-only"}]
+    assert {"name": "model-cache", "mountPath": "/cache"} in trainer["volumeMounts"]  # still the pipeline's
+    assert chat["spec"]["tolerations"] == [] and chat["spec"]["priorityClassName"] == "serving"
+    assert chat["metadata"]["labels"]["tier"] == "chat" and chat["metadata"]["labels"]["team"] == "nlp"
+    assert chat["spec"]["containers"][0]["name"] == "trainer"
+    assert {"name": "model-cache", "mountPath": "/cache"} in chat["spec"]["containers"][0]["volumeMounts"]
+    for obj in (ppo, chat):
+        validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": obj})
+
+
+@pytest.mark.parametrize(("where", "template", "field"), [
+    ("stages.ppo", {"spec": {"containers": [{"name": "trainer", "env": [{"name": "NODE_RANK", "value": "0"}]}]}},
+     "spec.stages.ppo.podTemplate.spec.containers[trainer].env[NODE_RANK]"),
+    ("", {"spec": {"containers": [{"name": "trainer", "command": ["bash"]}]}},
+     "spec.podTemplate.spec.containers[trainer].command"),
+    ("serving", {"spec": {"containers": [{"name": "trainer", "args": ["--port", "1"]}]}},
+     "spec.serving.podTemplate.spec.containers[trainer].args"),
+    ("stages.sft", {"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "KUBERLHF_STAGE", "value": "ppo"}]}]}}, "spec.stages.sft.podTemplate.spec.containers[trainer]"
+                                                         ".env[KUBERLHF_STAGE]"),
+    ("", {"spec": {"containers": [{"name": "trainer", "env": [{"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {
+        "secretKeyRef": {"name": "other", "key": "k"}}}]}]}},
+     "spec.podTemplate.spec.containers[trainer].env[AWS_SECRET_ACCESS_KEY]"),
+    ("", {"spec": {"volumes": [{"name": "dshm", "emptyDir": {}}]}}, "spec.podTemplate.spec.volumes[dshm]"),
+    ("", {"spec": {"containers": [{"name": "trainer", "volumeMounts": [{"name": "x", "mountPath": "/dev/shm"}]}]}},
+     "spec.podTemplate.spec.containers[trainer].volumeMounts[/dev/shm]"),
+    ("", {"spec": {"restartPolicy": "OnFailure"}}, "spec.podTemplate.spec.restartPolicy"),
+    ("", {"spec": {"subdomain": "mine"}}, "spec.podTemplate.spec.subdomain"),
+    ("", {"metadata": {"labels": {"kuberlhf.io/stage": "not-mine"}}},
+     "spec.podTemplate.metadata.labels[kuberlhf.io/stage]"),
+])
+def test_a_template_value_the_operator_owns_is_rejected_naming_the_field(spec, where, template, field) -> None:
+    node = spec
+    for part in [x for x in where.split(".") if x]:
+        node = node.setdefault(part, {})
+    node["podTemplate"] = template
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec)
+    assert f"{field}: set by the operator" in str(err.value)
+
+
+def test_stage_env_may_not_override_the_contract(spec) -> None:
+    spec["stages"]["reward"]["env"] = [{"name": "MASTER_ADDR", "value": "10.0.0.1"}]
+    with pytest.raises(SpecError, match=r"spec\.stages\.reward\.env\[MASTER_ADDR\]: set by the operator"):
+        parse_spec(spec)
 
 
 def test_cpu_single_node_job_uses_loopback_and_no_gpus(spec) -> None:

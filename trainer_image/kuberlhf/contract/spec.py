@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 API_GROUP = "kuberlhf.io"
 API_VERSION = "v1alpha1"
@@ -185,6 +186,37 @@ class EnvVar(SpecModel):
     value: str = ""
 
 
+POD_SPEC_MARKER = "x-kuberlhf-pod-spec"  # the CRD generator puts the upstream PodSpec schema here
+
+
+class PodTemplateMetadata(SpecModel):
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+
+
+class PodTemplate(SpecModel):
+    """A Kubernetes PodTemplateSpec merged into the pods the pipeline makes (rules: kuberlhf.contract.pod)."""
+
+    metadata: PodTemplateMetadata = Field(default_factory=PodTemplateMetadata)
+    spec: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={POD_SPEC_MARKER: True},
+        description="A Kubernetes PodSpec (every field of core/v1 PodSpec). The operator's container is named "
+                    "'trainer'; lists merge by name (containers, initContainers, env, volumes) or path "
+                    "(volumeMounts); the trainer's command/args, the contract env and /dev/shm are the operator's.")
+
+    @model_validator(mode="after")
+    def _not_owned(self) -> PodTemplate:
+        from kuberlhf.contract.pod import owned_conflicts, shape_errors
+
+        wire = self.to_wire()
+        for path, why in shape_errors(wire):
+            raise PydanticCustomError("pod_shape", "{path} {why}", {"path": path, "why": why})
+        for path, why in owned_conflicts(wire):
+            raise PydanticCustomError("operator_owned", "{path} is set by the operator ({why}); remove it",
+                                      {"path": path, "why": why})
+        return self
+
+
 class CommonStageSpec(SpecModel):
     """Settings every stage takes."""
 
@@ -207,9 +239,23 @@ class CommonStageSpec(SpecModel):
     backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage (each resumes).")
     seed: int = 1234
     resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of each stage pod.")
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the stage pods.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the stage pods "
+                              "(valueFrom: podTemplate.spec.containers[trainer].env).")
     extra_args: list[str] = Field(default_factory=list, description="Extra command-line arguments of the stage.")
     tensorboard: bool = Field(default=False, description="Also write TensorBoard scalars (stored as <stage>/tensorboard/).")
+    pod_template: PodTemplate | None = Field(default=None, description="Merged over spec.podTemplate into this "
+                                             "stage's pods.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_not_owned(cls, value: list[EnvVar]) -> list[EnvVar]:
+        from kuberlhf.contract.pod import is_owned_env
+
+        for item in value:
+            if is_owned_env(item.name):
+                raise PydanticCustomError("operator_owned", "{path} is set by the operator ({why}); remove it",
+                                          {"path": f"[{item.name}]", "why": "part of the stage contract"})
+        return value
 
 
 class SFTStageSpec(CommonStageSpec):
@@ -273,20 +319,6 @@ class StagesSpec(SpecModel):
         return getattr(self, Stage(stage).value)
 
 
-class PodTemplateSpec(SpecModel):
-    """Merged into every pod the pipeline makes (stages and chat)."""
-
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    affinity: dict[str, Any] = Field(default_factory=dict)
-    service_account_name: str = ""
-    image_pull_secrets: list[dict[str, Any]] = Field(default_factory=list)
-    priority_class_name: str = ""
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm (NCCL needs it).")
-
-
 class ServingSpec(SpecModel):
     enabled: bool = True
     replicas: int = Field(default=1, ge=0)
@@ -295,6 +327,8 @@ class ServingSpec(SpecModel):
     port: int = Field(default=8000, ge=1, le=65535)
     max_new_tokens: int = Field(default=256, ge=1, description="Cap on max_tokens per request.")
     api_key_secret_ref: SecretRef | None = Field(default=None, description="Secret with key API_KEY; enables auth.")
+    pod_template: PodTemplate | None = Field(default=None, description="Merged over spec.podTemplate into the chat "
+                                             "pods.")
 
 
 class PipelineSpec(SpecModel):
@@ -307,7 +341,9 @@ class PipelineSpec(SpecModel):
     data: DataSpec
     storage: StorageSpec
     stages: StagesSpec = Field(default_factory=StagesSpec)
-    pod_template: PodTemplateSpec = Field(default_factory=PodTemplateSpec)
+    pod_template: PodTemplate = Field(default_factory=PodTemplate, description="A Kubernetes PodTemplateSpec "
+                                      "merged into every pod of the pipeline (stages and chat).")
+    shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm of every pod (NCCL needs it).")
     serving: ServingSpec = Field(default_factory=ServingSpec)
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
 
@@ -361,6 +397,10 @@ def format_validation_error(err: ValidationError, root: str = "") -> str:
             msg = "unknown field (check the spelling; see `kubectl explain rlhfpipeline.spec`)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] in ("operator_owned", "pod_shape"):  # a path inside the field: .spec.containers[trainer]...
+            path = e["ctx"]["path"]
+            field += path if path.startswith("[") else f".{path}"
+            msg = e["ctx"]["why"] if e["type"] == "pod_shape" else f"set by the operator ({e['ctx']['why']}); remove it"
         lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
