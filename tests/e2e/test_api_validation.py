@@ -45,13 +45,14 @@ def test_docs_worked_example_is_stored_without_pruning(control_plane, crd, names
     doc = (REPO / "docs" / "kubernetes.md").read_text()
     section = doc[doc.index("### Worked example"):]
     objs = [d for d in yaml.safe_load_all(section.split("```yaml\n", 1)[1].split("```", 1)[0]) if d]
-    proc = control_plane.kubectl("create", "-n", namespace, "-f", "-", "-o", "json",
-                                 input=yaml.safe_dump_all(objs), check=False)
+    proc = control_plane.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(objs), check=False)
     assert proc.returncode == 0, proc.stderr
-    stored = [o for o in json.loads(proc.stdout)["items"] if o["kind"] == "RLHFPipeline"][0]
-    assert stored["spec"]["podTemplate"] == objs[2]["spec"]["podTemplate"]
-    assert stored["spec"]["stages"]["ppo"]["podTemplate"] == objs[2]["spec"]["stages"]["ppo"]["podTemplate"]
-    control_plane.kubectl("delete", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(objs), check=False)
+    name = objs[2]["metadata"]["name"]
+    stored = json.loads(control_plane.kubectl("get", "-n", namespace, "rlhf", name, "-o", "json").stdout)
+    assert stored["spec"]["podTemplate"]["spec"] == objs[2]["spec"]["podTemplate"]["spec"]
+    assert stored["spec"]["stages"]["ppo"]["podTemplate"]["spec"] == \
+        objs[2]["spec"]["stages"]["ppo"]["podTemplate"]["spec"]
+    control_plane.kubectl("delete", "-n", namespace, "--wait=false", "-f", "-", input=yaml.safe_dump_all(objs), check=False)
 
 
 def test_every_example_pipeline_is_accepted(control_plane, crd, namespace):
@@ -87,7 +88,7 @@ _DELETE = object()
     ("spec.storage", _DELETE, ["spec.storage", "Required"]),
     ("spec.podTemplate", {"spec": {"tolerations": "all"}}, ["spec.podTemplate.spec.tolerations", "array"]),
     ("spec.podTemplate", {"spec": {"containers": [{"image": "x"}]}},
-     ["spec.podTemplate.spec.containers[0].name", "Required"]),
+     ["spec.podTemplate.spec.containers", "name", "Required"]),
 ], ids=["wrong-type-int", "wrong-type-number", "negative-nodes", "unknown-deployment-type", "missing-storage",
         "pod-spec-type", "container-without-name"])
 def test_bad_spec_is_rejected_naming_the_field(control_plane, crd, namespace, path, value, expected):
