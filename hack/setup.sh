@@ -37,6 +37,8 @@ if [ "${1:-}" = "--test" ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${apt_pkgs[@]}" >/dev/null
   fi
+  say "installing the scan tier's scanners (checkov, trivy) into their own venv (cached in $CACHE)"
+  KUBERLHF_CACHE=$CACHE bash hack/install-scanners.sh >/dev/null
   say "building/locating the kube-apiserver + kube-controller-manager + etcd for e2e tests (cached in $CACHE)"
   KUBERLHF_CACHE=$CACHE bash hack/build-control-plane.sh >/dev/null
 fi

@@ -64,6 +64,7 @@ def test_default_render_contains_the_operator_parts() -> None:
             ("RoleBinding", "kuberlhf"),
             ("Service", "kuberlhf-metrics"),
             ("Deployment", "kuberlhf"),
+            ("NetworkPolicy", "kuberlhf"),
             ("Pod", "kuberlhf-test"),
         ]
     )

@@ -116,7 +116,9 @@ class _Pod:
         self.spec = dep["spec"]["template"]["spec"]
         self.secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
         self.service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "seaweedfs")
-        self.policy = next(o for o in objects if o["kind"] == "NetworkPolicy")
+        self.policy = next(
+            o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "r-kuberlhf-s3"
+        )
         self.root = root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         used: set[int] = set()
@@ -312,5 +314,5 @@ def test_network_policy_admits_only_the_s3_port(pod: _Pod) -> None:
     restricted = render_chart(
         set_values=[*VALUES, "seaweedfs.networkPolicy.from[0].namespaceSelector.matchLabels.team=a"]
     )
-    (pol2,) = [o for o in restricted if o["kind"] == "NetworkPolicy"]
+    (pol2,) = [o for o in restricted if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-s3")]
     assert pol2["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]
