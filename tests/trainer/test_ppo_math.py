@@ -246,3 +246,14 @@ def test_ema_with_warmup_tracks_a_moving_target_on_a_short_run():
         pm.ema_update_(warm, target, pm.ema_beta(0.992, step, warmup=True))
     assert const.item() < 0.5
     assert 0.85 < warm.item() < 0.95
+
+
+def test_whiten_normalises_over_the_actions_only():
+    x = t([[100.0, 1.0, 2.0, 3.0], [7.0, 4.0, 5.0, -50.0]])
+    mask = t([[0, 1, 1, 1], [0, 1, 1, 0]])
+    out = pm.whiten(x, mask)
+    vals = out[mask.bool()]
+    # actions 1, 2, 3, 4, 5: mean 3, variance 2
+    assert torch.allclose(vals, (t([1.0, 2.0, 3.0, 4.0, 5.0]) - 3) / math.sqrt(2), atol=1e-6)
+    assert torch.equal(out[~mask.bool()], t([0.0, 0.0, 0.0]))
+    assert torch.allclose(pm.whiten(x, mask, shift_mean=False)[mask.bool()], vals + 3, atol=1e-6)

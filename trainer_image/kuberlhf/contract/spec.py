@@ -302,6 +302,9 @@ class PPOStageSpec(CommonStageSpec):
     lam: float = Field(default=0.95, ge=0, le=1)
     reward_clip: float = Field(default=5.0, gt=0)
     ppo_epochs: int = Field(default=1, ge=1)
+    whiten_advantages: bool = Field(
+        default=False, description="Normalise the advantages of each experience batch to zero mean and unit "
+        "variance (PPO implementations' advantage normalisation; DeepSpeed-Chat: off).")
     hybrid_engine: bool | None = Field(default=None, description="DeepSpeed hybrid engine (CUDA only).")
     generation_batch_size: int | None = Field(default=None, ge=1, description="Prompts per rank per experience batch.")
     max_prompt_len: int = Field(default=256, ge=1)

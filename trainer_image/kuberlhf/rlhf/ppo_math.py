@@ -123,6 +123,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages.detach(), returns.detach()
 
 
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` normalised to unit variance (and zero mean with ``shift_mean``) over the masked positions of the
+    whole batch, zero elsewhere: the advantage normalisation of PPO implementations (OpenAI baselines, TRL's
+    ``whiten``, OpenRLHF's advantage normalisation; "The N Implementation Details of RLHF with PPO", Huang et
+    al. 2024), which keeps the policy step the same size whatever the reward model's scale. DeepSpeed-Chat does
+    not normalise."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_range: float) -> torch.Tensor:
     """PPO's clipped surrogate, masked mean: ``max(-A r, -A clip(r, 1-c, 1+c))`` with ``r = exp(logp - old)``.

@@ -36,6 +36,7 @@ class PPOSettings:
     # the actor's log-probs of its samples from generation's own logits instead of one more forward pass
     # (identical up to float rounding: see ppo_math.answer_logprobs)
     reuse_generation_logprobs: bool = True
+    whiten_advantages: bool = False
 
     @classmethod
     def from_spec(cls, st: Any) -> PPOSettings:
@@ -43,7 +44,7 @@ class PPOSettings:
                    gamma=st.gamma, lam=st.lam, reward_clip=st.reward_clip, max_answer_len=st.max_answer_len,
                    temperature=st.temperature, top_p=st.top_p, ptx_coef=st.ptx_coef,
                    adaptive_kl=st.adaptive_kl.enabled, kl_target=st.adaptive_kl.target,
-                   kl_horizon=st.adaptive_kl.horizon)
+                   kl_horizon=st.adaptive_kl.horizon, whiten_advantages=st.whiten_advantages)
 
 
 def answer_mask(answers: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -174,6 +175,8 @@ class PPOTrainer:
         rewards = pm.kl_shaped_rewards(exp["logprobs"], exp["ref_logprobs"], exp["scores"], exp["action_mask"],
                                        self.kl_ctl.value, self.s.reward_clip)
         adv, ret = pm.gae(rewards, exp["values"], exp["action_mask"], self.s.gamma, self.s.lam)
+        if self.s.whiten_advantages:  # after the returns: the critic still regresses on unnormalised returns
+            adv = pm.whiten(adv, exp["action_mask"])
         return {"rewards": rewards, "advantages": adv, "returns": ret}
 
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
