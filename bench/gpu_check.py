@@ -143,6 +143,15 @@ CASES: tuple[Case, ...] = (
         hybrid=False,
     ),
     stage(
+        "sft-z0-bf16-lora128-gc",
+        "sft",
+        "step 1 as the single_gpu recipe runs it: ZeRO-0, bf16, LoRA 128, gradient checkpointing",
+        zero=0,
+        dtype="bf16",
+        lora=128,
+        gradient_checkpointing=True,
+    ),
+    stage(
         "ppo-z2-bf16-hybrid",
         "ppo",
         "step 3, ZeRO-2, bf16, hybrid engine on",
@@ -447,6 +456,9 @@ def figures(r: dict[str, Any]) -> str:
     ):
         if isinstance(r.get(key), (int, float)):
             bits.append(fmt.format(r[key]))
+    actor = (r.get("facts") or {}).get("actor") or {}
+    if "hybrid_inference_containers" in actor:
+        bits.append(f"hybrid kernels on {actor['hybrid_inference_containers']} layers")
     exports = r.get("exports") or []
     if exports:
         bits.append("exports " + ",".join(f"{e['dir']}:{'ok' if e.get('match') else 'MISMATCH'}" for e in exports))

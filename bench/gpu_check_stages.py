@@ -71,46 +71,80 @@ def model_config(name: str, tiny: bool) -> dict[str, Any]:
 
 
 # --- probes ----------------------------------------------------------------------------------------------
+class DeviceMemory:
+    """The CUDA allocator's counters in GiB (a separate object so the nesting logic of :class:`Probes` is
+    testable with any counter)."""
+
+    def peak(self) -> float:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    def reset_peak(self) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+    def allocated(self) -> float:
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**30
+
+    def sync(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+
 class Probes:
     """Time, call count and peak device memory per phase, plus facts recorded along the way; ``on_change``
-    is called after every phase so a killed case still leaves what it measured."""
+    is called after every phase so a killed case still leaves what it measured. ``memory``: the device's
+    counters (None on CPU: time only)."""
 
-    def __init__(self, cuda: bool, on_change: Callable[[], None]):
-        self.cuda = cuda
+    def __init__(self, memory: DeviceMemory | None, on_change: Callable[[], None]):
+        self.memory = memory
         self.on_change = on_change
         self.phases: dict[str, dict[str, Any]] = {}
         self.facts: dict[str, Any] = {}
         self.exports: list[dict[str, Any]] = []
-
-    def _sync(self) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
+        self._open: list[list[float]] = []  # running peaks of the phases open now, outermost first
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
-        import torch
-
-        self._sync()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+        """Time one call of phase ``name``; its peak is the device's own peak counter over the call. Phases
+        nest (``stage_total`` holds the others): the counter is reset at every phase start, so what it held
+        is first folded into every open phase's running peak."""
+        mem = self.memory
+        if mem is not None:
+            mem.sync()
+            self._fold_peak()
+            mem.reset_peak()
+        self._open.append([0.0])
         extra: dict[str, Any] = {}
         t0 = time.perf_counter()
         try:
             yield extra
         finally:
-            self._sync()
+            if mem is not None:
+                mem.sync()
             dt = time.perf_counter() - t0
+            if mem is not None:
+                self._fold_peak()
+            peak = self._open.pop()[0]
             p = self.phases.setdefault(name, {"calls": 0, "total_s": 0.0, "first_s": dt})
             p["calls"] += 1
             p["total_s"] += dt
-            if self.cuda:
-                peak = torch.cuda.max_memory_allocated() / 2**30
+            if mem is not None:
                 p["peak_gib"] = max(p.get("peak_gib", 0.0), peak)
+                p["allocated_after_gib"] = mem.allocated()
             for k, v in extra.items():
                 p[k] = p.get(k, 0) + v
             self.on_change()
+
+    def _fold_peak(self) -> None:
+        peak = self.memory.peak()
+        for running in self._open:
+            running[0] = max(running[0], peak)
 
     def wrap(
         self,
@@ -420,7 +454,7 @@ def run_stage_case(ctx: Any, stage: str, **p: Any) -> dict[str, Any]:
             "memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
         }
 
-    probes = Probes(cuda, on_change=lambda: ctx.record(phases=probes.summary(), facts=probes.facts))
+    probes = Probes(DeviceMemory() if cuda else None, lambda: ctx.record(phases=probes.summary(), facts=probes.facts))
     fixtures = ctx.shared / "fixtures"
     fixtures.mkdir(parents=True, exist_ok=True)
     tiny = ctx.cpu

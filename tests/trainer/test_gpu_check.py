@@ -29,6 +29,51 @@ def test_the_case_registry_covers_the_cuda_matrix() -> None:
     assert any(p.get("lora") for s, p in stages if s == "ppo" and p.get("hybrid"))
 
 
+class _Counter:
+    """A peak counter with CUDA's semantics (peak since the last reset, never below what is allocated), for
+    the nesting logic only; the GPU run reads the real allocator's."""
+
+    def __init__(self) -> None:
+        self.now = self.top = 0.0
+
+    def use(self, gib: float) -> None:
+        self.now = gib
+        self.top = max(self.top, gib)
+
+    def peak(self) -> float:
+        return self.top
+
+    def reset_peak(self) -> None:
+        self.top = self.now
+
+    def allocated(self) -> float:
+        return self.now
+
+    def sync(self) -> None:
+        pass
+
+
+def test_probes_keep_each_phase_peak_when_phases_nest() -> None:
+    from gpu_check_stages import Probes
+
+    mem = _Counter()
+    changes = []
+    probes = Probes(mem, lambda: changes.append(1))
+    with probes.phase("outer"):
+        mem.use(5.0)
+        mem.use(2.0)
+        with probes.phase("inner"):  # resets the counter: the outer phase must keep its 5 GiB
+            mem.use(3.0)
+        mem.use(1.0)
+        with probes.phase("inner"):
+            mem.use(4.0)
+            mem.use(2.0)
+    ph = probes.summary()
+    assert ph["outer"]["peak_gib"] == 5.0 and ph["outer"]["calls"] == 1
+    assert ph["inner"]["peak_gib"] == 4.0 and ph["inner"]["calls"] == 2 and ph["inner"]["allocated_after_gib"] == 2.0
+    assert "mean_after_first_s" in ph["inner"] and len(changes) == 3
+
+
 def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
