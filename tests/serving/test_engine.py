@@ -147,3 +147,26 @@ def test_message_mode_keeps_one_conversation(tiny_model_dir: Path) -> None:
     assert lines[1].startswith("Assistant:")
     assert "Human: Second?" in lines
     assert sum(line.startswith("Assistant:") for line in lines) == 2
+
+
+def test_message_mode_drops_the_oldest_turns_and_says_so_once(tiny_model_dir: Path) -> None:
+    """Five ~150-token questions do not fit the 512-token context: the oldest go, with one notice."""
+    from kuberlhf.cli import app
+
+    questions = [f"{i} " + "word " * 150 for i in range(5)]
+    args = ["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--seed", "1"]
+    for q in questions:
+        args += ["-m", q]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("the oldest turns are left out") == 1
+    assert sum(line.startswith("Assistant:") for line in result.stdout.splitlines()) == 5
+
+
+def test_generation_leaves_the_global_rng_alone(engine: ChatEngine) -> None:
+    import torch
+
+    before = torch.get_rng_state()
+    engine.start(TURNS, GenerationParams(max_new_tokens=8, temperature=1.0)).text()
+    engine.start(TURNS, GenerationParams(max_new_tokens=8, temperature=1.0, seed=3)).text()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -30,6 +30,7 @@ from kuberlhf.serving.metrics import ServeMetrics
 from kuberlhf.serving.openapi import install_openapi
 from kuberlhf.serving.params import GenerationParams, InvalidParamError, PromptTooLongError
 from kuberlhf.serving.protocol import (
+    DROPPED_TURNS_HEADER,
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     chunk_object,
@@ -45,7 +46,6 @@ from kuberlhf.serving.protocol import (
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-DROPPED_TURNS_HEADER = "X-Kuberlhf-Dropped-Turns"
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,12 @@ def create_app(
         log.info("model %s ready after %.1f s", settings.model_name, time.monotonic() - t0)
 
     app = FastAPI(title="kuberlhf chat", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_openapi(app, settings.max_new_tokens, auth=bool(settings.api_key))
+    install_openapi(
+        app,
+        settings.max_new_tokens,
+        auth=bool(settings.api_key),
+        vocab=lambda: getattr(app.state.engine, "vocab_size", None),
+    )
     app.state.engine = None
     app.state.load_error = None
     app.state.metrics = metrics

@@ -249,6 +249,8 @@ class ChatEngine:
             self.pad_token_id = self.tokenizer.eos_token_id
         self.human_format = not getattr(self.tokenizer, "chat_template", None)
         self.max_context = self._max_context()
+        # the logits' width (may exceed the tokenizer's length by padding rows), the range of logit_bias keys
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         log.info(
             "loaded %s on %s (%s, context %d, prompt format: %s)",
             model_dir,
@@ -294,11 +296,11 @@ class ChatEngine:
         runs when the returned stream is iterated. A conversation that leaves less than ``max_new_tokens`` of
         room loses its oldest exchanges (:func:`~kuberlhf.serving.prompting.fit_turns`; ``usage.dropped_turns``
         says how many); ``max_new_tokens`` is then clipped to the room left."""
-        vocab = len(self.tokenizer)
         for token_id, _ in params.logit_bias:
-            if not 0 <= token_id < max(vocab, self.model.config.vocab_size):
+            if not 0 <= token_id < self.vocab_size:
                 raise InvalidParamError(
-                    "logit_bias", f"'logit_bias' names token {token_id}, outside this model's vocabulary 0..{vocab - 1}"
+                    "logit_bias",
+                    f"'logit_bias' names token {token_id}, outside this model's vocabulary 0..{self.vocab_size - 1}",
                 )
         kept, dropped = fit_turns(
             turns, lambda ts: int(self._encode(ts)["input_ids"].shape[-1]), self.max_context, params.max_new_tokens

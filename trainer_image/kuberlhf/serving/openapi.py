@@ -5,13 +5,22 @@ never sends them)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from kuberlhf.serving.protocol import UNSUPPORTED, ChatCompletion, ErrorResponse, ModelList, ModelObject
+from kuberlhf.serving.protocol import (
+    MAX_STOP_SEQUENCES,
+    UNSUPPORTED,
+    ChatCompletion,
+    ErrorResponse,
+    ModelList,
+    ModelObject,
+)
 
 _ERRORS = {
     400: "Invalid request (OpenAI's invalid_request_error; `param` names the field)",
@@ -34,6 +43,20 @@ _REFUSED_SCHEMAS: dict[str, dict] = {
 }
 
 
+def token_id_pattern(vocab: int) -> str:
+    """A regex of the decimal numbers 0..vocab-1 (logit_bias keys), e.g. 512 -> 0-9, 10-99, 100-499, 500-509, 510-511."""
+    top = str(vocab - 1)
+    alts = ["[0-9]"] if len(top) > 1 else []
+    alts += [f"[1-9][0-9]{{{k - 1}}}" for k in range(2, len(top))]
+    for i, digit in enumerate(top):
+        low = 1 if i == 0 and len(top) > 1 else 0
+        if int(digit) > low:
+            rest = len(top) - i - 1
+            alts.append(top[:i] + f"[{low}-{int(digit) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    alts.append(top)
+    return "^(?:" + "|".join(alts) + ")$"
+
+
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -53,8 +76,9 @@ def _add_models(schemas: dict, *models: type[BaseModel]) -> None:
         schemas[model.__name__] = schema
 
 
-def build_openapi(app: FastAPI, max_new_tokens: int, auth: bool) -> dict[str, Any]:
-    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+def build_openapi(app: FastAPI, max_new_tokens: int, auth: bool, vocab: int | None = None) -> dict[str, Any]:
+    # a copy: FastAPI shares the dicts of its generated schemas between calls, and they are edited below
+    doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
@@ -105,12 +129,19 @@ def build_openapi(app: FastAPI, max_new_tokens: int, auth: bool) -> dict[str, An
     request = schemas["ChatCompletionRequest"]["properties"]
     for name in ("max_tokens", "max_completion_tokens"):
         request[name]["anyOf"][0]["maximum"] = max_new_tokens
+    request["n"]["anyOf"][0]["maximum"] = 1  # one choice per request
+    request["stop"]["anyOf"][1]["maxItems"] = MAX_STOP_SEQUENCES
     # the server needs a user message (a system prompt alone has nothing to answer)
     schemas["ChatCompletionRequest"]["properties"]["messages"]["contains"] = {
         "type": "object",
         "properties": {"role": {"const": "user"}},
         "required": ["role"],
     }
+    bias = request["logit_bias"]["anyOf"][0]
+    (values,) = bias.pop("patternProperties").values()
+    # keys are token ids of this model's vocabulary (known once it is loaded)
+    bias["patternProperties"] = {token_id_pattern(vocab) if vocab else "^(0|[1-9][0-9]{0,8})$": values}
+    bias["additionalProperties"] = False
     for name in UNSUPPORTED:
         request[name] = {
             **_REFUSED_SCHEMAS.get(name, {"type": "null"}),
@@ -119,12 +150,18 @@ def build_openapi(app: FastAPI, max_new_tokens: int, auth: bool) -> dict[str, An
     return doc
 
 
-def install_openapi(app: FastAPI, max_new_tokens: int, auth: bool = False) -> None:
-    """Serve :func:`build_openapi` (built once, on first request, when every route exists)."""
+def install_openapi(
+    app: FastAPI, max_new_tokens: int, auth: bool = False, vocab: Callable[[], int | None] = lambda: None
+) -> None:
+    """Serve :func:`build_openapi` (kept once the model, and so its vocabulary, is loaded)."""
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, max_new_tokens, auth)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        size = vocab()
+        doc = build_openapi(app, max_new_tokens, auth, size)
+        if size is not None:
+            app.openapi_schema = doc
+        return doc
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_SEQUENCES = 4
+# how many of the oldest messages the server left out so that the conversation fits the model's context
+DROPPED_TURNS_HEADER = "X-Kuberlhf-Dropped-Turns"
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 # torch.Generator.manual_seed takes any value that fits 64 bits, signed or not
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -81,7 +83,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: (
-        dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None
+        dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,8})$")], Annotated[float, Field(ge=-100, le=100)]] | None
     ) = None
     # refused when set (see UNSUPPORTED): declared so that their presence is seen, typed loosely so that the
     # refusal, not a type error, is what the client gets

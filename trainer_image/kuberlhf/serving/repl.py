@@ -13,6 +13,7 @@ from typing import Any, Protocol, TextIO
 
 from kuberlhf.contract.stage import ENV_API_KEY
 from kuberlhf.serving.params import GenerationParams
+from kuberlhf.serving.protocol import DROPPED_TURNS_HEADER
 
 CLEAR_WORDS = {"clear", "/clear", "reset"}
 QUIT_WORDS = {"quit", "exit", "/quit", "/exit", ":q"}
@@ -34,6 +35,8 @@ class ChatBackendError(RuntimeError):
 
 
 class Backend(Protocol):
+    dropped: int  # oldest turns the last reply left out to fit the model's context
+
     def reply(self, turns: Sequence[tuple[str, str]], params: GenerationParams) -> Iterator[str]:
         """The answer to the conversation, in streamed pieces."""
         ...
@@ -44,12 +47,14 @@ class LocalBackend:
     """The model loaded in this process."""
 
     engine: Any  # kuberlhf.serving.engine.ChatEngine (typed loosely: importing it loads torch)
+    dropped: int = 0
 
     def reply(self, turns: Sequence[tuple[str, str]], params: GenerationParams) -> Iterator[str]:
         try:
             stream = self.engine.start(turns, params)
         except ValueError as exc:
             raise ChatBackendError(str(exc)) from exc
+        self.dropped = stream.usage.dropped_turns
         yield from stream
 
 
@@ -68,6 +73,7 @@ class EndpointBackend:
     endpoint: str
     api_key: str | None = None
     model: str | None = None
+    dropped: int = 0
     _client: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +97,7 @@ class EndpointBackend:
         if params.seed is not None:
             kwargs["seed"] = params.seed
         try:
-            stream = self._client.chat.completions.create(
+            raw = self._client.chat.completions.with_raw_response.create(
                 model=self.model,
                 messages=[{"role": role, "content": text} for role, text in turns],
                 max_tokens=params.max_new_tokens,
@@ -100,7 +106,8 @@ class EndpointBackend:
                 stream=True,
                 **kwargs,
             )
-            for chunk in stream:
+            self.dropped = int(raw.headers.get(DROPPED_TURNS_HEADER) or 0)
+            for chunk in raw.parse():
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
         except openai.APIStatusError as exc:
@@ -123,10 +130,12 @@ class Conversation:
     """Multi-turn memory: (role, text) pairs, user and assistant alternating."""
 
     turns: list[tuple[str, str]] = field(default_factory=list)
+    told_dropped: bool = False
 
     def ask(self, backend: Backend, text: str, params: GenerationParams, out: TextIO) -> str:
         """Send one user turn, print the answer as it streams, remember both (nothing is remembered when the
-        turn fails, so the user can retry or `clear`)."""
+        turn fails, so the user can retry or `clear`). Turns the model could no longer see (the backend left
+        the oldest out to fit its context) are forgotten here too; the first time, the user is told."""
         turns = [*self.turns, ("user", text)]
         out.write(ASSISTANT_PREFIX)
         out.flush()
@@ -140,11 +149,17 @@ class Conversation:
             out.write("\n")
             out.flush()
         answer = "".join(pieces)
-        self.turns = [*turns, ("assistant", answer)]
+        dropped = getattr(backend, "dropped", 0)
+        self.turns = [*turns[dropped:], ("assistant", answer)]
+        if dropped and not self.told_dropped:
+            self.told_dropped = True
+            out.write("(the conversation outgrew the model's context: the oldest turns are left out from now on)\n")
+            out.flush()
         return answer
 
     def clear(self) -> None:
         self.turns = []
+        self.told_dropped = False
 
 
 def run_repl(
