@@ -5,6 +5,7 @@
 #
 #   bash bench/run.sh                 # all
 #   bash bench/run.sh ppo sft         # a subset: ppo sft transfer operator gpu-smoke
+#   bash bench/run.sh quality         # the RLHF quality suite (bench/rlhf_quality.py), not in the default list
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -41,7 +42,9 @@ for b in "${todo[@]}"; do
       fi ;;
     operator) run operator "$PY" bench/operator_bench.py ;;
     gpu-smoke) run gpu-smoke "$PY" bench/gpu_bench.py --device cpu --tiny --steps 2 ;;
-    *) echo "unknown benchmark $b (known: ${all[*]})" >&2; exit 2 ;;
+    # not in the default list: ~14 min on 2 idle cores (four full tiny pipelines)
+    quality) BENCH_TIMEOUT=${BENCH_TIMEOUT:-2700} run quality "$PY" bench/rlhf_quality.py ;;
+    *) echo "unknown benchmark $b (known: ${all[*]} quality)" >&2; exit 2 ;;
   esac
 done
 echo "results (JSON lines): $BENCH_RESULTS"

@@ -1,0 +1,290 @@
+"""RLHF quality suite: does the tiny recipe move the TRUE preference on tasks it was not tuned for?
+
+For every task of ``bench/quality_tasks.py`` it writes the task's data (ambiguous SFT answers + preference pairs,
+never the true reward), a manifest that is ``examples/tiny-cpu.yaml`` with only its datasets replaced (every
+stage setting is the example's: one recipe for all tasks, one seed), runs ``kuberlhf run`` on it (the real stage
+contract: stage processes, embedded SeaweedFS, checkpoints), then measures on fresh prompts:
+
+- RM accuracy: the step-2 reward model on fresh held-out pairs (and the stage's own eval-split accuracy);
+- true reward of the SFT policy, the final PPO actor (``ppo/model``) and the EMA actor (``ppo/ema``), answers
+  sampled at the temperature ``kuberlhf chat`` uses (0.7, the example's ``ppo.temperature``);
+- KL to the reference (SFT) per answer: the exact per-token KL of the tempered policies summed over each sampled
+  answer, averaged over answers;
+- wall time of the run.
+
+    .venv/bin/python bench/rlhf_quality.py [--tasks style length copy topic] [--out bench/out/quality]
+                                           [--quick] [--json FILE]
+
+``--quick`` (the lean test's size) shortens every stage; goals are then checked for direction only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+sys.path.insert(0, str(BENCH))
+
+import quality_tasks as qt  # noqa: E402
+
+GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_gap": 0.05, "kl": 10.0}
+# --quick: fewer steps everywhere (the lean test); the recipe's other settings stay the example's
+QUICK = {"sft": {"epochs": 6}, "reward": {"epochs": 1}, "ppo": {"maxSteps": 30}}
+
+
+@dataclass
+class TaskResult:
+    task: str
+    rm_acc: float
+    rm_acc_stage: float | None
+    sft: float
+    ppo: float
+    ema: float
+    kl_ppo: float
+    kl_ema: float
+    rm_score_sft: float
+    rm_score_ppo: float
+    wall_s: float
+    stage_s: dict[str, float]
+    eval_prompts: int
+
+    def goals(self) -> dict[str, bool]:
+        g = GOALS
+        gain_ok = self.ppo >= g["high_abs"] if self.sft > g["high_sft"] else self.ppo >= self.sft + g["gain"]
+        return {
+            "rm_acc>=0.9": self.rm_acc >= g["rm_acc"],
+            "ppo_gain": gain_ok,
+            "ema>=ppo-0.05": self.ema >= self.ppo - g["ema_gap"],
+            "kl<10": max(self.kl_ppo, self.kl_ema) < g["kl"],
+        }
+
+
+def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str, Any]:
+    """The tiny example with this task's data; nothing else changes (except stage lengths with ``quick``)."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["name"] = f"quality-{task.name}"
+    d = doc["spec"]["data"]
+    d["datasets"] = [{"path": str(data["pairs"])}]
+    d["sftOnly"] = [{"path": str(data["sft"])}]
+    d["split"] = "0,1,1"  # step 1 reads only the ambiguous sftOnly file; pairs go to steps 2 and 3
+    d["trueReward"] = task.true_reward_ref  # reporting only
+    if quick:
+        for stage, values in QUICK.items():
+            doc["spec"]["stages"][stage].update(values)
+    return doc
+
+
+def run_task(task: qt.Task, root: Path, quick: bool, log, reuse: bool = False) -> tuple[Path, dict[str, Any], float]:
+    work = root / task.name
+    out = work / "run"
+    if reuse and (out / "run.json").exists() and (out / "ppo" / "ema").exists():
+        state = json.loads((out / "run.json").read_text())
+        log(f"[{task.name}] --reuse: evaluating the finished run in {out}")
+        return out, yaml.safe_load((work / "pipeline.yaml").read_text()), float(sum(state["stageSeconds"].values()))
+    data = qt.write_task_data(task, work / "data")
+    doc = manifest_for(task, data, quick)
+    manifest = work / "pipeline.yaml"
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)}
+    cli = Path(sys.executable).with_name("kuberlhf")
+    cmd = [str(cli) if cli.exists() else "kuberlhf", "run", str(manifest), "--output-dir", str(out), "--fresh"]
+    t0 = time.monotonic()
+    with (work / "run.log").open("w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{task.name}: kuberlhf run failed ({proc.returncode}); see {work / 'run.log'}")
+    log(f"[{task.name}] kuberlhf run finished in {wall:.0f} s ({work / 'run.log'})")
+    return out, doc, wall
+
+
+def policy_eval(
+    policy_dir: Path,
+    ref_dir: Path,
+    prompts: list[str],
+    task: qt.Task,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    max_prompt_len: int,
+    seed: int,
+    batch: int = 64,
+) -> dict[str, Any]:
+    """Sample answers at ``temperature``; their mean true reward and the mean summed per-token KL(policy_T ||
+    ref_T) over each answer's tokens (through its EOS)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from kuberlhf.data.format import cut_at_next_turn, format_prompt
+    from kuberlhf.models.loading import load_tokenizer
+    from kuberlhf.rlhf.trainer import answer_mask, position_ids
+
+    tok = load_tokenizer(str(policy_dir), padding_side="left")
+    pol = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    eos, pad = int(tok.eos_token_id), int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    rewards, kls, answers = [], [], []
+    for start in range(0, len(prompts), batch):
+        texts = [format_prompt(p) for p in prompts[start : start + batch]]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        ids, amask = enc.input_ids[:, -max_prompt_len:], enc.attention_mask[:, -max_prompt_len:]
+        torch.manual_seed(seed + start)
+        with torch.no_grad():
+            seq = pol.generate(
+                input_ids=ids,
+                attention_mask=amask,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+            p_len = ids.shape[1]
+            ans = answer_mask(seq[:, p_len:], eos, pad)
+            mask = torch.cat([amask, ans], dim=1)
+            seq = torch.where(mask.bool(), seq, torch.full_like(seq, pad))
+            pos = position_ids(mask)
+            lp = F.log_softmax(
+                pol(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, p_len - 1 : -1] / temperature, -1
+            )
+            lr = F.log_softmax(
+                ref(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, p_len - 1 : -1] / temperature, -1
+            )
+            kl_tok = (lp.exp() * (lp - lr)).sum(-1) * ans
+            kls.extend(kl_tok.sum(1).tolist())
+        for text, row, m in zip(texts, seq[:, p_len:], ans, strict=True):
+            answer = cut_at_next_turn(tok.decode(row[m.bool()], skip_special_tokens=True))
+            answers.append(answer)
+            rewards.append(task.reward(text, answer))
+    return {"true_reward": sum(rewards) / len(rewards), "kl": sum(kls) / len(kls), "answers": answers}
+
+
+def rm_accuracy(reward_dir: Path, triples: list[tuple[str, str, str]]) -> float:
+    from kuberlhf.runner.samples import reward_scores
+
+    prompts = [p for p, _, _ in triples]
+    good = reward_scores(reward_dir, prompts, [g for _, g, _ in triples])
+    bad = reward_scores(reward_dir, prompts, [b for _, _, b in triples])
+    return sum(g > b for g, b in zip(good, bad, strict=True)) / len(triples)
+
+
+def evaluate(task: qt.Task, out: Path, doc: dict[str, Any], wall: float, n_eval: int) -> tuple[TaskResult, dict]:
+    from kuberlhf.runner.metrics import parse_jsonl, series
+    from kuberlhf.runner.samples import reward_scores
+
+    ppo = doc["spec"]["stages"]["ppo"]
+    kw = {
+        "temperature": ppo.get("temperature", 1.0),
+        "max_new_tokens": ppo["maxAnswerLen"],
+        "max_prompt_len": ppo["maxPromptLen"],
+        "seed": 4321,
+    }
+    triples = qt.eval_examples(task, n_eval)
+    prompts = [p for p, _, _ in triples]
+    ev = {
+        name: policy_eval(path, out / "sft", prompts, task, **kw)
+        for name, path in (("sft", out / "sft"), ("ppo", out / "ppo" / "model"), ("ema", out / "ppo" / "ema"))
+    }
+    records = parse_jsonl((out / "metrics.jsonl").read_text())
+    _, acc = series(records, "reward", "accuracy", "eval")
+    state = json.loads((out / "run.json").read_text())
+    rm = {
+        name: sum(s := reward_scores(out / "reward", prompts, ev[name]["answers"])) / len(s) for name in ("sft", "ppo")
+    }
+    res = TaskResult(
+        task=task.name,
+        rm_acc=rm_accuracy(out / "reward", triples),
+        rm_acc_stage=acc[-1] if acc else None,
+        sft=ev["sft"]["true_reward"],
+        ppo=ev["ppo"]["true_reward"],
+        ema=ev["ema"]["true_reward"],
+        kl_ppo=ev["ppo"]["kl"],
+        kl_ema=ev["ema"]["kl"],
+        rm_score_sft=rm["sft"],
+        rm_score_ppo=rm["ppo"],
+        wall_s=wall,
+        stage_s=state.get("stageSeconds", {}),
+        eval_prompts=len(prompts),
+    )
+    samples = {name: list(zip(prompts[:4], e["answers"][:4], strict=True)) for name, e in ev.items()}
+    return res, samples
+
+
+def table(results: list[TaskResult]) -> str:
+    head = (
+        "| task | RM acc (fresh / stage eval) | true reward SFT | PPO actor | EMA | KL/answer PPO / EMA (nats) "
+        "| wall | goals |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        g = r.goals()
+        missed = [k for k, ok in g.items() if not ok]
+        stage = f"{r.rm_acc_stage:.3f}" if r.rm_acc_stage is not None else "-"
+        rows.append(
+            f"| {r.task} | {r.rm_acc:.3f} / {stage} | {r.sft:.3f} | {r.ppo:.3f} | {r.ema:.3f} | "
+            f"{r.kl_ppo:.2f} / {r.kl_ema:.2f} | {r.wall_s / 60:.1f} min | "
+            f"{'all met' if not missed else 'missed: ' + ', '.join(missed)} |"
+        )
+    return head + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=list(qt.TASKS), choices=list(qt.TASKS))
+    ap.add_argument("--out", type=Path, default=BENCH / "out" / "quality")
+    ap.add_argument("--quick", action="store_true", help="shorter stages (the lean test)")
+    ap.add_argument("--eval-prompts", type=int, default=256)
+    ap.add_argument("--reuse", action="store_true", help="evaluate finished runs in OUT again instead of re-running")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here (default OUT/results.json)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_all = time.monotonic()
+    results, details = [], {}
+    for name in args.tasks:
+        task = qt.TASKS[name]
+        print(f"[{name}] {task.what}", flush=True)
+        out, doc, wall = run_task(task, args.out, args.quick, lambda s: print(s, flush=True), args.reuse)
+        res, samples = evaluate(task, out, doc, wall, args.eval_prompts)
+        results.append(res)
+        details[name] = {"result": asdict(res), "goals": res.goals(), "samples": samples}
+        print(
+            f"[{name}] RM acc {res.rm_acc:.3f}; true reward SFT {res.sft:.3f} -> PPO {res.ppo:.3f}, EMA "
+            f"{res.ema:.3f}; KL {res.kl_ppo:.2f}/{res.kl_ema:.2f}; goals {res.goals()}",
+            flush=True,
+        )
+    total = time.monotonic() - t_all
+    print("\n" + table(results))
+    print(
+        f"\nsuite wall time {total / 60:.1f} min ({'--quick' if args.quick else 'full'}; {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
+    (args.json or args.out / "results.json").write_text(
+        json.dumps({"quick": args.quick, "wall_s": total, "load_avg": os.getloadavg(), "tasks": details}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
