@@ -31,6 +31,7 @@ SPEC_OF = {
                 "temperature",
                 "top_p",
                 "ptx_coef",
+                "whiten_advantages",
             )
         },
         "adaptive_kl": (S.AdaptiveKLSpec, "enabled"),

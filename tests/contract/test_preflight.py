@@ -69,6 +69,8 @@ BAD = [
     ),
     ({"actor": {"model": "s3://b/x"}}, "spec.actor.model", "bucket"),
     ({"reward": {"model": "kuberlhf/tiny-gpt"}}, "spec.reward.model", "kuberlhf/tiny-opt"),
+    ({"actor": {"model": "s3://models/opt", "revision": "v1"}}, "spec.actor.revision", "hub name"),
+    ({"reward": {"model": "./rm", "revision": "main"}}, "spec.reward.revision", "remove"),
 ]
 
 
@@ -97,6 +99,7 @@ def test_examples_and_good_specs_pass() -> None:
         )
         == []
     )
+    assert preflight(spec_of(actor={"model": "facebook/opt-1.3b", "revision": "main"})) == []
     # step 1 may take all of its data from sftOnly
     assert (
         preflight(

@@ -91,3 +91,11 @@ def test_wire_round_trip():
     p = parse_pipeline(BASE)
     again = parse_pipeline(p.to_wire())
     assert again == p
+
+
+def test_removed_extra_args_says_what_to_do_instead():
+    doc = {"metadata": {"name": "p"}, "spec": {"actor": {"model": "a"}, "reward": {"model": "b"},
+                                               "data": {"datasets": ["kuberlhf/synthetic-pairs"]},
+                                               "storage": {"uri": "s3://b/p"}, "stages": {"sft": {"extraArgs": []}}}}
+    with pytest.raises(SpecError, match=r"spec.stages.sft.extraArgs: removed: it never reached the stage"):
+        parse_pipeline(doc)

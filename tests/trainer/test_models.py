@@ -106,3 +106,49 @@ def test_default_lora_module_name_adapts_the_decoder_blocks_of_any_causal_lm(arc
     # a name the user chose is taken as given: no fallback
     with pytest.raises(ValueError, match="moduleName='decoder.blocks.'"):
         apply_lora(tiny_llama_and_gpt2()[arch], LoraSpec(dim=4, module_name="decoder.blocks."))
+
+
+REVISION_PROBE = r"""
+import json, sys
+from kuberlhf.models.loading import load_causal_lm, load_tokenizer
+from kuberlhf.models.reward import RewardModel
+name, out = sys.argv[1], []
+for rev in sys.argv[2:]:
+    rev = rev or None
+    lm = load_causal_lm(name, revision=rev)
+    rm = RewardModel.from_causal_lm_source(name, revision=rev)
+    out.append([lm.config.num_hidden_layers, rm.config.num_hidden_layers, len(load_tokenizer(name, revision=rev))])
+print(json.dumps(out))
+"""
+
+
+def test_revision_reaches_from_pretrained(tmp_path):
+    """spec.actor/reward.revision: a hub cache laid out as the hub writes it (refs/<branch> -> snapshots/<commit>),
+    read offline. Two revisions of one repository differ in depth; each loader gets the one asked for."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from kuberlhf.models.tiny import TINY_ASSETS
+
+    repo = tmp_path / "hub" / "models--acme--tiny-opt"
+    commits = {"main": "1" * 40, "v1": "2" * 40}
+    tokenizer = AutoTokenizer.from_pretrained(TINY_ASSETS)
+    for branch, layers in (("main", 2), ("v1", 1)):
+        snapshot = repo / "snapshots" / commits[branch]
+        config = OPTConfig.from_pretrained(TINY_ASSETS, num_hidden_layers=layers)
+        OPTForCausalLM(config).save_pretrained(snapshot)
+        tokenizer.save_pretrained(snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / branch).write_text(commits[branch])
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    # one process (the hub cache location is read at import): no revision, a branch, a commit
+    out = subprocess.run([sys.executable, "-c", REVISION_PROBE, "acme/tiny-opt", "", "v1", commits["v1"]], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    vocab = len(tokenizer)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[2, 2, vocab], [1, 1, vocab], [1, 1, vocab]]

@@ -167,9 +167,19 @@ def _dataset_problems(ref: DatasetRef, field: str, options: PreflightOptions) ->
 
 
 def _model_problems(ref: ModelRef, field: str, options: PreflightOptions) -> list[Problem]:
+    from kuberlhf.models.loading import is_hub_name
     from kuberlhf.models.tiny import TINY_MODEL_NAME
 
     out: list[Problem] = []
+    if ref.revision is not None and not is_hub_name(ref.model):
+        out.append(
+            Problem(
+                f"{field}.revision",
+                f"a revision selects a version of a hub model, and {field}.model "
+                f"{ref.model!r} is a local directory, a URI or built in",
+                f"remove {field}.revision, or give a hub name (org/name) as {field}.model",
+            )
+        )
     for attr in ("model", "tokenizer"):
         source = getattr(ref, attr)
         if source is None or source == TINY_MODEL_NAME:

@@ -74,7 +74,8 @@ class ModelRef(SpecModel):
 
     model: str = Field(min_length=1, description="Hub name, local path, or s3:// / file:// URI of an HF model.")
     tokenizer: str | None = Field(default=None, description="Tokenizer location when it differs from model.")
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) of a hub model "
+                                 "name, passed to from_pretrained; also the tokenizer's unless tokenizer is set.")
     dropout: float | None = Field(default=None, ge=0, le=1, description="Override the model's dropout (unset: the "
                                   "model's own in steps 1-2, 0 in step 3 as DeepSpeed-Chat's --disable_actor_dropout).")
 
@@ -112,7 +113,8 @@ def _coerce_dataset(value: Any) -> Any:
 
 
 class DataSpec(SpecModel):
-    datasets: list[DatasetRef] = Field(min_length=1, description="Preference datasets, blended.")
+    datasets: list[DatasetRef] = Field(min_length=1, description="Preference datasets, blended: each a hub name or "
+                                       "a path / URI string, or an object {name or path, config, adapter}.")
     split: str = Field(default="2,4,4", description="Share of each dataset for step 1, 2, 3, e.g. '2,4,4'.")
     sft_only: list[DatasetRef] = Field(default_factory=list, description="Datasets used 100% in step 1.")
     unsupervised: DatasetRef | None = Field(default=None, description="Pre-training corpus for ptx in step 3.")
@@ -162,14 +164,15 @@ def parse_split(split: str) -> tuple[float, float, float]:
 
 
 class SecretRef(SpecModel):
-    name: str = Field(min_length=1, description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    name: str = Field(min_length=1, description="Name of the Secret, in the pipeline's namespace.")
 
 
 class StorageSpec(SpecModel):
     uri: str = Field(pattern=r"^(s3|file)://.+", description="Where every stage's checkpoint goes: s3://bucket/prefix or file:///dir.")
     endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL; omit for AWS S3.")
     region: str | None = Field(default=None, description="S3 region.")
-    secret_ref: SecretRef | None = Field(default=None, description="Secret holding the S3 credentials.")
+    secret_ref: SecretRef | None = Field(default=None, description="Secret holding the S3 credentials (keys "
+                                         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).")
     path_style: bool = Field(default=True, description="Path-style addressing (needed by most S3-compatible stores).")
 
 
@@ -182,8 +185,8 @@ class LoraSpec(SpecModel):
 
 
 class EnvVar(SpecModel):
-    name: str = Field(min_length=1)
-    value: str = ""
+    name: str = Field(min_length=1, description="Variable name.")
+    value: str = Field(default="", description="Variable value.")
 
 
 POD_SPEC_MARKER = "x-kuberlhf-pod-spec"  # the CRD generator puts the upstream PodSpec schema here
@@ -225,23 +228,25 @@ class CommonStageSpec(SpecModel):
     epochs: int = Field(default=1, ge=1, description="Passes over the stage's data.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
     per_device_batch_size: int | None = Field(default=None, ge=1, description="Micro batch per rank.")
-    gradient_accumulation_steps: int | None = Field(default=None, ge=1)
-    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate (preset); in ppo, the "
-                                        "rate of actor and critic unless actorLearningRate / criticLearningRate are set.")
-    weight_decay: float = Field(default=0.0, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1,
+                                                    description="Micro batches per optimizer step.")
+    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate; in ppo, the rate of "
+                                        "actor and critic unless actorLearningRate / criticLearningRate are set.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule: linear, cosine, constant or constant_with_warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
     dtype: DType = Field(default=DType.bf16, description="bf16 | fp16 (GPU only) | fp32.")
     offload: bool = Field(default=False, description="ZeRO CPU offload of optimizer state (and params at stage 3).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward (less "
+                                         "memory, about 30% slower).")
     checkpoint_every_steps: int = Field(default=0, ge=0, description="Resumable checkpoint period; 0 = only at the end.")
     eval_every_steps: int = Field(default=0, ge=0, description="Eval period; 0 = at the end of each epoch.")
     backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage (each resumes).")
-    seed: int = 1234
+    seed: int = Field(default=1234, description="Seed of the stage (init, shuffling, sampling).")
     resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of each stage pod.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the stage pods "
                               "(valueFrom: podTemplate.spec.containers[trainer].env).")
-    extra_args: list[str] = Field(default_factory=list, description="Extra command-line arguments of the stage.")
     tensorboard: bool = Field(default=False, description="Also write TensorBoard scalars (stored as <stage>/tensorboard/).")
     pod_template: PodTemplate | None = Field(default=None, description="Merged over spec.podTemplate into this "
                                              "stage's pods.")
@@ -259,18 +264,18 @@ class CommonStageSpec(SpecModel):
 
 
 class SFTStageSpec(CommonStageSpec):
-    zero_stage: int | None = Field(default=None, ge=0, le=3)
-    lora: LoraSpec | None = None
+    zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
+    lora: LoraSpec | None = Field(default=None, description="LoRA of the trained model (dim 0 = off).")
     mask_prompt: bool = Field(default=False, description="Exclude prompt tokens from the SFT loss.")
 
 
 class RewardStageSpec(CommonStageSpec):
-    zero_stage: int | None = Field(default=None, ge=0, le=3)
-    lora: LoraSpec | None = None
+    zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
+    lora: LoraSpec | None = Field(default=None, description="LoRA of the trained model (dim 0 = off).")
 
 
 class EMASpec(SpecModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Keep an exponential moving average of the actor (ppo/ema/).")
     beta: float = Field(default=0.992, gt=0, lt=1, description="Decay per actor optimizer step (DeepSpeed-Chat's "
                         "0.992): the average spans about 1 / (1 - beta) optimizer steps whatever the batch settings.")
     warmup: bool = Field(default=True, description="Decay min(beta, (1 + t) / (10 + t)) at optimizer step t "
@@ -280,54 +285,59 @@ class EMASpec(SpecModel):
 
 
 class AdaptiveKLSpec(SpecModel):
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="Adapt the KL coefficient towards target.")
     target: float = Field(default=6.0, gt=0, description="Target KL per sequence.")
-    horizon: int = Field(default=10000, ge=1)
+    horizon: int = Field(default=10000, ge=1, description="Samples over which the KL coefficient adapts.")
 
 
 class PPOStageSpec(CommonStageSpec):
-    actor_zero_stage: int | None = Field(default=None, ge=0, le=3)
-    critic_zero_stage: int | None = Field(default=None, ge=0, le=3)
-    actor_learning_rate: float | None = Field(default=None, gt=0)
-    critic_learning_rate: float | None = Field(default=None, gt=0)
-    actor_lora: LoraSpec | None = None
-    critic_lora: LoraSpec | None = None
-    ema: EMASpec = Field(default_factory=EMASpec)
+    actor_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the actor (and its "
+                                         "reference and EMA copies).")
+    critic_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the critic (and "
+                                          "the reward model).")
+    actor_learning_rate: float | None = Field(default=None, gt=0, description="Actor learning rate.")
+    critic_learning_rate: float | None = Field(default=None, gt=0, description="Critic learning rate.")
+    actor_lora: LoraSpec | None = Field(default=None, description="LoRA of the actor.")
+    critic_lora: LoraSpec | None = Field(default=None, description="LoRA of the critic.")
+    ema: EMASpec = Field(default_factory=EMASpec, description="Exponential moving average of the actor; serving "
+                         "uses it.")
     ptx_coef: float = Field(default=27.8, ge=0, description="Weight of the pre-training loss (needs data.unsupervised).")
-    kl_coef: float = Field(default=0.1, ge=0)
-    adaptive_kl: AdaptiveKLSpec = Field(default_factory=AdaptiveKLSpec)
-    clip_range: float = Field(default=0.2, gt=0)
-    clip_range_value: float = Field(default=0.2, gt=0)
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1)
-    reward_clip: float = Field(default=5.0, gt=0)
-    ppo_epochs: int = Field(default=1, ge=1)
+    kl_coef: float = Field(default=0.1, ge=0, description="KL penalty coefficient against the SFT (reference) "
+                           "policy.")
+    adaptive_kl: AdaptiveKLSpec = Field(default_factory=AdaptiveKLSpec, description="Adaptive KL controller.")
+    clip_range: float = Field(default=0.2, gt=0, description="PPO policy clip range.")
+    clip_range_value: float = Field(default=0.2, gt=0, description="Value-function clip range.")
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    reward_clip: float = Field(default=5.0, gt=0, description="Clip of the reward-model score.")
+    ppo_epochs: int = Field(default=1, ge=1, description="PPO epochs per experience batch.")
     whiten_advantages: bool = Field(
         default=False, description="Normalise the advantages of each experience batch to zero mean and unit "
         "variance (PPO implementations' advantage normalisation; DeepSpeed-Chat: off).")
     hybrid_engine: bool | None = Field(default=None, description="DeepSpeed hybrid engine (CUDA only).")
     generation_batch_size: int | None = Field(default=None, ge=1, description="Prompts per rank per experience batch.")
-    max_prompt_len: int = Field(default=256, ge=1)
-    max_answer_len: int = Field(default=256, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_prompt_len: int = Field(default=256, ge=1, description="Prompt tokens (left-truncated).")
+    max_answer_len: int = Field(default=256, ge=1, description="Generated tokens per answer.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the experience generation.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the experience generation.")
 
 
 class StagesSpec(SpecModel):
-    sft: SFTStageSpec = Field(default_factory=SFTStageSpec)
-    reward: RewardStageSpec = Field(default_factory=RewardStageSpec)
-    ppo: PPOStageSpec = Field(default_factory=PPOStageSpec)
+    sft: SFTStageSpec = Field(default_factory=SFTStageSpec, description="Step 1: supervised fine-tuning.")
+    reward: RewardStageSpec = Field(default_factory=RewardStageSpec, description="Step 2: reward model.")
+    ppo: PPOStageSpec = Field(default_factory=PPOStageSpec, description="Step 3: PPO with EMA and ptx.")
 
     def get(self, stage: Stage | str) -> CommonStageSpec:
         return getattr(self, Stage(stage).value)
 
 
 class ServingSpec(SpecModel):
-    enabled: bool = True
-    replicas: int = Field(default=1, ge=0)
+    enabled: bool = Field(default=True, description="Deploy the chat server after PPO.")
+    replicas: int = Field(default=1, ge=0, description="Chat server replicas.")
     use_ema: bool = Field(default=True, description="Serve ppo/ema/ when EMA was on, else ppo/model/.")
-    resources: dict[str, Any] = Field(default_factory=dict)
-    port: int = Field(default=8000, ge=1, le=65535)
+    resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of the chat pod "
+                                     "(add nvidia.com/gpu to serve on a GPU).")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     max_new_tokens: int = Field(default=256, ge=1, description="Cap on max_tokens per request.")
     api_key_secret_ref: SecretRef | None = Field(default=None, description="Secret with key API_KEY; enables auth.")
     pod_template: PodTemplate | None = Field(default=None, description="Merged over spec.podTemplate into the chat "
@@ -336,18 +346,19 @@ class ServingSpec(SpecModel):
 
 class PipelineSpec(SpecModel):
     image: str | None = Field(default=None, description="Trainer image; default from the operator's config.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Always / IfNotPresent / Never for every pod of the pipeline.")
     deployment_type: DeploymentType = Field(default=DeploymentType.single_gpu, description="DeepSpeed-Chat preset.")
     accelerator: Accelerator = Field(default=Accelerator.cuda, description="cuda (GPUs) or cpu (tiny models, kind).")
-    actor: ModelRef
-    reward: ModelRef
-    data: DataSpec
-    storage: StorageSpec
-    stages: StagesSpec = Field(default_factory=StagesSpec)
+    actor: ModelRef = Field(description="The model steps 1 and 3 train (the policy).")
+    reward: ModelRef = Field(description="The reward model's (and critic's) starting point.")
+    data: DataSpec = Field(description="Datasets and how they are split across the steps.")
+    storage: StorageSpec = Field(description="Object store of every stage's checkpoint.")
+    stages: StagesSpec = Field(default_factory=StagesSpec, description="Settings of the three steps.")
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="A Kubernetes PodTemplateSpec "
                                       "merged into every pod of the pipeline (stages and chat).")
     shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm of every pod (NCCL needs it).")
-    serving: ServingSpec = Field(default_factory=ServingSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat server after PPO.")
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
 
     @model_validator(mode="after")
@@ -386,6 +397,13 @@ class RLHFPipeline(BaseModel):
         return out
 
 
+# Fields earlier versions documented but never used: the error says what to do instead of "unknown field".
+REMOVED_FIELDS = {
+    "extraArgs": "removed: it never reached the stage. Every DeepSpeed-Chat option is a typed field of the stage "
+                 "(see `kubectl explain rlhfpipeline.spec.stages`); environment variables go in env",
+}
+
+
 class SpecError(ValueError):
     """A manifest that does not validate; the message names every bad field and how to fix it."""
 
@@ -396,7 +414,9 @@ def format_validation_error(err: ValidationError, root: str = "") -> str:
         loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_fill_presets(), PipelineSpec]",))
         field = f"{root}.{loc}" if root and loc else (loc or root or "<root>")
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and e["loc"] and e["loc"][-1] in REMOVED_FIELDS:
+            msg = REMOVED_FIELDS[str(e["loc"][-1])]
+        elif e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see `kubectl explain rlhfpipeline.spec`)"
         elif e["type"] == "missing":
             msg = "required field is missing"

@@ -30,6 +30,11 @@ def is_uri(source: str) -> bool:
     return source.startswith(_URI_PREFIXES)
 
 
+def is_hub_name(source: str) -> bool:
+    """"name" or "org/name" that is not a path, a URI or the built-in tiny model: what a hub revision applies to."""
+    return not (is_tiny(source) or is_uri(source) or source.startswith(_PATH_PREFIXES) or source.count("/") > 1)
+
+
 def model_cache_dir() -> Path:
     return Path(os.environ.get("KUBERLHF_CACHE", Path.home() / ".cache" / "kuberlhf")) / "models"
 
@@ -73,13 +78,15 @@ def _hub_error(source: str, field: str, err: Exception) -> ModelError:
                       f"URI, a hub name reachable from the pod, or {TINY_MODEL_NAME}")
 
 
-def load_tokenizer(source: str, field: str = "spec.actor.model", padding_side: str = "right"):
-    """The tokenizer of a model (local dir, hub name or tiny); guarantees a pad token."""
+def load_tokenizer(source: str, field: str = "spec.actor.model", padding_side: str = "right",
+                   revision: str | None = None):
+    """The tokenizer of a model (local dir, hub name or tiny); guarantees a pad token. ``revision``: the hub
+    revision (branch, tag or commit) of a hub name."""
     from transformers import AutoTokenizer
 
     path = str(TINY_ASSETS) if is_tiny(source) else resolve_local(source, field)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
         raise _hub_error(source, field, e) from e
     if tok.pad_token is None:
@@ -99,29 +106,31 @@ def apply_dropout(config: Any, dropout: float | None) -> None:
             setattr(config, key, dropout)
 
 
-def load_pretrained(auto_cls: Any, path: str, source: str, field: str, dropout: float | None) -> Any:
-    """``auto_cls.from_pretrained(path)`` in fp32 with the dropout override; a failure names the spec field."""
+def load_pretrained(auto_cls: Any, path: str, source: str, field: str, dropout: float | None,
+                    revision: str | None = None) -> Any:
+    """``auto_cls.from_pretrained(path, revision=...)`` in fp32 with the dropout override; a failure names the spec
+    field."""
     import torch
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, revision=revision)
         apply_dropout(config, dropout)
-        return auto_cls.from_pretrained(path, config=config, dtype=torch.float32)
+        return auto_cls.from_pretrained(path, config=config, dtype=torch.float32, revision=revision)
     except (OSError, ValueError) as e:
         raise _hub_error(source, field, e) from e
 
 
 def load_causal_lm(source: str, field: str = "spec.actor.model", seed: int = 1234, dropout: float | None = None,
-                   gradient_checkpointing: bool = False):
-    """A causal LM in fp32 (DeepSpeed casts it to the configured precision)."""
+                   gradient_checkpointing: bool = False, revision: str | None = None):
+    """A causal LM in fp32 (DeepSpeed casts it to the configured precision); ``revision`` of a hub name."""
     from transformers import AutoModelForCausalLM
 
     if is_tiny(source):
         model = tiny_causal_lm(seed)
         apply_dropout(model.config, dropout)
     else:
-        model = load_pretrained(AutoModelForCausalLM, resolve_local(source, field), source, field, dropout)
+        model = load_pretrained(AutoModelForCausalLM, resolve_local(source, field), source, field, dropout, revision)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

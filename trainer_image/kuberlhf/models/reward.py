@@ -47,7 +47,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_causal_lm_source(cls, source: str, field: str = "spec.reward.model", seed: int = 1234,
-                              dropout: float | None = None) -> RewardModel:
+                              dropout: float | None = None, revision: str | None = None) -> RewardModel:
         """A fresh reward model whose backbone is the base model of a causal LM (head randomly initialised)."""
         from transformers import AutoModel
 
@@ -64,7 +64,7 @@ class RewardModel(nn.Module):
                 path = resolve_local(source, field)
                 if (Path(path) / REWARD_CONFIG_FILE).exists():
                     return cls.from_pretrained(path, dropout=dropout)
-                backbone = load_pretrained(AutoModel, path, source, field, dropout)
+                backbone = load_pretrained(AutoModel, path, source, field, dropout, revision)
             model = cls(backbone)
             nn.init.normal_(model.v_head.weight, std=1.0 / (model.v_head.in_features ** 0.5))
         return model

@@ -36,7 +36,7 @@ class PPOSettings:
     # the actor's log-probs of its samples from generation's own logits instead of one more forward pass
     # (identical up to float rounding: see ppo_math.answer_logprobs)
     reuse_generation_logprobs: bool = True
-    whiten_advantages: bool = False
+    whiten_advantages: bool = spec_default(PPOStageSpec, "whiten_advantages")
 
     @classmethod
     def from_spec(cls, st: Any) -> PPOSettings:

@@ -49,11 +49,13 @@ def run_reward(run: StageRun) -> None:
     s = settings(run)
     ds_config = train_ds_config(s)
     source = run.model_source(spec.reward.model, "spec.reward.model", "reward-base")
-    tokenizer = load_tokenizer(spec.reward.tokenizer or source, "spec.reward.model")
+    tokenizer = load_tokenizer(spec.reward.tokenizer or source, "spec.reward.model",
+                               revision=None if spec.reward.tokenizer else spec.reward.revision)
     train_ds, eval_ds = tokenized_splits(run, PairDataset, tokenizer, spec.data.max_seq_len)
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.reward")
-    model = RewardModel.from_causal_lm_source(source, "spec.reward.model", seed=st.seed, dropout=spec.reward.dropout)
+    model = RewardModel.from_causal_lm_source(source, "spec.reward.model", seed=st.seed, dropout=spec.reward.dropout,
+                                              revision=spec.reward.revision)
     if st.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_lora(model, st.lora, "spec.stages.reward.lora")

@@ -39,12 +39,14 @@ def run_sft(run: StageRun) -> None:
     s = settings(run)
     ds_config = train_ds_config(s)
     source = run.model_source(spec.actor.model, "spec.actor.model", "actor")
-    tokenizer = load_tokenizer(spec.actor.tokenizer or source, "spec.actor.model")
+    # the revision is the model's: it applies to the tokenizer only when that comes from the same repository
+    tokenizer = load_tokenizer(spec.actor.tokenizer or source, "spec.actor.model",
+                               revision=None if spec.actor.tokenizer else spec.actor.revision)
     train_ds, eval_ds = tokenized_splits(run, SFTDataset, tokenizer, spec.data.max_seq_len, st.mask_prompt)
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.sft")
     model = load_causal_lm(source, "spec.actor.model", seed=st.seed, dropout=spec.actor.dropout,
-                           gradient_checkpointing=st.gradient_checkpointing)
+                           gradient_checkpointing=st.gradient_checkpointing, revision=spec.actor.revision)
     align_embeddings(model, tokenizer)
     apply_lora(model, st.lora, "spec.stages.sft.lora")
     engine = training_engine(run, model, ds_config, plan.total_steps)
