@@ -41,7 +41,10 @@ from gpu_check_stages import run_stage_case  # noqa: E402
 SCHEMA = "kuberlhf-gpu-check-v1"
 JSON_NAME, LOG_NAME, SUMMARY_NAME = "gpu-check.json", "gpu-check.log", "gpu-check-summary.txt"
 LOG_CAP_PER_CASE = 1 << 20  # bytes of each case's output copied into gpu-check.log (head + tail)
+# a case that reported its result gets this long to exit
+EXIT_GRACE_S = float(os.environ.get("GPU_CHECK_EXIT_GRACE_S", "20"))
 DEFAULT_BUDGET_S = 450  # the whole run, install included (hack/gpu-check.sh passes what is left)
+CPU_LIMIT_FACTOR = 4  # --cpu: the case limits are sized for a GPU, a shared 2-core box is far slower
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,16 @@ def _collectives(ctx: CaseContext) -> dict[str, Any]:
     return out
 
 
-# Order matters: the overall budget cuts the tail, so the cases that say most come first; the hybrid-engine
-# cases come last because they wait for DeepSpeed's inference kernels, JIT-built in the background meanwhile.
+def _selftest_exit_hang(ctx: CaseContext) -> dict[str, Any]:
+    import atexit
+
+    atexit.register(time.sleep, 3600)  # a teardown that never ends, after the result is written
+    return {"reported": True}
+
+
+# Order matters: the overall budget cuts the tail, so the cases the issue asks for come first; the hybrid-engine
+# cases come after the others because they wait for DeepSpeed's inference kernels, JIT-built in the background
+# meanwhile. Expected on one H200 (not yet measured): install ~1 min, each case 20-60 s.
 CASES: tuple[Case, ...] = (
     Case(
         "collectives",
@@ -143,15 +154,6 @@ CASES: tuple[Case, ...] = (
         hybrid=False,
     ),
     stage(
-        "sft-z0-bf16-lora128-gc",
-        "sft",
-        "step 1 as the single_gpu recipe runs it: ZeRO-0, bf16, LoRA 128, gradient checkpointing",
-        zero=0,
-        dtype="bf16",
-        lora=128,
-        gradient_checkpointing=True,
-    ),
-    stage(
         "ppo-z2-bf16-hybrid",
         "ppo",
         "step 3, ZeRO-2, bf16, hybrid engine on",
@@ -172,6 +174,15 @@ CASES: tuple[Case, ...] = (
         hybrid=True,
         lora=8,
     ),
+    stage(
+        "sft-z0-bf16-lora128-gc",
+        "sft",
+        "step 1 as the single_gpu recipe runs it: ZeRO-0, bf16, LoRA 128, gradient checkpointing",
+        zero=0,
+        dtype="bf16",
+        lora=128,
+        gradient_checkpointing=True,
+    ),
     Case(
         "selftest-export-mismatch",
         functools.partial(run_stage_case, stage="sft"),
@@ -181,6 +192,13 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         "selftest-raise", _selftest_raise, "a case that raises: recorded with its traceback", selftest=True, budget_s=30
+    ),
+    Case(
+        "selftest-exit-hang",
+        _selftest_exit_hang,
+        "a case that reports, then hangs in teardown: ok, killed after the grace period, noted",
+        selftest=True,
+        budget_s=60,
     ),
     Case("selftest-hang", _selftest_hang, "a case that hangs: killed at its time limit", selftest=True, budget_s=3),
 )
@@ -309,6 +327,33 @@ def copy_log(src: Path, log: Path, title: str) -> str:
     return data[-3000:].decode(errors="replace")
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_case(proc: subprocess.Popen, result_file: Path, timeout: float) -> tuple[int, str]:
+    """Wait for a case's process: until it exits ("exit"), its time limit ("limit"), or EXIT_GRACE_S after it
+    reported a final result without exiting ("grace"); the last two kill its process group."""
+    deadline = time.monotonic() + timeout
+    reported_at = None
+    while True:
+        try:
+            return proc.wait(timeout=0.5), "exit"
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if reported_at is None and read_result(result_file).get("status") in ("ok", "failed"):
+            reported_at = now
+        ending = "limit" if now >= deadline else ("grace" if reported_at and now - reported_at > EXIT_GRACE_S else "")
+        if ending:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait(), ending
+
+
 def run_case(case: Case, args: argparse.Namespace, shared: Path, log: Path, timeout: float) -> dict[str, Any]:
     work = shared / "cases" / case.name
     shutil.rmtree(work, ignore_errors=True)
@@ -327,30 +372,23 @@ def run_case(case: Case, args: argparse.Namespace, shared: Path, log: Path, time
         str(shared),
     ] + (["--cpu"] if args.cpu else [])
     t0 = time.monotonic()
-    timed_out = False
     with case_log.open("wb") as out:
         # own session: a time-out kills the case and anything it started
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(args.cpu, shared), start_new_session=True
         )
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+        rc, ending = wait_case(proc, result_file, timeout)
     wall = time.monotonic() - t0
-    try:
-        res = json.loads(result_file.read_text())
-    except (OSError, ValueError):
-        res = {}
+    res = read_result(result_file)
     tail = copy_log(case_log, log, f"{case.name} (rc {rc}, {wall:.1f} s)")
-    if timed_out:
+    final = res.get("status") in ("ok", "failed")
+    if ending == "limit" and not final:
         res.update(status="timeout", error=f"killed at its time limit of {timeout:.0f} s")
-    elif res.get("status") == "ok" and rc == 0:
-        pass
-    elif res.get("status") != "failed":
+    elif ending != "exit":  # it reported, then did not exit (a teardown hang a stage pod would have too)
+        res["exit"] = f"did not exit within {EXIT_GRACE_S:.0f} s of reporting its result: killed"
+    elif final and rc != (0 if res["status"] == "ok" else 1):
+        res["exit"] = f"exited with {rc} after reporting its result"  # e.g. a crash in interpreter teardown
+    elif not final:
         res.update(status="crashed", error=f"the case's process exited with {rc} before reporting a result")
     res.update(rc=rc, wall_s=round(wall, 2), timeout_s=round(timeout, 1))
     if res["status"] != "ok":
@@ -459,6 +497,8 @@ def figures(r: dict[str, Any]) -> str:
     actor = (r.get("facts") or {}).get("actor") or {}
     if "hybrid_inference_containers" in actor:
         bits.append(f"hybrid kernels on {actor['hybrid_inference_containers']} layers")
+    if r.get("exit"):
+        bits.append(f"[{r['exit']}]")
     exports = r.get("exports") or []
     if exports:
         bits.append("exports " + ",".join(f"{e['dir']}:{'ok' if e.get('match') else 'MISMATCH'}" for e in exports))
@@ -517,15 +557,16 @@ def parent_main(args: argparse.Namespace) -> int:
         for c in cases:
             entry = report["cases"][c.name]
             left = deadline - time.monotonic()
+            limit = c.budget_s * (CPU_LIMIT_FACTOR if args.cpu and not c.selftest else 1)
             if args.cpu and c.cuda_only:
                 entry.update(status="skipped", reason="needs CUDA (--cpu)")
-            elif left < min(c.budget_s, 20):
+            elif left < min(limit, 20):
                 entry.update(status="not-run", reason=f"the run's budget of {args.budget_s:.0f} s is spent")
             else:
                 entry.update(status="running")
                 write_json(out / JSON_NAME, report)
-                print(f"-- {c.name}: {c.about} (limit {min(c.budget_s, left):.0f} s)", flush=True)
-                entry.update(run_case(c, args, shared, log, min(c.budget_s, left)))
+                print(f"-- {c.name}: {c.about} (limit {min(limit, left):.0f} s)", flush=True)
+                entry.update(run_case(c, args, shared, log, min(limit, left)))
                 print(
                     f"   {entry['status']} in {entry['wall_s']:.1f} s  "
                     f"{figures(entry) if entry['status'] == 'ok' else entry.get('error', '')[:200]}",

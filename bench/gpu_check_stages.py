@@ -350,7 +350,7 @@ def manifest(
 ) -> dict[str, Any]:
     """The RLHFPipeline of one case: every field the stage reads set explicitly (no preset decides)."""
     dtype = p["dtype"]
-    steps = p.get("steps", 6 if cuda else 2)
+    steps = p.get("steps", (4 if stage == "ppo" else 6) if cuda else 2)  # the first step is warm-up
     batch = p.get("batch", 8 if cuda else 4)
     lora = {"dim": p.get("lora", 0)}
     common = {

@@ -10,7 +10,7 @@
 #   bash hack/gpu-check.sh --cpu [OUT_DIR] [-- ARGS]                    # CPU dry run (what the test suite runs)
 #
 # Env: PYTHON (default python3), GPU_WHEELS (default .gpu-wheels), GPU_CHECK_BUDGET_S (whole run, install
-# included; default 450), GPU_CHECK_SITE (install target, default /tmp/kuberlhf-gpu-check-site).
+# included; default 450, 1800 with --cpu), GPU_CHECK_SITE (install target, default /tmp/kuberlhf-gpu-check-site).
 # Every case runs in its own process with a hard time limit; a failing case is recorded and the next one runs.
 set -euo pipefail
 
@@ -28,6 +28,7 @@ fi
 if [[ "${1:-}" == "--" ]]; then shift; fi
 PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+if [[ $cpu -eq 1 ]]; then BUDGET_S="${GPU_CHECK_BUDGET_S:-1800}"; fi  # the limits are sized for a GPU
 WHEELS="${GPU_WHEELS:-$REPO/.gpu-wheels}"
 SITE="${GPU_CHECK_SITE:-/tmp/kuberlhf-gpu-check-site}"
 mkdir -p "$OUT_DIR"
@@ -63,6 +64,9 @@ else
     echo "no wheels in $WHEELS: run 'bash hack/gpu-wheels.sh' on a machine with PyPI first" | tee -a "$LOG" >&2
     exit 2
   fi
+  # the interpreter's own bin first: DeepSpeed's JIT builds call `ninja` (the image has it as a pip package there)
+  PATH="$("$PY" -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH"
+  export PATH
   pip_install=("$PY" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE")
   rm -rf "$SITE"
   status=0

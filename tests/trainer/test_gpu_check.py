@@ -5,6 +5,7 @@ the hybrid-engine cases are CUDA-only and recorded as skipped), and the report i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 # failing cases first: the cases after them must still run
-DRY_RUN_CASES = ["collectives", "selftest-raise", "selftest-hang", "selftest-export-mismatch", "ppo-z3-fp16"]
+DRY_RUN_CASES = [
+    "collectives",
+    "selftest-raise",
+    "selftest-hang",
+    "selftest-exit-hang",
+    "selftest-export-mismatch",
+    "ppo-z3-fp16",
+]
 
 
 def test_the_case_registry_covers_the_cuda_matrix() -> None:
@@ -88,7 +96,7 @@ def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Pat
             "--workdir",
             str(tmp_path / "work"),
         ],
-        env={**__import__("os").environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_EXIT_GRACE_S": "2"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -107,6 +115,10 @@ def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Pat
     hang = cases["selftest-hang"]
     assert hang["status"] == "timeout" and hang["wall_s"] < 30
     assert "before_hang" in hang["phases"]  # what it recorded before it was killed survives
+
+    exit_hang = cases["selftest-exit-hang"]
+    assert exit_hang["status"] == "ok" and exit_hang["reported"] and "did not exit" in exit_hang["exit"]
+    assert exit_hang["wall_s"] < 30
 
     bad = cases["selftest-export-mismatch"]
     assert bad["status"] == "failed" and "does not reproduce the engine" in bad["error"], bad.get("error")
