@@ -93,6 +93,7 @@ def render_chart(
     set_values: Sequence[str] = (),
     include_crds: bool = True,
     chart: Path = CHART_DIR,
+    extra_args: Sequence[str] = (),
 ) -> list[dict]:
     """``helm template`` the chart and return the rendered objects (empty documents dropped).
 
@@ -106,5 +107,5 @@ def render_chart(
         args += ["--values", str(f)]
     for s in set_values:
         args += ["--set", s]
-    out = run_helm(args).stdout
+    out = run_helm([*args, *extra_args]).stdout
     return [d for d in yaml.safe_load_all(out) if d]

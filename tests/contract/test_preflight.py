@@ -52,6 +52,7 @@ BAD = [
     # DeepSpeed-Chat's step-3 refusal, reached through the presets (single_node: ZeRO-2, hybrid engine, no LoRA)
     ({"accelerator": "cuda", "stages": {"ppo": {"offload": True}}}, "spec.stages.ppo", "actorLora"),
     ({"data": {"datasets": ["kuberlhf/synthetic-pairs"], "split": "10,0,0"}}, "spec.data.split", "share"),
+    ({"stages": {"ppo": {"ema": {"enabled": False}}}}, "spec.serving.useEma", "ema.enabled"),
     ({"data": {"datasets": ["kuberlhf/no-such-builtin"]}}, "spec.data.datasets[0].name", "kuberlhf/synthetic-pairs"),
     ({"data": {"datasets": [{"path": "s3://Bad_Bucket/x.jsonl"}]}}, "spec.data.datasets[0].path", "bucket"),
     ({"data": {"datasets": [{"path": "s3://bucket"}]}}, "spec.data.datasets[0].path", "no object"),

@@ -10,7 +10,8 @@ from harness.fixtures import control_plane, kubelet, namespace  # noqa: F401,F81
 from harness.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO / "crds" / "rlhfpipelines.yaml"
+# v1.20 takes the variant without CEL rules (kubectl's schema check rejects x-kubernetes-validations there)
+CRD_FILE = REPO / "crds" / "rlhfpipelines-pre-1.25.yaml"
 CRD_NAME = "rlhfpipelines.kuberlhf.io"
 
 
@@ -22,7 +23,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def crd(control_plane: ControlPlane) -> str:  # noqa: F811
-    """crds/rlhfpipelines.yaml applied to the real API server and Established."""
+    """crds/rlhfpipelines-pre-1.25.yaml applied to the real v1.20 API server and Established."""
     control_plane.kubectl("apply", "-f", str(CRD_FILE))
 
     def established() -> bool:

@@ -127,6 +127,40 @@ def make_pki(d: Path) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
 
+def etcd_argv(etcd: str, data_dir: Path, client_port: int) -> list[str]:
+    """A single-member etcd on loopback (pure)."""
+    peer = free_port()
+    return [
+        etcd, "--name", "default", "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://127.0.0.1:{client_port}",
+        "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
+        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+        "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn",
+    ]
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a component in its own process group, output to ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def kill_all(procs: dict[str, subprocess.Popen]) -> None:
+    """Kill every component (reverse start order) and wait for them. SIGKILL: the state is throwaway, and a
+    graceful apiserver shutdown costs seconds of every test session."""
+    for name in reversed(list(procs)):
+        proc = procs[name]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs.values():
+        proc.wait()
+    procs.clear()
+
+
 @dataclass
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager in ``workdir``. Use as a context manager or start()/stop()."""
@@ -155,16 +189,8 @@ class ControlPlane:
         # token,user,uid,"groups": system:masters is bound to cluster-admin by the bootstrap RBAC policy
         (self.workdir / "tokens.csv").write_text(f'{self.admin_token},admin,admin,"system:masters"\n')
 
-        etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
-        self._spawn("etcd", [
-            self.bins.etcd, "--name", "default", "--data-dir", str(self.workdir / "etcd"),
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
-            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
-            "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn",
-        ])
+        etcd_client, api_port = free_port(), free_port()
+        self._spawn("etcd", etcd_argv(self.bins.etcd, self.workdir / "etcd", etcd_client))
         self.server = f"https://127.0.0.1:{api_port}"
         self._spawn("kube-apiserver", [
             self.bins.kube_apiserver,
@@ -205,16 +231,7 @@ class ControlPlane:
         return self
 
     def stop(self) -> None:
-        """Kill every component (reverse start order) and wait for them. SIGKILL: the state is throwaway, and a
-        graceful apiserver shutdown costs seconds of every test session."""
-        for name in reversed(list(self._procs)):
-            proc = self._procs[name]
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self._procs.values():
-            proc.wait()
-        self._procs.clear()
+        kill_all(self._procs)
 
     def __enter__(self) -> ControlPlane:
         try:
@@ -282,10 +299,7 @@ class ControlPlane:
 
     # --- internals -----------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        self._procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
-        log.close()
+        self._procs[name] = spawn(argv, self.logs / f"{name}.log")
 
     def _write_kubeconfig(self) -> None:
         self.kubeconfig = self.write_kubeconfig(self.workdir / "admin.kubeconfig", self.admin_token, "admin")

@@ -28,11 +28,14 @@ class ApiError(RuntimeError):
 
 
 class KubeREST:
-    def __init__(self, server: str, token: str, ca_pem: bytes) -> None:
+    def __init__(self, server: str, token: str, ca_pem: bytes, client_cert: tuple[str, str] | None = None) -> None:
+        """A bearer ``token``, or "" and ``client_cert`` (cert file, key file) to authenticate by certificate."""
         self.server = server.rstrip("/")
         self.token = token
         self.ca_pem = ca_pem
         self.ssl = ssl.create_default_context(cadata=ca_pem.decode())
+        if client_cert:
+            self.ssl.load_cert_chain(*client_cert)
 
     @classmethod
     def from_kubeconfig(cls, path: str | Path) -> KubeREST:
@@ -47,7 +50,9 @@ class KubeREST:
               query: dict[str, Any] | None = None, timeout: float = 30):
         url = self.server + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if data is not None:
             headers["Content-Type"] = content_type
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -75,6 +80,11 @@ class KubeREST:
 
     def merge_patch(self, path: str, body: Any) -> dict[str, Any]:
         return self.request("PATCH", path, body, content_type="application/merge-patch+json")
+
+    def apply(self, path: str, body: Any, field_manager: str, **query: Any) -> dict[str, Any]:
+        """Server-side apply (the body is JSON, which is YAML)."""
+        return self.request("PATCH", path, body, content_type="application/apply-patch+yaml",
+                            query={"fieldManager": field_manager, **query})
 
     def delete(self, path: str, body: Any = None) -> dict[str, Any]:
         return self.request("DELETE", path, body)

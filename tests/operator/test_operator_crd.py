@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kuberlhf.contract.spec import SpecError, parse_pipeline, parse_spec
-from kuberlhf_operator.crd import build_crd, render
+from kuberlhf_operator.crd import COPIES, build_crd, main, render, stale_copies
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,14 +56,33 @@ VALID = {
 }
 
 
-def test_committed_crd_is_the_generator_output() -> None:
-    committed = (REPO / "crds" / "rlhfpipelines.yaml").read_text()
-    assert committed == render(), "regenerate: python -m kuberlhf_operator.crd > crds/rlhfpipelines.yaml"
+def test_committed_crds_are_the_generator_output() -> None:
+    """crds/ and the chart's files/ hold the generator's output, both variants, and the docs list the rules (one
+    generator writes them all)."""
+    assert stale_copies() == [], "regenerate: python -m kuberlhf_operator.crd --write"
+    assert (REPO / "crds" / "rlhfpipelines.yaml").read_text() == render(cel=True)
+    assert (REPO / "charts/kuberlhf/files/rlhfpipelines-pre-1.25.yaml").read_text() == render(cel=False)
+    assert main(["--check"]) == 0
+
+
+def test_generator_check_names_a_stale_copy(tmp_path: Path) -> None:
+    for rel, cel in COPIES.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(render(cel))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/kubernetes.md").write_text((REPO / "docs/kubernetes.md").read_text())
+    assert stale_copies(tmp_path) == []
+    (tmp_path / "charts/kuberlhf/files/rlhfpipelines.yaml").write_text(render(cel=False))
+    (tmp_path / "docs/kubernetes.md").write_text(
+        (REPO / "docs/kubernetes.md").read_text().replace("fp16 needs CUDA GPUs", "fp16 is fine"))
+    assert stale_copies(tmp_path) == ["charts/kuberlhf/files/rlhfpipelines.yaml", "docs/kubernetes.md"]
 
 
 def test_crd_is_a_valid_v1_crd_with_status_and_columns() -> None:
     crd = build_crd()
     assert kubernetes_validate.validate(crd, "1.30", strict=True) == "1.30"
+    # the oldest schema kubernetes-validate has; the real v1.20 server takes it in tests/e2e/test_crd_servers.py
+    assert kubernetes_validate.validate(build_crd(cel=False), "1.25", strict=True) == "1.25"
     version = crd["spec"]["versions"][0]
     assert crd["metadata"]["name"] == "rlhfpipelines.kuberlhf.io" and crd["spec"]["names"]["shortNames"] == ["rlhf"]
     assert version["subresources"] == {"status": {}}

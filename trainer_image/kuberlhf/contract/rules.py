@@ -8,14 +8,22 @@ A rule whose fields the deployment-type presets can fill has ``cel=None``: the A
 wrote, so only the preflight (which sees the resolved spec) can decide it.
 
 CEL expressions see the object after the server applied the CRD defaults, so ``has()`` guards only fields (and
-parent objects) without a schema default.
+parent objects) without a schema default. A rule also has ``cel=None`` where CEL cannot type a field it needs
+(``data.sftOnly``: its entries are a string or an object).
+
+:data:`TRANSITION_RULES` judge an update (``oldSelf`` in CEL): what may not change once the pipeline started. The
+server enforces them on every write; kuberlhf's half, :func:`update_problems`, takes the old and new objects.
+
+``tests/contract/test_rules.py`` and the two-server tier ``tests/e2e/test_crd_servers.py`` feed the same bad
+specs (``tests/harness/rule_cases.py``) to both halves and compare the messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kuberlhf.contract.spec import LoraSpec, PipelineSpec
@@ -93,9 +101,50 @@ def _ds_chat_unstable(s: PipelineSpec) -> bool:
     )
 
 
-def _split_feeds_every_stage(s: PipelineSpec) -> bool:
-    w = s.data.split_weights
-    return (w[0] > 0 or bool(s.data.sft_only)) and w[1] > 0 and w[2] > 0
+# data.split as written: three non-negative numbers. CEL's matches() is RE2; no backslashes, so no quoting issues.
+_NUMBER = "[0-9]+([.][0-9]+)?"
+SPLIT_PATTERN = f"^ *{_NUMBER} *, *{_NUMBER} *, *{_NUMBER} *$"
+
+
+def split_shares(split: str) -> tuple[float, float, float] | None:
+    """The three numbers of data.split, or None when it is not three non-negative numbers."""
+    if not re.match(SPLIT_PATTERN, split):
+        return None
+    a, b, c = (float(p) for p in split.split(","))
+    return a, b, c
+
+
+def _share_cel(*indices: int) -> str:
+    shares = " && ".join(f"double(self.split.split(',')[{i}].trim()) > 0.0" for i in indices)
+    return f"!self.split.matches('{SPLIT_PATTERN}') || ({shares})"
+
+
+def _shares_ok(s: PipelineSpec, *indices: int) -> bool:
+    shares = split_shares(s.data.split)
+    return shares is None or all(shares[i] > 0 for i in indices)
+
+
+def _lora_vs_checkpointing(stage: str, attr: str, wire: str) -> Rule:
+    base = f"spec.stages.{stage}"
+
+    def ok(s: PipelineSpec) -> bool:
+        lora = _lora(s, stage, attr)
+        return (
+            lora is None
+            or not lora.only_optimize_lora
+            or lora.dim == 0
+            or not s.stages.get(stage).gradient_checkpointing
+        )
+
+    return Rule(
+        field=f"{base}.{wire}.onlyOptimizeLora",
+        message=f"onlyOptimizeLora with {base}.gradientCheckpointing leaves the checkpointed LoRA layers without "
+        "gradients (their frozen inputs need none; DeepSpeed-Chat refuses the pair)",
+        fix=f"set {base}.{wire}.onlyOptimizeLora or {base}.gradientCheckpointing to false",
+        ok=ok,
+        at=base,
+        cel=f"!has(self.{wire}) || !self.{wire}.onlyOptimizeLora || self.{wire}.dim == 0 || !self.gradientCheckpointing",
+    )
 
 
 RULES: tuple[Rule, ...] = (
@@ -117,10 +166,113 @@ RULES: tuple[Rule, ...] = (
         "spec.stages.ppo.offload or hybridEngine to false",
         ok=_ds_chat_unstable,  # ZeRO stages, hybridEngine and actorLora come from the presets: no CEL
     ),
+    *(_lora_vs_checkpointing(*f) for f in _LORA_FIELDS),
     Rule(
         field="spec.data.split",
-        message="every stage needs a positive share of the data (step 1 may instead use data.sftOnly)",
-        fix="give steps 2 and 3 (and step 1, unless data.sftOnly is set) a share above 0, e.g. '2,4,4'",
-        ok=_split_feeds_every_stage,  # cel: needs the CEL strings library; the CRD generator may add it
+        message="must be three comma-separated non-negative numbers, the shares of step 1 (SFT), step 2 (reward "
+        "model) and step 3 (PPO)",
+        fix="write e.g. '2,4,4'",
+        ok=lambda s: split_shares(s.data.split) is not None,  # the model refuses it first, with this text
+        at="spec.data",
+        cel=f"self.split.matches('{SPLIT_PATTERN}')",
+    ),
+    Rule(
+        field="spec.data.split",
+        message="steps 2 (reward model) and 3 (PPO) each need a positive share of the data",
+        fix="give the second and third numbers of spec.data.split a value above 0, e.g. '2,4,4'",
+        ok=lambda s: _shares_ok(s, 1, 2),
+        at="spec.data",
+        cel=_share_cel(1, 2),
+    ),
+    Rule(
+        field="spec.data.split",
+        message="step 1 (SFT) gets no data: its share is 0 and spec.data.sftOnly lists no datasets",
+        fix="give the first number of spec.data.split a value above 0, e.g. '2,4,4', or list step-1 datasets in "
+        "spec.data.sftOnly",
+        ok=lambda s: _shares_ok(s, 0) or bool(s.data.sft_only),  # CEL cannot type sftOnly's entries: no CEL
+    ),
+    Rule(
+        field="spec.serving.useEma",
+        message="serving the EMA weights (ppo/ema/) needs spec.stages.ppo.ema.enabled, which is false",
+        fix="set spec.stages.ppo.ema.enabled to true, or spec.serving.useEma to false to serve ppo/model/",
+        ok=lambda s: not (s.serving.enabled and s.serving.use_ema and not s.stages.ppo.ema.enabled),
+        cel="!self.serving.enabled || !self.serving.useEma || self.stages.ppo.ema.enabled",
     ),
 )
+SPLIT_FORMAT = next(r for r in RULES if r.cel and "matches" in r.cel and r.field == "spec.data.split")
+
+
+# --- what may not change once the pipeline has started ------------------------------------------------------------
+
+_WATCHED = ("sft", "reward", "ppo", "serving")
+
+
+@dataclass(frozen=True)
+class TransitionRule:
+    """A rule on an update: ``ok(new, old)`` over the whole objects as plain dicts; ``cel`` uses ``oldSelf``."""
+
+    field: str
+    message: str
+    fix: str
+    ok: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+    at: str
+    cel: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.field}: {self.message}; fix: {self.fix}"
+
+
+def started(obj: Mapping[str, Any]) -> bool:
+    """The operator records a stage's startTime in status when it first starts it."""
+    stages = (obj.get("status") or {}).get("stages") or {}
+    return any((stages.get(st) or {}).get("startTime") for st in _WATCHED)
+
+
+_STARTED_CEL = " || ".join(
+    f"(has(oldSelf.status.stages.{st}) && has(oldSelf.status.stages.{st}.startTime))" for st in _WATCHED
+)
+
+TRANSITION_RULES: tuple[TransitionRule, ...] = (
+    TransitionRule(
+        field="spec.storage",
+        message="cannot change once the pipeline has started (status.stages.*.startTime is set): its checkpoints "
+        "are in the old storage",
+        fix="put the old spec.storage back, or create a new RLHFPipeline for the new storage",
+        ok=lambda new, old: (
+            not started(old) or (new.get("spec") or {}).get("storage") == (old.get("spec") or {}).get("storage")
+        ),
+        at="",
+        cel=f"!has(oldSelf.status) || !has(oldSelf.status.stages) || !({_STARTED_CEL}) || "
+        "self.spec.storage == oldSelf.spec.storage",
+    ),
+)
+
+
+def update_problems(new: Mapping[str, Any], old: Mapping[str, Any]) -> list[TransitionRule]:
+    """The transition rules an update from ``old`` to ``new`` (whole objects) breaks."""
+    return [r for r in TRANSITION_RULES if not r.ok(new, old)]
+
+
+# --- for the CRD generator and the docs ------------------------------------------------------------------------
+
+DOCS_BEGIN, DOCS_END = "<!-- rules table: begin (generated) -->", "<!-- rules table: end -->"
+
+
+def cel_rules_at(at: str) -> list[dict[str, str]]:
+    """The x-kubernetes-validations of the schema node ``at``: every rule there that CEL can express."""
+    return [{"rule": r.cel, "message": r.text} for r in (*RULES, *TRANSITION_RULES) if r.at == at and r.cel]
+
+
+def rule_nodes() -> list[str]:
+    """The schema nodes that carry CEL rules, in table order."""
+    return list(dict.fromkeys(r.at for r in (*RULES, *TRANSITION_RULES) if r.cel))
+
+
+def docs_block() -> str:
+    """The docs' list of the rules (between DOCS_BEGIN and DOCS_END in docs/kubernetes.md)."""
+    lines = [DOCS_BEGIN, "", "| Rule | Checked by |", "|---|---|"]
+    for r in (*RULES, *TRANSITION_RULES):
+        by = "API server (CEL) and kuberlhf" if r.cel else "kuberlhf (preflight)"
+        lines.append(f"| {r.text.replace('|', '/')} | {by} |")
+    return "\n".join([*lines, "", DOCS_END])

@@ -152,13 +152,11 @@ class DataSpec(SpecModel):
 
 def parse_split(split: str) -> tuple[float, float, float]:
     """'2,4,4' -> (0.2, 0.4, 0.4). Exactly three non-negative numbers with a positive sum."""
-    parts = [p.strip() for p in split.split(",")]
-    try:
-        nums = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"split must be three comma-separated numbers like '2,4,4', got {split!r}") from None
-    if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
-        raise ValueError(f"split must be three non-negative numbers with a positive sum like '2,4,4', got {split!r}")
+    from kuberlhf.contract.rules import SPLIT_FORMAT, split_shares  # the CRD's CEL says the same
+
+    nums = split_shares(split)
+    if nums is None or sum(nums) <= 0:
+        raise ValueError(f"{SPLIT_FORMAT.text} (got {split!r})")
     total = sum(nums)
     return (nums[0] / total, nums[1] / total, nums[2] / total)
 
@@ -334,7 +332,7 @@ class StagesSpec(SpecModel):
 class ServingSpec(SpecModel):
     enabled: bool = Field(default=True, description="Deploy the chat server after PPO.")
     replicas: int = Field(default=1, ge=0, description="Chat server replicas.")
-    use_ema: bool = Field(default=True, description="Serve ppo/ema/ when EMA was on, else ppo/model/.")
+    use_ema: bool = Field(default=True, description="Serve ppo/ema/ (needs stages.ppo.ema.enabled), else ppo/model/.")
     resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of the chat pod "
                                      "(add nvidia.com/gpu to serve on a GPU).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")

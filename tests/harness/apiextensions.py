@@ -1,0 +1,186 @@
+"""A current Kubernetes API server for CRDs on loopback: etcd + apiextensions-apiserver (the CRD tier).
+
+``hack/build-apiextensions.sh`` builds apiextensions-apiserver of the current Kubernetes release from Debian
+unstable's packages into ``$KUBERLHF_CACHE/apiextensions-v<version>``; etcd is Debian's. It serves CRDs and custom
+resources with everything a current server does to them (CEL rules, ``fieldValidation=Strict``, server-side
+apply, structural defaulting and pruning), and nothing else: no core API, no Jobs, no controllers.
+
+Wiring, as for the 1.20 control plane (``harness.controlplane``): loopback ports, one temporary directory, our
+own CA. A generic API server delegates authentication and authorization to a "core" server and lists its
+admission inputs there; there is none, so its kubeconfigs point at itself, the admin authenticates by a client
+certificate in ``system:masters`` (always allowed, so no SubjectAccessReview is needed), and the admission
+plugins that need core objects (namespaces, webhook and policy configurations) are off. That also leaves its
+``informer-sync`` readiness check failing for good, so readiness here is "the CRD API answers".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.controlplane import (
+    ControlPlaneUnavailable,
+    _openssl,
+    cache_dir,
+    etcd_argv,
+    free_port,
+    kill_all,
+    make_pki,
+    spawn,
+)
+from harness.rest import ApiError, KubeREST
+
+SETUP_HINT = "run `bash hack/setup.sh --test` (builds it once, ~5-12 min, cached in ~/.cache/kuberlhf)"
+CORE_ADMISSION = (
+    "NamespaceLifecycle,MutatingAdmissionPolicy,MutatingAdmissionWebhook,ValidatingAdmissionPolicy,"
+    "ValidatingAdmissionWebhook"
+)
+
+
+def find_apiextensions(bin_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The newest cached apiextensions-apiserver (building it is setup's job)."""
+    dirs = [Path(bin_dir)] if bin_dir else sorted(cache_dir().glob("apiextensions-v*"), key=_version_key)
+    for d in reversed(dirs):
+        if os.access(d / "apiextensions-apiserver", os.X_OK):
+            return d / "apiextensions-apiserver"
+    raise ControlPlaneUnavailable(f"apiextensions-apiserver not found under {cache_dir()}; {SETUP_HINT}")
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    digits = path.name.removeprefix("apiextensions-v").split(".")
+    return tuple(int(d) if d.isdigit() else -1 for d in digits)
+
+
+def make_admin_cert(pki: Path) -> tuple[str, str]:
+    """A client certificate for user admin in group system:masters, signed by the CA of ``make_pki``."""
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "admin.key",
+        "-out",
+        "admin.csr",
+        "-subj",
+        "/O=system:masters/CN=admin",
+        cwd=pki,
+    )
+    (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "admin.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "admin.crt",
+        "-days",
+        "3650",
+        "-extfile",
+        "client.ext",
+        cwd=pki,
+    )
+    return str(pki / "admin.crt"), str(pki / "admin.key")
+
+
+@dataclass
+class ExtensionsServer:
+    """etcd + apiextensions-apiserver in ``workdir``. Use as a context manager."""
+
+    workdir: Path
+    bin_dir: str | None = None
+    server: str = ""
+    version: str = ""
+    start_seconds: float = 0.0
+    _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, timeout: float = 90.0) -> ExtensionsServer:
+        t0 = time.monotonic()
+        binary = find_apiextensions(self.bin_dir)
+        etcd = shutil.which("etcd") or "/usr/bin/etcd"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pki = self.workdir / "pki"
+        make_pki(self.pki)
+        self.client_cert = make_admin_cert(self.pki)
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        etcd_client, port = free_port(), free_port()
+        self.server = f"https://127.0.0.1:{port}"
+        kubeconfig = self.workdir / "self.kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: self\n"
+            f"clusters: [{{name: self, cluster: {{server: '{self.server}', certificate-authority: '{self.pki}/ca.crt'}}}}]\n"
+            f"users: [{{name: admin, user: {{client-certificate: '{self.client_cert[0]}', "
+            f"client-key: '{self.client_cert[1]}'}}}}]\n"
+            "contexts: [{name: self, context: {cluster: self, user: admin}}]\n"
+        )
+        self._spawn("etcd", etcd_argv(etcd, self.workdir / "etcd", etcd_client))
+        self._spawn(
+            "apiextensions-apiserver",
+            [
+                str(binary),
+                f"--etcd-servers=http://127.0.0.1:{etcd_client}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--tls-cert-file={self.pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={self.pki / 'apiserver.key'}",
+                f"--client-ca-file={self.pki / 'ca.crt'}",
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--authentication-skip-lookup",
+                f"--disable-admission-plugins={CORE_ADMISSION}",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+            ],
+        )
+        self.api = KubeREST(self.server, "", (self.pki / "ca.crt").read_bytes(), client_cert=self.client_cert)
+        self._wait_ready(t0 + timeout)
+        self.version = self.api.get("/version")["gitVersion"]
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        kill_all(self._procs)
+
+    def __enter__(self) -> ExtensionsServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, component: str, lines: int = 40) -> str:
+        path = self.logs / f"{component}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        self._procs[name] = spawn(argv, self.logs / f"{name}.log")
+
+    def _wait_ready(self, deadline: float) -> None:
+        last = ""
+        while time.monotonic() < deadline:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise ControlPlaneUnavailable(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            try:
+                self.api.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+                return
+            except (ApiError, OSError) as e:
+                last = str(e)
+            time.sleep(0.3)
+        raise ControlPlaneUnavailable(
+            f"apiextensions-apiserver not ready: {last}\n{self.log_tail('apiextensions-apiserver')}"
+        )
