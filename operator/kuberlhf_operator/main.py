@@ -51,11 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     import kopf
     from prometheus_client import start_http_server
 
-    from kuberlhf_operator import handlers  # registers the handlers with kopf's default registry
+    from kuberlhf_operator import handlers  # noqa: F401 - registers the handlers with kopf's default registry
+    from kuberlhf_operator.controller import Operator
     from kuberlhf_operator.reconcile import OperatorConfig
 
-    handlers.configure(config=OperatorConfig(default_image=args.default_image or None),
-                       namespaced=not args.all_namespaces)
+    operator = Operator(config=OperatorConfig(default_image=args.default_image or None),
+                        namespaced=not args.all_namespaces,
+                        safety_interval=float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "60")))
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=args.all_namespaces,
         namespaces=() if args.all_namespaces else tuple(args.namespace),
         liveness_endpoint=liveness,
+        memo=kopf.Memo(operator=operator),
     )
 
 

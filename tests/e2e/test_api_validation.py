@@ -97,3 +97,23 @@ def test_bad_spec_is_rejected_naming_the_field(control_plane, crd, namespace, pa
     assert "is invalid" in proc.stderr, proc.stderr  # the server's verdict, not a client-side check
     for text in expected:
         assert text in proc.stderr, f"{text!r} not in the server's message: {proc.stderr}"
+
+
+def test_operator_client_falls_back_where_strict_field_validation_is_missing(control_plane, namespace):
+    """The operator's DynamicClient-backed client on the real 1.20 server: it asks once, finds no
+    fieldValidation (1.25+), and writes without it; that server prunes an unknown field silently (what Strict
+    turns into an error on current servers)."""
+    from kuberlhf_operator.kube import Kube
+
+    kube = Kube(control_plane.api_client())
+    assert kube.server_version() == (1, 20) and kube.strict_writes() is False
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "strict-probe"},
+           "spec": {"ports": [{"port": 80}], "selector": {"app": "x"}, "typoField": True}}
+    assert kube.create("Service", namespace, svc) is True
+    assert kube.create("Service", namespace, svc) is False  # exists: a repeated create is harmless
+    stored = kube.get("Service", namespace, "strict-probe")
+    assert stored is not None and "typoField" not in stored["spec"]
+    kube.patch("Service", namespace, "strict-probe", {"metadata": {"labels": {"patched": "yes"}}})
+    assert kube.list("Service", namespace, "patched=yes")[0]["metadata"]["name"] == "strict-probe"
+    assert kube.delete("Service", namespace, "strict-probe") is True
+    assert kube.get("Service", namespace, "strict-probe") is None

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from operator_sim import FakeKube, secret
 
-from kuberlhf_operator.handlers import probe, status_patch
 from kuberlhf_operator.main import parse_args
 from kuberlhf_operator.observe import (
     JobState,
@@ -21,6 +20,9 @@ from kuberlhf_operator.observe import (
     summarize_pods,
 )
 from kuberlhf_operator.reconcile import PipelineMeta, stages_to_probe
+from kuberlhf_operator.storage_probe import probe
+from kuberlhf_operator.wakeups import StoreCache
+from kuberlhf_operator.writes import status_patch
 
 LABELS = {"kuberlhf.io/pipeline": "tiny", "kuberlhf.io/stage": "sft", "kuberlhf.io/attempt": "2"}
 
@@ -136,7 +138,7 @@ def test_probe_reads_complete_marker_and_manifest_digest(s3_bucket, s3_env, tmp_
     store.upload_dir(tmp_path, layout.stage_uri("reward"), producer="reward", commit=False)
     obs = Observed(jobs={"tiny-sft-1": JobState("tiny-sft-1", "sft", 1, "Succeeded"),
                          "tiny-reward-1": JobState("tiny-reward-1", "reward", 1, "Succeeded")})
-    got = probe(kube, meta, spec, {}, obs)  # with the keys of the pipeline's secretRef
+    got = probe(kube, StoreCache(), meta, spec, {}, obs)  # with the keys of the pipeline's secretRef
     assert got["sft"].complete and got["sft"].manifest_sha256 == manifest.sha256 and not got["sft"].error
     assert got["sft"].checkpoint == layout.stage_uri("sft")
     assert not got["reward"].complete and not got["reward"].error
@@ -146,7 +148,7 @@ def test_probe_of_an_unreachable_store_reports_an_error() -> None:
     kube = FakeKube(secret("n", "s3", {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}))
     obs = Observed(jobs={"t-sft-1": JobState("t-sft-1", "sft", 1, "Succeeded")})
     storage = {"uri": "s3://b/p", "endpoint": "http://127.0.0.1:9", "secretRef": {"name": "s3"}}
-    got = probe(kube, PipelineMeta("t", "n", "u"), {"storage": storage}, {}, obs)
+    got = probe(kube, StoreCache(), PipelineMeta("t", "n", "u"), {"storage": storage}, {}, obs)
     assert got["sft"].error and not got["sft"].complete
 
 

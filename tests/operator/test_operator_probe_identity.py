@@ -15,9 +15,10 @@ from operator_sim import FakeKube, secret
 
 from kuberlhf.contract.stage import StageLayout
 from kuberlhf.stages.runtime import completion_report
-from kuberlhf_operator.handlers import probe
 from kuberlhf_operator.observe import JobState, Observed, reported_digest
 from kuberlhf_operator.reconcile import PipelineMeta
+from kuberlhf_operator.storage_probe import probe
+from kuberlhf_operator.wakeups import StoreCache
 
 META = PipelineMeta("tiny", "team", "uid-1")
 LAYOUT = StageLayout(storage_uri="s3://bucket/runs", namespace="team", pipeline="tiny", uid="uid-1")
@@ -85,7 +86,7 @@ def test_no_secret_ref_never_signs_with_the_operators_credentials(tenant_endpoin
     spec = {"storage": {"uri": "s3://bucket/runs", "endpoint": endpoint}}
     report = completion_report("sft", LAYOUT.stage_uri("sft"), DIGEST)
     kube = FakeKube(_pod("sft", 1, report))
-    got = probe(kube, META, spec, {}, _succeeded())
+    got = probe(kube, StoreCache(), META, spec, {}, _succeeded())
     assert seen == []  # not one request to the tenant's endpoint, signed or not
     assert got["sft"].complete and got["sft"].manifest_sha256 == DIGEST and not got["sft"].error
     assert got["sft"].checkpoint == LAYOUT.stage_uri("sft")
@@ -99,7 +100,7 @@ def test_secret_ref_signs_with_exactly_the_secrets_keys(tenant_endpoint, monkeyp
     monkeypatch.setenv("AWS_SESSION_TOKEN", "operator-session-token")
     spec = {"storage": {"uri": "s3://bucket/runs", "endpoint": endpoint, "secretRef": {"name": "tenant-keys"}}}
     kube = FakeKube(secret("team", "tenant-keys", {"AWS_ACCESS_KEY_ID": "TENANTKEY", "AWS_SECRET_ACCESS_KEY": "t"}))
-    got = probe(kube, META, spec, {}, _succeeded())
+    got = probe(kube, StoreCache(), META, spec, {}, _succeeded())
     assert not got["sft"].complete
     assert seen, "the probe asked the store"
     for headers in seen:
@@ -119,5 +120,5 @@ def test_workload_identity_reports_must_name_this_stage_and_prefix() -> None:
     assert reported_digest([_pod("sft", 1, completion_report("sft", uri, "not-a-digest"))], "sft", uri) is None
     # only the pods of the attempt whose Job succeeded count
     stale = FakeKube(_pod("sft", 1, completion_report("sft", uri, DIGEST)))
-    got = probe(stale, META, {"storage": {"uri": "s3://bucket/runs"}}, {}, _succeeded(attempt=2))
+    got = probe(stale, StoreCache(), META, {"storage": {"uri": "s3://bucket/runs"}}, {}, _succeeded(attempt=2))
     assert not got["sft"].complete and not got["sft"].error

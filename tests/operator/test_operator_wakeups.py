@@ -8,9 +8,10 @@ from pathlib import Path
 from operator_sim import FakeKube, secret
 
 from kuberlhf.contract.spec import StorageSpec
-from kuberlhf_operator import handlers, wakeups
+from kuberlhf_operator import wakeups
 from kuberlhf_operator.observe import JobState, Observed
 from kuberlhf_operator.reconcile import PipelineMeta
+from kuberlhf_operator.storage_probe import probe
 
 LABELS = {"kuberlhf.io/pipeline": "tiny", "kuberlhf.io/stage": "sft", "kuberlhf.io/attempt": "1"}
 
@@ -96,18 +97,17 @@ def test_store_cache_reuses_per_endpoint_and_credentials() -> None:
     assert cache.get(a, env2) is s2 and cache.get(a, env1) is not s1 and cache.created == 4
 
 
-def test_probe_reuses_one_client_and_skips_the_store_when_nothing_waits(s3_bucket, s3_env, tmp_path: Path,
-                                                                         monkeypatch) -> None:
+def test_probe_reuses_one_client_and_skips_the_store_when_nothing_waits(s3_bucket, s3_env, tmp_path: Path) -> None:
     """Real SeaweedFS."""
-    monkeypatch.setattr(handlers._State, "stores", wakeups.StoreCache())
+    stores = wakeups.StoreCache()
     meta = PipelineMeta("tiny", "team", "uid-7")
     spec = {"storage": {"uri": f"{s3_bucket}/runs", "endpoint": s3_env.endpoint, "secretRef": {"name": "s3"}}}
     kube = FakeKube(secret("team", "s3", s3_env.credentials_env()))
     running = Observed(jobs={"tiny-sft-1": JobState("tiny-sft-1", "sft", 1, "Running")})
-    assert handlers.probe(kube, meta, spec, {}, running) == {}
-    assert handlers._State.stores.created == 0  # no stage waits for _COMPLETE: no client at all
+    assert probe(kube, stores, meta, spec, {}, running) == {}
+    assert stores.created == 0  # no stage waits for _COMPLETE: no client at all
     done = Observed(jobs={"tiny-sft-1": JobState("tiny-sft-1", "sft", 1, "Succeeded")})
     for _ in range(3):
-        got = handlers.probe(kube, meta, spec, {}, done)
+        got = probe(kube, stores, meta, spec, {}, done)
         assert not got["sft"].complete and not got["sft"].error
-    assert handlers._State.stores.created == 1
+    assert stores.created == 1

@@ -1,0 +1,81 @@
+"""Reading the cluster: everything a pipeline owns, reduced by the pure summaries of ``observe`` to what reconcile
+reads. Children are found by label, then kept only when their ownerReference carries the pipeline's uid (so a
+re-created pipeline of the same name never adopts the old one's children)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kuberlhf.contract.pod import TRAINER_CONTAINER
+from kuberlhf_operator import LABEL_ATTEMPT, LABEL_COMPONENT, LABEL_PIPELINE, LABEL_STAGE
+from kuberlhf_operator.kube import Kube
+from kuberlhf_operator.manifests import job_name
+from kuberlhf_operator.observe import (
+    JobState,
+    Observed,
+    PodsState,
+    failure_detail,
+    pod_failure,
+    summarize_deployment,
+    summarize_job,
+    summarize_pods,
+)
+from kuberlhf_operator.reconcile import PipelineMeta
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
+    """Everything the pipeline owns (by label, then by ownerReference uid so a re-created pipeline of the same
+    name never adopts the old one's children), plus failure text of failed current-attempt Jobs."""
+    selector = f"{LABEL_PIPELINE}={meta.name}"
+    jobs = {}
+    for raw in kube.list("Job", meta.namespace, selector):
+        state = summarize_job(raw) if _owned_by(raw, meta.uid) else None
+        if state is not None:
+            jobs[state.name] = state
+    services = frozenset(s["metadata"]["name"] for s in kube.list("Service", meta.namespace, selector)
+                         if _owned_by(s, meta.uid))
+    deployments = {d["metadata"]["name"]: summarize_deployment(d)
+                   for d in kube.list("Deployment", meta.namespace, selector) if _owned_by(d, meta.uid)}
+    stages_st = status.get("stages") or {}
+
+    def current(job: JobState) -> bool:
+        st = stages_st.get(job.stage) or {}
+        return st.get("phase") not in ("Failed", "Succeeded") and job.attempt >= int(st.get("attempts") or 0)
+
+    # Pods only of the current attempts' Jobs that still run (Pending vs Running) or failed (the failure text).
+    wanted = [j for j in jobs.values() if current(j) and not j.deleting and j.phase in ("Running", "Failed")]
+    by_job: dict[str, list[dict[str, Any]]] = {j.name: [] for j in wanted}
+    if wanted:
+        for pod in stage_pods(kube, meta):
+            labels = pod["metadata"].get("labels") or {}
+            try:
+                name = job_name(meta.name, labels[LABEL_STAGE], int(labels[LABEL_ATTEMPT]))
+            except (KeyError, ValueError):
+                continue
+            if name in by_job:
+                by_job[name].append(pod)
+    details: dict[str, str] = {}
+    pods: dict[str, PodsState] = {}
+    for job in wanted:
+        if job.phase == "Running":
+            pods[job.name] = summarize_pods(by_job[job.name])
+            continue
+        logs = {}
+        for pod in by_job[job.name]:
+            summary, wants_log = pod_failure(pod)
+            if summary is not None and wants_log:
+                pod_name = pod["metadata"]["name"]
+                logs[pod_name] = kube.pod_log_tail(meta.namespace, pod_name, TRAINER_CONTAINER)
+        text = failure_detail(by_job[job.name], logs)
+        if text:
+            details[job.name] = text
+    return Observed(jobs=jobs, services=services, deployments=deployments, failure_details=details, pods=pods)
+
+
+def stage_pods(kube: Kube, meta: PipelineMeta) -> list[dict[str, Any]]:
+    """Every stage pod of the pipeline (label selector; the caller narrows by stage and attempt)."""
+    return kube.list("Pod", meta.namespace, f"{LABEL_PIPELINE}={meta.name},{LABEL_COMPONENT}=stage")

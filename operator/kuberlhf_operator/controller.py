@@ -1,0 +1,187 @@
+"""The operator object: one reconcile of one pipeline, end to end, and the state that lives between reconciles.
+
+:meth:`Operator.reconcile_pipeline` reads the pipeline fresh, gathers what it owns (``cluster``), probes the object
+store (``storage_probe``), calls the pure :func:`~kuberlhf_operator.reconcile.reconcile`, then applies the
+decision, writes the status and emits the events (``writes``). It serves every cause (create, resume after an
+operator restart, spec update, the safety timer, and Job/Pod/Deployment events that wake the owner promptly); a
+per-pipeline lock keeps them from interleaving.
+
+All mutable state is here, on one object the kopf handlers get through kopf's ``memo``: the locks, the wake-up
+schedule and change filters (``wakeups``), the object-store client cache and the operator's configuration. A
+pipeline's lock and schedule entry are pruned when the pipeline goes away.
+
+The route of one field, ``spec.stages.ppo.actorZeroStage``, from the CR to DeepSpeed, as it is now:
+
+1. the API server checks it against the CRD schema (generated from the spec models: integer, 0-3);
+2. ``reconcile`` validates the spec once with the pydantic models (``parse_spec``: the range, the presets fill it
+   when unset, the preflight checks its combinations) into a ``PipelineSpec``;
+3. a stage that starts records the resolved spec in ``status.stages.<stage>.appliedSpec`` and the Job is built
+   from that record, parsed again (one more dict round trip and validation, kept so that retries and a restarted
+   operator rebuild exactly the started spec);
+4. the Job builder serialises the resolved spec once into the pod's ``KUBERLHF_PIPELINE`` env: the pod boundary;
+5. in the pod, ``StageContext.from_env`` validates it with the same models and the DeepSpeed config builder
+   (``kuberlhf.training.ds_config``) reads ``actor_zero_stage`` from that object into its settings (where it is
+   range-checked once more) and the ``zero_optimization.stage`` of the DeepSpeed config.
+
+Step 3's round trip through status and step 5's second range check are what is left above "the pod boundary as
+the only round trip, one validation per side".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ConflictError
+
+from kuberlhf.contract.spec import API_GROUP
+from kuberlhf_operator import metrics, wakeups
+from kuberlhf_operator.cluster import gather
+from kuberlhf_operator.kube import Kube
+from kuberlhf_operator.reconcile import Decision, OperatorConfig, PipelineMeta, reconcile
+from kuberlhf_operator.storage_probe import probe
+from kuberlhf_operator.writes import EmitEvent, apply_actions, emit_events, kopf_event, write_status
+
+ERROR_RETRY_SECONDS = 10.0
+STATUS_CONFLICT_RETRIES = 4
+JOB_SUSPEND_SINCE = (1, 22)
+Key = tuple[str, str]
+
+
+class Operator:
+    def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None, *, namespaced: bool = False,
+                 safety_interval: float = 60.0, emit: EmitEvent = kopf_event) -> None:
+        self.kube = kube or Kube()
+        self.config = config or OperatorConfig()
+        self.namespaced = namespaced  # namespaced operators skip kopf's namespace scanning
+        self.safety_interval = safety_interval
+        self.emit = emit
+        self.stores = wakeups.StoreCache()
+        self.schedule = wakeups.Schedule()
+        self.jobs_seen = wakeups.ChangeFilter()
+        self.pods_seen = wakeups.ChangeFilter()
+        self.deployments_seen = wakeups.ChangeFilter()
+        self._locks: dict[Key, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- state between reconciles ------------------------------------------------------------------------------
+    def lock(self, key: Key) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def forget(self, key: Key) -> None:
+        """The pipeline is gone: drop everything kept for it."""
+        with self._locks_guard:
+            self._locks.pop(key, None)
+        self.schedule.drop(key)
+        metrics.set_phase(key[0], key[1], None)
+
+    def tracked(self) -> int:
+        with self._locks_guard:
+            return len(self._locks)
+
+    # --- startup -------------------------------------------------------------------------------------------------
+    def configure_kopf(self, settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        # Progress and the last-handled spec live in annotations: status belongs to reconcile alone, and no
+        # finalizers are needed (children are owned and garbage-collected with the pipeline).
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+        settings.persistence.finalizer = f"{API_GROUP}/kopf-finalizer"
+        settings.peering.standalone = True
+        if self.namespaced:
+            # The watched namespaces are listed explicitly: scanning would list/watch Namespace objects, which a
+            # namespaced install's RBAC does not grant (kopf then retries for about a minute before handling).
+            settings.scanning.disabled = True
+        settings.posting.level = logging.WARNING
+        settings.posting.reporting_component = "kuberlhf-operator"
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.execution.max_workers = int(os.environ.get("KUBERLHF_OPERATOR_WORKERS", "8"))
+        override = os.environ.get("KUBERLHF_JOB_SUSPEND", "auto").lower()
+        if override in ("true", "false"):
+            supported = override == "true"
+        else:
+            try:
+                supported = self.kube.server_version() >= JOB_SUSPEND_SINCE
+            except Exception as e:  # noqa: BLE001
+                logger.warning("cannot read the server version (%s); assuming Job suspend works", e)
+                supported = True
+        self.config = OperatorConfig(default_image=self.config.default_image, job_suspend_supported=supported)
+        logger.info("kuberlhf operator: default image %s, Job suspend %s, strict field validation %s",
+                    self.config.default_image, "native" if supported else "by deleting the Job (server < 1.22)",
+                    "on" if self._strict() else "off (server < 1.25)")
+
+    def _strict(self) -> bool:
+        try:
+            return self.kube.strict_writes()
+        except Exception:  # noqa: BLE001 - asked again on the first write
+            return False
+
+    # --- one reconcile ---------------------------------------------------------------------------------------------
+    def reconcile_pipeline(self, namespace: str, name: str, trigger: str = "manual",
+                           now: datetime | None = None) -> Decision | None:
+        """Read the pipeline fresh, decide, apply children, write status (optimistically), emit events."""
+        key = (namespace, name)
+        metrics.RECONCILES.labels(trigger=trigger).inc()
+        with self.lock(key):
+            for _ in range(STATUS_CONFLICT_RETRIES):
+                body = self.kube.get("RLHFPipeline", namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    self.forget(key)
+                    return None
+                m = body["metadata"]
+                meta = PipelineMeta(name=m["name"], namespace=m["namespace"], uid=m["uid"],
+                                    generation=int(m.get("generation") or 1))
+                spec, status = body.get("spec") or {}, body.get("status") or {}
+                observed = gather(self.kube, meta, status)
+                probes = probe(self.kube, self.stores, meta, spec, status, observed)
+                decision = reconcile(meta, spec, status, observed, now or datetime.now(timezone.utc), probes,
+                                     self.config)
+                apply_actions(self.kube, namespace, decision)
+                if decision.status != status:
+                    try:
+                        write_status(self.kube, body, decision.status)
+                    except ConflictError:  # someone (kopf's annotations) wrote in between: decide again
+                        continue
+                emit_events(body, decision, self.emit)
+                for stage, seconds in decision.stage_durations.items():
+                    metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
+                metrics.set_phase(namespace, name, decision.status.get("phase"))
+                delay = decision.requeue_after or wakeups.safety_interval(len(self.schedule), self.safety_interval)
+                self.schedule.set(key, time.monotonic() + delay)
+                return decision
+            raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=2)
+
+    def guarded(self, namespace: str, name: str, trigger: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """:meth:`reconcile_pipeline` with every failure turned into a kopf retry (and counted)."""
+        # Until this run succeeds, the timer retries it soon (a failed run leaves no fresh schedule).
+        self.schedule.set((namespace, name), time.monotonic() + ERROR_RETRY_SECONDS)
+        try:
+            self.reconcile_pipeline(namespace, name, trigger)
+        except kopf.TemporaryError:
+            metrics.RECONCILE_ERRORS.labels(kind="conflict").inc()
+            raise
+        except ApiException as e:
+            metrics.RECONCILE_ERRORS.labels(kind="api").inc()
+            body = e.body if isinstance(e.body, str) else (e.body or b"").decode("utf-8", "replace")
+            raise kopf.TemporaryError(f"API error {e.status} {e.reason}: {body[:300]}", delay=5) from e
+        except Exception as e:
+            metrics.RECONCILE_ERRORS.labels(kind=type(e).__name__).inc()
+            logger.exception("reconcile of %s/%s failed", namespace, name)
+            raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=10) from e
+
+    def due(self, namespace: str, name: str) -> bool:
+        return self.schedule.due((namespace, name), time.monotonic())
+
+    def child_changed(self, seen: wakeups.ChangeFilter, type_: str | None, uid: str, key: Any,
+                      first_matters: bool) -> bool:
+        if type_ == "DELETED":
+            seen.forget(uid)
+            return True
+        return seen.changed(uid, key, first_matters=first_matters)

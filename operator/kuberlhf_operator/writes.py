@@ -1,0 +1,55 @@
+"""Writing to the cluster: a decision's child actions (idempotent: deterministic names, a repeated create is a
+409 and harmless), the status as one optimistic merge patch, and events through kopf's event API (queued and
+posted by kopf, best effort: the status carries the same facts)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from kuberlhf_operator.kube import Kube
+from kuberlhf_operator.reconcile import Decision, Event
+
+log = logging.getLogger("kuberlhf.operator")
+EmitEvent = Callable[[dict[str, Any], Event], None]
+
+
+def apply_actions(kube: Kube, namespace: str, decision: Decision) -> None:
+    for action in decision.actions:
+        if action.verb == "create":
+            if kube.create(action.kind, namespace, action.body):
+                log.info("created %s %s/%s", action.kind, namespace, action.name)
+        elif action.verb == "patch":
+            kube.patch(action.kind, namespace, action.name, action.body)
+            log.info("patched %s %s/%s: %s", action.kind, namespace, action.name, action.body)
+        elif action.verb == "delete":
+            kube.delete(action.kind, namespace, action.name)
+            log.info("deleted %s %s/%s", action.kind, namespace, action.name)
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning ``old`` into ``new`` at the top level (keys that disappeared become null)."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    patch.update(new)
+    return patch
+
+
+def write_status(kube: Kube, body: dict[str, Any], new: dict[str, Any]) -> None:
+    """Patch the status from what ``body`` held to ``new``, conditional on ``body``'s resourceVersion (a 409
+    ConflictError tells the caller someone wrote in between)."""
+    meta = body["metadata"]
+    kube.patch("RLHFPipeline", meta["namespace"], meta["name"], sub="status", body={
+        "metadata": {"resourceVersion": meta["resourceVersion"]},
+        "status": status_patch(body.get("status") or {}, new)})
+
+
+def kopf_event(body: dict[str, Any], event: Event) -> None:
+    kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def emit_events(body: dict[str, Any], decision: Decision, emit: EmitEvent = kopf_event) -> None:
+    for event in decision.events:
+        emit(body, event)

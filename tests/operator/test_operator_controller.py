@@ -1,0 +1,67 @@
+"""The operator object: one reconcile end to end against an in-memory API (a recording stand-in for the API
+server; the e2e tier runs the same object against the real kube-apiserver), events through the injected emitter,
+and per-pipeline state pruned when the pipeline goes away."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from operator_sim import FakeKube
+
+from kuberlhf_operator.controller import Operator
+from kuberlhf_operator.reconcile import OperatorConfig
+
+
+class RecordingKube(FakeKube):
+    """FakeKube that also takes the writes the operator makes."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        super().__init__(*objects)
+        self.writes: list[tuple[str, str, str, Any]] = []
+
+    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+        key = (kind, namespace, body["metadata"]["name"])
+        self.writes.append(("create", kind, key[2], body))
+        if key in self.objects:
+            return False
+        self.objects[key] = copy.deepcopy({"kind": kind, **body})
+        return True
+
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
+        self.writes.append(("patch", f"{kind}/{sub}" if sub else kind, name, body))
+        obj = self.objects[(kind, namespace, name)]
+        if sub == "status":
+            new = {**(obj.get("status") or {}), **body["status"]}
+            obj["status"] = {k: v for k, v in new.items() if v is not None}
+        return obj
+
+
+def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "kuberlhf.io/v1alpha1", "kind": "RLHFPipeline",
+            "metadata": {"name": "tiny", "namespace": "team", "uid": "uid-1", "generation": 1,
+                         "resourceVersion": "7"}, "spec": spec}
+
+
+def test_one_reconcile_creates_the_first_stage_writes_status_once_and_emits_its_events(spec) -> None:
+    kube = RecordingKube(pipeline(spec))
+    events: list[tuple[str, str]] = []
+    op = Operator(kube, OperatorConfig(default_image="img:1"), emit=lambda body, ev: events.append(
+        (body["metadata"]["uid"], ev.reason)))
+    decision = op.reconcile_pipeline("team", "tiny", "create")
+    created = [(w[1], w[2]) for w in kube.writes if w[0] == "create"]
+    assert created == [("Service", "tiny-sft-1"), ("Job", "tiny-sft-1")]
+    status_writes = [w for w in kube.writes if w[1] == "RLHFPipeline/status"]
+    assert len(status_writes) == 1 and status_writes[0][3]["metadata"] == {"resourceVersion": "7"}
+    assert status_writes[0][3]["status"]["stage"] == "sft"
+    assert events == [("uid-1", ev.reason) for ev in decision.events] and events
+    assert op.tracked() == 1 and op.schedule.due(("team", "tiny"), float("inf"))
+
+
+def test_a_deleted_pipeline_is_forgotten(spec) -> None:
+    kube = RecordingKube(pipeline(spec))
+    op = Operator(kube, emit=lambda body, ev: None)
+    op.reconcile_pipeline("team", "tiny")
+    del kube.objects[("RLHFPipeline", "team", "tiny")]
+    assert op.reconcile_pipeline("team", "tiny") is None
+    assert op.tracked() == 0 and len(op.schedule) == 0
