@@ -166,13 +166,14 @@ CASES: tuple[Case, ...] = (
     stage(
         "ppo-z3-fp16-hybrid-lora",
         "ppo",
-        "step 3, ZeRO-3, fp16, hybrid engine on, actor LoRA 8",
+        "step 3, ZeRO-3, fp16, hybrid engine on, actor LoRA 8 at a high rate (its weights move in 4 steps)",
         budget_s=150,
         cuda_only=True,
         zero=3,
         dtype="fp16",
         hybrid=True,
         lora=8,
+        lora_lr=1e-2,
     ),
     stage(
         "sft-z0-bf16-lora128-gc",
@@ -494,6 +495,9 @@ def figures(r: dict[str, Any]) -> str:
     ):
         if isinstance(r.get(key), (int, float)):
             bits.append(fmt.format(r[key]))
+    gaps = (r.get("facts") or {}).get("generation_logprobs_vs_forward") or []
+    if gaps:
+        bits.append(f"gen/forward logprob gap {gaps[-1]['mean_abs']:.2g}")
     actor = (r.get("facts") or {}).get("actor") or {}
     if "hybrid_inference_containers" in actor:
         bits.append(f"hybrid kernels on {actor['hybrid_inference_containers']} layers")

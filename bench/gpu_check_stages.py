@@ -44,6 +44,9 @@ OPT_125M = dict(
 # relative tolerance of max |reloaded - engine| / max |engine| per training dtype (LoRA merging and the
 # fp32 round trip of the export change the last bits; a wrong weight changes the outputs by O(1))
 EXPORT_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
+# mean |log p_generation - log p_forward| per answer token allowed (16-bit rounding is ~1e-2 nats; rollouts from
+# other weights, e.g. LoRA adapters the hybrid engine's kernels leave out, differ by far more)
+LOGPROB_GAP_TOL = 0.1
 
 
 class CheckFailed(AssertionError):
@@ -352,7 +355,7 @@ def manifest(
     dtype = p["dtype"]
     steps = p.get("steps", (4 if stage == "ppo" else 6) if cuda else 2)  # the first step is warm-up
     batch = p.get("batch", 8 if cuda else 4)
-    lora = {"dim": p.get("lora", 0)}
+    lora = {"dim": p.get("lora", 0), **({"learningRate": p["lora_lr"]} if p.get("lora_lr") else {})}
     common = {
         "nodes": 1,
         "gpusPerNode": 1,
@@ -426,7 +429,9 @@ def metrics_summary(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     bad = {k: v for k, v in losses.items() if any(x is None or not math.isfinite(x) for x in v)}
     out["losses"] = losses
     for k in keys:
-        vals = [r[k] for r in train[1:] or train if isinstance(r.get(k), (int, float))]
+        # the first step is warm-up, the last carries the check's own consistency forward
+        steady = train[1:-1] if len(train) >= 3 else train[1:] or train
+        vals = [r[k] for r in steady if isinstance(r.get(k), (int, float))]
         if vals:
             out[k] = sum(vals) / len(vals)
     if bad:
@@ -479,7 +484,7 @@ def run_stage_case(ctx: Any, stage: str, **p: Any) -> dict[str, Any]:
         store.upload_dir(str(actor), layout.model_uri("sft"), producer="kuberlhf-stage-sft")
         store.upload_dir(str(reward_rm), layout.model_uri("reward"), producer="kuberlhf-stage-reward")
 
-    install_stage_probes(probes, stage, device)
+    install_stage_probes(probes, stage, device, last_call=int(doc["spec"]["stages"][stage]["maxSteps"]))
     out_dir = ctx.work / "out"
     os.environ["KUBERLHF_LOCAL_OUTPUT"] = str(out_dir)
     from kuberlhf.stages.launch import launch
@@ -558,11 +563,17 @@ def check_facts(stage: str, p: dict[str, Any], facts: dict[str, Any], cuda: bool
             problems.append(f"{role}: fp16 without a loss scale")
     if stage == "ppo" and p.get("hybrid") and facts.get("actor", {}).get("engine_class") != "DeepSpeedHybridEngine":
         problems.append(f"actor engine is {facts.get('actor', {}).get('engine_class')}, expected the hybrid engine")
+    gaps = facts.get("generation_logprobs_vs_forward") or []
+    if gaps and gaps[-1]["mean_abs"] > LOGPROB_GAP_TOL:
+        problems.append(
+            f"generation's log-probs differ from the actor's training forward by {gaps[-1]['mean_abs']:.3g} nats "
+            f"per token on average (> {LOGPROB_GAP_TOL}): the rollouts do not come from the policy being trained"
+        )
     if problems:
         raise CheckFailed("; ".join(problems))
 
 
-def install_stage_probes(probes: Probes, stage: str, device: Any) -> None:
+def install_stage_probes(probes: Probes, stage: str, device: Any, last_call: int = 0) -> None:
     """Wrap what the stage module calls (module attributes, so the stage code itself is untouched)."""
     import torch
 
@@ -613,15 +624,21 @@ def install_stage_probes(probes: Probes, stage: str, device: Any) -> None:
         probes.wrap(RLHFEngine, "__init__", "engine_init", after=lambda out, engine, *a, **k: keep(engine))
         probes.wrap(PPOTrainer, "generate_experience", "generate_experience", after=counted)
 
+        calls = [0]
+
         def logprob_consistency(trainer: Any, exp: dict[str, Any], *a: Any, **k: Any) -> None:
-            """Once, outside the timings: the old log-probs PPO's ratio starts from (generation's own logits; the
-            hybrid engine's inference kernels when it serves the layers) against a training-path forward."""
-            if "generation_logprobs_vs_forward" in probes.facts:
+            """On the first and the last micro-batch, outside the phase timings: the old log-probs PPO's ratio
+            starts from (generation's own logits; the hybrid engine's inference kernels when they serve the
+            layers) against a training-path forward of the same actor. The last one sees trained (LoRA) weights."""
+            calls[0] += 1
+            if calls[0] not in (1, last_call):
                 return
             with torch.no_grad():
                 lp = trainer._answer_logprobs(trainer.actor, exp["seq"], exp["attention_mask"], exp["prompts"].shape[1])
             d = (lp - exp["logprobs"]).abs()[exp["action_mask"].bool()]
-            probes.facts["generation_logprobs_vs_forward"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean())}
+            probes.facts.setdefault("generation_logprobs_vs_forward", []).append(
+                {"call": calls[0], "max_abs": float(d.max()), "mean_abs": float(d.mean())}
+            )
 
         probes.wrap(PPOTrainer, "train_rlhf", "train_rlhf", before=logprob_consistency)
         probes.wrap(PPOTrainer, "train_unsupervised", "train_ptx")
