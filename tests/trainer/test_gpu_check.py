@@ -37,6 +37,27 @@ def test_the_case_registry_covers_the_cuda_matrix() -> None:
     assert any(p.get("lora") for s, p in stages if s == "ppo" and p.get("hybrid"))
 
 
+def test_every_stage_case_manifest_is_a_valid_pipeline_on_both_accelerators() -> None:
+    """What the GPU run would otherwise find first: a case whose manifest the spec (or its rules) rejects."""
+    from gpu_check import CASES
+    from gpu_check_stages import manifest
+
+    from kuberlhf.contract.spec import parse_pipeline
+    from kuberlhf.training.ds_config import stage_settings, train_ds_config
+
+    for c in CASES:
+        stage = getattr(c.run, "keywords", {}).get("stage")
+        if stage is None:
+            continue
+        for cuda in (True, False):
+            if not cuda and c.cuda_only:
+                continue
+            params = {**c.params, "dtype": "fp32" if not cuda and c.params["dtype"] == "fp16" else c.params["dtype"]}
+            spec = parse_pipeline(manifest("gpucheck", stage, params, "/m/a", "/m/r", "file:///s", cuda)).spec
+            for role in ("actor", "critic") if stage == "ppo" else (None,):
+                train_ds_config(stage_settings(spec, stage, 1, role=role))  # what preflight checks
+
+
 class _Counter:
     """A peak counter with CUDA's semantics (peak since the last reset, never below what is allocated), for
     the nesting logic only; the GPU run reads the real allocator's."""
