@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from kuberlhf.contract.preflight import format_problems, preflight
+from kuberlhf.contract.rules import TRANSITION_RULES
 from kuberlhf.contract.spec import STAGE_ORDER, ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec, written_spec
 from kuberlhf.contract.stage import StageLayout
 from kuberlhf_operator.manifests import (
@@ -38,6 +39,7 @@ from kuberlhf_operator.spec_pin import SERVING, changed_since_pin, pin
 DONE = "done"
 CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded"}
 STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO"}
+(STORAGE_RULE,) = TRANSITION_RULES
 REASON_INVALID_SPEC = "InvalidSpec"
 REQUEUE_SECONDS = 10.0
 _SAME_WAITING = {"ErrImagePull": "ImagePullBackOff"}
@@ -212,7 +214,8 @@ class _Run:
         parts = [f"{f} (started: {', '.join(st)})" for f, st in changes.items()]
         msg = ("changed after their stage started, kept at the started values: " + "; ".join(parts)
                + (f". Applied to stages not yet started: {', '.join(pending)}" if pending else "")
-               + ("" if "spec.storage" not in " ".join(changes) else ". spec.storage stays fixed for the pipeline"))
+               # the CRD's transition rule on a current server refuses this edit with the same text
+               + ("" if "spec.storage" not in " ".join(changes) else f". {STORAGE_RULE.text}"))
         if previous is None or previous.get("message") != msg or previous.get("status") != "True":
             self.event("Warning", "SpecChangeIgnored", msg)
         self.cond("SpecChangeIgnored", True, "StageAlreadyStarted", msg)

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.controlplane import (
+    Components,
     ControlPlaneUnavailable,
     _openssl,
     cache_dir,
     etcd_argv,
     free_port,
-    kill_all,
     make_pki,
-    spawn,
 )
 from harness.rest import ApiError, KubeREST
 
@@ -43,6 +42,7 @@ CORE_ADMISSION = (
 
 def find_apiextensions(bin_dir: str | os.PathLike[str] | None = None) -> Path:
     """The newest cached apiextensions-apiserver (building it is setup's job)."""
+    bin_dir = bin_dir or os.environ.get("KUBERLHF_APIEXTENSIONS_BIN")
     dirs = [Path(bin_dir)] if bin_dir else sorted(cache_dir().glob("apiextensions-v*"), key=_version_key)
     for d in reversed(dirs):
         if os.access(d / "apiextensions-apiserver", os.X_OK):
@@ -93,7 +93,7 @@ def make_admin_cert(pki: Path) -> tuple[str, str]:
 
 
 @dataclass
-class ExtensionsServer:
+class ExtensionsServer(Components):
     """etcd + apiextensions-apiserver in ``workdir``. Use as a context manager."""
 
     workdir: Path
@@ -148,26 +148,6 @@ class ExtensionsServer:
         self.version = self.api.get("/version")["gitVersion"]
         self.start_seconds = time.monotonic() - t0
         return self
-
-    def stop(self) -> None:
-        kill_all(self._procs)
-
-    def __enter__(self) -> ExtensionsServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, component: str, lines: int = 40) -> str:
-        path = self.logs / f"{component}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        self._procs[name] = spawn(argv, self.logs / f"{name}.log")
 
     def _wait_ready(self, deadline: float) -> None:
         last = ""

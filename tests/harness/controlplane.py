@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 K8S_VERSION = "1.20.2"
 SETUP_HINT = "run `bash hack/setup.sh --test` (builds them once, 10-18 min, cached in ~/.cache/kuberlhf)"
@@ -161,8 +161,40 @@ def kill_all(procs: dict[str, subprocess.Popen]) -> None:
     procs.clear()
 
 
+class Components:
+    """Processes started by ``start()`` into ``self._procs`` (logs in ``self.logs``), killed by ``stop()``; a
+    context manager. The base of ControlPlane and harness.apiextensions.ExtensionsServer (dataclasses defining
+    ``_procs``, ``logs`` and ``start``)."""
+
+    _procs: dict[str, subprocess.Popen]
+    logs: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        kill_all(self._procs)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, component: str, lines: int = 40) -> str:
+        path = self.logs / f"{component}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        self._procs[name] = spawn(argv, self.logs / f"{name}.log")
+
+
 @dataclass
-class ControlPlane:
+class ControlPlane(Components):
     """etcd + kube-apiserver + kube-controller-manager in ``workdir``. Use as a context manager or start()/stop()."""
 
     workdir: Path
@@ -230,19 +262,6 @@ class ControlPlane:
         self.start_seconds = time.monotonic() - t0
         return self
 
-    def stop(self) -> None:
-        kill_all(self._procs)
-
-    def __enter__(self) -> ControlPlane:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # --- helpers for tests ---------------------------------------------------------------------------
     @property
     def ca_file(self) -> Path:
@@ -290,17 +309,10 @@ class ControlPlane:
             time.sleep(0.3)
         raise TimeoutError(f"no token Secret for service account {namespace}/{name} after {timeout}s")
 
-    def log_tail(self, component: str, lines: int = 40) -> str:
-        path = self.logs / f"{component}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
     def alive(self) -> bool:
         return bool(self._procs) and all(p.poll() is None for p in self._procs.values())
 
     # --- internals -----------------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        self._procs[name] = spawn(argv, self.logs / f"{name}.log")
-
     def _write_kubeconfig(self) -> None:
         self.kubeconfig = self.write_kubeconfig(self.workdir / "admin.kubeconfig", self.admin_token, "admin")
 
