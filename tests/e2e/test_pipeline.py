@@ -365,3 +365,51 @@ def test_deleting_the_pipeline_garbage_collects_its_children(run):
     assert not run.kubelet.active(run.ns), "processes of deleted pods still run"
     wait_for(lambda: not run.api.get(f"{GROUP_PATH}/namespaces/{run.ns}/rlhfpipelines")["items"],
              "the pipeline itself to go after its children", 30, 0.5)
+
+
+def test_a_spec_that_cannot_run_is_invalid_before_any_child_exists(control_plane, operator_chart):
+    """The operator's preflight through the real API server: a spec the CRD schema accepts but that cannot run
+    (fp16 on CPU; a dataset URI naming a bucket and no object) is Failed/InvalidSpec naming both fields and their
+    fixes, with one Warning Event, and no Job, Service, Deployment or Pod is ever made; it is not retried. Fixing
+    the spec starts the first Job."""
+    ns = operator_chart["namespace"]
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    name = "cannot-run"
+    obj = tiny_pipeline("nowhere", "http://127.0.0.1:9")
+    obj["metadata"] = {"name": name}
+    obj["spec"]["stages"]["sft"]["dtype"] = "fp16"
+    obj["spec"]["data"]["datasets"] = [{"path": "s3://some-bucket"}]
+    obj["spec"]["podTemplate"]["spec"]["nodeSelector"] = {"kuberlhf.io/e2e-no-such-pool": "true"}  # never runs
+    path = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{name}"
+
+    def children() -> list[str]:
+        out = []
+        for kind in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                     "/apis/apps/v1/namespaces/{ns}/deployments"):
+            items = api.get(kind.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={name}")["items"]
+            out += [f"{kind.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
+        return out
+
+    control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+    try:
+        status = wait_for(lambda: (st := api.get(path).get("status") or {}).get("reason") == "InvalidSpec" and st,
+                          "the operator to report InvalidSpec", 60, 0.3)
+        assert status["phase"] == "Failed", status
+        for text in ("spec.stages.sft.dtype: fp16 needs CUDA", "spec.data.datasets[0].path:", "fix:"):
+            assert text in status["message"], status["message"]
+        time.sleep(12)  # two periodic reconciles (KUBERLHF_RECONCILE_INTERVAL=5): still nothing, nothing new
+        assert children() == [] and not api.get(f"/api/v1/namespaces/{ns}/pods",
+                                                  labelSelector=f"{LABEL_PIPELINE}={name}")["items"]
+        events = api.get(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={name}")["items"]
+        assert [e["reason"] for e in events if e["reason"] == "InvalidSpec"] == ["InvalidSpec"], events
+        assert sum(e.get("count", 1) for e in events if e["reason"] == "InvalidSpec") == 1, events
+        fixed = {"spec": {"stages": {"sft": {"dtype": "bf16"}}, "data": {"datasets": ["kuberlhf/synthetic-pairs"]}}}
+        control_plane.kubectl("patch", "rlhf", name, "-n", ns, "--type", "merge", "-p", json.dumps(fixed))
+        wait_for(lambda: f"jobs/{job_name(name, 'sft', 1)}" in children(), "the fixed spec's first Job", 60, 0.3)
+    finally:  # leave nothing behind for the next test (and no pod for the kubelet at teardown)
+        control_plane.kubectl("delete", "rlhf", name, "-n", ns, "--cascade=foreground", "--wait=false", check=False)
+        pods = f"/api/v1/namespaces/{ns}/pods"
+        wait_for(lambda: not children() and not api.get(pods, labelSelector=f"{LABEL_PIPELINE}={name}")["items"]
+                 and not api.get(f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines",
+                                 fieldSelector=f"metadata.name={name}")["items"],
+                 f"pipeline {name} and its children to be deleted", 90, 0.5)
