@@ -43,6 +43,8 @@ JSON_NAME, LOG_NAME, SUMMARY_NAME = "gpu-check.json", "gpu-check.log", "gpu-chec
 LOG_CAP_PER_CASE = 1 << 20  # bytes of each case's output copied into gpu-check.log (head + tail)
 # a case that reported its result gets this long to exit
 EXIT_GRACE_S = float(os.environ.get("GPU_CHECK_EXIT_GRACE_S", "20"))
+# how often a running case's partial results are copied into the report
+PROGRESS_EVERY_S = float(os.environ.get("GPU_CHECK_PROGRESS_S", "5"))
 DEFAULT_BUDGET_S = 450  # the whole run, install included (hack/gpu-check.sh passes what is left)
 CPU_LIMIT_FACTOR = 4  # --cpu: the case limits are sized for a GPU, a shared 2-core box is far slower
 
@@ -335,19 +337,31 @@ def read_result(path: Path) -> dict[str, Any]:
         return {}
 
 
-def wait_case(proc: subprocess.Popen, result_file: Path, timeout: float) -> tuple[int, str]:
+def wait_case(
+    proc: subprocess.Popen,
+    result_file: Path,
+    timeout: float,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[int, str]:
     """Wait for a case's process: until it exits ("exit"), its time limit ("limit"), or EXIT_GRACE_S after it
-    reported a final result without exiting ("grace"); the last two kill its process group."""
+    reported a final result without exiting ("grace"); the last two kill its process group. Every
+    PROGRESS_EVERY_S ``on_progress`` gets what the case recorded so far (the report in OUT_DIR then holds it
+    even if this whole run is killed)."""
     deadline = time.monotonic() + timeout
     reported_at = None
+    next_progress = time.monotonic() + PROGRESS_EVERY_S
     while True:
         try:
             return proc.wait(timeout=0.5), "exit"
         except subprocess.TimeoutExpired:
             pass
         now = time.monotonic()
-        if reported_at is None and read_result(result_file).get("status") in ("ok", "failed"):
+        partial = read_result(result_file)
+        if reported_at is None and partial.get("status") in ("ok", "failed"):
             reported_at = now
+        if on_progress is not None and now >= next_progress and partial:
+            on_progress(partial)
+            next_progress = now + PROGRESS_EVERY_S
         ending = "limit" if now >= deadline else ("grace" if reported_at and now - reported_at > EXIT_GRACE_S else "")
         if ending:
             with contextlib.suppress(ProcessLookupError):
@@ -355,7 +369,14 @@ def wait_case(proc: subprocess.Popen, result_file: Path, timeout: float) -> tupl
             return proc.wait(), ending
 
 
-def run_case(case: Case, args: argparse.Namespace, shared: Path, log: Path, timeout: float) -> dict[str, Any]:
+def run_case(
+    case: Case,
+    args: argparse.Namespace,
+    shared: Path,
+    log: Path,
+    timeout: float,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     work = shared / "cases" / case.name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -378,7 +399,7 @@ def run_case(case: Case, args: argparse.Namespace, shared: Path, log: Path, time
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(args.cpu, shared), start_new_session=True
         )
-        rc, ending = wait_case(proc, result_file, timeout)
+        rc, ending = wait_case(proc, result_file, timeout, on_progress)
     wall = time.monotonic() - t0
     res = read_result(result_file)
     tail = copy_log(case_log, log, f"{case.name} (rc {rc}, {wall:.1f} s)")
@@ -570,7 +591,12 @@ def parent_main(args: argparse.Namespace) -> int:
                 entry.update(status="running")
                 write_json(out / JSON_NAME, report)
                 print(f"-- {c.name}: {c.about} (limit {min(limit, left):.0f} s)", flush=True)
-                entry.update(run_case(c, args, shared, log, min(limit, left)))
+
+                def progress(partial: dict[str, Any], entry: dict[str, Any] = entry) -> None:
+                    entry.update({**partial, "status": "running"})
+                    write_json(out / JSON_NAME, report)
+
+                entry.update(run_case(c, args, shared, log, min(limit, left), progress))
                 print(
                     f"   {entry['status']} in {entry['wall_s']:.1f} s  "
                     f"{figures(entry) if entry['status'] == 'ok' else entry.get('error', '')[:200]}",

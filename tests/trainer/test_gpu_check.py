@@ -4,10 +4,13 @@ the hybrid-engine cases are CUDA-only and recorded as skipped), and the report i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +104,31 @@ def test_probes_keep_each_phase_peak_when_phases_nest() -> None:
     assert ph["outer"]["peak_gib"] == 5.0 and ph["outer"]["calls"] == 1
     assert ph["inner"]["peak_gib"] == 4.0 and ph["inner"]["calls"] == 2 and ph["inner"]["allocated_after_gib"] == 2.0
     assert "mean_after_first_s" in ph["inner"] and len(changes) == 3
+
+
+def test_a_run_killed_mid_case_leaves_the_case_partial_results(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_PROGRESS_S": "0.2"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--cases", "selftest-hang", "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        case: dict = {}
+        while time.monotonic() < deadline and "before_hang" not in case.get("phases", {}):
+            time.sleep(0.1)
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                case = json.loads((out / "gpu-check.json").read_text())["cases"]["selftest-hang"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run dies mid-case (the device tool's time limit)
+        proc.wait()
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["cases"]["selftest-hang"]["status"] == "running"
+    assert "before_hang" in report["cases"]["selftest-hang"]["phases"]
 
 
 def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Path) -> None:
