@@ -161,7 +161,7 @@ def bench_ppo(spec: Any, actor_dir: Path, reward_dir: Path, tok: Any, device: st
 
     st = spec.stages.ppo
     gen_bs = st.generation_batch_size
-    micro = min(st.per_device_batch_size or gen_bs, gen_bs)
+    micro = min(st.per_device_batch_size, gen_bs)
     try:
         options = EngineOptions.from_spec(spec, 1)
         tok.padding_side = "left"
@@ -224,7 +224,7 @@ def bench_sft(spec: Any, actor_dir: Path, tok: Any, device: str, steps: int, war
     model = load_causal_lm(str(actor_dir), seed=st.seed, dropout=spec.actor.dropout,
                            gradient_checkpointing=st.gradient_checkpointing)
     apply_lora(model, st.lora, "spec.stages.sft.lora")
-    opt = make_optimizer(model, st.learning_rate or 1e-5, st.weight_decay, st.offload,
+    opt = make_optimizer(model, st.learning_rate, st.weight_decay, st.offload,
                          st.lora.learning_rate if st.lora else None)
     engine = ds_initialize(model, train_ds_config(s), opt, make_scheduler(opt, st.lr_scheduler, 0, 10_000))
     engine.train()

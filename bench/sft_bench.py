@@ -47,7 +47,7 @@ def run_config(zero: int, steps: int, tmp: Path, profile: bool = False) -> dict[
     s = stage_settings(spec, "sft", 1)
     tok = load_tokenizer(TINY_MODEL_NAME)
     batches = sft_batches(spec, tok, s.micro_batch, tmp / "tok-cache")
-    lr = st.learning_rate or 1e-5
+    lr = st.learning_rate  # the example's, else the deploymentType preset's
     total = 10_000
 
     # ours: exactly the objects run_sft builds

@@ -185,7 +185,7 @@ def build_stage_job(
     env_list.append({"name": ENV_NODE_RANK, "valueFrom": {"fieldRef": {
         "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
     env_list += _credential_env(pipeline)
-    gpus = int(st.gpus_per_node or 1) if pipeline.spec.accelerator is Accelerator.cuda else None
+    gpus = int(st.gpus_per_node) if pipeline.spec.accelerator is Accelerator.cuda else None  # preset-filled
     container = {
         **_container_base(pipeline, default_image),
         "command": stage_command(stage),
