@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs kuberlhf into a virtual environment (default .venv in the repo; KUBERLHF_VENV overrides).
 #   hack/setup.sh          the product: trainer + operator + serving
-#   hack/setup.sh --test   also the test tools and the real services the tests use (kube control plane, chromium)
+#   hack/setup.sh --test   also the test tools and the real services the tests use (kube control plane, a current
+#                          apiextensions-apiserver, chromium)
 # Everything downloadable comes from PyPI or Debian; nothing is fetched at run or test time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +42,7 @@ if [ "${1:-}" = "--test" ]; then
   KUBERLHF_CACHE=$CACHE bash hack/install-scanners.sh >/dev/null
   say "building/locating the kube-apiserver + kube-controller-manager + etcd for e2e tests (cached in $CACHE)"
   KUBERLHF_CACHE=$CACHE bash hack/build-control-plane.sh >/dev/null
+  say "building/locating the current apiextensions-apiserver for the CRD tier (cached in $CACHE)"
+  KUBERLHF_CACHE=$CACHE KUBERLHF_PYTHON=$PY bash hack/build-apiextensions.sh >/dev/null
 fi
 say "done: activate with 'source $VENV/bin/activate'"
