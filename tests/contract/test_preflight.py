@@ -58,6 +58,7 @@ BAD = [
     ({"data": {"datasets": [{"path": "s3://bucket"}]}}, "spec.data.datasets[0].path", "no object"),
     ({"data": {"datasets": [{"name": "s3:/bucket/x.jsonl"}]}}, "spec.data.datasets[0].name", "path: s3://"),
     ({"data": {"datasets": [{"path": "gs://bucket/x.jsonl"}]}}, "spec.data.datasets[0].path", "s3://"),
+    ({"data": {"datasets": [{"name": "data/pairs/v2"}]}}, "spec.data.datasets[0].name", "./data/pairs/v2"),
     (
         {"data": {"datasets": [{"path": "./p.jsonl", "adapter": "nobody/unknown"}]}},
         "spec.data.datasets[0].adapter",

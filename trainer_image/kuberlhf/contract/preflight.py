@@ -148,6 +148,14 @@ def _dataset_problems(ref: DatasetRef, field: str, options: PreflightOptions) ->
                     "give it as path: s3://bucket/key (or file:///path)",
                 )
             )
+        elif name.count("/") > 1 or any(c.isspace() for c in name):
+            out.append(
+                Problem(
+                    f"{field}.name",
+                    f"{name!r} is not a hub dataset name (name or org/name)",
+                    f"give a hub name like Dahoas/rm-static, or a file or directory as path (e.g. ./{name})",
+                )
+            )
         return out
     path = ref.path or ""
     bad = uri_problem(path, f"{field}.path", "dataset")
