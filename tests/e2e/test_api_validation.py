@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,34 @@ def test_operator_client_falls_back_where_strict_field_validation_is_missing(con
     assert kube.list("Service", namespace, "patched=yes")[0]["metadata"]["name"] == "strict-probe"
     assert kube.delete("Service", namespace, "strict-probe") is True
     assert kube.get("Service", namespace, "strict-probe") is None
+
+
+def test_helm_install_takes_the_big_crd(control_plane, crd, namespace):
+    """The real helm binary installs the chart with its CRD (five PodSpec schemas, ~240 KB) on the real 1.20
+    server: the release record (a Secret, 1 MiB at most) and the CRD object both fit. The session's CRD exists
+    already, so the release takes it over (same content) and keeps it on uninstall (helm.sh/resource-policy)."""
+    try:
+        from chart.helm import helm_binary
+    except ImportError:  # run with the repository root on sys.path
+        from tests.chart.helm import helm_binary
+
+    env = {"KUBECONFIG": str(control_plane.kubeconfig), "HOME": str(control_plane.kubeconfig.parent),
+           "PATH": "/usr/bin:/bin"}
+    helm = [str(helm_binary()), "--namespace", namespace]
+    proc = subprocess.run([*helm, "install", "crd-check", str(REPO / "charts" / "kuberlhf"), "--take-ownership",
+                           "--set", "crds.install=true", "--wait=false"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        stored = yaml.safe_load(control_plane.kubectl("get", "crd", crd, "-o", "yaml").stdout)
+        assert stored["metadata"]["annotations"]["meta.helm.sh/release-name"] == "crd-check"
+        props = stored["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        assert "topologySpreadConstraints" in props["podTemplate"]["properties"]["spec"]["properties"]
+        release = [s for s in json.loads(control_plane.kubectl("get", "secret", "-n", namespace, "-o",
+                                                               "json").stdout)["items"]
+                   if s.get("type") == "helm.sh/release.v1"]
+        assert len(release) == 1 and len(release[0]["data"]["release"]) < 1024 * 1024
+    finally:
+        subprocess.run([*helm, "uninstall", "crd-check", "--wait=false"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert control_plane.kubectl("get", "crd", crd, check=False).returncode == 0  # kept
