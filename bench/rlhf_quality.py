@@ -85,7 +85,9 @@ def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str,
     return doc
 
 
-def run_task(task: qt.Task, root: Path, quick: bool, log, reuse: bool = False) -> tuple[Path, dict[str, Any], float]:
+def run_task(
+    task: qt.Task, root: Path, quick: bool, log, reuse: bool = False, resume: bool = False
+) -> tuple[Path, dict[str, Any], float]:
     work = root / task.name
     out = work / "run"
     if reuse and (out / "run.json").exists() and (out / "ppo" / "ema").exists():
@@ -98,7 +100,9 @@ def run_task(task: qt.Task, root: Path, quick: bool, log, reuse: bool = False) -
     manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)}
     cli = Path(sys.executable).with_name("kuberlhf")
-    cmd = [str(cli) if cli.exists() else "kuberlhf", "run", str(manifest), "--output-dir", str(out), "--fresh"]
+    cmd = [str(cli) if cli.exists() else "kuberlhf", "run", str(manifest), "--output-dir", str(out)] + (
+        [] if resume else ["--fresh"]
+    )
     t0 = time.monotonic()
     with (work / "run.log").open("w") as f:
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
@@ -224,6 +228,42 @@ def evaluate(task: qt.Task, out: Path, doc: dict[str, Any], wall: float, n_eval:
     return res, samples
 
 
+def plot_curves(root: Path, tasks: list[str], path: Path) -> Path:
+    """One figure of every task's step-3 curves (true reward and KL of the rollouts per PPO step, from each run's
+    metrics.jsonl) next to each other: where a goal is missed, this is where it shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kuberlhf.runner.metrics import parse_jsonl, series
+    from kuberlhf.runner.plots import moving_average
+
+    fig, (ax_r, ax_kl, ax_rm) = plt.subplots(1, 3, figsize=(18, 4.8))
+    for name in tasks:
+        metrics = root / name / "run" / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        records = parse_jsonl(metrics.read_text())
+        for ax, key in ((ax_r, "true_reward"), (ax_kl, "kl"), (ax_rm, "reward")):
+            steps, values = series(records, "ppo", key)
+            if values:
+                ax.plot(steps, moving_average(values, 8), label=name)
+    for ax, title in (
+        (ax_r, "true reward of rollouts (8-step mean)"),
+        (ax_kl, "KL to SFT, nats/answer (8-step mean)"),
+        (ax_rm, "reward-model score of rollouts (8-step mean)"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def table(results: list[TaskResult]) -> str:
     head = (
         "| task | RM acc (fresh / stage eval) | true reward SFT | PPO actor | EMA | KL/answer PPO / EMA (nats) "
@@ -249,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="shorter stages (the lean test)")
     ap.add_argument("--eval-prompts", type=int, default=256)
     ap.add_argument("--reuse", action="store_true", help="evaluate finished runs in OUT again instead of re-running")
+    ap.add_argument("--resume", action="store_true", help="continue interrupted runs in OUT (no --fresh)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here (default OUT/results.json)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -265,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks:
         task = qt.TASKS[name]
         print(f"[{name}] {task.what}", flush=True)
-        out, doc, wall = run_task(task, args.out, args.quick, lambda s: print(s, flush=True), args.reuse)
+        out, doc, wall = run_task(task, args.out, args.quick, lambda s: print(s, flush=True), args.reuse, args.resume)
         res, samples = evaluate(task, out, doc, wall, args.eval_prompts)
         results.append(res)
         details[name] = {"result": asdict(res), "goals": res.goals(), "samples": samples}
@@ -275,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     total = time.monotonic() - t_all
+    print(f"curves: {plot_curves(args.out, args.tasks, args.out / 'curves.png')}")
     print("\n" + table(results))
     print(
         f"\nsuite wall time {total / 60:.1f} min ({'--quick' if args.quick else 'full'}; {os.cpu_count()} cores, "
