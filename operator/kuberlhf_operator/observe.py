@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kuberlhf.contract.pod import TRAINER_CONTAINER
 from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
 
 JobPhase = Literal["Running", "Succeeded", "Failed"]
@@ -223,6 +224,8 @@ def reported_digest(pods: list[dict[str, Any]], stage: str, checkpoint_uri: str)
     pods write with their workload identity); the report is as trustworthy as the pipeline's own image."""
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != TRAINER_CONTAINER:
+                continue  # a user's sidecar (spec.podTemplate) does not speak for the stage
             term = (cs.get("state") or {}).get("terminated") or {}
             if int(term.get("exitCode") or 0) != 0 or not term.get("message"):
                 continue

@@ -52,7 +52,7 @@ def tenant_endpoint() -> Iterator[tuple[str, list[dict[str, str]]]]:
         server.shutdown()
 
 
-def _pod(stage: str, attempt: int, message: str, exit_code: int = 0) -> dict:
+def _pod(stage: str, attempt: int, message: str, exit_code: int = 0, container: str = "trainer") -> dict:
     return {
         "kind": "Pod",
         "metadata": {
@@ -68,7 +68,7 @@ def _pod(stage: str, attempt: int, message: str, exit_code: int = 0) -> dict:
         "status": {
             "phase": "Succeeded" if exit_code == 0 else "Failed",
             "containerStatuses": [
-                {"name": "stage", "state": {"terminated": {"exitCode": exit_code, "message": message}}}
+                {"name": container, "state": {"terminated": {"exitCode": exit_code, "message": message}}}
             ],
         },
     }
@@ -118,6 +118,9 @@ def test_workload_identity_reports_must_name_this_stage_and_prefix() -> None:
     assert reported_digest([_pod("sft", 1, "training log tail\nOOM")], "sft", uri) is None
     assert reported_digest([_pod("sft", 1, completion_report("sft", uri, DIGEST), exit_code=1)], "sft", uri) is None
     assert reported_digest([_pod("sft", 1, completion_report("sft", uri, "not-a-digest"))], "sft", uri) is None
+    # a sidecar added through spec.podTemplate does not speak for the stage
+    sidecar = _pod("sft", 1, completion_report("sft", uri, DIGEST), container="log-shipper")
+    assert reported_digest([sidecar], "sft", uri) is None
     # only the pods of the attempt whose Job succeeded count
     stale = FakeKube(_pod("sft", 1, completion_report("sft", uri, DIGEST)))
     got = probe(stale, StoreCache(), META, {"storage": {"uri": "s3://bucket/runs"}}, {}, _succeeded(attempt=2))
