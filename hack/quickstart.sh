@@ -22,11 +22,12 @@ kuberlhf run examples/tiny-cpu.yaml --output-dir "$OUT" "${fresh[@]}"
 
 MODEL=$OUT/ppo/ema
 if [ -t 0 ] && [ -t 1 ]; then
-  say "chat with the RLHF-trained model ('clear' starts a new conversation, 'quit' leaves; the tiny model was trained on single turns, so 'clear' between questions)"
+  say "chat with the RLHF-trained model (it remembers the conversation: try a question, then \"Can you explain it to a child?\"; 'clear' starts over, 'quit' leaves)"
   exec kuberlhf chat --model "$MODEL"
 fi
-# the tiny model was trained on single turns (64 tokens), so each question starts a fresh conversation here
-say "no terminal attached: two questions instead (interactive: kuberlhf chat --model $MODEL)"
-for question in "What is the capital of France?" "Can you count from one to four?"; do
-  kuberlhf chat --model "$MODEL" --seed 1 --message "$question"
-done
+# no terminal: one scripted conversation of three turns, each follow-up about the first question's subject
+say "no terminal attached: a scripted 3-turn conversation instead (interactive: kuberlhf chat --model $MODEL)"
+kuberlhf chat --model "$MODEL" --seed 1 \
+  --message "What is the capital of France?" \
+  --message "Can you explain it to a child?" \
+  --message "What else about it?"

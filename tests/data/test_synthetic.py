@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kuberlhf.data.dialogues import is_follow_up
 from kuberlhf.data.sources import BUILTIN_DIR, BUILTINS
 
 SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "make_synthetic_data.py"
@@ -30,11 +31,13 @@ def test_small_short_and_preference_is_clear(repo_root: Path) -> None:
     assert len(rows) == 4000
     for row in rows:
         assert row["chosen"] != row["rejected"]
-        for text in row.values():
-            assert len(tok.encode(" " + text).ids) <= 40, text
+        for key, text in row.items():
+            # dialogue prompts hold up to 4 turns: within the tiny example's maxPromptLen (80)
+            limit = 72 if key == "prompt" and is_follow_up(row["prompt"]) else 40
+            assert len(tok.encode(" " + text).ids) <= limit, text
         assert not any(m in row["chosen"] for m in RUDE_MARKERS), row
     rude = sum(any(m in r["rejected"] for m in RUDE_MARKERS) for r in rows) / len(rows)
-    assert 0.5 < rude < 0.7  # the rest is politely wrong
+    assert 0.4 < rude < 0.7  # the rest is politely wrong (or, in dialogues, politely off the subject)
     # every prompt family is there
     prompts = " ".join(r["prompt"] for r in rows)
     for word in ("capital", "plus", "opposite", "colour", "Count", "spell", "learn"):

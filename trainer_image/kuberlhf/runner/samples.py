@@ -34,6 +34,20 @@ def heldout_prompts(pipeline: RLHFPipeline, limit: int | None = None) -> list[st
     return prompts[:limit] if limit else prompts
 
 
+def heldout_dialogues(pipeline: RLHFPipeline, limit: int = 64) -> list[str]:
+    """Multi-turn prompts whose last question refers back (:func:`kuberlhf.data.dialogues.is_follow_up`) from the
+    eval slices of all three stages: the splits are disjoint, so no stage trained on them. Deduplicated, in a
+    fixed order."""
+    from kuberlhf.data.blend import stage_rows
+    from kuberlhf.data.dialogues import is_follow_up
+
+    prompts: list[str] = []
+    for stage in (Stage.ppo, Stage.reward, Stage.sft):
+        _, ev = stage_rows(pipeline.spec.data, stage)
+        prompts += [p for p in ev["prompt"] if is_follow_up(p)]
+    return list(dict.fromkeys(prompts))[:limit]
+
+
 def generate_answers(model_dir: Path, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
                      top_p: float, seed: int, batch_size: int = 32) -> list[str]:
     """Answers of a causal LM (HF directory) to Human/Assistant prompts, cut at the next 'Human:' turn."""
@@ -131,6 +145,10 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
         console.line()
     console.info(f"mean reward-model score on {len(prompts)} held-out prompts: SFT {sft['mean_score']:+.3f} -> "
                  f"SFT + PPO {fin['mean_score']:+.3f}")
+    subject = score_on_subject(pipeline, policies)
+    if subject:
+        console.info(f"answers that stay on the conversation's subject, {subject['dialogues']} held-out dialogues' "
+                     f"follow-ups: SFT {subject['sft']:.2f} -> SFT + PPO {subject['final']:.2f}")
     truth = score_true_reward(pipeline, prompts, ev)
     if truth:
         console.info(f"mean true reward ({pipeline.spec.data.true_reward}, never trained on) on the same answers: "
@@ -143,7 +161,27 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
               "finalModel": str(final)}
     if truth:
         result.update(sftTrueReward=truth["sft"], finalTrueReward=truth["final"])
+    if subject:
+        result.update(heldoutDialogues=subject["dialogues"], sftOnSubject=subject["sft"],
+                      finalOnSubject=subject["final"])
     return result
+
+
+def score_on_subject(pipeline: RLHFPipeline, policies: Mapping[str, Path], limit: int = 64) -> dict[str, Any]:
+    """Share of each policy's answers to held-out follow-up questions that stay on the dialogue's subject
+    (:func:`kuberlhf.data.dialogues.on_subject`); {} when the data has no dialogues."""
+    from kuberlhf.data.dialogues import on_subject_share
+
+    dialogues = heldout_dialogues(pipeline, limit)
+    if not dialogues:
+        return {}
+    ppo = pipeline.spec.stages.ppo
+    out: dict[str, Any] = {"dialogues": len(dialogues)}
+    for name, path in policies.items():
+        answers = generate_answers(path, dialogues, max_new_tokens=ppo.max_answer_len, temperature=ppo.temperature,
+                                   top_p=ppo.top_p, seed=ppo.seed)
+        out[name] = on_subject_share(dialogues, answers)
+    return out
 
 
 def score_true_reward(pipeline: RLHFPipeline, prompts: Sequence[str], ev: Mapping[str, Any]) -> dict[str, float]:
