@@ -11,12 +11,12 @@ from kuberlhf.data.sources import BUILTINS
 
 
 def _rows() -> list[dict]:
-    return [json.loads(line) for line in BUILTINS["kuberlhf/synthetic-pairs"].read_text().splitlines()]
+    return [json.loads(line) for line in BUILTINS["kuberlhf/synthetic-dialogues"].read_text().splitlines()]
 
 
-def test_the_pairs_hold_dialogues_of_two_to_four_turns_in_deepspeed_chat_format() -> None:
-    dialogues = [r for r in _rows() if is_follow_up(r["prompt"])]
-    assert 0.25 < len(dialogues) / 4000 < 0.45
+def test_the_dialogues_are_in_deepspeed_chat_format() -> None:
+    dialogues = _rows()
+    assert len(dialogues) == 1400 and all(is_follow_up(r["prompt"]) for r in dialogues)
     turns = {len(human_turns(r["prompt"])) for r in dialogues}
     # 3- and 4-turn dialogues are drawn too, but at the tiny example's maxPromptLen none fits the tiny tokenizer
     # (" Human:" is 5 tokens, " Assistant:" 8): see MAX_DIALOGUE_PROMPT_TOKENS in hack/make_synthetic_data.py

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kuberlhf.data.dialogues import is_follow_up
 from kuberlhf.data.sources import BUILTIN_DIR, BUILTINS
 
 SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "make_synthetic_data.py"
@@ -18,7 +17,7 @@ RUDE_MARKERS = ("figure it out", "don't know", "Think for yourself", "bad questi
 def test_regenerates_identically(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, timeout=120,
                    capture_output=True)
-    for name in ("synthetic-pairs.jsonl", "synthetic-corpus.jsonl", "README.md"):
+    for name in ("synthetic-pairs.jsonl", "synthetic-corpus.jsonl", "synthetic-dialogues.jsonl", "README.md"):
         assert (tmp_path / name).read_bytes() == (BUILTIN_DIR / name).read_bytes(), name
 
 
@@ -31,13 +30,11 @@ def test_small_short_and_preference_is_clear(repo_root: Path) -> None:
     assert len(rows) == 4000
     for row in rows:
         assert row["chosen"] != row["rejected"]
-        for key, text in row.items():
-            # dialogue prompts hold up to 4 turns: within the tiny example's maxPromptLen (80)
-            limit = 72 if key == "prompt" and is_follow_up(row["prompt"]) else 40
-            assert len(tok.encode(" " + text).ids) <= limit, text
+        for text in row.values():
+            assert len(tok.encode(" " + text).ids) <= 40, text
         assert not any(m in row["chosen"] for m in RUDE_MARKERS), row
     rude = sum(any(m in r["rejected"] for m in RUDE_MARKERS) for r in rows) / len(rows)
-    assert 0.4 < rude < 0.7  # the rest is politely wrong (or, in dialogues, politely off the subject)
+    assert 0.5 < rude < 0.7  # the rest is politely wrong
     # every prompt family is there
     prompts = " ".join(r["prompt"] for r in rows)
     for word in ("capital", "plus", "opposite", "colour", "Count", "spell", "learn"):

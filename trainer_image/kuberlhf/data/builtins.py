@@ -10,5 +10,6 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "assets" / "data"
 BUILTINS: dict[str, Path] = {
     "kuberlhf/synthetic-pairs": BUILTIN_DIR / "synthetic-pairs.jsonl",
     "kuberlhf/synthetic-corpus": BUILTIN_DIR / "synthetic-corpus.jsonl",
+    "kuberlhf/synthetic-dialogues": BUILTIN_DIR / "synthetic-dialogues.jsonl",
 }
 BUILTIN_PREFIX = "kuberlhf/"
