@@ -29,6 +29,7 @@ the only round trip, one validation per side".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -112,7 +113,7 @@ class Operator:
             except Exception as e:  # noqa: BLE001
                 logger.warning("cannot read the server version (%s); assuming Job suspend works", e)
                 supported = True
-        self.config = OperatorConfig(default_image=self.config.default_image, job_suspend_supported=supported)
+        self.config = dataclasses.replace(self.config, job_suspend_supported=supported)
         logger.info("kuberlhf operator: default image %s, Job suspend %s, strict field validation %s",
                     self.config.default_image, "native" if supported else "by deleting the Job (server < 1.22)",
                     "on" if self._strict() else "off (server < 1.25)")

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from kuberlhf_operator import handlers  # noqa: F401 - registers the handlers with kopf's default registry
     from kuberlhf_operator.controller import Operator
-    from kuberlhf_operator.reconcile import OperatorConfig
+    from kuberlhf_operator.reconcile import config_from_env
 
-    operator = Operator(config=OperatorConfig(default_image=args.default_image or None),
+    operator = Operator(config=config_from_env(os.environ),
                         namespaced=not args.all_namespaces,
                         safety_interval=float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "60")))
     if args.metrics_port:

@@ -3,6 +3,7 @@ and at the end the chat Deployment + Service. Plain dicts in, plain dicts out; n
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -118,14 +119,43 @@ def _resources(user: dict[str, Any], gpus: int | None) -> dict[str, Any]:
     return out
 
 
+# Pod Security Standards "restricted" by default, with a read-only root filesystem: the pod runs as the image's own
+# non-root user (10001 in ours), and the code writes only to the image's HOME (model and tokenizer caches, the
+# stage work dir, torch extensions), /tmp and /dev/shm, each an emptyDir. A user's podTemplate can loosen any of it
+# explicitly (e.g. containers[trainer].securityContext.capabilities.add: [IPC_LOCK] for InfiniBand/GPUDirect).
+IMAGE_HOME = "/home/kuberlhf"
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                              "capabilities": {"drop": ["ALL"]}}
+SCRATCH_MOUNTS = {"home": IMAGE_HOME, "tmp": "/tmp"}
+
+
+def _hardened(spec: dict[str, Any]) -> dict[str, Any]:
+    """The operator's pod spec with the restricted defaults and the writable scratch its trainer container needs."""
+    out = {**spec, "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT)}
+    out["volumes"] = [*spec.get("volumes", []), *({"name": n, "emptyDir": {}} for n in SCRATCH_MOUNTS)]
+    containers = []
+    for c in spec["containers"]:
+        c = {**c, "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT)}
+        c["volumeMounts"] = [*c.get("volumeMounts", []),
+                             *({"name": n, "mountPath": path} for n, path in SCRATCH_MOUNTS.items())]
+        containers.append(c)
+    out["containers"] = containers
+    return out
+
+
 def _pod_template(pipeline: RLHFPipeline, labels: dict[str, str], spec: dict[str, Any],
                   override: PodTemplate | None) -> dict[str, Any]:
     """The operator's pod, then spec.podTemplate, then the stage's or serving's podTemplate (kuberlhf.contract.pod;
     the spec models already rejected any template value the operator owns)."""
-    base = {"metadata": {"labels": dict(labels)}, "spec": spec}
+    base = {"metadata": {"labels": dict(labels)}, "spec": _hardened(spec)}
     layers = [pipeline.spec.pod_template, override]
     out = merge_layers(base, *(t.to_wire() for t in layers if t is not None))
     out["metadata"] = {k: v for k, v in out["metadata"].items() if v}  # no empty annotations map
+    # No API token in the pod unless the user names the ServiceAccount it should act as (a stage never calls the
+    # API server; an explicit automountServiceAccountToken in the template still wins).
+    if not out["spec"].get("serviceAccountName"):
+        out["spec"].setdefault("automountServiceAccountToken", False)
     return out
 
 

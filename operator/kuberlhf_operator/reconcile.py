@@ -13,6 +13,8 @@ Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Su
 from __future__ import annotations
 
 import copy
+import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -21,7 +23,16 @@ from pydantic import ValidationError
 
 from kuberlhf.contract.preflight import format_problems, preflight
 from kuberlhf.contract.rules import TRANSITION_RULES
-from kuberlhf.contract.spec import STAGE_ORDER, ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec, written_spec
+from kuberlhf.contract.spec import (
+    STAGE_ORDER,
+    ObjectMeta,
+    PipelineSpec,
+    RLHFPipeline,
+    SpecError,
+    Stage,
+    parse_spec,
+    written_spec,
+)
 from kuberlhf.contract.stage import StageLayout
 from kuberlhf_operator.manifests import (
     Owner,
@@ -69,6 +80,56 @@ class OperatorConfig:
     # Job.spec.suspend exists from Kubernetes 1.22 (beta, on by default). Older servers drop the field, so there
     # suspending deletes the running Job instead (the next attempt resumes from its checkpoint).
     job_suspend_supported: bool = True
+    # The operator's own ServiceAccount (namespace, name): no pipeline's pods may run as it.
+    operator_service_account: tuple[str, str] | None = None
+    # Install-wide policy (the chart's policy.*): image globs and ServiceAccount names pods may use; empty = any.
+    allowed_images: tuple[str, ...] = ()
+    allowed_service_accounts: tuple[str, ...] = ()
+
+
+def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
+    """What the chart passes the operator: KUBERLHF_DEFAULT_IMAGE, POD_NAMESPACE + KUBERLHF_SERVICE_ACCOUNT and
+    the comma-separated KUBERLHF_ALLOWED_IMAGES / KUBERLHF_ALLOWED_SERVICE_ACCOUNTS."""
+    def items(key: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in (env.get(key) or "").split(",") if x.strip())
+
+    sa, ns = env.get("KUBERLHF_SERVICE_ACCOUNT"), env.get("POD_NAMESPACE")
+    return OperatorConfig(default_image=env.get("KUBERLHF_DEFAULT_IMAGE") or None,
+                          operator_service_account=(ns, sa) if sa and ns else None,
+                          allowed_images=items("KUBERLHF_ALLOWED_IMAGES"),
+                          allowed_service_accounts=items("KUBERLHF_ALLOWED_SERVICE_ACCOUNTS"))
+
+
+def pod_policy_problem(namespace: str, spec: PipelineSpec, config: OperatorConfig) -> str | None:
+    """The first template field that would run a pod as the operator, or outside the install's allowlists."""
+    layers: list[tuple[str, Any]] = [("spec.podTemplate", spec.pod_template)]
+    layers += [(f"spec.stages.{st.value}.podTemplate", spec.stages.get(st).pod_template) for st in STAGE_ORDER]
+    layers.append(("spec.serving.podTemplate", spec.serving.pod_template))
+    image = spec.image or config.default_image
+    images = [("spec.image", image)] if image else []
+    for at, template in layers:
+        if template is None:
+            continue
+        pod = template.to_wire().get("spec") or {}
+        for key in ("serviceAccountName", "serviceAccount"):  # serviceAccount: PodSpec's deprecated alias
+            sa = pod.get(key)
+            if not sa:
+                continue
+            if config.operator_service_account == (namespace, sa):
+                return (f"{at}.spec.{key}: {sa!r} is the kuberlhf operator's own ServiceAccount; a pipeline's "
+                        "pods may not act as the operator (name a ServiceAccount of your own, or none)")
+            if config.allowed_service_accounts and sa not in config.allowed_service_accounts:
+                return (f"{at}.spec.{key}: ServiceAccount {sa!r} is not in this install's allowlist "
+                        f"({', '.join(config.allowed_service_accounts)}; chart value policy.allowedServiceAccounts)")
+        for kind in ("initContainers", "containers"):
+            images += [(f"{at}.spec.{kind}[{c.get('name')}].image", c["image"])
+                       for c in pod.get(kind) or [] if c.get("image")]
+    if config.allowed_images:
+        for at, img in images:
+            if not any(fnmatch.fnmatchcase(img, pattern) for pattern in config.allowed_images):
+                return (f"{at}: image {img!r} is not in this install's allowlist "
+                        f"({', '.join(config.allowed_images)}; chart value policy.allowedImages)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -489,6 +550,9 @@ def reconcile(
     problems = preflight(resolved.spec)
     if problems:
         return run.invalid(format_problems(problems))
+    refused = pod_policy_problem(meta.namespace, resolved.spec, run.config)
+    if refused:
+        return run.invalid(refused)
     current = resolved.spec.to_wire()
     run.written = written_spec(spec)
     return run.run(current)

@@ -300,3 +300,14 @@ def test_chart_packages(tmp_path: Path) -> None:
     listing = subprocess.run(["tar", "tzf", str(tmp_path / "kuberlhf-0.1.0.tgz")], capture_output=True, text=True, check=True)
     assert "kuberlhf/files/rlhfpipelines.yaml" in listing.stdout
     assert "kuberlhf/values.schema.json" in listing.stdout
+
+
+def test_operator_knows_its_service_account_and_the_install_policy() -> None:
+    env = {e["name"]: e.get("value") for e in _operator(_render("ci-values"))["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBERLHF_SERVICE_ACCOUNT"] == "rlhf-operator"  # ci-values' serviceAccount.name
+    assert "KUBERLHF_ALLOWED_IMAGES" not in env and "KUBERLHF_ALLOWED_SERVICE_ACCOUNTS" not in env
+    objects = render_chart(set_values=["policy.allowedImages={registry.example.com/kuberlhf/*,ghcr.io/x/y:1}",
+                                       "policy.allowedServiceAccounts={trainer}"])
+    env = {e["name"]: e.get("value") for e in _operator(objects)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBERLHF_ALLOWED_IMAGES"] == "registry.example.com/kuberlhf/*,ghcr.io/x/y:1"
+    assert env["KUBERLHF_ALLOWED_SERVICE_ACCOUNTS"] == "trainer"

@@ -197,7 +197,7 @@ def test_worked_example_builds_pods_with_the_users_cache_toleration_and_token() 
         env = {e["name"]: e for e in trainer["env"]}
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
         assert env["HF_HOME"]["value"] == "/cache/huggingface"
-        assert {m["mountPath"] for m in trainer["volumeMounts"]} == {"/dev/shm", "/cache"}
+        assert {m["mountPath"] for m in trainer["volumeMounts"]} == {"/dev/shm", "/cache", "/home/kuberlhf", "/tmp"}
         assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}} in spec["volumes"]
         assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         is_ppo = name == "opt-1-3b-cached-ppo-1"

@@ -1,0 +1,67 @@
+"""Stage and chat pods pass the Pod Security Standards restricted profile by default, with a read-only root
+filesystem and emptyDir scratch where the code writes, carry no ServiceAccount token unless the user names a
+ServiceAccount, and loosen only where the user's podTemplate says so explicitly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from scan import pss
+from scan.render import example_children, examples
+
+from kuberlhf.contract.spec import parse_pipeline
+from kuberlhf_operator.manifests import IMAGE_HOME
+
+
+def _pods(objects):
+    return [
+        (o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects if o["kind"] in ("Job", "Deployment")
+    ]
+
+
+@pytest.mark.parametrize("example", examples(), ids=lambda p: p.stem)
+def test_every_examples_pods_are_restricted_read_only_and_tokenless(example) -> None:
+    pods = _pods(example_children(example))
+    assert len(pods) >= 3
+    for name, spec in pods:
+        assert pss.violations(spec) == [], name
+        assert spec["automountServiceAccountToken"] is False, name
+        trainer = spec["containers"][0]
+        assert trainer["securityContext"]["readOnlyRootFilesystem"] is True
+        mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for path in (IMAGE_HOME, "/tmp", "/dev/shm"):  # where the stage and the server write
+            assert "emptyDir" in volumes[mounts[path]], (name, path)
+
+
+def _with_template(example, template):
+    doc = yaml.safe_load(example.read_text())
+    doc["spec"]["podTemplate"] = template
+    return doc
+
+
+def _children_of(doc, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return _pods(example_children(path))
+
+
+def test_naming_a_service_account_mounts_its_token_and_opt_outs_are_explicit(tmp_path) -> None:
+    example = next(p for p in examples() if p.stem == "opt-66b-multi-node")
+    doc = _with_template(
+        example,
+        {
+            "spec": {
+                "serviceAccountName": "trainer-irsa",
+                "containers": [{"name": "trainer", "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}}],
+            }
+        },
+    )
+    parse_pipeline(copy.deepcopy(doc))
+    for name, spec in _children_of(doc, tmp_path):
+        assert spec["serviceAccountName"] == "trainer-irsa" and "automountServiceAccountToken" not in spec, name
+        caps = spec["containers"][0]["securityContext"]["capabilities"]
+        assert caps == {"drop": ["ALL"], "add": ["IPC_LOCK"]}  # the rest of the restricted defaults stays
+        assert {v.split(":")[0] for v in pss.violations(spec)} == {"Capabilities", "Capabilities (baseline)"}
