@@ -12,6 +12,7 @@ from kuberlhf.contract.pod import SHM_MOUNT, SHM_VOLUME, TRAINER_CONTAINER, merg
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, Accelerator, PodTemplate, RLHFPipeline, Stage
 from kuberlhf.contract.stage import (
     DEFAULT_MASTER_PORT,
+    DEFAULT_STOP_GRACE_SECONDS,
     ENTRYPOINT,
     ENV_API_KEY,
     ENV_NODE_RANK,
@@ -229,6 +230,9 @@ def build_stage_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": name,  # with an Indexed Job, pod hostname <job>-<index> resolves as <job>-<index>.<svc>
+        # on SIGTERM (preemption, drain) the stage finishes its step and commits a checkpoint before it exits;
+        # Kubernetes' default 30 s is too short for that (podTemplate.spec.terminationGracePeriodSeconds wins)
+        "terminationGracePeriodSeconds": DEFAULT_STOP_GRACE_SECONDS,
         "containers": [container],
         "volumes": [_shm_volume(pipeline)],
     }

@@ -12,6 +12,7 @@ from scan import pss
 from scan.render import example_children, examples
 
 from kuberlhf.contract.spec import parse_pipeline
+from kuberlhf.contract.stage import DEFAULT_STOP_GRACE_SECONDS
 from kuberlhf_operator.manifests import IMAGE_HOME
 
 
@@ -28,6 +29,8 @@ def test_every_examples_pods_are_restricted_read_only_and_tokenless(example) -> 
     for name, spec in pods:
         assert pss.violations(spec) == [], name
         assert spec["automountServiceAccountToken"] is False, name
+        if name.endswith("-1"):  # stage Jobs: time to commit a checkpoint after SIGTERM
+            assert spec["terminationGracePeriodSeconds"] == DEFAULT_STOP_GRACE_SECONDS
         trainer = spec["containers"][0]
         assert trainer["securityContext"]["readOnlyRootFilesystem"] is True
         mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
