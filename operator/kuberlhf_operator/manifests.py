@@ -293,15 +293,23 @@ def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image
     }
     if sv.resources:
         container["resources"] = _resources(sv.resources, None)
+    pod: dict[str, Any] = {"containers": [container], "volumes": [_shm_volume(pipeline)]}
+    if sv.replicas > 1:
+        # replicas on different nodes where the cluster allows it, so one node's loss leaves the chat answering
+        pod["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                             "whenUnsatisfiable": "ScheduleAnyway",
+                                             "labelSelector": {"matchLabels": dict(labels)}}]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(name, owner, labels),
         "spec": {
             "replicas": sv.replicas,
+            # not shorter than the startup budget (the first start downloads the model): a slow but healthy
+            # rollout is not reported as failed (Kubernetes' default is 600 s)
+            "progressDeadlineSeconds": SERVING_STARTUP_SECONDS + 60,
             "selector": {"matchLabels": dict(labels)},
-            "template": _pod_template(pipeline, labels, {"containers": [container],
-                                                         "volumes": [_shm_volume(pipeline)]}, sv.pod_template),
+            "template": _pod_template(pipeline, labels, pod, sv.pod_template),
         },
     }
 

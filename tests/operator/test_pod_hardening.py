@@ -68,3 +68,21 @@ def test_naming_a_service_account_mounts_its_token_and_opt_outs_are_explicit(tmp
         caps = spec["containers"][0]["securityContext"]["capabilities"]
         assert caps == {"drop": ["ALL"], "add": ["IPC_LOCK"]}  # the rest of the restricted defaults stays
         assert {v.split(":")[0] for v in pss.violations(spec)} == {"Capabilities", "Capabilities (baseline)"}
+
+
+def test_chat_deployment_rollout_deadline_covers_startup_and_replicas_spread(tmp_path) -> None:
+    example = next(p for p in examples() if p.stem == "opt-1.3b-single-gpu")
+    doc = yaml.safe_load(example.read_text())
+    for replicas in (1, 3):
+        doc["spec"].setdefault("serving", {})["replicas"] = replicas
+        path = tmp_path / f"r{replicas}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        dep = next(o for o in example_children(path) if o["kind"] == "Deployment")
+        probe = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+        assert dep["spec"]["progressDeadlineSeconds"] > probe["periodSeconds"] * probe["failureThreshold"]
+        spread = dep["spec"]["template"]["spec"].get("topologySpreadConstraints")
+        if replicas == 1:
+            assert spread is None
+        else:
+            assert spread[0]["topologyKey"] == "kubernetes.io/hostname"
+            assert spread[0]["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
