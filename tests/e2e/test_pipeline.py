@@ -317,7 +317,8 @@ def test_user_volume_and_secret_env_reach_every_pod(run):
         assert any(v["name"] == "dshm" for v in pod["volumes"])
         trainer = next(c for c in pod["containers"] if c["name"] == "trainer")
         mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
-        assert mounts == {"/dev/shm": "dshm", "/cache": "model-cache"}, obj["metadata"]["name"]
+        assert mounts == {"/dev/shm": "dshm", "/cache": "model-cache", "/home/kuberlhf": "home", "/tmp": "tmp"}, (
+            obj["metadata"]["name"])
         env = {e["name"]: e for e in trainer["env"]}
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     chat = next(p for p in run.kubelet.active(run.ns) if p.name.startswith(chat_name(NAME)))
