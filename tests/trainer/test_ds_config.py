@@ -54,6 +54,16 @@ def test_eval_config_shards_only_at_zero3():
     assert eval_ds_config(settings(zero_stage=3))["zero_optimization"]["stage"] == 3
 
 
+def test_frozen_model_offload_is_its_own_switch():
+    """offloadReferenceModel / offloadRewardModel (DeepSpeed-Chat's) move a frozen ZeRO-3 model's partitions to
+    CPU memory whatever the trained twin does; at ZeRO-0 there is nothing to offload."""
+    assert eval_ds_config(settings(zero_stage=3), offload=True)["zero_optimization"]["offload_param"] == {
+        "device": "cpu"}
+    assert "offload_param" not in eval_ds_config(settings(zero_stage=3, offload=True), offload=False)[
+        "zero_optimization"]
+    assert "offload_param" not in eval_ds_config(settings(zero_stage=2), offload=True)["zero_optimization"]
+
+
 @pytest.mark.parametrize(("kw", "needles"), [
     ({"zero_stage": 4}, ["spec.stages.sft.zeroStage", "0, 1, 2 or 3"]),
     ({"micro_batch": 0}, ["spec.stages.sft", "perDeviceBatchSize"]),

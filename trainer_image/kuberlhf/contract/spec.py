@@ -299,6 +299,10 @@ class PPOStageSpec(CommonStageSpec):
     critic_lora: LoraSpec | None = Field(default=None, description="LoRA of the critic.")
     ema: EMASpec = Field(default_factory=EMASpec, description="Exponential moving average of the actor; serving "
                          "uses it.")
+    offload_reference_model: bool = Field(default=False, description="Keep the frozen reference model's ZeRO-3 "
+                                          "partitions in CPU memory (DeepSpeed-Chat's --offload_reference_model).")
+    offload_reward_model: bool = Field(default=False, description="Keep the frozen reward model's ZeRO-3 partitions "
+                                       "in CPU memory (DeepSpeed-Chat's --offload_reward_model).")
     ptx_coef: float = Field(default=27.8, ge=0, description="Weight of the pre-training loss (needs data.unsupervised).")
     kl_coef: float = Field(default=0.1, ge=0, description="KL penalty coefficient against the SFT (reference) "
                            "policy.")

@@ -122,15 +122,23 @@ def load_pretrained(auto_cls: Any, path: str, source: str, field: str, dropout: 
 
 
 def load_causal_lm(source: str, field: str = "spec.actor.model", seed: int = 1234, dropout: float | None = None,
-                   gradient_checkpointing: bool = False, revision: str | None = None):
-    """A causal LM in fp32 (DeepSpeed casts it to the configured precision); ``revision`` of a hub name."""
+                   gradient_checkpointing: bool = False, ds_config: dict[str, Any] | None = None,
+                   tokenizer: Any = None, revision: str | None = None):
+    """A causal LM in fp32 (DeepSpeed casts it to the configured precision). With a ZeRO-3 ``ds_config`` it is
+    created partitioned across the ranks (``kuberlhf.models.partition``); ``tokenizer`` grows the embeddings to
+    cover it (:func:`align_embeddings`) while the partitioning config is active; ``revision`` of a hub name."""
     from transformers import AutoModelForCausalLM
 
-    if is_tiny(source):
-        model = tiny_causal_lm(seed)
-        apply_dropout(model.config, dropout)
-    else:
-        model = load_pretrained(AutoModelForCausalLM, resolve_local(source, field), source, field, dropout, revision)
+    from kuberlhf.models.partition import partitioned_loading
+
+    with partitioned_loading(ds_config):
+        if is_tiny(source):
+            model = tiny_causal_lm(seed, dropout)
+        else:
+            model = load_pretrained(AutoModelForCausalLM, resolve_local(source, field), source, field, dropout,
+                                    revision)
+        if tokenizer is not None:
+            align_embeddings(model, tokenizer)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -139,7 +147,8 @@ def load_causal_lm(source: str, field: str = "spec.actor.model", seed: int = 123
 
 def align_embeddings(model: Any, tokenizer: Any) -> None:
     """Grow the embedding matrix to a multiple of 8 covering the tokenizer (as DeepSpeed-Chat does)."""
+    weight = model.get_input_embeddings().weight
     n = len(tokenizer)
-    current = model.get_input_embeddings().weight.shape[0]
+    current = (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]  # a ZeRO-3 placeholder is empty
     if n > current:
         model.resize_token_embeddings(int(8 * ((n + 7) // 8)))

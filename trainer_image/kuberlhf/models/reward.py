@@ -47,27 +47,41 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_causal_lm_source(cls, source: str, field: str = "spec.reward.model", seed: int = 1234,
-                              dropout: float | None = None, revision: str | None = None) -> RewardModel:
-        """A fresh reward model whose backbone is the base model of a causal LM (head randomly initialised)."""
+                              dropout: float | None = None, revision: str | None = None,
+                              ds_config: dict[str, Any] | None = None) -> RewardModel:
+        """A fresh reward model whose backbone is the base model of a causal LM (head randomly initialised).
+        A ZeRO-3 ``ds_config`` creates it partitioned (``kuberlhf.models.partition``)."""
         from transformers import AutoModel
 
         from kuberlhf.models.loading import apply_dropout, is_tiny, load_pretrained, resolve_local
+        from kuberlhf.models.partition import gathered, partitioned_loading
         from kuberlhf.models.tiny import tiny_config
 
+        if not is_tiny(source):
+            path = resolve_local(source, field)
+            if (Path(path) / REWARD_CONFIG_FILE).exists():
+                return cls.from_pretrained(path, dropout=dropout, ds_config=ds_config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if is_tiny(source):
-                config = tiny_config()
-                apply_dropout(config, dropout)
-                backbone = AutoModel.from_config(config)
-            else:
-                path = resolve_local(source, field)
-                if (Path(path) / REWARD_CONFIG_FILE).exists():
-                    return cls.from_pretrained(path, dropout=dropout)
-                backbone = load_pretrained(AutoModel, path, source, field, dropout, revision)
-            model = cls(backbone)
-            nn.init.normal_(model.v_head.weight, std=1.0 / (model.v_head.in_features ** 0.5))
+            with partitioned_loading(ds_config):
+                if is_tiny(source):
+                    config = tiny_config()
+                    apply_dropout(config, dropout)
+                    backbone = AutoModel.from_config(config)
+                else:
+                    backbone = load_pretrained(AutoModel, path, source, field, dropout, revision)
+            model = cls.wrap(backbone, ds_config)
+            with gathered([model.v_head.weight], modifier_rank=0):
+                nn.init.normal_(model.v_head.weight, std=1.0 / (model.v_head.in_features ** 0.5))
         return model
+
+    @classmethod
+    def wrap(cls, backbone: nn.Module, ds_config: dict[str, Any] | None = None) -> RewardModel:
+        """The reward model around ``backbone``; the value head is partitioned like a ZeRO-3 backbone."""
+        from kuberlhf.models.partition import zero_init
+
+        with zero_init(ds_config):
+            return cls(backbone)
 
     def gradient_checkpointing_enable(self) -> None:
         self.rwtransformer.gradient_checkpointing_enable()
@@ -96,18 +110,25 @@ class RewardModel(nn.Module):
         backbone_sd = {k[len("rwtransformer."):]: v for k, v in sd.items() if k.startswith("rwtransformer.")}
         self.rwtransformer.save_pretrained(out, state_dict=backbone_sd)
         save_file({"v_head.weight": sd["v_head.weight"].detach().contiguous().cpu()}, str(out / VALUE_HEAD_FILE))
-        meta = {"format": REWARD_FORMAT, "score": "last_non_pad_token", "hidden_size": self.v_head.in_features,
-                "backbone_class": type(self.rwtransformer).__name__}
-        (out / REWARD_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self.write_metadata(out, self.v_head.in_features, type(self.rwtransformer).__name__)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
 
+    @staticmethod
+    def write_metadata(out_dir: str | os.PathLike, hidden_size: int, backbone_class: str) -> None:
+        meta = {"format": REWARD_FORMAT, "score": "last_non_pad_token", "hidden_size": hidden_size,
+                "backbone_class": backbone_class}
+        (Path(out_dir) / REWARD_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dropout: float | None = None) -> RewardModel:
+    def from_pretrained(cls, path: str | os.PathLike, dropout: float | None = None,
+                        ds_config: dict[str, Any] | None = None) -> RewardModel:
+        """Load the documented format; a ZeRO-3 ``ds_config`` loads it partitioned."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
         from kuberlhf.models.loading import ModelError, apply_dropout
+        from kuberlhf.models.partition import gathered, partitioned_loading
 
         path = Path(path)
         meta_file = path / REWARD_CONFIG_FILE
@@ -118,7 +139,10 @@ class RewardModel(nn.Module):
             raise ModelError(f"{meta_file}: unknown format {meta.get('format')!r}, expected {REWARD_FORMAT}")
         config = AutoConfig.from_pretrained(path)
         apply_dropout(config, dropout)
-        model = cls(AutoModel.from_pretrained(path, config=config, dtype=torch.float32))
+        with partitioned_loading(ds_config):
+            backbone = AutoModel.from_pretrained(path, config=config, dtype=torch.float32)
+        model = cls.wrap(backbone, ds_config)
         head = load_file(str(path / VALUE_HEAD_FILE))
-        model.v_head.weight.data.copy_(head["v_head.weight"].float())
+        with gathered([model.v_head.weight], modifier_rank=0):
+            model.v_head.weight.data.copy_(head["v_head.weight"].to(model.v_head.weight.dtype))
         return model

@@ -16,11 +16,15 @@ def tiny_config():
     return AutoConfig.from_pretrained(TINY_ASSETS)
 
 
-def tiny_causal_lm(seed: int):
+def tiny_causal_lm(seed: int, dropout: float | None = None):
     """Random-init tiny OPT; the same seed gives the same weights on every rank and node."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kuberlhf.models.loading import apply_dropout
+
+    config = tiny_config()
+    apply_dropout(config, dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(tiny_config())
+        return AutoModelForCausalLM.from_config(config)

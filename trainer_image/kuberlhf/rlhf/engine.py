@@ -11,7 +11,8 @@
   follows :func:`~kuberlhf.rlhf.ppo_math.ema_beta`'s warm-up so a short run's EMA does not lag by design.
 
 Trained models get :func:`train_ds_config`, frozen ones :func:`eval_ds_config` (ZeRO-3 sharding only when
-their trained twin uses ZeRO-3).
+their trained twin uses ZeRO-3; ``offloadReferenceModel`` / ``offloadRewardModel`` keep their partitions in CPU
+memory). At ZeRO-3 every model is created partitioned as it loads (``kuberlhf.models.partition``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from kuberlhf.contract.presets import STEP3_DROPOUT
 from kuberlhf.contract.spec import EMASpec, PPOStageSpec, spec_default
-from kuberlhf.models.loading import align_embeddings, load_causal_lm
+from kuberlhf.models.loading import load_causal_lm
 from kuberlhf.models.lora import apply_lora
 from kuberlhf.models.reward import RewardModel
 from kuberlhf.rlhf.ppo_math import ema_beta, ema_update_
@@ -49,6 +50,8 @@ class EngineOptions:
     ema_enabled: bool = spec_default(EMASpec, "enabled")
     ema_beta: float = spec_default(EMASpec, "beta")
     ema_warmup: bool = spec_default(EMASpec, "warmup")
+    offload_reference_model: bool = spec_default(PPOStageSpec, "offload_reference_model")  # and the EMA's
+    offload_reward_model: bool = spec_default(PPOStageSpec, "offload_reward_model")
     gradient_checkpointing: bool = spec_default(PPOStageSpec, "gradient_checkpointing")
     seed: int = spec_default(PPOStageSpec, "seed")
     dropout: float | None = STEP3_DROPOUT
@@ -67,6 +70,7 @@ class EngineOptions:
             weight_decay=st.weight_decay, lr_scheduler=st.lr_scheduler, warmup_steps=st.warmup_steps,
             actor_lora=st.actor_lora, critic_lora=st.critic_lora, ema_enabled=st.ema.enabled, ema_beta=st.ema.beta,
             ema_warmup=st.ema.warmup,
+            offload_reference_model=st.offload_reference_model, offload_reward_model=st.offload_reward_model,
             gradient_checkpointing=st.gradient_checkpointing, seed=st.seed,
             dropout=spec.actor.dropout if spec.actor.dropout is not None else STEP3_DROPOUT,
         )
@@ -92,45 +96,50 @@ class RLHFEngine:
         if self.ema is not None:
             self.update_ema(beta=0.0)  # start the average at the actor (LoRA weights included)
 
-    def _lm(self, path: str):
+    def _lm(self, path: str, ds_config: dict[str, Any]):
         o = self.options
-        model = load_causal_lm(path, "spec.actor.model", seed=o.seed, dropout=o.dropout,
-                               gradient_checkpointing=o.gradient_checkpointing)
-        align_embeddings(model, self.tokenizer)
-        return model
+        return load_causal_lm(path, "spec.actor.model", seed=o.seed, dropout=o.dropout,
+                              gradient_checkpointing=o.gradient_checkpointing, ds_config=ds_config,
+                              tokenizer=self.tokenizer)
 
     def _init_actor(self, path: str):
         o = self.options
-        model = apply_lora(self._lm(path), o.actor_lora, "spec.stages.ppo.actorLora")
+        config = train_ds_config(o.actor_settings)
+        model = apply_lora(self._lm(path, config), o.actor_lora, "spec.stages.ppo.actorLora")
         opt = make_optimizer(model, o.actor_lr, o.weight_decay, o.actor_settings.offload,
                              o.actor_lora.learning_rate if o.actor_lora else None)
         sched = make_scheduler(opt, o.lr_scheduler, o.warmup_steps, self.num_total_iters)
-        return ds_initialize(model, train_ds_config(o.actor_settings), opt, sched)
+        return ds_initialize(model, config, opt, sched)
 
     def _init_frozen_lm(self, path: str, lora: bool = False):
-        model = self._lm(path)
+        o = self.options
+        config = eval_ds_config(o.actor_settings, offload=o.offload_reference_model or o.actor_settings.offload)
+        model = self._lm(path, config)
         if lora:  # the EMA mirrors the actor's structure so parameters pair up by name
-            apply_lora(model, self.options.actor_lora, "spec.stages.ppo.actorLora")
+            apply_lora(model, o.actor_lora, "spec.stages.ppo.actorLora")
         model.requires_grad_(False)
-        engine = ds_initialize(model, eval_ds_config(self.options.actor_settings))
+        engine = ds_initialize(model, config)
         engine.eval()
         return engine
 
     def _init_critic(self, path: str):
         o = self.options
-        model = RewardModel.from_pretrained(path, dropout=o.dropout)
+        config = train_ds_config(o.critic_settings)
+        model = RewardModel.from_pretrained(path, dropout=o.dropout, ds_config=config)
         if o.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         apply_lora(model, o.critic_lora, "spec.stages.ppo.criticLora")
         opt = make_optimizer(model, o.critic_lr, o.weight_decay, o.critic_settings.offload,
                              o.critic_lora.learning_rate if o.critic_lora else None)
         sched = make_scheduler(opt, o.lr_scheduler, o.warmup_steps, self.num_total_iters)
-        return ds_initialize(model, train_ds_config(o.critic_settings), opt, sched)
+        return ds_initialize(model, config, opt, sched)
 
     def _init_reward(self, path: str):
-        model = RewardModel.from_pretrained(path, dropout=self.options.dropout)
+        o = self.options
+        config = eval_ds_config(o.critic_settings, offload=o.offload_reward_model or o.critic_settings.offload)
+        model = RewardModel.from_pretrained(path, dropout=o.dropout, ds_config=config)
         model.requires_grad_(False)
-        engine = ds_initialize(model, eval_ds_config(self.options.critic_settings))
+        engine = ds_initialize(model, config)
         engine.eval()
         return engine
 

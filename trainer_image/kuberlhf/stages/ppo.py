@@ -165,10 +165,10 @@ def run_ppo(run: StageRun) -> None:
                 break
     bar.close()
     outputs = {"model": run.output_dir("model")}
-    export_causal_lm(engine.actor, tokenizer, outputs["model"], lora=options.actor_lora)
+    export_causal_lm(engine.actor, tokenizer, outputs["model"])
     if engine.ema is not None:
         outputs["ema"] = run.output_dir("ema")
-        export_causal_lm(engine.ema, tokenizer, outputs["ema"], lora=options.actor_lora)
+        export_causal_lm(engine.ema, tokenizer, outputs["ema"])
     for path in outputs.values():
         if dist.is_main:  # serving pads on the left for batched generation, like training's prompts
             tokenizer.save_pretrained(path)

@@ -55,7 +55,7 @@ def run_reward(run: StageRun) -> None:
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.reward")
     model = RewardModel.from_causal_lm_source(source, "spec.reward.model", seed=st.seed, dropout=spec.reward.dropout,
-                                              revision=spec.reward.revision)
+                                              revision=spec.reward.revision, ds_config=ds_config)
     if st.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_lora(model, st.lora, "spec.stages.reward.lora")
@@ -70,5 +70,5 @@ def run_reward(run: StageRun) -> None:
 
     steps = supervised_loop(run, engine, train_ds, plan, s.micro_batch, train_step, evaluate)
     out = run.output_dir("model")
-    export_reward_model(engine, tokenizer, out, lora=st.lora)
+    export_reward_model(engine, tokenizer, out)
     run.finish({"model": out}, {"steps": steps})

@@ -32,7 +32,6 @@ def evaluate_lm(engine, dataset, micro_batch: int, rank: int, world: int) -> dic
 def run_sft(run: StageRun) -> None:
     from kuberlhf.data import SFTDataset
     from kuberlhf.models import load_causal_lm, load_tokenizer
-    from kuberlhf.models.loading import align_embeddings
     from kuberlhf.models.lora import apply_lora
 
     spec, st = run.spec, run.stage_spec
@@ -46,8 +45,8 @@ def run_sft(run: StageRun) -> None:
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.sft")
     model = load_causal_lm(source, "spec.actor.model", seed=st.seed, dropout=spec.actor.dropout,
-                           gradient_checkpointing=st.gradient_checkpointing, revision=spec.actor.revision)
-    align_embeddings(model, tokenizer)
+                           gradient_checkpointing=st.gradient_checkpointing, revision=spec.actor.revision,
+                           ds_config=ds_config, tokenizer=tokenizer)
     apply_lora(model, st.lora, "spec.stages.sft.lora")
     engine = training_engine(run, model, ds_config, plan.total_steps)
 
@@ -60,5 +59,5 @@ def run_sft(run: StageRun) -> None:
 
     steps = supervised_loop(run, engine, train_ds, plan, s.micro_batch, train_step, evaluate)
     out = run.output_dir("model")
-    export_causal_lm(engine, tokenizer, out, lora=st.lora)
+    export_causal_lm(engine, tokenizer, out)
     run.finish({"model": out}, {"steps": steps})

@@ -61,9 +61,9 @@ def load_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int) 
 
 def save_module_state(engine: Any, path: Path, rank: int) -> None:
     """Collective: the full weights of a frozen engine (the EMA) as one file written by rank 0."""
-    from kuberlhf.training.export import consolidated_state_dict
+    from kuberlhf.training.export import state_dict_16bit
 
-    sd = consolidated_state_dict(engine)
+    sd = state_dict_16bit(engine.module)  # stored dtype, gathered one submodule at a time
     if rank == 0 and sd is not None:
         torch.save(sd, path)
 
@@ -71,11 +71,15 @@ def save_module_state(engine: Any, path: Path, rank: int) -> None:
 @torch.no_grad()
 def load_module_state(engine: Any, path: Path) -> None:
     """Collective: load :func:`save_module_state`'s file into a (possibly ZeRO-3 partitioned) engine."""
-    import deepspeed
+    from kuberlhf.models.partition import gathered
 
-    sd = torch.load(path, weights_only=True)
-    zero3 = bool(engine.zero_optimization_partition_weights())
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    # only rank 0's values are kept (modifier_rank=0): the others never read the file's pages
+    sd = torch.load(path, weights_only=True, mmap=True)
     for name, p in engine.module.named_parameters():
         if name in sd:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
-                p.data.copy_(sd[name].to(p.dtype))
+            with gathered([p], modifier_rank=0):
+                if main or not hasattr(p, "ds_id"):
+                    p.data.copy_(sd[name].to(p.dtype))

@@ -119,14 +119,17 @@ def train_ds_config(s: TrainSettings) -> dict[str, Any]:
     return config
 
 
-def eval_ds_config(s: TrainSettings) -> dict[str, Any]:
-    """DeepSpeed config of a frozen model (reference, reward): weights sharded only at ZeRO-3, no optimizer."""
+def eval_ds_config(s: TrainSettings, offload: bool | None = None) -> dict[str, Any]:
+    """DeepSpeed config of a frozen model (reference, reward, EMA): weights sharded only at ZeRO-3, no optimizer.
+    ``offload`` (DeepSpeed-Chat's --offload_reference_model / --offload_reward_model; default: the trained twin's
+    ``offload``) keeps the ZeRO-3 partitions in CPU memory."""
     check_settings(TrainSettings(**{**s.__dict__, "hybrid_engine": False}))
+    offload = s.offload if offload is None else offload
     zero: dict[str, Any] = {"stage": 3 if s.zero_stage == 3 else 0, "stage3_param_persistence_threshold": 1e4,
                             "memory_efficient_linear": False,
                             # the EMA copy is exported and checkpointed from a frozen engine
                             "stage3_gather_16bit_weights_on_model_save": True}
-    if s.offload and s.zero_stage == 3:
+    if offload and s.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu"}
     return {
         "train_batch_size": s.micro_batch * s.grad_accum * s.world_size,
