@@ -36,12 +36,27 @@ def save_opt(path: Path, tiny_assets: Path, **config: Any) -> Path:
 def run_probe(out: Path, *args: str) -> list[dict[str, Any]]:
     from kuberlhf.training.distributed import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
-           # fixed mmap threshold: freed per-module construction buffers go back to the OS instead of staying in
-           # glibc's heap, so resident memory shows what the rank holds (also set by the stages' pods)
-           "MALLOC_MMAP_THRESHOLD_": "131072"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
-           "-m", "kuberlhf.training.memory", "--out", str(out), *args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONWARNINGS": "ignore",
+        # fixed mmap threshold: freed per-module construction buffers go back to the OS instead of staying in
+        # glibc's heap, so resident memory shows what the rank holds (also set by the stages' pods)
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        f"--master_port={free_port()}",
+        "-m",
+        "kuberlhf.training.memory",
+        "--out",
+        str(out),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -67,15 +82,31 @@ def assert_partitioned_at_load(reports: list[dict[str, Any]], n_params: int) -> 
 def mid_opt(tmp_path_factory, repo_root) -> Path:
     """60 M parameters (240 MB in fp32): big enough that holding it whole stands out of the ranks' noise."""
     tiny = repo_root / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt"
-    return save_opt(tmp_path_factory.mktemp("mid") / "opt-60m", tiny, vocab_size=4096, hidden_size=768,
-                    word_embed_proj_dim=768, num_hidden_layers=8, ffn_dim=3072, num_attention_heads=12)
+    return save_opt(
+        tmp_path_factory.mktemp("mid") / "opt-60m",
+        tiny,
+        vocab_size=4096,
+        hidden_size=768,
+        word_embed_proj_dim=768,
+        num_hidden_layers=8,
+        ffn_dim=3072,
+        num_attention_heads=12,
+    )
 
 
 @pytest.fixture(scope="module")
 def small_opt(tmp_path_factory, repo_root) -> Path:
     tiny = repo_root / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt"
-    return save_opt(tmp_path_factory.mktemp("small") / "opt-5m", tiny, vocab_size=8192, hidden_size=256,
-                    word_embed_proj_dim=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4)
+    return save_opt(
+        tmp_path_factory.mktemp("small") / "opt-5m",
+        tiny,
+        vocab_size=8192,
+        hidden_size=256,
+        word_embed_proj_dim=256,
+        num_hidden_layers=4,
+        ffn_dim=1024,
+        num_attention_heads=4,
+    )
 
 
 def param_stats(path: Path) -> tuple[int, int]:
@@ -84,7 +115,8 @@ def param_stats(path: Path) -> tuple[int, int]:
 
     total, largest = 0, 0
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        for key in f.keys():
+        names = f.keys()  # a safetensors file handle is not iterable
+        for key in names:
             n = f.get_slice(key).get_shape()
             numel = int(torch.tensor(n).prod())
             total += numel
@@ -118,15 +150,32 @@ def test_lora_and_gradient_checkpointing_train_at_zero3_and_bf16_export_reloads(
     from transformers import AutoModelForCausalLM
 
     export = tmp_path / "export"
-    reports = run_probe(tmp_path, "--model", str(small_opt), "--zero", "3", "--dtype", "bf16", "--lora-dim", "8",
-                        "--gradient-checkpointing", "--steps", "3", "--lr", "3e-2", "--export", str(export))
+    reports = run_probe(
+        tmp_path,
+        "--model",
+        str(small_opt),
+        "--zero",
+        "3",
+        "--dtype",
+        "bf16",
+        "--lora-dim",
+        "8",
+        "--gradient-checkpointing",
+        "--steps",
+        "3",
+        "--lr",
+        "3e-2",
+        "--export",
+        str(export),
+    )
     n_params, _ = param_stats(small_opt)
     assert_partitioned_at_load(reports, n_params)
     losses = reports[0]["losses"]
     assert losses[-1] < losses[0], losses
     with safe_open(str(export / "model.safetensors"), "pt") as f:
-        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
-        assert not any("lora" in k for k in f.keys())
+        names = f.keys()
+        dtypes = {f.get_slice(k).get_dtype() for k in names}
+        assert not any("lora" in k for k in names)
     assert dtypes == {"BF16"}
     assert (export / "model.safetensors").stat().st_size < n_params * 2 + MIB
     reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
@@ -149,8 +198,21 @@ def test_tiny_reward_model_with_value_head_partitioned_and_exported(tmp_path):
     from kuberlhf.models.reward import RewardModel
 
     export = tmp_path / "export"
-    reports = run_probe(tmp_path, "--model", "kuberlhf/tiny-opt", "--kind", "reward", "--zero", "3",
-                        "--dtype", "fp32", "--steps", "1", "--export", str(export))
+    reports = run_probe(
+        tmp_path,
+        "--model",
+        "kuberlhf/tiny-opt",
+        "--kind",
+        "reward",
+        "--zero",
+        "3",
+        "--dtype",
+        "fp32",
+        "--steps",
+        "1",
+        "--export",
+        str(export),
+    )
     rm = RewardModel.from_pretrained(export).eval()
     assert_partitioned_at_load(reports, sum(p.numel() for p in rm.parameters()))
     ref = torch.load(export / "engine_outputs.pt")

@@ -71,9 +71,9 @@ def save_module_state(engine: Any, path: Path, rank: int) -> None:
 @torch.no_grad()
 def load_module_state(engine: Any, path: Path) -> None:
     """Collective: load :func:`save_module_state`'s file into a (possibly ZeRO-3 partitioned) engine."""
-    from kuberlhf.models.partition import gathered
-
     import torch.distributed as dist
+
+    from kuberlhf.models.partition import gathered
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     # only rank 0's values are kept (modifier_rank=0): the others never read the file's pages

@@ -51,8 +51,9 @@ def _lora_layer_class() -> type | None:
     return LoraLayer
 
 
-def export_tensors(module: nn.Module, dtype: torch.dtype | None = None, merge_lora: bool = True
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+def export_tensors(
+    module: nn.Module, dtype: torch.dtype | None = None, merge_lora: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Collective (every rank iterates to the end). Rank 0 gets ``(name, CPU tensor)`` for every parameter and
     persistent buffer of ``module`` in ``dtype`` (default: as stored), gathering one submodule at a time; other
     ranks get nothing. Tied parameters appear once (under their first name). With ``merge_lora``, a LoRA layer
@@ -63,8 +64,9 @@ def export_tensors(module: nn.Module, dtype: torch.dtype | None = None, merge_lo
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        return t.to(device="cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
-                    copy=True).contiguous()
+        return t.to(
+            device="cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True
+        ).contiguous()
 
     def walk(mod: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         if lora_cls is not None and isinstance(mod, lora_cls):
@@ -99,8 +101,9 @@ def export_tensors(module: nn.Module, dtype: torch.dtype | None = None, merge_lo
     yield from walk(module, "")
 
 
-def state_dict_16bit(module: nn.Module, dtype: torch.dtype | None = None, merge_lora: bool = False
-                     ) -> dict[str, torch.Tensor] | None:
+def state_dict_16bit(
+    module: nn.Module, dtype: torch.dtype | None = None, merge_lora: bool = False
+) -> dict[str, torch.Tensor] | None:
     """Collective. :func:`export_tensors` as one dict on rank 0 (None elsewhere), for state that must stay one
     file (the EMA in a checkpoint)."""
     sd = dict(export_tensors(module, dtype, merge_lora=merge_lora))
@@ -160,8 +163,9 @@ def _export_config(config: Any, dtype: torch.dtype) -> Any:
     return config
 
 
-def export_causal_lm(engine: Any, tokenizer: Any, out_dir: Path,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def export_causal_lm(
+    engine: Any, tokenizer: Any, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
     """Collective. Rank 0 writes config, safetensors weights (training dtype, LoRA merged) and the full
     tokenizer to ``out_dir``."""
     dtype = engine_dtype(engine)
@@ -178,8 +182,9 @@ def export_causal_lm(engine: Any, tokenizer: Any, out_dir: Path,
     tokenizer.save_pretrained(out_dir)
 
 
-def export_reward_model(engine: Any, tokenizer: Any, out_dir: Path,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def export_reward_model(
+    engine: Any, tokenizer: Any, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
     """Collective. Rank 0 writes the reward-model format documented in ``kuberlhf.models.reward`` (backbone
     shards + value head) in the training dtype."""
     from safetensors.torch import save_file
@@ -193,7 +198,7 @@ def export_reward_model(engine: Any, tokenizer: Any, out_dir: Path,
     prefix = "rwtransformer."
     for name, tensor in export_tensors(module, dtype):
         if name.startswith(prefix):
-            writer.add(name[len(prefix):], tensor)
+            writer.add(name[len(prefix) :], tensor)
         else:
             head[name] = tensor
     if writer is None:

@@ -97,8 +97,16 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
 
     accelerator = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dist = init_distributed(accelerator)
-    settings = TrainSettings(field="probe", accelerator=accelerator, world_size=dist.world_size, micro_batch=args.batch,
-                             grad_accum=1, zero_stage=args.zero, dtype=args.dtype, offload=args.offload)
+    settings = TrainSettings(
+        field="probe",
+        accelerator=accelerator,
+        world_size=dist.world_size,
+        micro_batch=args.batch,
+        grad_accum=1,
+        zero_stage=args.zero,
+        dtype=args.dtype,
+        offload=args.offload,
+    )
     ds_config = train_ds_config(settings)
     _warm_imports(args.model)
     phases = Phases()
@@ -107,8 +115,9 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         if args.kind == "reward":
             model = RewardModel.from_causal_lm_source(args.model, ds_config=ds_config)
         else:
-            model = load_causal_lm(args.model, ds_config=ds_config, tokenizer=tokenizer,
-                                   gradient_checkpointing=args.gradient_checkpointing)
+            model = load_causal_lm(
+                args.model, ds_config=ds_config, tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing
+            )
         if args.kind == "reward" and args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
     loaded = partition_report(model)
@@ -137,9 +146,16 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
             losses.append(float(loss))
     if args.export:
         _export_and_probe(engine, tokenizer, args, dist.rank)
-    return {"rank": dist.rank, "world_size": dist.world_size, "zero": args.zero, "kind": args.kind,
-            "loaded": loaded, "phases": phases.results, "losses": losses,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+        "zero": args.zero,
+        "kind": args.kind,
+        "loaded": loaded,
+        "phases": phases.results,
+        "losses": losses,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _export_and_probe(engine: Any, tokenizer: Any, args: argparse.Namespace, rank: int) -> None:
