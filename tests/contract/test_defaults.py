@@ -49,6 +49,8 @@ SPEC_OF = {
         "ema_warmup": (S.EMASpec, "warmup"),
         "actor_lora": (S.PPOStageSpec, "actor_lora"),
         "critic_lora": (S.PPOStageSpec, "critic_lora"),
+        "offload_reference_model": (S.PPOStageSpec, "offload_reference_model"),
+        "offload_reward_model": (S.PPOStageSpec, "offload_reward_model"),
         "dropout": "presets.STEP3_DROPOUT (DeepSpeed-Chat's step-3 --disable_actor_dropout)",
         "extra": "free-form extension slot",
     },
