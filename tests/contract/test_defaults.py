@@ -60,7 +60,7 @@ SPEC_OF = {
         "zero_field": "the name of the field in error messages",
         "gradient_clipping": "DeepSpeed-Chat's constant GRADIENT_CLIPPING, no spec field",
         "hybrid_engine": "only the PPO actor's: stage_settings passes spec.stages.ppo.hybridEngine",
-        "inference_tp_size": "the hybrid engine's tensor parallelism, no spec field (1)",
+        "inference_tp_size": (S.PPOStageSpec, "inference_tp_size"),
         "tensorboard_dir": "a path the stage chooses",
     },
     ServeSettings: {"max_new_tokens": (S.ServingSpec, "max_new_tokens")},

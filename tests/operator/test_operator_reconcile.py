@@ -248,6 +248,25 @@ def test_invalid_spec_fails_without_children_and_recovers(cluster: Cluster) -> N
     assert cond(cluster.status, "Failed")["status"] == "False"
 
 
+def test_a_spec_that_does_not_fit_its_gpus_is_refused_before_any_job(cluster: Cluster) -> None:
+    """The memory planner in the preflight: OPT-66B at ZeRO-0 on one node of 80 GiB GPUs gets InvalidSpec naming
+    the stage, the estimate and the cheapest fix; nothing is created. Fixed (ZeRO-3 on 8 nodes), the first Job
+    is created."""
+    cluster.spec.update(accelerator="cuda", gpuMemory="80Gi", deploymentType="multi_node",
+                        actor={"model": "facebook/opt-66b"}, reward={"model": "facebook/opt-350m"})
+    cluster.spec["stages"] = {"sft": {"nodes": 1, "gpusPerNode": 8, "zeroStage": 0}}
+    d = cluster.step()
+    st = cluster.status
+    assert d.actions == []
+    assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.stages.sft: does not fit" in st["message"] and "GiB per GPU" in st["message"]
+    assert "fix: set spec.stages.sft.zeroStage: 3" in st["message"]
+    cluster.spec["stages"] = {"sft": {"nodes": 8, "gpusPerNode": 8, "zeroStage": 3},
+                              "ppo": {"nodes": 8, "gpusPerNode": 8, "inferenceTpSize": 8}}
+    d = cluster.step(generation=2)
+    assert ("create", "Job", "tiny-sft-1") in [(a.verb, a.kind, a.name) for a in d.actions], cluster.status
+
+
 def test_spec_change_after_start_applies_only_to_later_stages(cluster: Cluster) -> None:
     cluster.step()
     cluster.spec["stages"]["sft"]["epochs"] = 7

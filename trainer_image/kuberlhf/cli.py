@@ -30,8 +30,9 @@ def _root(
         os.environ["LOCAL_RANK"] = str(local_rank)
 
 
-# module -> registers: `stage` (stage entrypoints), `run`/`train` (local runner), `chat`/`serve` (serving)
-COMMAND_MODULES = ("kuberlhf.stages.cli", "kuberlhf.runner.cli", "kuberlhf.serving.cli")
+# module -> registers: `stage` (stage entrypoints), `run`/`train` (local runner), `chat`/`serve` (serving),
+# `plan` (memory planner)
+COMMAND_MODULES = ("kuberlhf.stages.cli", "kuberlhf.runner.cli", "kuberlhf.serving.cli", "kuberlhf.planner.cli")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

@@ -10,6 +10,9 @@ The checks, in order (:data:`CHECKS`):
 - the cross-field rules of :mod:`kuberlhf.contract.rules` (the CRD carries the same rules in CEL);
 - the DeepSpeed config builder's combination checks for every trained model of every stage, on the resolved
   (preset-filled) settings and the stage's world size (:func:`kuberlhf.training.ds_config.settings_problems`);
+- the memory plan (:mod:`kuberlhf.planner`): a stage whose per-GPU estimate exceeds ``spec.gpuMemory`` does not
+  fit; the problem names the estimate and the cheapest fix (model shapes from config.json files only where no
+  download is needed: the tiny model, the known OPT configs, local directories with ``local=True``);
 - references resolvable without downloading: built-in dataset and model names, dataset adapters, the shape of
   ``s3://`` / ``file://`` URIs, and with ``local=True`` (the machine that reads them) that local files exist.
 
@@ -234,7 +237,13 @@ def reference_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterabl
     return [*out, *([bad] if bad else [])]
 
 
-CHECKS: tuple[Check, ...] = (rule_problems, deepspeed_problems, reference_problems)
+def memory_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[Problem]:
+    from kuberlhf.planner.check import memory_problems as plan_check
+
+    return plan_check(spec, options)
+
+
+CHECKS: tuple[Check, ...] = (rule_problems, deepspeed_problems, reference_problems, memory_problems)
 
 
 def preflight(spec: PipelineSpec, *, local: bool = False, checks: Sequence[Check] = CHECKS) -> list[Problem]:

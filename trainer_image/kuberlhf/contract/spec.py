@@ -317,6 +317,9 @@ class PPOStageSpec(CommonStageSpec):
         default=False, description="Normalise the advantages of each experience batch to zero mean and unit "
         "variance (PPO implementations' advantage normalisation; DeepSpeed-Chat: off).")
     hybrid_engine: bool | None = Field(default=None, description="DeepSpeed hybrid engine (CUDA only).")
+    inference_tp_size: int = Field(default=1, ge=1, description="Tensor parallelism of the hybrid engine's "
+                                   "generation (DeepSpeed-Chat's --inference_tp_size; its OPT-66B recipe uses 8): "
+                                   "each GPU gathers 1/inferenceTpSize of the actor to generate instead of all of it.")
     generation_batch_size: int | None = Field(default=None, ge=1, description="Prompts per rank per experience batch.")
     max_prompt_len: int = Field(default=256, ge=1, description="Prompt tokens (left-truncated).")
     max_answer_len: int = Field(default=256, ge=1, description="Generated tokens per answer.")
@@ -352,6 +355,9 @@ class PipelineSpec(SpecModel):
         default=None, description="Always / IfNotPresent / Never for every pod of the pipeline.")
     deployment_type: DeploymentType = Field(default=DeploymentType.single_gpu, description="DeepSpeed-Chat preset.")
     accelerator: Accelerator = Field(default=Accelerator.cuda, description="cuda (GPUs) or cpu (tiny models, kind).")
+    gpu_memory: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?([KMGT]i?|k)?$",
+                                   description="Memory of one GPU as a quantity (48Gi, 40Gi, 80Gi); default 80Gi "
+                                   "on cuda. The memory planner checks every stage against it before any Job.")
     actor: ModelRef = Field(description="The model steps 1 and 3 train (the policy).")
     reward: ModelRef = Field(description="The reward model's (and critic's) starting point.")
     data: DataSpec = Field(description="Datasets and how they are split across the steps.")

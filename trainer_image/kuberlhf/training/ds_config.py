@@ -155,15 +155,18 @@ def stage_settings(spec: Any, stage: str, world_size: int, role: str | None = No
         zero_stage = getattr(st, f"{role}_zero_stage")
         hybrid = _resolved(st.hybrid_engine, f"{field}.hybridEngine") and role == "actor"
         max_out = st.max_prompt_len + st.max_answer_len
+        tp_size = st.inference_tp_size
     else:
         zero_field, zero_stage, hybrid, max_out = "zeroStage", st.zero_stage, False, spec.data.max_seq_len
+        tp_size = 1
     # every preset-governed value is filled by the spec's validator (kuberlhf.contract.presets): no fallback here
     return TrainSettings(
         field=field, accelerator=spec.accelerator.value, world_size=world_size,
         micro_batch=_resolved(st.per_device_batch_size, f"{field}.perDeviceBatchSize"),
         grad_accum=_resolved(st.gradient_accumulation_steps, f"{field}.gradientAccumulationSteps"),
         zero_stage=_resolved(zero_stage, f"{field}.{zero_field}"), dtype=st.dtype.value, offload=st.offload,
-        zero_field=zero_field, hybrid_engine=hybrid, max_out_tokens=max_out, tensorboard_dir=tensorboard_dir)
+        zero_field=zero_field, hybrid_engine=hybrid, max_out_tokens=max_out, inference_tp_size=tp_size,
+        tensorboard_dir=tensorboard_dir)
 
 
 def _resolved(value: Any, field: str) -> Any:

@@ -1,0 +1,184 @@
+"""The memory planner: model shapes against the real transformers classes, model states against DeepSpeed's own
+estimators, the examples against the hardware their comments claim, and ``kuberlhf plan``'s table and exit
+status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kuberlhf.contract.spec import parse_pipeline
+from kuberlhf.planner.check import memory_problems, offline_shapes, plan_problems
+from kuberlhf.planner.estimate import GiB, activation_bytes, estimate_pipeline, model_states, parse_quantity
+from kuberlhf.planner.shapes import KNOWN_CONFIGS, ShapeError, read_model_shape, shape_from_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def real_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+@pytest.mark.parametrize("name", list(KNOWN_CONFIGS))
+def test_known_opt_configs_count_what_transformers_builds(name):
+    """Each known OPT config, built by transformers on the meta device (no memory), has exactly the planner's
+    parameter count (opt-1.3b: 1.316 B, opt-66b: 65.7 B)."""
+    from transformers import AutoModel, OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(**KNOWN_CONFIGS[name])
+    shape = shape_from_config(KNOWN_CONFIGS[name])
+    with torch.device("meta"):
+        model = OPTForCausalLM(cfg)
+        assert real_params(model) == shape.causal_lm_params
+        assert real_params(AutoModel.from_config(cfg)) == shape.backbone_params
+    assert max(p.numel() for p in model.parameters()) == shape.largest_layer_params
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "tiny-opt"])
+def test_other_architectures_count_what_transformers_builds(arch, tmp_path):
+    """config.json of a Llama (gated MLP, GQA, untied head), a GPT-2 and the shipped tiny OPT, read from a local
+    hub-layout directory."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if arch == "tiny-opt":
+        shape = read_model_shape("kuberlhf/tiny-opt", "spec.actor.model")
+        from kuberlhf.models.tiny import tiny_config
+
+        config = tiny_config()
+    else:
+        config = {
+            "llama": LlamaConfig(
+                vocab_size=1000,
+                hidden_size=64,
+                intermediate_size=176,
+                num_hidden_layers=3,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+            ),
+            "gpt2": GPT2Config(vocab_size=1000, n_embd=64, n_layer=3, n_head=4, n_positions=128),
+        }[arch]
+        config.save_pretrained(tmp_path)
+        shape = read_model_shape(str(tmp_path), "spec.actor.model")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if arch == "gpt2":  # GPT-2 has learned positions and no OPT-style extra 2; the planner ignores positions there
+        assert abs(real_params(model) - shape.causal_lm_params) <= 128 * 64
+    else:
+        assert real_params(model) == shape.causal_lm_params
+
+
+def test_an_unreadable_hub_name_that_is_not_known_is_an_error_naming_the_field():
+    with pytest.raises(ShapeError, match="spec.actor.model=someorg/unknown-7b"):
+        read_model_shape("someorg/unknown-7b", "spec.actor.model")
+
+
+@pytest.mark.parametrize("n_params", [125_000_000, 1_300_000_000, 13_000_000_000, 66_000_000_000])
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 1), (1, 8), (8, 8)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_model_states_match_deepspeeds_estimators(n_params, nodes, gpus, offload):
+    """Mixed-precision model states per GPU at ZeRO-2 and ZeRO-3 against DeepSpeed's
+    estimate_zero2/3_model_states_mem_needs (the functions behind estimate_zero*_all_live)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    largest = n_params // 50
+    world = nodes * gpus
+    _, ds2 = estimate_zero2_model_states_mem_needs(n_params, gpus, nodes, cpu_offload=offload)
+    ours2 = model_states(n_params, largest, world, 2, "bf16", offload).gpu
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(
+        n_params, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=offload
+    )
+    ours3 = model_states(n_params, largest, world, 3, "bf16", offload).gpu
+    assert ours2 == pytest.approx(ds2, rel=0.01)
+    assert ours3 == pytest.approx(ds3, rel=0.01)
+
+
+def test_lora_keeps_states_for_the_adapters_only_and_checkpointing_cuts_activations():
+    full = model_states(1_000_000_000, 10**7, 1, 0, "bf16")
+    lora = model_states(1_000_000_000, 10**7, 1, 0, "bf16", trainable=10_000_000)
+    assert full.weights == lora.weights == 2 * 10**9
+    assert lora.gradients + lora.optimizer == pytest.approx((full.gradients + full.optimizer) / 100, rel=0.01)
+    shape = shape_from_config(KNOWN_CONFIGS["facebook/opt-1.3b"])
+    with_gc = activation_bytes(shape, 8, 512, "bf16", True, lm_head=False)
+    without = activation_bytes(shape, 8, 512, "bf16", False, lm_head=False)
+    assert with_gc < without / 5
+
+
+def example(name: str, **spec_changes) -> object:
+    doc = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
+    for path, value in spec_changes.items():
+        node = doc["spec"]
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_pipeline(doc).spec
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "gib"),
+    [("opt-1.3b-single-gpu", 1, 48), ("opt-13b-single-node", 8, 40), ("opt-66b-multi-node", 64, 80)],
+)
+def test_each_example_fits_the_hardware_its_comment_claims(name, gpus, gib):
+    """DeepSpeed-Chat's published settings: 1.3B on 1x A6000-48G, 13B on 8x A100-40G, 66B on 8 x 8 A100-80G."""
+    spec = example(name)
+    assert parse_quantity(spec.gpu_memory) == gib * GiB
+    shapes = offline_shapes(spec)
+    plan = estimate_pipeline(spec, shapes)
+    for est in plan.stages:
+        assert est.fits, (est.stage, est.per_gpu_bytes / GiB)
+    assert plan.stage("ppo").world == gpus
+    assert not memory_problems(spec, None)
+
+
+def test_66b_at_zero0_on_one_node_is_refused_naming_stage_estimate_and_fix():
+    spec = example(
+        "opt-66b-multi-node",
+        **{
+            "stages.sft.nodes": 1,
+            "stages.sft.zeroStage": 0,
+            "stages.ppo.nodes": 1,
+            "stages.ppo.actorZeroStage": 0,
+            "stages.ppo.criticZeroStage": 0,
+        },
+    )
+    problems = plan_problems(spec, offline_shapes(spec))
+    by_field = {p.field: p for p in problems}
+    assert {"spec.stages.sft", "spec.stages.ppo"} <= set(by_field)
+    sft = by_field["spec.stages.sft"]
+    assert "does not fit" in sft.message and "GiB per GPU" in sft.message and "80.0 GiB" in sft.message
+    # 66 B parameters at 20 bytes each on every GPU: about 1.2 TiB
+    assert "1224" in sft.message or "122" in sft.message
+    assert "zeroStage: 3" in sft.fix and ("nodes" in sft.fix or "offload: true" in sft.fix)
+
+
+def test_gpu_memory_default_and_quantities():
+    spec = example("opt-13b-single-node", gpuMemory=None)
+    from kuberlhf.planner.estimate import gpu_memory_bytes
+
+    assert gpu_memory_bytes(spec) == 80 * GiB  # the cuda default
+    assert gpu_memory_bytes(example("tiny-cpu")) is None  # the CPU accelerator is not checked
+    assert parse_quantity("40G") == 40 * 10**9 and parse_quantity("49140Mi") == 49140 * 2**20
+
+
+def test_kuberlhf_plan_prints_the_table_and_exits_nonzero_when_a_stage_does_not_fit(tmp_path):
+    from typer.testing import CliRunner
+
+    from kuberlhf.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["plan", str(REPO / "examples" / "opt-13b-single-node.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert "TOTAL per GPU" in ok.output and "yes on 1 x 8 x 40.0 GiB" in ok.output
+    assert "known OPT config" in ok.output
+    doc = yaml.safe_load((REPO / "examples" / "opt-66b-multi-node.yaml").read_text())
+    doc["spec"]["stages"]["sft"].update(nodes=1, zeroStage=0)
+    bad = tmp_path / "66b-zero0.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    refused = runner.invoke(app, ["plan", str(bad)])
+    assert refused.exit_code == 1, refused.output
+    assert "NO on 1 x 8 x 80.0 GiB" in refused.output and "spec.stages.sft: does not fit" in refused.output

@@ -1,0 +1,165 @@
+"""The planner as a preflight check: a stage whose per-GPU estimate exceeds ``spec.gpuMemory`` is a problem
+naming the stage, the estimate and the cheapest change that makes it fit.
+
+Candidate fixes, cheapest first (each tried alone, then together, on a copy of the spec): a higher ZeRO stage
+(more communication, same results), the hybrid engine's tensor-parallel generation, gradient checkpointing (~30 % more compute), CPU offload (slower steps),
+LoRA on the trained models (a different fine-tune), and last more nodes (more hardware) at ZeRO-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kuberlhf.planner.estimate import GiB, PipelinePlan, StageEstimate, estimate_pipeline
+from kuberlhf.planner.shapes import KNOWN_CONFIGS, ModelShape, read_model_shape, shape_from_config
+
+MAX_NODES = 64
+
+
+def offline_shape(source: str, field: str, local: bool) -> ModelShape | None:
+    """A shape found without the network: the tiny model, the known OPT configs, and (``local``) a local
+    directory's config.json; None when only a download could tell (an s3:// model, an unknown hub name)."""
+    import os
+
+    from kuberlhf.models.loading import is_tiny
+
+    if is_tiny(source):
+        return read_model_shape(source, field)
+    if local and os.path.isdir(os.path.expanduser(source)):
+        try:
+            return read_model_shape(source, field)
+        except ValueError:
+            return None  # the reference check reports a broken directory
+    if source in KNOWN_CONFIGS:
+        return shape_from_config(KNOWN_CONFIGS[source], "known OPT config")
+    return None
+
+
+def offline_shapes(spec: Any, local: bool = False) -> dict[str, ModelShape] | None:
+    actor = offline_shape(spec.actor.model, "spec.actor.model", local)
+    reward = offline_shape(spec.reward.model, "spec.reward.model", local)
+    return None if actor is None or reward is None else {"actor": actor, "reward": reward}
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def _set(stage: str, **values: Any) -> Callable[[Any], None]:
+    def apply(spec: Any) -> None:
+        st = spec.stages.get(stage)
+        for k, v in values.items():
+            setattr(st, k, v)
+
+    return apply
+
+
+def _lora(stage: str) -> Callable[[Any], None]:
+    def apply(spec: Any) -> None:
+        from kuberlhf.contract.spec import LoraSpec
+
+        st = spec.stages.get(stage)
+        lora = LoraSpec(dim=128, only_optimize_lora=True)
+        for attr in ("actor_lora", "critic_lora") if stage == "ppo" else ("lora",):
+            setattr(st, attr, lora)
+
+    return apply
+
+
+def _candidates(spec: Any, stage: str) -> list[tuple[str, Callable[[Any], None]]]:
+    st = spec.stages.get(stage)
+    field = f"spec.stages.{stage}"
+    out: list[tuple[str, Callable[[Any], None]]] = []
+    if stage == "ppo":
+        if (st.actor_zero_stage or 0) < 3 or (st.critic_zero_stage or 0) < 3:
+            out.append(
+                (
+                    f"{field}.actorZeroStage: 3 and criticZeroStage: 3",
+                    _set(stage, actor_zero_stage=3, critic_zero_stage=3),
+                )
+            )
+    elif (st.zero_stage or 0) < 3:
+        out.append((f"{field}.zeroStage: 3", _set(stage, zero_stage=3)))
+    if stage == "ppo" and st.hybrid_engine and st.inference_tp_size < (st.gpus_per_node or 1):
+        out.append((f"{field}.inferenceTpSize: {st.gpus_per_node}", _set(stage, inference_tp_size=st.gpus_per_node)))
+    if not st.gradient_checkpointing:
+        out.append((f"{field}.gradientCheckpointing: true", _set(stage, gradient_checkpointing=True)))
+    if not st.offload:
+        out.append((f"{field}.offload: true", _set(stage, offload=True)))
+    if stage == "ppo" and not (st.offload_reference_model and st.offload_reward_model):
+        out.append(
+            (
+                f"{field}.offloadReferenceModel: true and offloadRewardModel: true",
+                _set(stage, offload_reference_model=True, offload_reward_model=True),
+            )
+        )
+    lora_now = (st.actor_lora, st.critic_lora) if stage == "ppo" else (st.lora,)
+    if not all(lr and lr.dim and lr.only_optimize_lora for lr in lora_now):
+        name = "actorLora/criticLora" if stage == "ppo" else "lora"
+        out.append((f"{field}.{name}: {{dim: 128, onlyOptimizeLora: true}}", _lora(stage)))
+    return out
+
+
+def _fits(spec: Any, shapes: dict[str, ModelShape], stage: str) -> StageEstimate:
+    return estimate_pipeline(spec, shapes).stage(stage)
+
+
+def cheapest_fix(spec: Any, shapes: dict[str, ModelShape], stage: str) -> str:
+    """The first change (see the module docstring) under which ``stage`` fits, with its estimate."""
+    candidates = _candidates(spec, stage)
+    for what, apply in candidates:
+        trial = spec.model_copy(deep=True)
+        apply(trial)
+        est = _fits(trial, shapes, stage)
+        if est.fits:
+            return f"set {what} (estimate {_gib(est.per_gpu_bytes)} per GPU)"
+    trial = spec.model_copy(deep=True)
+    applied = []
+    for what, apply in candidates:
+        apply(trial)
+        applied.append(what)
+        est = _fits(trial, shapes, stage)
+        if est.fits:
+            return f"set {'; '.join(applied)} (estimate {_gib(est.per_gpu_bytes)} per GPU)"
+    base = spec.model_copy(deep=True)
+    for _, apply in candidates[:1]:  # more nodes at ZeRO-3 (only ZeRO-3 partitions the weights)
+        apply(base)
+    st = base.stages.get(stage)
+    nodes = st.nodes or 1
+    while nodes < MAX_NODES:
+        nodes *= 2
+        st.nodes = nodes
+        est = _fits(base, shapes, stage)
+        if est.fits:
+            extra = f" with {candidates[0][0]}" if candidates and "ZeroStage" in candidates[0][0] else ""
+            return f"set spec.stages.{stage}.nodes: {nodes}{extra} (estimate {_gib(est.per_gpu_bytes)} per GPU)"
+    return "use GPUs with more memory (spec.gpuMemory), a smaller model, or shorter sequences"
+
+
+def plan_problems(spec: Any, shapes: dict[str, ModelShape], plan: PipelinePlan | None = None) -> list[Any]:
+    """Preflight problems (``kuberlhf.contract.preflight.Problem``) of every stage that does not fit."""
+    from kuberlhf.contract.preflight import Problem
+
+    plan = plan or estimate_pipeline(spec, shapes)
+    out = []
+    for est in plan.stages:
+        if est.fits is not False:
+            continue
+        message = (
+            f"does not fit (DoesNotFit): the memory planner estimates {_gib(est.per_gpu_bytes)} per GPU "
+            f"(model states {_gib(est.states_bytes)}, activations/generation {_gib(est.working_bytes)}, "
+            f"runtime {_gib(est.reserve)}) on {est.nodes} x {est.gpus_per_node} GPUs of "
+            f"{_gib(est.gpu_memory or 0)} (spec.gpuMemory)"
+        )
+        out.append(Problem(f"spec.stages.{est.stage}", message, cheapest_fix(spec, shapes, est.stage)))
+    return out
+
+
+def memory_problems(spec: Any, options: Any) -> Iterable[Any]:
+    """The preflight check (``kuberlhf.contract.preflight.CHECKS``): pure, so model shapes come only from what
+    needs no download (:func:`offline_shapes`); a model it cannot size is left to ``kuberlhf plan``."""
+    shapes = offline_shapes(spec, local=getattr(options, "local", False))
+    if shapes is None:
+        return []
+    return plan_problems(spec, shapes)
