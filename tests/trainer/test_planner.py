@@ -182,3 +182,16 @@ def test_kuberlhf_plan_prints_the_table_and_exits_nonzero_when_a_stage_does_not_
     refused = runner.invoke(app, ["plan", str(bad)])
     assert refused.exit_code == 1, refused.output
     assert "NO on 1 x 8 x 80.0 GiB" in refused.output and "spec.stages.sft: does not fit" in refused.output
+
+
+@pytest.mark.parametrize("name", ["opt-1.3b-single-gpu", "opt-13b-single-node", "opt-66b-multi-node"])
+def test_docs_print_the_current_plan_of_each_example(name, monkeypatch):
+    """docs/kubernetes.md shows `kuberlhf plan` of every GPU example; it must be what the planner prints now."""
+    from typer.testing import CliRunner
+
+    from kuberlhf.cli import app
+
+    monkeypatch.chdir(REPO)  # the docs show the command as run from the repository root
+    out = CliRunner().invoke(app, ["plan", f"examples/{name}.yaml"]).output
+    doc = (REPO / "docs" / "kubernetes.md").read_text()
+    assert f"$ kuberlhf plan examples/{name}.yaml\n{out.rstrip()}\n```" in doc, "regenerate the plans in the docs"
