@@ -105,6 +105,13 @@ def _fits(spec: Any, shapes: dict[str, ModelShape], stage: str) -> StageEstimate
     return estimate_pipeline(spec, shapes).stage(stage)
 
 
+def _allowed(spec: Any) -> bool:
+    """A suggested spec must pass the cross-field rules (e.g. onlyOptimizeLora excludes gradient checkpointing)."""
+    from kuberlhf.contract.rules import RULES
+
+    return all(r.ok(spec) for r in RULES)
+
+
 def cheapest_fix(spec: Any, shapes: dict[str, ModelShape], stage: str) -> str:
     """The first change (see the module docstring) under which ``stage`` fits, with its estimate."""
     candidates = _candidates(spec, stage)
@@ -112,7 +119,7 @@ def cheapest_fix(spec: Any, shapes: dict[str, ModelShape], stage: str) -> str:
         trial = spec.model_copy(deep=True)
         apply(trial)
         est = _fits(trial, shapes, stage)
-        if est.fits:
+        if est.fits and _allowed(trial):
             return f"set {what} (estimate {_gib(est.per_gpu_bytes)} per GPU)"
     trial = spec.model_copy(deep=True)
     applied = []
@@ -120,7 +127,7 @@ def cheapest_fix(spec: Any, shapes: dict[str, ModelShape], stage: str) -> str:
         apply(trial)
         applied.append(what)
         est = _fits(trial, shapes, stage)
-        if est.fits:
+        if est.fits and _allowed(trial):
             return f"set {'; '.join(applied)} (estimate {_gib(est.per_gpu_bytes)} per GPU)"
     base = spec.model_copy(deep=True)
     for _, apply in candidates[:1]:  # more nodes at ZeRO-3 (only ZeRO-3 partitions the weights)
