@@ -261,7 +261,24 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """A case runs in its own session so a time-out can kill its whole group; that also hides it from a kill
+    of the run itself (the device tool's time limit, a test killing the run). So the case watches its parent
+    and takes its group down when the parent is gone, instead of holding the GPU as an orphan."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def child_main(args: argparse.Namespace) -> int:
+    die_with_parent()
     case = case_by_name(args.child)
     result_file = Path(args.result)
     ctx = CaseContext(case.name, args.cpu, Path(args.case_work), Path(args.shared), result_file)

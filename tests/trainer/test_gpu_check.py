@@ -110,7 +110,8 @@ def test_a_run_killed_mid_case_leaves_the_case_partial_results(tmp_path: Path) -
     out = tmp_path / "out"
     env = {**os.environ, "GPU_CHECK_PROGRESS_S": "0.2"}
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--cases", "selftest-hang", "--out", str(out)],
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--cases", "selftest-hang", "--out", str(out)]
+        + ["--workdir", str(tmp_path / "work")],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -129,6 +130,16 @@ def test_a_run_killed_mid_case_leaves_the_case_partial_results(tmp_path: Path) -
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["cases"]["selftest-hang"]["status"] == "running"
     assert "before_hang" in report["cases"]["selftest-hang"]["phases"]
+
+    # the case (in a session of its own) does not outlive the run as an orphan holding the GPU
+    def case_alive() -> bool:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+        return f"--result {tmp_path / 'work'}" in ps
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and case_alive():
+        time.sleep(0.2)
+    assert not case_alive()
 
 
 def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Path) -> None:
