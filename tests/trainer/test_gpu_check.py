@@ -133,7 +133,7 @@ def test_a_run_killed_mid_case_leaves_the_case_partial_results(tmp_path: Path) -
 
     # the case (in a session of its own) does not outlive the run as an orphan holding the GPU
     def case_alive() -> bool:
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout
         return f"--result {tmp_path / 'work'}" in ps
 
     deadline = time.monotonic() + 15
