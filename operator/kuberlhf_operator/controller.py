@@ -45,9 +45,16 @@ from kuberlhf.contract.spec import API_GROUP
 from kuberlhf_operator import metrics, wakeups
 from kuberlhf_operator.cluster import gather
 from kuberlhf_operator.kube import Kube
-from kuberlhf_operator.reconcile import Decision, OperatorConfig, PipelineMeta, reconcile
+from kuberlhf_operator.reconcile import Decision, Event, OperatorConfig, PipelineMeta, reconcile
 from kuberlhf_operator.storage_probe import probe
-from kuberlhf_operator.writes import EmitEvent, apply_actions, emit_events, kopf_event, write_status
+from kuberlhf_operator.writes import (
+    EmitEvent,
+    apply_actions,
+    emit_events,
+    kopf_event,
+    union_events,
+    write_status,
+)
 
 ERROR_RETRY_SECONDS = 10.0
 STATUS_CONFLICT_RETRIES = 4
@@ -131,6 +138,10 @@ class Operator:
         key = (namespace, name)
         metrics.RECONCILES.labels(trigger=trigger).inc()
         with self.lock(key):
+            # Events of a decision whose children were created but whose status write lost a conflict: the next
+            # decision adopts those children without a transition, so their events (StageStarted,
+            # StageRetrying...) would be lost; they are emitted with the decision that finally lands.
+            carried: list[Event] = []
             for _ in range(STATUS_CONFLICT_RETRIES):
                 body = self.kube.get("RLHFPipeline", namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
@@ -149,8 +160,11 @@ class Operator:
                     try:
                         write_status(self.kube, body, decision.status)
                     except ConflictError:  # someone (kopf's annotations) wrote in between: decide again
+                        if decision.actions:
+                            carried = union_events(carried, decision.events)
                         continue
-                emit_events(body, decision, self.emit)
+                emit_events(body, dataclasses.replace(decision, events=union_events(carried, decision.events)),
+                            self.emit)
                 for stage, seconds in decision.stage_durations.items():
                     metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
                 metrics.set_phase(namespace, name, decision.status.get("phase"))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ConflictError
 from operator_sim import FakeKube
 
 from kuberlhf_operator.controller import Operator
@@ -16,9 +18,10 @@ from kuberlhf_operator.reconcile import OperatorConfig
 class RecordingKube(FakeKube):
     """FakeKube that also takes the writes the operator makes."""
 
-    def __init__(self, *objects: dict[str, Any]) -> None:
+    def __init__(self, *objects: dict[str, Any], status_conflicts: int = 0) -> None:
         super().__init__(*objects)
         self.writes: list[tuple[str, str, str, Any]] = []
+        self.status_conflicts = status_conflicts  # the next N status writes lose to a concurrent writer
 
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
         key = (kind, namespace, body["metadata"]["name"])
@@ -31,6 +34,10 @@ class RecordingKube(FakeKube):
     def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
         self.writes.append(("patch", f"{kind}/{sub}" if sub else kind, name, body))
         obj = self.objects[(kind, namespace, name)]
+        if sub == "status" and self.status_conflicts:
+            self.status_conflicts -= 1
+            obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+            raise ConflictError(ApiException(status=409, reason="Conflict"))
         if sub == "status":
             new = {**(obj.get("status") or {}), **body["status"]}
             obj["status"] = {k: v for k, v in new.items() if v is not None}
@@ -65,3 +72,15 @@ def test_a_deleted_pipeline_is_forgotten(spec) -> None:
     del kube.objects[("RLHFPipeline", "team", "tiny")]
     assert op.reconcile_pipeline("team", "tiny") is None
     assert op.tracked() == 0 and len(op.schedule) == 0
+
+
+def test_events_survive_a_status_conflict_after_the_children_were_created(spec) -> None:
+    """kopf writes its annotations on the pipeline concurrently: when the status write of a decision that created
+    a Job loses that race, the redo only adopts the Job, yet the transition's events must still be emitted."""
+    kube = RecordingKube(pipeline(spec), status_conflicts=1)
+    events: list[str] = []
+    op = Operator(kube, OperatorConfig(default_image="img:1"), emit=lambda body, ev: events.append(ev.reason))
+    op.reconcile_pipeline("team", "tiny", "create")
+    assert [w[2] for w in kube.writes if w[0] == "create" and w[1] == "Job"] == ["tiny-sft-1"]  # the redo adopts it
+    assert "StageStarted" in events and len(events) == len(set(events)), events
+    assert kube.objects[("RLHFPipeline", "team", "tiny")]["status"]["stage"] == "sft"
