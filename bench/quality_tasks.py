@@ -21,18 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kuberlhf.data.dialogues import CAPITALS  # the facts the built-in dialogues use too
+
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-CAPITALS = [
-    ("France", "Paris"),
-    ("Japan", "Tokyo"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Germany", "Berlin"),
-    ("Egypt", "Cairo"),
-    ("Canada", "Ottawa"),
-    ("Kenya", "Nairobi"),
-    ("Peru", "Lima"),
-]
 OPPOSITES = [
     ("hot", "cold"),
     ("big", "small"),

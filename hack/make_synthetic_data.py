@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kuberlhf.data.dialogues import make_dialogue
+from kuberlhf.data.dialogues import CAPITALS, make_dialogue
 
 OUT = Path(__file__).resolve().parents[1] / "trainer_image" / "kuberlhf" / "assets" / "data"
 SEED = 1234
@@ -39,8 +39,6 @@ TURN_WEIGHTS = {2: 5, 3: 4, 4: 1}
 TOKENIZER = OUT.parent / "tiny-opt" / "tokenizer.json"
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-            ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"), ("Peru", "Lima")]
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("good", "bad"),
              ("black", "white"), ("first", "last"), ("yes", "no"), ("angry", "calm")]
 COLOURS = [("the sky", "blue"), ("the sea", "blue"), ("the sun", "yellow"), ("a tree", "green"),
