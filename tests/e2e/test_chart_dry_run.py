@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import yaml
+from harness.controlplane import K8S_VERSION
 
 try:
     from chart.helm import render_chart
@@ -24,7 +25,8 @@ except ImportError:  # run with the repository root on sys.path
 ], ids=["defaults", "namespaced-two", "cluster-wide", "with-seaweedfs"])
 def test_rendered_chart_is_accepted_by_the_api_server(control_plane, values):
     release_ns = f"rel-{uuid.uuid4().hex[:6]}"
-    objs = render_chart(namespace=release_ns, set_values=values)
+    # rendered for the server's version, as `helm install` against it does (the CRD variant is chosen by version)
+    objs = render_chart(namespace=release_ns, set_values=values, extra_args=["--kube-version", K8S_VERSION])
     kinds = {o["kind"] for o in objs}
     assert {"Deployment", "ServiceAccount"} <= kinds and ({"Role", "ClusterRole"} & kinds)
     namespaces = {release_ns} | {o["metadata"].get("namespace") for o in objs if o["metadata"].get("namespace")}
