@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,37 +45,15 @@ def save_model(path: Path) -> Path:
 
 def probe(model: Path, zero: int, out: Path, seq_len: int, batch: int) -> list[dict]:
     from kuberlhf.training.distributed import free_port
+    from kuberlhf.training.memory import probe_launch
 
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONWARNINGS": "ignore",
-        "MALLOC_MMAP_THRESHOLD_": "131072",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "kuberlhf.training.memory",
-        "--model",
-        str(model),
-        "--zero",
-        str(zero),
-        "--dtype",
-        "fp32",
-        "--steps",
-        "1",
-        "--batch",
-        str(batch),
-        "--seq-len",
-        str(seq_len),
-        "--out",
-        str(out),
-    ]
+    cmd, env = probe_launch(
+        out,
+        ["--model", str(model), "--zero", str(zero), "--dtype", "fp32", "--steps", "1", "--batch", str(batch),
+         "--seq-len", str(seq_len)],
+        world=2,
+        port=free_port(),
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])

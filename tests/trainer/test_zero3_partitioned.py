@@ -9,9 +9,7 @@ and reads one JSON report per rank. Models are random, built from a config and s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +33,9 @@ def save_opt(path: Path, tiny_assets: Path, **config: Any) -> Path:
 
 def run_probe(out: Path, *args: str) -> list[dict[str, Any]]:
     from kuberlhf.training.distributed import free_port
+    from kuberlhf.training.memory import probe_launch
 
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONWARNINGS": "ignore",
-        # fixed mmap threshold: freed per-module construction buffers go back to the OS instead of staying in
-        # glibc's heap, so resident memory shows what the rank holds (also set by the stages' pods)
-        "MALLOC_MMAP_THRESHOLD_": "131072",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD}",
-        f"--master_port={free_port()}",
-        "-m",
-        "kuberlhf.training.memory",
-        "--out",
-        str(out),
-        *args,
-    ]
+    cmd, env = probe_launch(out, list(args), world=WORLD, port=free_port())
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -14,9 +14,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+
+def probe_launch(
+    out: Path, probe_args: list[str], *, world: int, port: int, base_env: Mapping[str, str] = os.environ
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run this probe on ``world`` CPU ranks (torchrun, gloo): the one launch
+    the partition tests and ``bench/zero_memory.py`` share."""
+    env = {
+        **base_env,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONWARNINGS": "ignore",
+        # fixed mmap threshold: freed per-module construction buffers go back to the OS instead of staying in
+        # glibc's heap, so resident memory shows what the rank holds (also set by the stages' pods)
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
+           "-m", "kuberlhf.training.memory", "--out", str(out), *probe_args]
+    return cmd, env
 
 
 def _status_kib(key: str) -> int:
