@@ -10,4 +10,4 @@ export KUBERLHF_CACHE=${KUBERLHF_CACHE:-$HOME/.cache/kuberlhf}
 echo "[test] ruff"
 ruff check .
 echo "[test] pytest"
-exec python -m pytest -p no:cacheprovider -ra "$@"
+exec python -m pytest -p no:cacheprovider -ra --durations=30 "$@"
