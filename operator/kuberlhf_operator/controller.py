@@ -149,7 +149,7 @@ class Operator:
                     return None
                 m = body["metadata"]
                 meta = PipelineMeta(name=m["name"], namespace=m["namespace"], uid=m["uid"],
-                                    generation=int(m.get("generation") or 1))
+                                    generation=int(m.get("generation") or 1), labels=dict(m.get("labels") or {}))
                 spec, status = body.get("spec") or {}, body.get("status") or {}
                 observed = gather(self.kube, meta, status)
                 probes = probe(self.kube, self.stores, meta, spec, status, observed)

@@ -30,9 +30,9 @@ from kuberlhf.contract.rules import DOCS_BEGIN, DOCS_END, cel_rules_at, docs_blo
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, PipelineSpec, Stage
 from kuberlhf_operator import podschema
 
-STATUS_PHASES = ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+STATUS_PHASES = ["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 STATUS_STAGES = [s.value for s in Stage] + ["serving", "done"]
-STAGE_PHASES = ["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+STAGE_PHASES = ["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 # metadata.name is bounded so every child name (<name>-<stage>-<attempt>, pod hostnames) fits 63 characters.
 MAX_NAME_LENGTH = 40
 

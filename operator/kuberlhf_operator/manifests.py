@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,17 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MAX_NAME = 63
 FALLBACK_IMAGE = "ghcr.io/kuberlhf/trainer:latest"
 SERVING_STARTUP_SECONDS = 900  # first start downloads the model from the object store
+# Labels of the pipeline that its stage Jobs and chat Deployment carry too: a queue manager (Kueue) reads them
+# on the workload it manages, not on the pipeline. A Job with a queue name is created suspended, for the queue to
+# admit (unsuspend) when its quota allows.
+QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
+PROPAGATED_LABELS = (QUEUE_NAME_LABEL, PRIORITY_CLASS_LABEL)
+
+
+def propagated_labels(pipeline_labels: Mapping[str, str]) -> dict[str, str]:
+    """The pipeline's labels that its workloads (stage Jobs, chat Deployment) carry as well."""
+    return {k: v for k, v in pipeline_labels.items() if k in PROPAGATED_LABELS}
 
 
 @dataclass(frozen=True)
@@ -203,8 +215,10 @@ def build_stage_job(
     *,
     default_image: str | None = None,
     suspend: bool = False,
+    extra_labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The Indexed Job running every node of one stage attempt. ``pipeline`` is the spec the stage started with."""
+    """The Indexed Job running every node of one stage attempt. ``pipeline`` is the spec the stage started with;
+    ``extra_labels`` (:func:`propagated_labels`) go on the Job only, where a queue manager looks for them."""
     stage = Stage(stage)
     name = job_name(owner.name, stage, attempt)
     st = pipeline.spec.stages.get(stage)
@@ -239,7 +253,7 @@ def build_stage_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(name, owner, labels),
+        "metadata": _meta(name, owner, {**(extra_labels or {}), **labels}),
         "spec": {
             "completionMode": "Indexed",
             "completions": nodes,
@@ -266,7 +280,10 @@ def serve_command(pipeline: RLHFPipeline, owner: Owner) -> list[str]:
     return cmd
 
 
-def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image: str | None = None) -> dict[str, Any]:
+def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image: str | None = None,
+                          extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The chat Deployment; ``extra_labels`` (:func:`propagated_labels`) go on it and its pods (Kueue's pod
+    integration admits the pods of a Deployment by their queue-name label)."""
     sv = pipeline.spec.serving
     name = chat_name(owner.name)
     labels = chat_labels(owner)
@@ -302,14 +319,14 @@ def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(name, owner, labels),
+        "metadata": _meta(name, owner, {**(extra_labels or {}), **labels}),
         "spec": {
             "replicas": sv.replicas,
             # not shorter than the startup budget (the first start downloads the model): a slow but healthy
             # rollout is not reported as failed (Kubernetes' default is 600 s)
             "progressDeadlineSeconds": SERVING_STARTUP_SECONDS + 60,
             "selector": {"matchLabels": dict(labels)},
-            "template": _pod_template(pipeline, labels, pod, sv.pod_template),
+            "template": _pod_template(pipeline, {**(extra_labels or {}), **labels}, pod, sv.pod_template),
         },
     }
 

@@ -7,7 +7,8 @@ deterministically, so an operator restart at any moment never makes a second Job
 
 State machine (status.phase / status.stage):
 Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Succeeded/done, with Suspended
-(spec.suspend) and Failed (attempts exhausted, or InvalidSpec until the spec is fixed) on the side.
+(spec.suspend), Queued (a stage Job a queue such as Kueue has not admitted) and Failed (attempts exhausted, or
+InvalidSpec until the spec is fixed) on the side.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kuberlhf.contract.spec import (
 )
 from kuberlhf.contract.stage import StageLayout
 from kuberlhf_operator.manifests import (
+    QUEUE_NAME_LABEL,
     Owner,
     build_chat_deployment,
     build_chat_service,
@@ -43,6 +45,7 @@ from kuberlhf_operator.manifests import (
     chat_endpoint,
     chat_name,
     job_name,
+    propagated_labels,
 )
 from kuberlhf_operator.observe import JobState, Observed, PodsState
 from kuberlhf_operator.spec_pin import SERVING, changed_since_pin, pin
@@ -62,6 +65,7 @@ class PipelineMeta:
     namespace: str
     uid: str
     generation: int = 1
+    labels: dict[str, str] = field(default_factory=dict, hash=False)  # the pipeline's (queue names: Kueue)
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,9 @@ class _Run:
         self.written: dict[str, Any] = {}  # what the user wrote (kuberlhf.contract.spec.written_spec)
         self.status = copy.deepcopy(status or {})
         self.owner = Owner(meta.name, meta.namespace, meta.uid)
+        self.workload_labels = propagated_labels(meta.labels)
+        # A queue (Kueue) admits the stage Jobs: they are created suspended and only the queue unsuspends them.
+        self.queue = self.workload_labels.get(QUEUE_NAME_LABEL)
         self.actions: list[Action] = []
         self.events: list[Event] = []
         self.requeue: float | None = None
@@ -349,8 +356,7 @@ class _Run:
         self.status.update(phase="Pending", stage=stage, attempts=attempt, reason=reason,
                            message=f"stage {stage}: attempt {attempt}/{limit}: created Job {name}, "
                                    "waiting for its pods to run")
-        self.create(build_stage_service(self.owner, stage, attempt))
-        self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image))
+        self.create_stage_children(stage, pipeline, attempt)
         text = f"stage {stage} attempt {attempt}/{limit}: created Job {name}"
         if reason == "StageRetrying":
             self.event("Warning", reason, f"{why}; retrying, {text} (resumes from the newest checkpoint)")
@@ -379,8 +385,13 @@ class _Run:
         # Created but not yet listed, deleted by someone, or deleted to suspend on an old server: (re)create.
         s["phase"] = "Pending"
         self.status.update(phase="Pending", stage=stage)
+        self.create_stage_children(stage, pipeline, attempt)
+
+    def create_stage_children(self, stage: str, pipeline: RLHFPipeline, attempt: int) -> None:
         self.create(build_stage_service(self.owner, stage, attempt))
-        self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image))
+        self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image,
+                                    suspend=bool(self.queue) and self.config.job_suspend_supported,
+                                    extra_labels=self.workload_labels))
 
     def resumed(self, stage: str) -> None:
         msg = f"spec.suspend is false: stage {stage} resumes"
@@ -396,7 +407,9 @@ class _Run:
         # is not overridden.
         if suspended:
             if self.status.get("phase") != "Suspended":
-                if self.config.job_suspend_supported:
+                # A queued Job's suspend belongs to the queue (it would admit it again): delete it instead, and the
+                # resumed stage is a new Job the queue admits (it resumes from the newest checkpoint).
+                if self.config.job_suspend_supported and not self.queue:
                     self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": True}}))
                 else:
                     self.actions.append(Action("delete", "Job", job.name))
@@ -405,7 +418,7 @@ class _Run:
             return
         queued = job.suspended
         if self.status.get("phase") == "Suspended":
-            if job.suspended:
+            if job.suspended and not self.queue:  # never un-suspend what a queue holds
                 self.actions.append(Action("patch", "Job", job.name, {"spec": {"suspend": False}}))
                 queued = False  # this very decision unsuspends it
             self.resumed(stage)
@@ -428,22 +441,32 @@ class _Run:
         """The Job exists but none of its pods runs: Pending, with why (unschedulable, image pull, ...)."""
         s = self.status["stages"][stage]
         if queued:
-            reason = "JobSuspended"
-            msg = f"stage {stage}: Job {job.name} is suspended (by a queue such as Kueue); waiting for admission"
-        elif pods.total == 0:
+            self.job_queued(stage, job)
+            return
+        if pods.total == 0:
             reason, msg = "PodsPending", f"stage {stage}: Job {job.name} is waiting for its pods to be created"
         else:
             # A kubelet flips between ErrImagePull and ImagePullBackOff: one reason, so one Event.
             reason = _SAME_WAITING.get(pods.reason or "", pods.reason or "PodsPending")
             msg = f"stage {stage}: Job {job.name} is waiting for its pods to run: {pods.message}"
         # One Event per waiting episode and reason (the status message follows every change).
-        if not pods.routine and not queued and (s.get("phase") != "Pending" or self.status.get("reason") != reason):
+        if not pods.routine and (s.get("phase") != "Pending" or self.status.get("reason") != reason):
             self.event("Warning", reason, msg)
-        if pods.total or queued or self.status.get("reason") not in ("StageStarted", "StageRetrying", "Resumed"):
+        if pods.total or self.status.get("reason") not in ("StageStarted", "StageRetrying", "Resumed"):
             # Until pods exist, keep the message of the transition that created the Job.
             self.status.update(reason=reason, message=msg)
         s["phase"] = "Pending"
         self.status.update(phase="Pending", stage=stage)
+
+    def job_queued(self, stage: str, job: JobState) -> None:
+        """A suspended Job the operator did not suspend: a queue (Kueue) holds it until its quota admits it."""
+        s = self.status["stages"][stage]
+        by = f"LocalQueue {self.queue!r}" if self.queue else "a queue (e.g. Kueue)"
+        msg = f"stage {stage}: Job {job.name} is suspended, waiting for quota: {by} has not admitted it yet"
+        if self.status.get("phase") != "Queued":
+            self.event("Normal", "Queued", msg)
+        s["phase"] = "Queued"
+        self.status.update(phase="Queued", stage=stage, reason="WaitingForQuota", message=msg)
 
     def job_succeeded(self, stage: str, job: JobState, pipeline: RLHFPipeline, current: dict[str, Any]) -> None:
         probe = self.probes.get(stage)
@@ -512,7 +535,8 @@ class _Run:
         endpoint = chat_endpoint(self.meta.name, self.meta.namespace, sv.port)
         st["chatEndpoint"] = endpoint
         self.create(build_chat_service(pipeline, self.owner))
-        self.create(build_chat_deployment(pipeline, self.owner, default_image=self.config.default_image))
+        self.create(build_chat_deployment(pipeline, self.owner, default_image=self.config.default_image,
+                                          extra_labels=self.workload_labels))
         dep = self.observed.deployments.get(chat_name(self.meta.name))
         if dep is not None and not dep.deleting and dep.available:
             if st.get("phase") != "Succeeded":

@@ -115,12 +115,12 @@ def test_stage_is_pending_until_a_pod_runs_with_the_waiting_reason(cluster: Clus
     assert cluster.step().events == []
 
 
-def test_a_job_held_by_a_queue_is_pending(cluster: Cluster) -> None:
+def test_a_job_held_by_a_queue_is_queued(cluster: Cluster) -> None:
     cluster.step()
     cluster.jobs["tiny-sft-1"] = JobState("tiny-sft-1", "sft", 1, suspended=True)  # Kueue has not admitted it
     d = cluster.step()
-    assert d.actions == [] and d.events == []
-    assert (cluster.status["phase"], cluster.status["reason"]) == ("Pending", "JobSuspended")
+    assert d.actions == [] and [e.reason for e in d.events] == ["Queued"]
+    assert (cluster.status["phase"], cluster.status["reason"]) == ("Queued", "WaitingForQuota")
     assert "Kueue" in cluster.status["message"]
 
 
