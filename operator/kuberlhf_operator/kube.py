@@ -49,9 +49,10 @@ def _plain(response: Any) -> Any:
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, api: client.ApiClient | None = None, timeout: float = 30.0,
+                 dynamic: DynamicClient | None = None) -> None:
         self._api = api
-        self._dynamic: DynamicClient | None = None
+        self._dynamic: DynamicClient | None = dynamic
         self._lock = threading.Lock()
         self.timeout = timeout
         self._strict: bool | None = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chart.helm import render_chart
-from harness.apiextensions import ExtensionsServer, find_apiextensions
+from harness.apiextensions import ExtensionsServer, find_apiextensions, operator_kube
 from harness.controlplane import ControlPlane, ControlPlaneUnavailable
 from harness.rest import ApiError, KubeREST
 from harness.rule_cases import CASES, VALID, messages_in
@@ -131,6 +131,38 @@ def test_current_server_strict_fields_and_server_side_apply(current: ExtensionsS
     with pytest.raises(ApiError) as err:
         current.api.apply(path, bad, "kuberlhf-test", **STRICT)
     assert err.value.status == 422 and messages_in(err.value.body["message"]) == own_messages(bad) != set()
+
+
+def test_operator_client_writes_strict_on_the_current_server(current: ExtensionsServer) -> None:
+    """The operator's own client (``kube.Kube`` on the kubernetes ``DynamicClient``) against the current server:
+    it finds fieldValidation (1.25+) and sends Strict, so an object or a status write with a field the CRD does
+    not know is refused naming that field (a v1.20 server prunes it: test_api_validation's fallback test), while
+    the same writes without the typo are stored as sent."""
+    from kubernetes.client.exceptions import ApiException
+
+    from kuberlhf_operator.writes import write_status
+
+    kube = operator_kube(current)
+    assert kube.server_version() >= (1, 30) and kube.strict_writes() is True
+    doc = copy.deepcopy(VALID)
+    doc["metadata"]["name"] = "strict-operator"
+    doc["spec"]["stages"] = {"sft": {"epochz": 3}}
+    with pytest.raises(ApiException) as err:
+        kube.create("RLHFPipeline", "default", doc)
+    assert err.value.status == 400 and 'unknown field "spec.stages.sft.epochz"' in json.loads(err.value.body)["message"]
+    assert kube.get("RLHFPipeline", "default", "strict-operator") is None  # refused, not stored pruned
+    doc["spec"]["stages"] = {"sft": {"epochs": 3}}
+    assert kube.create("RLHFPipeline", "default", doc) is True
+    body = kube.get("RLHFPipeline", "default", "strict-operator")
+    assert body is not None and body["spec"]["stages"]["sft"]["epochs"] == 3
+    with pytest.raises(ApiException) as err:
+        write_status(kube, body, {"phase": "Pending", "stagez": "sft"})
+    message = json.loads(err.value.body)["message"]
+    # a create's strict error is a BadRequest (400), a patch's an Invalid (422); both name the field
+    assert err.value.status == 422 and 'unknown field "status.stagez"' in message, message
+    write_status(kube, body, {"phase": "Pending", "stage": "sft"})
+    stored = kube.get("RLHFPipeline", "default", "strict-operator")
+    assert stored is not None and stored["status"] == {"phase": "Pending", "stage": "sft"}
 
 
 def test_current_server_keeps_storage_once_started(current: ExtensionsServer) -> None:

@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness.controlplane import (
     Components,
@@ -164,3 +165,29 @@ class ExtensionsServer(Components):
         raise ControlPlaneUnavailable(
             f"apiextensions-apiserver not ready: {last}\n{self.log_tail('apiextensions-apiserver')}"
         )
+
+
+def operator_kube(server: ExtensionsServer) -> Any:
+    """The operator's own client (``kuberlhf_operator.kube.Kube``) on this server.
+
+    apiextensions-apiserver alone serves no ``/apis`` group list (in a cluster the kube-aggregator in front of it
+    does), which the ``DynamicClient``'s discovery reads first; here the two groups it serves are named instead,
+    and each group's resources are still discovered from the server itself."""
+    from kubernetes import config
+    from kubernetes.dynamic import DynamicClient
+    from kubernetes.dynamic.discovery import LazyDiscoverer, ResourceGroup
+
+    from kuberlhf.contract.spec import API_GROUP, API_VERSION
+    from kuberlhf_operator.kube import Kube
+
+    class ServedGroups(LazyDiscoverer):
+        def parse_api_groups(self, request_resources: bool = False, update: bool = False) -> dict[str, Any]:
+            if not self._cache.get("resources") or update:
+                served = {"apiextensions.k8s.io": "v1", API_GROUP: API_VERSION}
+                self._cache["resources"] = {"apis": {g: {v: ResourceGroup(True)} for g, v in served.items()}}
+            return self._cache["resources"]
+
+    api = config.new_client_from_config(config_file=str(server.workdir / "self.kubeconfig"))
+    return Kube(
+        api, dynamic=DynamicClient(api, cache_file=str(server.workdir / "discovery.json"), discoverer=ServedGroups)
+    )
