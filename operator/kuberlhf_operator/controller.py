@@ -3,7 +3,7 @@
 :meth:`Operator.reconcile_pipeline` reads the pipeline fresh, gathers what it owns (``cluster``), probes the object
 store (``storage_probe``), calls the pure :func:`~kuberlhf_operator.reconcile.reconcile`, then applies the
 decision, writes the status and emits the events (``writes``). It serves every cause (create, resume after an
-operator restart, spec update, the safety timer, and Job/Pod/Deployment events that wake the owner promptly); a
+operator restart, spec update, the safety loop, and Job/Pod/Deployment events that wake the owner promptly); a
 per-pipeline lock keeps them from interleaving.
 
 All mutable state is here, on one object the kopf handlers get through kopf's ``memo``: the locks, the wake-up
@@ -29,6 +29,8 @@ the only round trip, one validation per side".
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -45,7 +47,14 @@ from kuberlhf.contract.spec import API_GROUP
 from kuberlhf_operator import metrics, wakeups
 from kuberlhf_operator.cluster import gather
 from kuberlhf_operator.kube import Kube
-from kuberlhf_operator.reconcile import Decision, Event, OperatorConfig, PipelineMeta, reconcile
+from kuberlhf_operator.reconcile import (
+    REASON_INVALID_SPEC,
+    Decision,
+    Event,
+    OperatorConfig,
+    PipelineMeta,
+    reconcile,
+)
 from kuberlhf_operator.storage_probe import probe
 from kuberlhf_operator.writes import (
     EmitEvent,
@@ -60,6 +69,12 @@ ERROR_RETRY_SECONDS = 10.0
 STATUS_CONFLICT_RETRIES = 4
 JOB_SUSPEND_SINCE = (1, 22)
 Key = tuple[str, str]
+
+
+def terminal(status: dict[str, Any]) -> bool:
+    """Failed for good (attempts exhausted, a user error): only a spec change, which kopf's update handler sees,
+    can move it. InvalidSpec is not terminal here: the safety net re-checks it."""
+    return status.get("phase") == "Failed" and status.get("reason") != REASON_INVALID_SPEC
 
 
 class Operator:
@@ -77,6 +92,8 @@ class Operator:
         self.deployments_seen = wakeups.ChangeFilter()
         self._locks: dict[Key, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._handler_context: contextvars.Context | None = None  # see remember_handler_context
+        self._stop = threading.Event()
 
     # --- state between reconciles ------------------------------------------------------------------------------
     def lock(self, key: Key) -> threading.Lock:
@@ -168,14 +185,17 @@ class Operator:
                 for stage, seconds in decision.stage_durations.items():
                     metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
                 metrics.set_phase(namespace, name, decision.status.get("phase"))
-                delay = decision.requeue_after or wakeups.safety_interval(len(self.schedule), self.safety_interval)
-                self.schedule.set(key, time.monotonic() + delay)
+                if terminal(decision.status):
+                    self.schedule.drop(key)  # nothing changes without a spec change, which the update handler sees
+                else:
+                    delay = decision.requeue_after or wakeups.safety_interval(len(self.schedule), self.safety_interval)
+                    self.schedule.set(key, time.monotonic() + delay)
                 return decision
             raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=2)
 
     def guarded(self, namespace: str, name: str, trigger: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
         """:meth:`reconcile_pipeline` with every failure turned into a kopf retry (and counted)."""
-        # Until this run succeeds, the timer retries it soon (a failed run leaves no fresh schedule).
+        # Until this run succeeds, the safety loop retries it soon (a failed run leaves no fresh schedule).
         self.schedule.set((namespace, name), time.monotonic() + ERROR_RETRY_SECONDS)
         try:
             self.reconcile_pipeline(namespace, name, trigger)
@@ -191,8 +211,45 @@ class Operator:
             logger.exception("reconcile of %s/%s failed", namespace, name)
             raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=10) from e
 
-    def due(self, namespace: str, name: str) -> bool:
-        return self.schedule.due((namespace, name), time.monotonic())
+    # --- the safety net -------------------------------------------------------------------------------------------
+    # Not a kopf timer: kopf puts a finalizer on every object a timer or daemon serves, so deleting a pipeline (or
+    # its namespace) would hang while the operator is down or uninstalled. A plain thread needs no finalizer;
+    # children go with the pipeline through their ownerReferences (the garbage collector).
+    def remember_handler_context(self) -> None:
+        """Keep the context of a kopf handler call: kopf.event finds kopf's event queue through context variables
+        that kopf sets only for its handlers, so the safety thread runs its reconciles in a copy of it."""
+        if self._handler_context is None:
+            self._handler_context = contextvars.copy_context()
+
+    def run_due(self, now: float, logger: logging.Logger | logging.LoggerAdapter) -> list[Key]:
+        """Reconcile every pipeline whose time has come (a requeue its decision asked for, the safety interval,
+        the retry after a failed run). Returns the pipelines it ran."""
+        due = self.schedule.due_keys(now)
+        context = self._handler_context
+        for namespace, name in due:
+            with contextlib.suppress(kopf.TemporaryError):  # guarded counted it and scheduled the retry
+                if context is None:
+                    self.guarded(namespace, name, "timer", logger)
+                else:
+                    context.copy().run(self.guarded, namespace, name, "timer", logger)
+        return due
+
+    def start_safety_loop(self, tick: float, logger: logging.Logger | logging.LoggerAdapter) -> threading.Thread:
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(tick):
+                try:
+                    self.run_due(time.monotonic(), logger)
+                except Exception:  # noqa: BLE001 - the loop must outlive any one pipeline's trouble
+                    logger.exception("safety reconcile loop")
+
+        thread = threading.Thread(target=loop, name="kuberlhf-safety", daemon=True)
+        thread.start()
+        return thread
+
+    def stop_safety_loop(self) -> None:
+        self._stop.set()
 
     def child_changed(self, seen: wakeups.ChangeFilter, type_: str | None, uid: str, key: Any,
                       first_matters: bool) -> bool:

@@ -1,9 +1,13 @@
 """The kopf registrations, and nothing else: each handler finds the :class:`~kuberlhf_operator.controller.Operator`
 in kopf's ``memo`` (``main`` passes it to ``kopf.run``) and asks it to reconcile the pipeline concerned.
 
-Cost at scale (wakeups.py): child events reconcile only when what reconcile reads of the child changed, the timer
-reconciles a pipeline only when it is due (a requeue the decision asked for, else a safety interval that grows
-with the number of pipelines)."""
+Cost at scale (wakeups.py): child events reconcile only when what reconcile reads of the child changed, the safety
+loop reconciles a pipeline only when it is due (a requeue the decision asked for, else a safety interval that grows
+with the number of pipelines).
+
+No handler here makes kopf put a finalizer on pipelines (no timer, daemon or deletion handler): the safety net is
+the operator's own thread (``Operator.start_safety_loop``), so deleting a pipeline or its namespace completes while
+the operator is down or uninstalled."""
 
 from __future__ import annotations
 
@@ -17,19 +21,27 @@ from kuberlhf.contract.spec import API_GROUP, API_VERSION, PLURAL
 from kuberlhf_operator import LABEL_COMPONENT, LABEL_PIPELINE, wakeups
 from kuberlhf_operator.controller import Operator
 
-# kopf's timer ticks every TIMER_TICK seconds to look for pipelines that are due (read once, at import: kopf
-# registers the interval with the decorator).
+# The safety loop looks every TIMER_TICK seconds for pipelines that are due.
 TIMER_TICK = min(float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "60")),
                  float(os.environ.get("KUBERLHF_TIMER_TICK", "5")))
 
 
 def _op(memo: kopf.Memo) -> Operator:
-    return memo["operator"]
+    op: Operator = memo["operator"]
+    op.remember_handler_context()
+    return op
 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    _op(memo).configure_kopf(settings, logger)
+    op: Operator = memo["operator"]  # not _op: a startup handler's context has no event queue yet
+    op.configure_kopf(settings, logger)
+    op.start_safety_loop(TIMER_TICK, logger)
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo["operator"].stop_safety_loop()
 
 
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
@@ -45,16 +57,6 @@ def on_resume(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
 def on_update(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     _op(memo).guarded(namespace, name, "update", logger)
-
-
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=TIMER_TICK, initial_delay=TIMER_TICK, idle=None)
-def on_timer(namespace: str, name: str, status: dict[str, Any], memo: kopf.Memo, logger: logging.Logger,
-             **_: Any) -> None:
-    if status.get("phase") == "Failed" and status.get("reason") != "InvalidSpec":
-        return  # terminal; nothing can change without a spec change (which the update handler sees)
-    if not _op(memo).due(namespace, name):
-        return  # reconciled recently (events drive progress); the timer is only the safety net
-    _op(memo).guarded(namespace, name, "timer", logger)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)

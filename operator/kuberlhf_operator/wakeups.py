@@ -97,7 +97,7 @@ def safety_interval(pipelines: int, base: float, per_pipeline: float = 0.5, cap:
 
 
 class Schedule:
-    """When each pipeline is next due for a timer reconcile (monotonic seconds)."""
+    """When each pipeline is next due for a safety reconcile (monotonic seconds)."""
 
     def __init__(self) -> None:
         self._due: dict[tuple[str, str], float] = {}
@@ -110,6 +110,10 @@ class Schedule:
     def due(self, key: tuple[str, str], now: float) -> bool:
         with self._lock:
             return now >= self._due.get(key, 0.0)
+
+    def due_keys(self, now: float) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted(k for k, at in self._due.items() if now >= at)
 
     def drop(self, key: tuple[str, str]) -> None:
         with self._lock:

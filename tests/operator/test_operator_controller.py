@@ -5,6 +5,7 @@ and per-pipeline state pruned when the pipeline goes away."""
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -84,3 +85,61 @@ def test_events_survive_a_status_conflict_after_the_children_were_created(spec) 
     assert [w[2] for w in kube.writes if w[0] == "create" and w[1] == "Job"] == ["tiny-sft-1"]  # the redo adopts it
     assert "StageStarted" in events and len(events) == len(set(events)), events
     assert kube.objects[("RLHFPipeline", "team", "tiny")]["status"]["stage"] == "sft"
+
+
+def test_no_kopf_handler_makes_kopf_put_a_finalizer_on_pipelines() -> None:
+    """kopf adds its finalizer for timers, daemons and non-optional deletion handlers; with one, deleting a pipeline
+    (or its namespace) hangs while the operator is down or uninstalled."""
+    import kopf
+
+    from kuberlhf_operator import handlers  # noqa: F401 - registers the handlers
+
+    registry = kopf.get_default_registry()
+    for sub in (registry._spawning, registry._changing, registry._watching):  # noqa: SLF001 - no public listing
+        needing = [h.id for h in sub.get_all_handlers() if getattr(h, "requires_finalizer", None)]
+        assert not needing, needing
+
+
+def test_the_safety_thread_reconciles_due_pipelines_and_emits_through_kopfs_queue(spec) -> None:
+    """The safety net is a plain thread: it runs only the pipelines that are due, and its events reach kopf's event
+    queue through the context kept from a kopf handler call (kopf.event reads context variables kopf sets only for
+    its handlers; here they are set by hand as kopf's per-object processing sets them)."""
+    import asyncio
+    import contextvars
+    import threading
+    import time
+
+    import kopf
+    from kopf._core.engines import posting  # noqa: PLC2701 - the variables kopf.event reads
+
+    from kuberlhf_operator.writes import kopf_event
+
+    kube = RecordingKube(pipeline(spec), {**pipeline(spec), "metadata": {**pipeline(spec)["metadata"],
+                                                                          "name": "later", "uid": "uid-2"}})
+    op = Operator(kube, OperatorConfig(default_image="img:1"), emit=kopf_event)
+    loop = asyncio.new_event_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def as_kopf_handler() -> None:
+        posting.settings_var.set(kopf.OperatorSettings())
+        posting.event_queue_loop_var.set(loop)
+        posting.event_queue_var.set(queue)
+        op.remember_handler_context()
+
+    contextvars.copy_context().run(as_kopf_handler)
+    now = time.monotonic()
+    op.schedule.set(("team", "tiny"), now - 1)
+    op.schedule.set(("team", "later"), now + 3600)
+    ran: list = []
+    thread = threading.Thread(target=lambda: ran.extend(op.run_due(time.monotonic(), logging.getLogger("t"))))
+    thread.start()
+    thread.join(30)
+    loop.run_until_complete(asyncio.sleep(0))  # the thread posted with call_soon_threadsafe
+    posted = []
+    while not queue.empty():
+        posted.append(queue.get_nowait())
+    loop.close()
+    assert ran == [("team", "tiny")]
+    assert [w[2] for w in kube.writes if w[0] == "create"] == ["tiny-sft-1", "tiny-sft-1"]
+    assert [e.reason for e in posted] == ["StageStarted"] and posted[0].ref["name"] == "tiny"
+    assert not op.schedule.due(("team", "tiny"), time.monotonic())  # rescheduled by its own decision
