@@ -10,21 +10,20 @@ All mutable state is here, on one object the kopf handlers get through kopf's ``
 schedule and change filters (``wakeups``), the object-store client cache and the operator's configuration. A
 pipeline's lock and schedule entry are pruned when the pipeline goes away.
 
-The route of one field, ``spec.stages.ppo.actorZeroStage``, from the CR to DeepSpeed, as it is now:
+The route of one field, ``spec.stages.ppo.actorZeroStage``, from the CR to DeepSpeed:
 
 1. the API server checks it against the CRD schema (generated from the spec models: integer, 0-3);
-2. ``reconcile`` validates the spec once with the pydantic models (``parse_spec``: the range, the presets fill it
-   when unset, the preflight checks its combinations) into a ``PipelineSpec``;
-3. a stage that starts records the resolved spec in ``status.stages.<stage>.appliedSpec`` and the Job is built
-   from that record, parsed again (one more dict round trip and validation, kept so that retries and a restarted
-   operator rebuild exactly the started spec);
-4. the Job builder serialises the resolved spec once into the pod's ``KUBERLHF_PIPELINE`` env: the pod boundary;
-5. in the pod, ``StageContext.from_env`` validates it with the same models and the DeepSpeed config builder
-   (``kuberlhf.training.ds_config``) reads ``actor_zero_stage`` from that object into its settings (where it is
-   range-checked once more) and the ``zero_optimization.stage`` of the DeepSpeed config.
+2. ``reconcile`` validates the object's ``spec`` once with the pydantic models (``parse_spec``: the range, the
+   presets fill it when unset, the preflight checks its combinations) into a ``PipelineSpec``, the decision's
+   ``Snapshot``; status is never read as configuration;
+3. the Job builder serialises that spec once into the pod's ``KUBERLHF_PIPELINE`` env: the pod boundary, the one
+   round trip;
+4. in the pod, ``StageContext.from_env`` validates it with the same models, and the DeepSpeed config builder
+   (``kuberlhf.training.ds_config``) copies ``actor_zero_stage`` into ``zero_optimization.stage``
+   (``settings_problems`` still range-checks it there, for ``TrainSettings`` a Python API user builds by hand).
 
-Step 3's round trip through status and step 5's second range check are what is left above "the pod boundary as
-the only round trip, one validation per side".
+A retry of a started stage resumes its run, so it is built from the spec the stage's newest Job carries (step 3's
+output, read back from the immutable Job and validated again), not from an edited spec (``reconcile.Snapshot``).
 """
 
 from __future__ import annotations

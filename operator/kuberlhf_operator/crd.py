@@ -158,7 +158,8 @@ def _stage_status_schema() -> dict[str, Any]:
             "appliedSpec": {
                 "type": "object",
                 "x-kubernetes-preserve-unknown-fields": True,
-                "description": "The resolved spec this stage started with; retries reuse it.",
+                "description": "Written by releases before the spec was read only from .spec (a started stage's "
+                               "settings now come from its Job); no longer read or written.",
             },
         },
     }

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kuberlhf.contract.pod import TRAINER_CONTAINER
+from kuberlhf.contract.stage import ENV_PIPELINE
 from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
 
 JobPhase = Literal["Running", "Succeeded", "Failed"]
@@ -30,6 +31,9 @@ class JobState:
     start_time: str | None = None
     completion_time: str | None = None
     failure: str | None = None  # the Job's Failed condition (reason: message)
+    # The resolved spec this attempt runs with (its trainer's KUBERLHF_PIPELINE, as JSON text): a Job's pod
+    # template is immutable, so this is the record of what the stage runs; retries resume it (reconcile.Snapshot).
+    pipeline: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,15 @@ def _cond(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return None
 
 
+def job_pipeline(job: dict[str, Any]) -> str | None:
+    """The KUBERLHF_PIPELINE text of a stage Job's trainer container (None when absent)."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for container in pod.get("containers") or []:
+        if container.get("name") == TRAINER_CONTAINER:
+            return next((e.get("value") for e in container.get("env") or [] if e.get("name") == ENV_PIPELINE), None)
+    return None
+
+
 def summarize_job(job: dict[str, Any]) -> JobState | None:
     """A raw batch/v1 Job -> JobState; None for a Job without the operator's stage/attempt labels."""
     meta = job.get("metadata") or {}
@@ -111,6 +124,7 @@ def summarize_job(job: dict[str, Any]) -> JobState | None:
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
         failure=failure,
+        pipeline=job_pipeline(job),
     )
 
 

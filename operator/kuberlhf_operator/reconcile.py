@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from kuberlhf.contract.preflight import format_problems, preflight
-from kuberlhf.contract.rules import TRANSITION_RULES
+from kuberlhf.contract.rules import update_problems
 from kuberlhf.contract.spec import (
     STAGE_ORDER,
     ObjectMeta,
@@ -31,6 +31,7 @@ from kuberlhf.contract.spec import (
     RLHFPipeline,
     SpecError,
     Stage,
+    parse_pipeline,
     parse_spec,
     written_spec,
 )
@@ -53,7 +54,6 @@ from kuberlhf_operator.spec_pin import SERVING, changed_since_pin, pin
 DONE = "done"
 CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded"}
 STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO"}
-(STORAGE_RULE,) = TRANSITION_RULES
 REASON_INVALID_SPEC = "InvalidSpec"
 REQUEUE_SECONDS = 10.0
 _SAME_WAITING = {"ErrImagePull": "ImagePullBackOff"}
@@ -193,21 +193,58 @@ def get_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
-def effective_spec(stage: str, current: dict[str, Any], stages_status: dict[str, Any]) -> dict[str, Any]:
-    """The spec a stage runs with: its own snapshot once started; else the current spec with the parts earlier
-    stages fixed pinned (storage: where every earlier output lives; serving keeps the EMA choice of PPO)."""
-    snap = (stages_status.get(stage) or {}).get("appliedSpec")
-    if snap:
-        return copy.deepcopy(snap)
-    out = copy.deepcopy(current)
-    first = next((s.get("appliedSpec") for s in (stages_status.get(x.value) for x in STAGE_ORDER)
-                  if s and s.get("appliedSpec")), None)
-    if first:
-        out["storage"] = copy.deepcopy(first["storage"])
-    ppo_snap = (stages_status.get("ppo") or {}).get("appliedSpec")
-    if stage == SERVING and ppo_snap:
-        out.setdefault("stages", {})["ppo"] = copy.deepcopy(ppo_snap["stages"]["ppo"])
-    return out
+class Snapshot:
+    """The spec side of one decision, read once.
+
+    ``current`` is the object's ``spec`` at ``metadata.generation``, validated once (models, presets, preflight):
+    every stage that has not started is built from it. A stage that started keeps the spec it started with, and the
+    record of that is the stage's newest Job: a Job's pod template is immutable, so its ``KUBERLHF_PIPELINE`` is
+    exactly what the attempt runs. A retry, or a Job re-created after a deletion, resumes the same run from its
+    checkpoint, so it takes that record (ZeRO partitioning, world size, LoRA shapes and the recipe must match the
+    checkpoint), and an edit of a started stage is reported as ``SpecChangeIgnored`` instead. Serving keeps the EMA
+    choice PPO ran with. ``spec.storage`` may not change once started: the operator refuses the edit with the CRD
+    transition rule's message (a current API server refuses it on write). Status holds facts and the pin's digest
+    (``spec_pin``), never configuration: a stage whose Jobs are all gone is rebuilt from the current spec."""
+
+    def __init__(self, meta: PipelineMeta, current: RLHFPipeline, written: dict[str, Any],
+                 jobs: Mapping[str, JobState]) -> None:
+        self.meta, self.current, self.written, self._jobs = meta, current, written, jobs
+        self._parsed: dict[str, RLHFPipeline | None] = {}  # Job name -> its record (parsed at most once)
+
+    def record(self, stage: str) -> RLHFPipeline | None:
+        """The spec the newest Job of ``stage`` runs with; None when no Job of it exists (or its record does not
+        parse under this release, e.g. a field since removed)."""
+        jobs = [j for j in self._jobs.values() if j.stage == stage and j.pipeline]
+        if not jobs:
+            return None
+        newest = max(jobs, key=lambda j: j.attempt)
+        if newest.name not in self._parsed:
+            try:
+                self._parsed[newest.name] = parse_pipeline(newest.pipeline or "")
+            except SpecError:
+                self._parsed[newest.name] = None
+        return self._parsed[newest.name]
+
+    def for_stage(self, stage: str) -> RLHFPipeline:
+        return self.record(stage) or self.current
+
+    def for_serving(self) -> RLHFPipeline:
+        ppo = self.record(Stage.ppo.value)
+        if ppo is None:
+            return self.current
+        spec = self.current.spec
+        stages = spec.stages.model_copy(update={"ppo": ppo.spec.stages.ppo})
+        return self.current.model_copy(update={"spec": spec.model_copy(update={"stages": stages})})
+
+    def storage_problem(self, status: dict[str, Any]) -> str | None:
+        """The CRD transition rule on storage, judged against the storage the started stages' Jobs use."""
+        for stage in reversed(STAGE_ORDER):
+            old = self.record(stage.value)
+            if old is not None:
+                new = {"spec": self.current.spec.to_wire()}
+                broken = update_problems(new, {"spec": old.spec.to_wire(), "status": status})
+                return broken[0].text if broken else None
+        return None
 
 
 def _pipeline(meta: PipelineMeta, wire: dict[str, Any]) -> RLHFPipeline:
@@ -221,7 +258,7 @@ class _Run:
     def __init__(self, meta: PipelineMeta, status: dict[str, Any], observed: Observed, now: datetime,
                  probes: dict[str, ProbeResult], config: OperatorConfig) -> None:
         self.meta, self.observed, self.now, self.probes, self.config = meta, observed, now, probes, config
-        self.written: dict[str, Any] = {}  # what the user wrote (kuberlhf.contract.spec.written_spec)
+        self.snap: Snapshot | None = None  # set once the spec validated
         self.status = copy.deepcopy(status or {})
         self.owner = Owner(meta.name, meta.namespace, meta.uid)
         self.workload_labels = propagated_labels(meta.labels)
@@ -263,16 +300,20 @@ class _Run:
             self.event("Warning", REASON_INVALID_SPEC, error)
         return self.decision()
 
-    def report_spec_changes(self, current: dict[str, Any]) -> None:
+    def report_spec_changes(self) -> None:
+        snap = self.spec
         stages_st = self.status.get("stages") or {}
         started = [s for s in [x.value for x in STAGE_ORDER] + [SERVING] if (stages_st.get(s) or {}).get("specHash")]
         changes: dict[str, list[str]] = {}
+        current = snap.current.spec.to_wire()
         for s in started:
-            found = changed_since_pin(stages_st[s], self.written, current, s)
+            record = None if s == SERVING else snap.record(s)
+            applied = record.spec.to_wire() if record is not None else None
+            found = changed_since_pin(stages_st[s], snap.written, current, s, applied)
             for f in found:
                 changes.setdefault(f, []).append(s)
             if not found and not stages_st[s].get("presetVersion"):
-                stages_st[s].update(pin(self.written, s))  # a record of an earlier release: re-pin it
+                stages_st[s].update(pin(snap.written, s))  # a record of an earlier release: re-pin it
         previous = get_condition(self.status, "SpecChangeIgnored")
         if not changes:
             if previous is not None and previous.get("status") == "True":
@@ -281,14 +322,18 @@ class _Run:
         pending = [x.value for x in STAGE_ORDER if x.value not in started] + ([] if SERVING in started else [SERVING])
         parts = [f"{f} (started: {', '.join(st)})" for f, st in changes.items()]
         msg = ("changed after their stage started, kept at the started values: " + "; ".join(parts)
-               + (f". Applied to stages not yet started: {', '.join(pending)}" if pending else "")
-               # the CRD's transition rule on a current server refuses this edit with the same text
-               + ("" if "spec.storage" not in " ".join(changes) else f". {STORAGE_RULE.text}"))
+               + (f". Applied to stages not yet started: {', '.join(pending)}" if pending else ""))
         if previous is None or previous.get("message") != msg or previous.get("status") != "True":
             self.event("Warning", "SpecChangeIgnored", msg)
         self.cond("SpecChangeIgnored", True, "StageAlreadyStarted", msg)
 
-    def run(self, current: dict[str, Any]) -> Decision:
+    @property
+    def spec(self) -> Snapshot:
+        assert self.snap is not None, "the spec did not validate"
+        return self.snap
+
+    def run(self, snap: Snapshot) -> Decision:
+        self.snap = snap
         st = self.status
         st["observedGeneration"] = self.meta.generation
         if st.get("reason") == REASON_INVALID_SPEC:
@@ -296,26 +341,25 @@ class _Run:
             self.cond("Failed", False, "SpecValid", "the spec validates")
         st.setdefault("phase", "Pending")
         st.setdefault("stages", {})
-        self.report_spec_changes(current)
+        self.report_spec_changes()
         if st["phase"] == "Failed":
             return self.decision()  # terminal: attempts exhausted; delete and re-create the pipeline to rerun
         for stage in STAGE_ORDER:
             if (st["stages"].get(stage.value) or {}).get("phase") == "Succeeded":
                 continue
-            self.drive_stage(stage.value, current)
+            self.drive_stage(stage.value)
             return self.decision()
-        self.drive_serving(current)
+        self.drive_serving()
         return self.decision()
 
-    def drive_stage(self, stage: str, current: dict[str, Any]) -> None:
+    def drive_stage(self, stage: str) -> None:
         st = self.status
         stages_st = st["stages"]
         s: dict[str, Any] = stages_st.setdefault(stage, {})
-        suspended = bool(current.get("suspend"))
+        suspended = self.spec.current.spec.suspend
         jobs = [j for j in self.observed.jobs.values() if j.stage == stage]
         attempt = max([int(s.get("attempts") or 0)] + [j.attempt for j in jobs])
-        wire = effective_spec(stage, current, stages_st)
-        pipeline = _pipeline(self.meta, wire)
+        pipeline = self.spec.for_stage(stage)
         st["stage"] = stage
         if attempt == 0:
             if suspended:
@@ -324,12 +368,12 @@ class _Run:
                 return
             if st.get("phase") == "Suspended":
                 self.resumed(stage)
-            s.update(appliedSpec=wire, startTime=timestamp(self.now), **pin(self.written, stage))
+            s.update(startTime=timestamp(self.now), **pin(self.spec.written, stage))
             self.start_attempt(stage, pipeline, 1, reason="StageStarted")
             return
         # Adopt what exists even if the status write of an earlier run was lost (restart mid-decision).
-        if not s.get("appliedSpec"):
-            s.update(appliedSpec=wire, **pin(self.written, stage))
+        if not s.get("specHash"):
+            s.update(pin(self.spec.written, stage))
         if attempt > int(s.get("attempts") or 0) or not s.get("jobName"):
             s.update(attempts=attempt, jobName=job_name(self.meta.name, stage, attempt), phase="Running")
             s.setdefault("startTime", timestamp(self.now))
@@ -339,7 +383,7 @@ class _Run:
             self.job_missing(stage, pipeline, attempt, job, suspended)
             return
         if job.phase == "Succeeded":
-            self.job_succeeded(stage, job, pipeline, current)
+            self.job_succeeded(stage, job, pipeline)
         elif job.phase == "Failed":
             detail = self.observed.failure_details.get(job.name)
             msg = f"Job {job.name} failed ({job.failure or 'Failed'})" + (f": {detail}" if detail else "")
@@ -468,7 +512,7 @@ class _Run:
         s["phase"] = "Queued"
         self.status.update(phase="Queued", stage=stage, reason="WaitingForQuota", message=msg)
 
-    def job_succeeded(self, stage: str, job: JobState, pipeline: RLHFPipeline, current: dict[str, Any]) -> None:
+    def job_succeeded(self, stage: str, job: JobState, pipeline: RLHFPipeline) -> None:
         probe = self.probes.get(stage)
         uri = StageLayout.for_pipeline(pipeline, self.meta.namespace, self.meta.uid).stage_uri(stage)
         if probe is None or probe.error:
@@ -494,9 +538,9 @@ class _Run:
         # Go straight on to the next stage (or serving) in this same decision.
         nxt = [x.value for x in STAGE_ORDER][[x.value for x in STAGE_ORDER].index(stage) + 1:]
         if nxt:
-            self.drive_stage(nxt[0], current)
+            self.drive_stage(nxt[0])
         else:
-            self.drive_serving(current)
+            self.drive_serving()
 
     def attempt_failed(self, stage: str, pipeline: RLHFPipeline, attempt: int, msg: str) -> None:
         s = self.status["stages"][stage]
@@ -513,11 +557,10 @@ class _Run:
         self.cond("Ready", False, "StageFailed", f"stage {stage} failed")
         self.event("Warning", "StageFailed", text)
 
-    def drive_serving(self, current: dict[str, Any]) -> None:
+    def drive_serving(self) -> None:
         st = self.status
         stages_st = st["stages"]
-        wire = effective_spec(SERVING, current, stages_st)
-        pipeline = _pipeline(self.meta, wire)
+        pipeline = self.spec.for_serving()
         sv = pipeline.spec.serving
         if not sv.enabled:
             if st.get("phase") != "Succeeded":
@@ -526,8 +569,8 @@ class _Run:
             self.cond("Ready", True, "Succeeded", "all stages succeeded; serving is disabled")
             return
         s: dict[str, Any] = stages_st.setdefault(SERVING, {})
-        if not s.get("appliedSpec"):
-            s.update(appliedSpec=wire, startTime=timestamp(self.now), **pin(self.written, SERVING),
+        if not s.get("jobName"):
+            s.update(startTime=timestamp(self.now), **pin(self.spec.written, SERVING),
                      phase="Running", attempts=1, jobName=chat_name(self.meta.name))
             st.update(phase="Running", stage=SERVING, attempts=1, reason="Serving",
                       message="creating the chat Deployment")
@@ -577,9 +620,11 @@ def reconcile(
     refused = pod_policy_problem(meta.namespace, resolved.spec, run.config)
     if refused:
         return run.invalid(refused)
-    current = resolved.spec.to_wire()
-    run.written = written_spec(spec)
-    return run.run(current)
+    snap = Snapshot(meta, resolved, written_spec(spec), observed.jobs)
+    moved = snap.storage_problem(status or {})
+    if moved:  # what a current API server refuses on write (the CRD's transition rule), refused the same way
+        return run.invalid(moved)
+    return run.run(snap)
 
 
 def stages_to_probe(status: dict[str, Any] | None, observed: Observed) -> list[str]:
@@ -596,6 +641,12 @@ def stages_to_probe(status: dict[str, Any] | None, observed: Observed) -> list[s
     return out
 
 
-def storage_spec_for_probe(spec: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
-    """The storage block stages write to (the first started stage's, see effective_spec)."""
-    return effective_spec(Stage.sft.value, spec, (status or {}).get("stages") or {}).get("storage") or spec["storage"]
+def storage_for_probe(spec: dict[str, Any], observed: Observed) -> dict[str, Any]:
+    """The storage block the succeeded stages wrote to: their newest Job's (what it ran with), else the spec's."""
+    for job in sorted(observed.jobs.values(), key=lambda j: (j.phase != "Succeeded", -j.attempt)):
+        if job.pipeline:
+            try:
+                return parse_pipeline(job.pipeline).spec.storage.to_wire()
+            except SpecError:
+                continue
+    return spec["storage"]

@@ -1,7 +1,8 @@
 """The pin of a started stage, and whether the user changed what it pins. Pure functions.
 
-A stage that started keeps the spec it started with (``appliedSpec``, the resolved spec); a later edit of the
-parts it depends on is reported as ``SpecChangeIgnored``. The pin covers what the user *wrote* (the spec before
+A stage that started keeps the spec it started with (its newest Job's, see ``reconcile.Snapshot``); a later
+edit of the parts it depends on is reported as ``SpecChangeIgnored``. The pin is a digest plus the written
+fields it covers, kept in ``status.stages.<stage>`` to tell an edit from an upgrade; nothing is built from it. The pin covers what the user *wrote* (the spec before
 the presets, without fields equal to their default: :func:`kuberlhf.contract.spec.written_spec`) plus the
 recorded preset version, so an operator upgrade does not cry wolf on every running pipeline:
 
@@ -47,7 +48,7 @@ def _digest(value: Any) -> str:
 
 
 def pin(written: dict[str, Any], stage: str) -> dict[str, Any]:
-    """What ``status.stages.<stage>`` records when the stage starts (next to its ``appliedSpec``)."""
+    """What ``status.stages.<stage>`` records when the stage starts."""
     part = relevant_spec(written, stage)
     version = preset_version()
     return {
@@ -73,19 +74,28 @@ def _get(value: Any, path: tuple[str, ...]) -> Any:
 
 
 def changed_since_pin(
-    record: dict[str, Any], written: dict[str, Any], resolved: dict[str, Any], stage: str
+    record: dict[str, Any],
+    written: dict[str, Any],
+    resolved: dict[str, Any],
+    stage: str,
+    applied: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Dotted ``spec.`` paths the user changed since ``stage`` started (``record`` is its status entry)."""
+    """Dotted ``spec.`` paths the user changed since ``stage`` started (``record`` is its status entry,
+    ``applied`` the resolved spec it runs with, from its Job; None where no Job says, e.g. serving: then the
+    written values are compared with the pinned written values)."""
     now = relevant_spec(written, stage)
     then = record.get("writtenSpec") if record.get("presetVersion") else None
     if then is not None and _digest({"written": now, "presetVersion": record["presetVersion"]}) == record.get(
         "specHash"
     ):
         return []
-    applied = relevant_spec(record.get("appliedSpec") or {}, stage)
-    current = relevant_spec(resolved, stage)
     paths = set(leaf_paths(now))
     if then is not None:  # written then, not any more: the user removed it
         paths |= {p for p in leaf_paths(then) if _get(now, p) is _MISSING}
+    if applied is None:
+        if then is None:
+            return []  # a record of an earlier release with nothing to compare: re-pinned by the caller
+        return sorted("spec." + ".".join(p) for p in paths if _get(now, p) != _get(then, p))
     # compare resolved values (the same representation on both sides), on the written paths only
-    return sorted("spec." + ".".join(p) for p in paths if _get(current, p) != _get(applied, p))
+    was, current = relevant_spec(applied, stage), relevant_spec(resolved, stage)
+    return sorted("spec." + ".".join(p) for p in paths if _get(current, p) != _get(was, p))

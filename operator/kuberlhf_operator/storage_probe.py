@@ -16,7 +16,7 @@ from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
 from kuberlhf_operator.cluster import stage_pods
 from kuberlhf_operator.kube import Kube
 from kuberlhf_operator.observe import Observed, reported_digest
-from kuberlhf_operator.reconcile import PipelineMeta, ProbeResult, stages_to_probe, storage_spec_for_probe
+from kuberlhf_operator.reconcile import PipelineMeta, ProbeResult, stages_to_probe, storage_for_probe
 from kuberlhf_operator.wakeups import StoreCache
 
 
@@ -67,7 +67,7 @@ def probe(kube: Kube, stores: StoreCache, meta: PipelineMeta, spec: dict[str, An
     if not stages:
         return {}
     try:
-        storage = StorageSpec.model_validate(storage_spec_for_probe(spec, status))
+        storage = StorageSpec.model_validate(storage_for_probe(spec, observed))
         layout = StageLayout(storage_uri=storage.uri, namespace=meta.namespace, pipeline=meta.name, uid=meta.uid)
         if storage.secret_ref is None:
             return reported_probes(kube, meta, stages, observed, layout)

@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kuberlhf_operator.observe import DeploymentState, JobState, Observed, PodsState
+from kuberlhf_operator.observe import DeploymentState, JobState, Observed, PodsState, job_pipeline
 from kuberlhf_operator.reconcile import Decision, OperatorConfig, PipelineMeta, ProbeResult, reconcile
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -56,7 +56,7 @@ class Cluster:
                     assert a.name not in self.jobs, f"duplicate Job {a.name}"
                     self.jobs[a.name] = JobState(a.name, labels["kuberlhf.io/stage"],
                                                  int(labels["kuberlhf.io/attempt"]),
-                                                 suspended=a.body["spec"]["suspend"])
+                                                 suspended=a.body["spec"]["suspend"], pipeline=job_pipeline(a.body))
                 elif a.kind == "Service":
                     self.services.add(a.name)
                 else:

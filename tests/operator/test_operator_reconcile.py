@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import timedelta
 
 from operator_sim import T0, Cluster, complete
@@ -27,6 +28,11 @@ def run_to_serving(cluster: Cluster) -> None:
     for stage in ("sft", "reward", "ppo"):
         cluster.finish(f"tiny-{stage}-1")
         cluster.step(complete(stage))
+
+
+def job_spec(cluster: Cluster, job: str) -> dict:
+    env = cluster.bodies[("Job", job)]["spec"]["template"]["spec"]["containers"][0]["env"]
+    return json.loads(next(e["value"] for e in env if e["name"] == "KUBERLHF_PIPELINE"))["spec"]
 
 
 def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
@@ -299,15 +305,37 @@ def test_spec_change_after_start_applies_only_to_later_stages(cluster: Cluster) 
     assert pipeline_env("tiny-ppo-1")["stages"]["ppo"]["klCoef"] == 0.5
 
 
-def test_storage_is_pinned_for_the_whole_pipeline(cluster: Cluster) -> None:
+def test_storage_edit_after_start_is_refused_like_the_crd_rule(cluster: Cluster) -> None:
+    """On v1.20 (no CEL) the edit reaches the operator: it refuses it with the text a current API server refuses
+    it with on write, creates nothing while it stands (the running Job is left alone) and goes on once reverted."""
     cluster.step()
     cluster.spec["storage"]["uri"] = "s3://elsewhere/x"
     cluster.finish("tiny-sft-1")
-    cluster.step(complete("sft"))
+    d = cluster.step(complete("sft"), generation=2)
+    assert d.actions == [] and ("tiny-sft-1") in cluster.jobs
+    assert (cluster.status["phase"], cluster.status["reason"]) == ("Failed", "InvalidSpec")
+    assert cluster.status["message"] == TRANSITION_RULES[0].text
+    assert [e.reason for e in d.events] == ["InvalidSpec"]
+    cluster.spec["storage"]["uri"] = "s3://bucket/pipelines"
+    d = cluster.step(complete("sft"), generation=3)
     env = cluster.bodies[("Job", "tiny-reward-1")]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert '"uri":"s3://bucket/pipelines"' in next(e["value"] for e in env if e["name"] == "KUBERLHF_PIPELINE")
-    # on v1.20 (no CEL) the operator says what a current API server says when it refuses the edit
-    assert TRANSITION_RULES[0].text in cond(cluster.status, "SpecChangeIgnored")["message"]
+    assert cluster.status["stages"]["sft"]["phase"] == "Succeeded" and cluster.status["stage"] == "reward"
+
+
+def test_the_spec_is_read_from_spec_and_a_started_stage_from_its_job(cluster: Cluster) -> None:
+    """Status is never configuration: a (legacy or forged) status.stages.*.appliedSpec is not read; a retry of a
+    started stage takes what its newest Job runs with, and a stage whose Jobs are all gone the current spec."""
+    cluster.step()
+    cluster.status["stages"]["sft"]["appliedSpec"] = {"stages": {"sft": {"epochs": 9}}}
+    cluster.spec["stages"]["sft"]["epochs"] = 5
+    cluster.finish("tiny-sft-1", "Failed", failure="x")
+    cluster.step(generation=2)
+    assert job_spec(cluster, "tiny-sft-2")["stages"]["sft"]["epochs"] == 1  # attempt 1's record, not 9, not 5
+    assert "spec.stages.sft.epochs (started: sft)" in cond(cluster.status, "SpecChangeIgnored")["message"]
+    del cluster.jobs["tiny-sft-1"], cluster.jobs["tiny-sft-2"]  # deleted by hand: no record left
+    cluster.step()
+    assert job_spec(cluster, "tiny-sft-2")["stages"]["sft"]["epochs"] == 5
 
 
 def test_restart_same_state_gives_same_decision_and_no_duplicates(cluster: Cluster, meta, spec) -> None:

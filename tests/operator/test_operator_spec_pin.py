@@ -4,7 +4,7 @@ started stage is still reported (SpecChangeIgnored) in both situations."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 
@@ -29,17 +29,20 @@ def job_spec(cluster: Cluster, job: str) -> dict:
 
 def test_a_release_that_adds_a_defaulted_field_is_quiet(cluster: Cluster) -> None:
     cluster.step()
-    # What the previous release recorded when sft started: its resolved spec had no data.evalFraction and no
-    # stages.sft.tensorboard yet, and its hash covered the whole resolved spec.
-    sft = cluster.status["stages"]["sft"]
-    old_applied = copy.deepcopy(sft["appliedSpec"])
-    del old_applied["data"]["evalFraction"], old_applied["stages"]["sft"]["tensorboard"]
+    # What the previous release made when sft started: a Job whose resolved spec had no data.evalFraction and no
+    # stages.sft.tensorboard yet, and a status hash that covered the whole resolved spec.
+    job = cluster.jobs["tiny-sft-1"]
+    old = json.loads(job.pipeline)
+    del old["spec"]["data"]["evalFraction"], old["spec"]["stages"]["sft"]["tensorboard"]
+    cluster.jobs["tiny-sft-1"] = dataclasses.replace(job, pipeline=json.dumps(old))
+    old_applied = old["spec"]
     old_hash = hashlib.sha256(
         json.dumps(relevant_spec(old_applied, "sft"), sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
+    sft = cluster.status["stages"]["sft"]
     for key in ("presetVersion", "writtenSpec"):
         sft.pop(key)
-    sft.update(appliedSpec=old_applied, specHash=old_hash)
+    sft.update(specHash=old_hash)
     # After the upgrade the API server fills the new fields' CRD defaults into the stored spec.
     cluster.spec["data"]["evalFraction"] = 0.1
     cluster.spec["stages"]["sft"]["tensorboard"] = False
