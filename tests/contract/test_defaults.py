@@ -32,6 +32,8 @@ SPEC_OF = {
                 "top_p",
                 "ptx_coef",
                 "whiten_advantages",
+                "decoder",
+                "compile_decoder",
             )
         },
         "adaptive_kl": (S.AdaptiveKLSpec, "enabled"),

@@ -90,6 +90,7 @@ _CASES: list[tuple[str, dict[str, Any], str]] = [
     ("split-no-reward", {"data": {"split": "2,0,4"}}, "spec.data.split:1"),
     ("split-no-ppo", {"data": {"split": "2,4,0"}}, "spec.data.split:1"),
     ("split-no-sft", {"data": {"split": "0,4,4"}}, "spec.data.split:2"),
+    ("rollout-not-a-multiple", {"stages": {"ppo": {"rolloutBatchSize": 6}}}, "spec.stages.ppo.rolloutBatchSize"),
     (
         "use-ema-without-ema",
         {"stages": {"ppo": {"ema": {"enabled": False}}}, "serving": {"useEma": True}},

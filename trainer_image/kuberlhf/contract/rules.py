@@ -192,6 +192,15 @@ RULES: tuple[Rule, ...] = (
         ok=lambda s: _shares_ok(s, 0) or bool(s.data.sft_only),  # CEL cannot type sftOnly's entries: no CEL
     ),
     Rule(
+        field="spec.stages.ppo.rolloutBatchSize",
+        message="must be a multiple of spec.stages.ppo.generationBatchSize (a rollout is split into experience "
+        "batches of generationBatchSize prompts, one PPO update each)",
+        fix="set rolloutBatchSize to a multiple of generationBatchSize, or leave it unset (= generationBatchSize)",
+        # generationBatchSize comes from the presets: no CEL
+        ok=lambda s: s.stages.ppo.rollout_batch_size is None
+        or s.stages.ppo.rollout_batch_size % (s.stages.ppo.generation_batch_size or 1) == 0,
+    ),
+    Rule(
         field="spec.serving.useEma",
         message="serving the EMA weights (ppo/ema/) needs spec.stages.ppo.ema.enabled, which is false",
         fix="set spec.stages.ppo.ema.enabled to true, or spec.serving.useEma to false to serve ppo/model/",

@@ -325,6 +325,18 @@ class PPOStageSpec(CommonStageSpec):
     max_answer_len: int = Field(default=256, ge=1, description="Generated tokens per answer.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the experience generation.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the experience generation.")
+    decoder: Literal["auto", "generate", "static"] = Field(
+        default="auto", description="How rollouts are sampled: static = kuberlhf's sampling loop over a "
+        "pre-allocated KV cache (kuberlhf.rlhf.decode; OPT-family actors at ZeRO 0-2, the same distribution as "
+        "generate), generate = transformers' generate (DeepSpeed's when hybridEngine is on); auto = generate "
+        "under the hybrid engine, static where the actor supports it, generate otherwise.")
+    compile_decoder: bool | None = Field(
+        default=None, description="torch.compile the static decoder's step (a CUDA graph on GPU); default: on "
+        "CUDA only (on a CPU its compile time is not earned back).")
+    rollout_batch_size: int | None = Field(
+        default=None, ge=1, description="Prompts per rank decoded together, a multiple of generationBatchSize: "
+        "the rollout is split into experience batches of generationBatchSize, each one PPO update (OpenRLHF's "
+        "rollout batch); default generationBatchSize.")
 
 
 class StagesSpec(SpecModel):

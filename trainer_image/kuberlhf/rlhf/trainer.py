@@ -12,6 +12,7 @@ import torch
 
 from kuberlhf.contract.spec import AdaptiveKLSpec, PPOStageSpec, spec_default
 from kuberlhf.rlhf import ppo_math as pm
+from kuberlhf.rlhf.decode import Sampling, pick_decoder
 from kuberlhf.rlhf.engine import RLHFEngine
 
 
@@ -37,6 +38,8 @@ class PPOSettings:
     # (identical up to float rounding: see ppo_math.answer_logprobs)
     reuse_generation_logprobs: bool = True
     whiten_advantages: bool = spec_default(PPOStageSpec, "whiten_advantages")
+    decoder: str = spec_default(PPOStageSpec, "decoder")
+    compile_decoder: bool | None = spec_default(PPOStageSpec, "compile_decoder")
 
     @classmethod
     def from_spec(cls, st: Any) -> PPOSettings:
@@ -44,7 +47,8 @@ class PPOSettings:
                    gamma=st.gamma, lam=st.lam, reward_clip=st.reward_clip, max_answer_len=st.max_answer_len,
                    temperature=st.temperature, top_p=st.top_p, ptx_coef=st.ptx_coef,
                    adaptive_kl=st.adaptive_kl.enabled, kl_target=st.adaptive_kl.target,
-                   kl_horizon=st.adaptive_kl.horizon, whiten_advantages=st.whiten_advantages)
+                   kl_horizon=st.adaptive_kl.horizon, whiten_advantages=st.whiten_advantages,
+                   decoder=st.decoder, compile_decoder=st.compile_decoder)
 
 
 def answer_mask(answers: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -88,6 +92,9 @@ class PPOTrainer:
         self._lm_pos = "position_ids" in params
         # transformers' logits_to_keep: the LM head only on the positions that score answer tokens
         self._lm_keep = "logits_to_keep" in params
+        # rollouts: kuberlhf.rlhf.decode's static-cache sampler, or None for generate (and the hybrid engine)
+        self.decoder = pick_decoder(self.actor.module, settings.decoder, settings.compile_decoder,
+                                    hybrid=bool(getattr(engine.options.actor_settings, "hybrid_engine", False)))
 
     # --- experience ------------------------------------------------------------------------------------
     def _lm_logits(self, engine: Any, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None
@@ -124,6 +131,10 @@ class PPOTrainer:
         deadlock."""
         self.actor.eval()
         synced = self.rlhf.actor_zero3 and self.world_size > 1
+        if self.decoder is not None:
+            seq, logits = self.decoder.generate(prompts, prompt_mask, Sampling(
+                self.s.max_answer_len, self.s.temperature, self.s.top_p, self.eos_id, self.pad_id))
+            return (seq, logits) if return_logits else seq
         # Always the wrapped module's generate: the hybrid engine (CUDA only) replaces it with its own (inference
         # kernels, ZeRO-3 gathering) when it found layers its kernels serve; when it found none (decoder layers of
         # a transformers version it does not support) engine.generate fails on a missing ``_generate`` while the

@@ -1,0 +1,211 @@
+"""Step 3's rollout sampler without ``generate``: a sampling loop over a pre-allocated (static) KV cache.
+
+At the sizes step 3 runs on a CPU, and for every decoding step on a GPU without CUDA graphs, a decoding step is
+bound by per-token Python and dispatch, not by arithmetic: transformers' ``generate`` runs logits processors,
+stopping criteria, ``prepare_inputs_for_generation``, a growing ``DynamicCache`` and the model's decorated
+forward (mask building, output capture) for every token. :class:`StaticDecoder` runs the same model's own
+submodules (so LoRA adapters and trained weights are the live ones) over one pre-allocated K/V tensor per
+layer, with shapes that do not change between steps: the attention of a step covers the whole cache under a
+boolean mask, and the new key/value are written at the step's slot. That step is what ``torch.compile`` compiles
+(``compile=True``; on CUDA ``mode="reduce-overhead"`` captures it as a CUDA graph, the cache being marked as a
+static address), through the same code.
+
+Sampling is ``generate``'s own arithmetic, in its order (float32 logits, temperature, top-p as transformers'
+``TopPLogitsWarper``, softmax, ``torch.multinomial``; finished rows get the pad token; stop when every row has
+sampled EOS or at ``max_new_tokens``), so under the same RNG state it draws the same tokens and returns the raw
+logits of every step like ``generate(output_logits=True)`` (tests/trainer/test_decode.py).
+
+Supported: OPT-family causal LMs (every model this project ships and benchmarks), plain or peft-wrapped, whose
+weights are not partitioned (ZeRO 0-2). :func:`supports` says whether a model qualifies; the trainer falls back
+to ``generate`` (or the hybrid engine) otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    eos_id: int
+    pad_id: int
+
+
+def _base_model(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model: Any) -> bool:
+    """OPT-family causal LM (``model.model.decoder`` + ``lm_head``) whose weights are not ZeRO-3 partitioned."""
+    base = _base_model(model)
+    if getattr(getattr(base, "config", None), "model_type", None) != "opt":
+        return False
+    if not hasattr(base, "lm_head") or not hasattr(getattr(base, "model", None), "decoder"):
+        return False
+    # ZeRO-3 leaves an empty placeholder in .data and gathers inside module hooks: generate() handles that
+    return not any(hasattr(p, "ds_id") for p in base.parameters())
+
+
+def top_p_mask(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' ``TopPLogitsWarper`` (min_tokens_to_keep=1): -inf on tokens outside the nucleus."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from float32 logits, with generate's processors in generate's order."""
+    scores = logits
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        scores = top_p_mask(scores, top_p)
+    return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+class StaticDecoder:
+    """Samples answers of an OPT-family causal LM. Build once per model (cheap); ``compile=True`` compiles the
+    decoding step (worth it on GPU, where it also becomes a CUDA graph; on a small CPU model the compile time is
+    not earned back: bench/ppo_bench.py measures both)."""
+
+    def __init__(self, model: Any, compile: bool = False):
+        if not supports(model):
+            raise ValueError("StaticDecoder needs an OPT-family causal LM with unpartitioned weights")
+        self.model = model
+        base = _base_model(model)
+        self.decoder = base.model.decoder
+        self.lm_head = base.lm_head
+        cfg = base.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.pre_ln = bool(cfg.do_layer_norm_before)
+        self.compiled = compile
+        self._step = self._decode_step
+        if compile:
+            mode = "reduce-overhead" if self.decoder.embed_tokens.weight.is_cuda else None
+            self._step = torch.compile(self._decode_step, dynamic=False, fullgraph=False, mode=mode)
+
+    # --- the model, over the static cache ----------------------------------------------------------------
+    def _layers(
+        self, h: torch.Tensor, allowed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder stack on ``h`` (B, T, E) whose tokens go to cache ``slots`` (T,); ``allowed`` (B, 1, T, L)
+        says which cached positions each query sees. Same operations as transformers' OPT layers."""
+        b, t, _ = h.shape
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            residual = h
+            if self.pre_ln:
+                h = layer.self_attn_layer_norm(h)
+            q = (attn.q_proj(h) * attn.scaling).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k_cache[i].index_copy_(2, slots, k)
+            v_cache[i].index_copy_(2, slots, v)
+            o = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=allowed, scale=1.0)
+            h = residual + attn.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+            if not self.pre_ln:
+                h = layer.self_attn_layer_norm(h)
+            residual = h
+            if self.pre_ln:
+                h = layer.final_layer_norm(h)
+            h = residual + layer.fc2(layer.activation_fn(layer.fc1(h)))
+            if not self.pre_ln:
+                h = layer.final_layer_norm(h)
+        return h
+
+    def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        h = d.embed_tokens(ids)
+        if d.project_in is not None:
+            h = d.project_in(h)
+        return h + F.embedding(pos + d.embed_positions.offset, d.embed_positions.weight).to(h.dtype)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        if d.final_layer_norm is not None:
+            h = d.final_layer_norm(h)
+        if d.project_out is not None:
+            h = d.project_out(h)
+        return self.lm_head(h)[:, -1].float()
+
+    def _decode_step(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        allowed: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row (ids, pos: (B, 1)) at cache ``slot`` (1,): float32 logits (B, V). Static shapes."""
+        return self._logits(self._layers(self._embed(ids, pos), allowed, k_cache, v_cache, slot))
+
+    # --- sampling ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, prompts: torch.Tensor, prompt_mask: torch.Tensor, s: Sampling
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sequences (B, P + T), logits (B, T, V))`` for left-padded ``prompts`` (B, P), T <= max_new_tokens
+        (fewer when every row has sampled EOS), as ``generate(do_sample=True, output_logits=True)`` returns."""
+        b, p = prompts.shape
+        n, dev = s.max_new_tokens, prompts.device
+        total = p + n
+        w = self.decoder.embed_tokens.weight
+        shape = (self.n_layers, b, self.n_heads, total, self.head_dim)
+        k_cache = torch.zeros(shape, dtype=w.dtype, device=dev)
+        v_cache = torch.zeros(shape, dtype=w.dtype, device=dev)
+        if self.compiled:
+            torch._dynamo.mark_static_address(k_cache)
+            torch._dynamo.mark_static_address(v_cache)
+        # keys a query may see: real prompt tokens, every generated slot (generate's mask is 1 there even after
+        # EOS), causally; a pad query also sees itself, so no row of the softmax is empty (no NaN)
+        keys = torch.cat([prompt_mask.bool(), torch.ones(b, n, dtype=torch.bool, device=dev)], dim=1)
+        ar = torch.arange(total, device=dev)
+        causal = ar[None, :] <= ar[:p, None]
+        allowed = (keys[:, None, :] & causal[None]) | (ar[None, :] == ar[:p, None])[None]
+        pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = self._layers(self._embed(prompts, pos), allowed[:, None], k_cache, v_cache, ar[:p])
+        logits = self._logits(h[:, -1:])
+        next_pos = prompt_mask.long().sum(-1, keepdim=True)
+        tokens = torch.full((b, n), s.pad_id, dtype=prompts.dtype, device=dev)
+        out = torch.empty((b, n, logits.shape[-1]), dtype=torch.float32, device=dev)
+        unfinished = torch.ones(b, dtype=torch.bool, device=dev)
+        steps = 0
+        for t in range(n):
+            out[:, t] = logits
+            nxt = torch.where(unfinished, sample(logits, s.temperature, s.top_p), s.pad_id)
+            tokens[:, t] = nxt
+            unfinished &= nxt != s.eos_id
+            steps = t + 1
+            if t == n - 1 or not bool(unfinished.any()):
+                break
+            slot = ar[p + t : p + t + 1]
+            step_allowed = (keys & (ar <= p + t))[:, None, None, :]
+            logits = self._step(nxt[:, None], next_pos + t, step_allowed, k_cache, v_cache, slot)
+        return torch.cat([prompts, tokens[:, :steps]], dim=1), out[:, :steps]
+
+
+def pick_decoder(model: Any, mode: str, compile: bool | None, hybrid: bool) -> StaticDecoder | None:
+    """``spec.stages.ppo.decoder``'s choice for ``model``: a :class:`StaticDecoder`, or ``None`` for ``generate``
+    (which the hybrid engine replaces with its inference kernels when it is on). ``compile=None``: on CUDA only."""
+    if mode == "generate" or (mode == "auto" and hybrid):
+        return None
+    if not supports(model):
+        if mode == "static":
+            raise ValueError(
+                "spec.stages.ppo.decoder=static needs an OPT-family actor whose weights are not "
+                "partitioned (actorZeroStage 0-2); fix: set spec.stages.ppo.decoder to auto or generate"
+            )
+        return None
+    if compile is None:
+        compile = next(model.parameters()).is_cuda
+    return StaticDecoder(model, compile=compile)
