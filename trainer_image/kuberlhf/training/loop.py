@@ -40,7 +40,31 @@ def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None
         # averaging gradients over one rank is the identity, but DeepSpeed still flattens, all-reduces (gloo
         # here) and copies them back on every backward
         engine.enable_backward_allreduce = False
+    if clips_locally(engine):
+        engine.clip_fp32_gradients = foreach_clipper(engine)
     return engine
+
+
+def clips_locally(engine: Any) -> bool:
+    """Whether DeepSpeed's fp32 gradient clipping can be torch's foreach clipping without a collective: ZeRO 0,
+    no model parallelism, fp32 (the only path that calls ``clip_fp32_gradients``). DeepSpeed's version loops over
+    the tensors in Python and all-reduces the norm over the data-parallel group even at world size 1; at ZeRO 0
+    the gradients are already averaged over the ranks when it runs, so every rank computes the same norm."""
+    return (engine.gradient_clipping() > 0 and engine.zero_optimization_stage() == 0 and engine.mpu is None
+            and not (engine.fp16_enabled() or engine.bfloat16_enabled()))
+
+
+def foreach_clipper(engine: Any):
+    """``engine.clip_fp32_gradients`` as ``torch.nn.utils.clip_grad_norm_(foreach=True)``: the same norm and
+    scale (``min(1, max_norm / (norm + 1e-6))``) in a few multi-tensor kernels. The gradient-carrying parameters
+    are collected once; LoRA or frozen modules keep ``requires_grad`` fixed after initialisation."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    max_norm = float(engine.gradient_clipping())
+
+    def clip() -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm, foreach=True)
+
+    return clip
 
 
 def skips_gradient_allreduce(zero_stage: int, dp_world_size: int, mpu: Any = None) -> bool:
