@@ -92,3 +92,19 @@ def test_stage_settings_have_no_fallbacks_of_their_own():
     spec.stages.sft.zero_stage = None
     with pytest.raises(DSConfigError, match="spec.stages.sft.zeroStage is unset"):
         stage_settings(spec, "sft", 1)
+
+
+def test_buckets_sized_to_the_model_and_explicit_values_kept():
+    from kuberlhf.training.ds_config import DEEPSPEED_DEFAULT_BUCKET, sized_buckets
+
+    z3 = sized_buckets(train_ds_config(settings(zero_stage=3)), 768)["zero_optimization"]
+    assert z3["reduce_bucket_size"] == 768**2 and "allgather_bucket_size" not in z3
+    z2 = sized_buckets(train_ds_config(settings(zero_stage=2)), 768)["zero_optimization"]
+    assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 768**2
+    assert sized_buckets(train_ds_config(settings(zero_stage=3)), 30_000)["zero_optimization"][
+        "reduce_bucket_size"] == DEEPSPEED_DEFAULT_BUCKET  # never above DeepSpeed's default
+    explicit = train_ds_config(settings(zero_stage=3))
+    explicit["zero_optimization"]["reduce_bucket_size"] = 123
+    assert sized_buckets(explicit, 768)["zero_optimization"]["reduce_bucket_size"] == 123
+    z0 = train_ds_config(settings(zero_stage=0))
+    assert sized_buckets(z0, 768) == z0

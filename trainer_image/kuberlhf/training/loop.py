@@ -35,6 +35,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, tot
 def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None, scheduler=None):
     import deepspeed
 
+    from kuberlhf.training.ds_config import sized_buckets
+
+    model_config = getattr(model, "config", None)
+    config = sized_buckets(config, getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     if skips_gradient_allreduce(engine.zero_optimization_stage(), engine.dp_world_size, engine.mpu):
         # averaging gradients over one rank is the identity, but DeepSpeed still flattens, all-reduces (gloo

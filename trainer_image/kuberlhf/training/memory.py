@@ -130,6 +130,8 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         offload=args.offload,
     )
     ds_config = train_ds_config(settings)
+    if args.zero_config:
+        ds_config["zero_optimization"].update(json.loads(args.zero_config))
     _warm_imports(args.model)
     phases = Phases()
     tokenizer = load_tokenizer(args.model)
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-dim", type=int, default=0, help="LoRA on the decoder blocks, only LoRA trained")
     p.add_argument("--export", help="export the trained model here and keep the engine's outputs on a fixed batch")
     p.add_argument("--cpu", action="store_true", help="use the CPU accelerator even when CUDA is present")
+    p.add_argument("--zero-config", help="JSON merged into the zero_optimization section (the bench compares)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     result = _probe(args)
