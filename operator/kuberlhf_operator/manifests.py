@@ -137,16 +137,22 @@ def _resources(user: dict[str, Any], gpus: int | None) -> dict[str, Any]:
 # stage work dir, torch extensions), /tmp and /dev/shm, each an emptyDir. A user's podTemplate can loosen any of it
 # explicitly (e.g. containers[trainer].securityContext.capabilities.add: [IPC_LOCK] for InfiniBand/GPUDirect).
 IMAGE_HOME = "/home/kuberlhf"
+IMAGE_UID = 10001
 POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                               "capabilities": {"drop": ["ALL"]}}
 SCRATCH_MOUNTS = {"home": IMAGE_HOME, "tmp": "/tmp"}
 
 
-def _hardened(spec: dict[str, Any]) -> dict[str, Any]:
-    """The operator's pod spec with the restricted defaults and the writable scratch its trainer container needs."""
+def _hardened(spec: dict[str, Any], home: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The operator's pod spec with the restricted defaults and the writable scratch its trainer container needs
+    (``home``: the HOME volume's source, an unsized emptyDir by default)."""
     out = {**spec, "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT)}
-    out["volumes"] = [*spec.get("volumes", []), *({"name": n, "emptyDir": {}} for n in SCRATCH_MOUNTS)]
+    if home and "ephemeral" in home:
+        # a fresh PVC's root belongs to root: the volume's group lets the image's non-root user write to it
+        out["securityContext"].update(fsGroup=IMAGE_UID, fsGroupChangePolicy="OnRootMismatch")
+    sources = {"home": home or {"emptyDir": {}}}
+    out["volumes"] = [*spec.get("volumes", []), *({"name": n, **sources.get(n, {"emptyDir": {}})} for n in SCRATCH_MOUNTS)]
     containers = []
     for c in spec["containers"]:
         c = {**c, "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT)}
@@ -157,11 +163,32 @@ def _hardened(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stage_scratch(pipeline: RLHFPipeline, stage: Stage) -> tuple[dict[str, Any], str | None]:
+    """The HOME volume source of a stage's pods and the ephemeral-storage it requests (None: nothing to request).
+
+    Sized from the memory planner (:func:`kuberlhf.planner.scratch.stage_scratch_bytes`): an emptyDir with that
+    sizeLimit and a matching ``ephemeral-storage`` request, so the scheduler places the pod on a node with the disk
+    and a checkpoint cannot fill the node's disk (DiskPressure evicts every pod there); with
+    ``spec.scratch.storageClassName`` a generic ephemeral volume of that class instead (not node storage: no
+    request). Unsized when the planner cannot read the models' configs without a download."""
+    from kuberlhf.planner.scratch import UNSIZED_CLAIM, quantity, stage_scratch_bytes
+
+    size = stage_scratch_bytes(pipeline.spec, stage.value)
+    sc = pipeline.spec.scratch.storage_class_name
+    if sc:
+        claim = {"accessModes": ["ReadWriteOnce"], "storageClassName": sc,
+                 "resources": {"requests": {"storage": quantity(size or UNSIZED_CLAIM)}}}
+        return {"ephemeral": {"volumeClaimTemplate": {"spec": claim}}}, None
+    if size is None:
+        return {"emptyDir": {}}, None
+    return {"emptyDir": {"sizeLimit": quantity(size)}}, quantity(size)
+
+
 def _pod_template(pipeline: RLHFPipeline, labels: dict[str, str], spec: dict[str, Any],
-                  override: PodTemplate | None) -> dict[str, Any]:
+                  override: PodTemplate | None, home: dict[str, Any] | None = None) -> dict[str, Any]:
     """The operator's pod, then spec.podTemplate, then the stage's or serving's podTemplate (kuberlhf.contract.pod;
     the spec models already rejected any template value the operator owns)."""
-    base = {"metadata": {"labels": dict(labels)}, "spec": _hardened(spec)}
+    base = {"metadata": {"labels": dict(labels)}, "spec": _hardened(spec, home)}
     layers = [pipeline.spec.pod_template, override]
     out = merge_layers(base, *(t.to_wire() for t in layers if t is not None))
     out["metadata"] = {k: v for k, v in out["metadata"].items() if v}  # no empty annotations map
@@ -239,6 +266,9 @@ def build_stage_job(
         "volumeMounts": [{"name": SHM_VOLUME, "mountPath": SHM_MOUNT}],
     }
     resources = _resources(st.resources, gpus)
+    home, disk = stage_scratch(pipeline, stage)
+    if disk:
+        resources.setdefault("requests", {}).setdefault("ephemeral-storage", disk)  # the user's value wins
     if resources:
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
@@ -261,7 +291,7 @@ def build_stage_job(
             # Retries are operator-managed attempts (new Job, resume from checkpoint), never pod restarts.
             "backoffLimit": 0,
             "suspend": bool(suspend),
-            "template": _pod_template(pipeline, labels, pod_spec, st.pod_template),
+            "template": _pod_template(pipeline, labels, pod_spec, st.pod_template, home),
         },
     }
 

@@ -124,7 +124,7 @@ def test_stage_job_runs_the_contract(gpu_spec) -> None:
         assert "value" not in env[key]
     manifest = json.loads(env["KUBERLHF_PIPELINE"]["value"])
     assert manifest["metadata"] == {"name": OWNER.name, "namespace": "team-a", "uid": OWNER.uid}
-    assert c["resources"] == {"requests": {"cpu": "8", "memory": "64Gi"},
+    assert c["resources"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "2Gi"},
                               "limits": {"memory": "96Gi", "nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 4}}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in pod["volumes"]
@@ -141,6 +141,47 @@ def test_stage_job_runs_the_contract(gpu_spec) -> None:
     tmeta = js["template"]["metadata"]
     assert tmeta["labels"]["team"] == "nlp" and tmeta["labels"]["kuberlhf.io/stage"] == "sft"
     assert tmeta["annotations"] == {"sidecar.istio.io/inject": "false"}
+
+
+def _home(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = job["spec"]["template"]["spec"]
+    return next(v for v in pod["volumes"] if v["name"] == "home"), pod
+
+
+def test_stage_scratch_is_sized_from_the_planner_with_a_matching_request(spec) -> None:
+    """The HOME scratch of a stage pod: an emptyDir with the planner's per-node scratch estimate as its sizeLimit
+    and as the container's ephemeral-storage request; an explicit size wins; a model the planner cannot read
+    offline leaves it unsized; a storage class gives a generic ephemeral volume writable by the image's user."""
+    from kuberlhf.planner.check import offline_shapes
+    from kuberlhf.planner.estimate import GiB, estimate_pipeline
+
+    big = pipeline(dict(spec, actor={"model": "facebook/opt-13b"}, reward={"model": "facebook/opt-350m"}))
+    est = estimate_pipeline(big.spec, offline_shapes(big.spec)).stage("ppo").scratch_bytes
+    assert est > 100 * GiB  # a 13B actor's checkpoint: far beyond any default
+    home, pod = _home(job := build_stage_job(big, OWNER, "ppo", 0))
+    size = f"{-(-est // GiB)}Gi"
+    assert home == {"name": "home", "emptyDir": {"sizeLimit": size}}
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == size
+    validate(job)
+
+    explicit = pipeline(dict(spec, scratch={"size": "50Gi"}, stages={"sft": {"resources": {"requests": {
+        "ephemeral-storage": "60Gi"}}}}))
+    home, pod = _home(build_stage_job(explicit, OWNER, "sft", 0))
+    assert home["emptyDir"] == {"sizeLimit": "50Gi"}
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "60Gi"  # the user's request wins
+
+    unknown = pipeline(dict(spec, actor={"model": "s3://bucket/models/mine"}))
+    home, pod = _home(build_stage_job(unknown, OWNER, "sft", 0))
+    assert home == {"name": "home", "emptyDir": {}} and "ephemeral-storage" not in str(pod["containers"][0])
+
+    claimed = pipeline(dict(spec, actor={"model": "facebook/opt-13b"}, scratch={"storageClassName": "fast-nvme"}))
+    home, pod = _home(job := build_stage_job(claimed, OWNER, "sft", 0))
+    claim = home["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["storageClassName"] == "fast-nvme" and claim["accessModes"] == ["ReadWriteOnce"]
+    assert claim["resources"]["requests"]["storage"].endswith("Gi") and int(claim["resources"]["requests"][
+        "storage"][:-2]) > 100
+    assert pod["securityContext"]["fsGroup"] == 10001 and "ephemeral-storage" not in str(pod["containers"][0])
+    validate(job)
 
 
 def test_stage_and_serving_templates_layer_over_the_pipeline_template(gpu_spec) -> None:
@@ -209,7 +250,8 @@ def test_cpu_single_node_job_uses_loopback_and_no_gpus(spec) -> None:
     c = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["DS_ACCELERATOR"] == "cpu"
-    assert "resources" not in c and c["image"] == "img:cpu" and job["spec"]["suspend"] is True
+    assert c["resources"] == {"requests": {"ephemeral-storage": "2Gi"}}  # the scratch, no GPUs
+    assert c["image"] == "img:cpu" and job["spec"]["suspend"] is True
     assert "nodeSelector" not in job["spec"]["template"]["spec"]
 
 

@@ -361,6 +361,16 @@ class ServingSpec(SpecModel):
                                              "pods.")
 
 
+class ScratchSpec(SpecModel):
+    size: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?([KMGT]i?|k)?$",
+                             description="Scratch disk of each stage pod (model downloads, local checkpoints, the "
+                             "export) as a quantity; default: the memory planner's estimate for the stage, at least "
+                             "2Gi (unsized when the models' configs cannot be read without a download).")
+    storage_class_name: str | None = Field(default=None, min_length=1, description="Put the scratch on a generic "
+                                           "ephemeral volume of this StorageClass (a PVC made and deleted with the "
+                                           "pod; Kubernetes >= 1.21) instead of an emptyDir on the node's disk.")
+
+
 class PipelineSpec(SpecModel):
     image: str | None = Field(default=None, description="Trainer image; default from the operator's config.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
@@ -378,6 +388,8 @@ class PipelineSpec(SpecModel):
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="A Kubernetes PodTemplateSpec "
                                       "merged into every pod of the pipeline (stages and chat).")
     shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm of every pod (NCCL needs it).")
+    scratch: ScratchSpec = Field(default_factory=ScratchSpec, description="The stage pods' scratch volume (their "
+                                 "HOME), sized so a checkpoint cannot evict the pod through DiskPressure.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat server after PPO.")
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
 
