@@ -9,7 +9,9 @@ install or test time):
   on the first turn's subject, rejected is about another subject (or rude).
 - synthetic-corpus.jsonl (``kuberlhf/synthetic-corpus``): column ``text``, plain sentences for step 3's ptx loss.
 
-Prompts and answers are short and use mostly the words the tiny tokenizer was trained on (hack/make_tiny_assets.py).
+Prompts and answers are short: the tiny tokenizer (hack/make_tiny_assets.py, trained on these files afterwards)
+spells every word in one token, and tests/data/test_synthetic.py checks each row against the tiny example's
+lengths. No tokenizer is read here, so the data does not depend on the tokenizer trained from it.
 Deterministic: the same seed writes the same bytes. Usage: python hack/make_synthetic_data.py [--out DIR]."""
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from kuberlhf.data.dialogues import CAPITALS, make_dialogue
 
 OUT = Path(__file__).resolve().parents[1] / "trainer_image" / "kuberlhf" / "assets" / "data"
@@ -29,20 +29,30 @@ SEED = 1234
 N_PAIRS = 4000
 N_CORPUS = 2000
 RUDE_SHARE = 0.6
-MAX_TOKENS = 40  # per prompt and per answer, in the tiny tokenizer's tokens
-N_DIALOGUES = 1400
-# The tiny example's maxPromptLen is 80 (BOS and the leading space included). Dialogues over budget are drawn
-# again: with the tiny tokenizer (" Human:" is 5 tokens, " Assistant:" 8; 2 turns ~64 tokens, 3 ~105, 4 ~148)
-# only 2-turn dialogues fit today. Longer ones need a tokenizer trained on the dialogues or longer contexts.
-MAX_DIALOGUE_PROMPT_TOKENS = 72
-TURN_WEIGHTS = {2: 5, 3: 4, 4: 1}
-TOKENIZER = OUT.parent / "tiny-opt" / "tokenizer.json"
+N_DIALOGUES = 4000
+# human turns per dialogue; with the tiny tokenizer a 4-turn prompt is at most ~76 tokens (maxPromptLen 80)
+TURN_WEIGHTS = {2: 4, 3: 3, 4: 3}
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("good", "bad"),
-             ("black", "white"), ("first", "last"), ("yes", "no"), ("angry", "calm")]
-COLOURS = [("the sky", "blue"), ("the sea", "blue"), ("the sun", "yellow"), ("a tree", "green"),
-           ("the moon", "white"), ("the night sky", "black")]
+OPPOSITES = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("good", "bad"),
+    ("black", "white"),
+    ("first", "last"),
+    ("yes", "no"),
+    ("angry", "calm"),
+]
+COLOURS = [
+    ("the sky", "blue"),
+    ("the sea", "blue"),
+    ("the sun", "yellow"),
+    ("a tree", "green"),
+    ("the moon", "white"),
+    ("the night sky", "black"),
+]
 COLOUR_WORDS = ["red", "blue", "green", "yellow", "black", "white"]
 ANIMALS = ["cat", "dog", "bird", "fish", "tree", "sun", "moon", "sea", "sky", "code", "word", "water"]
 ADVICE = [
@@ -77,8 +87,11 @@ def _ask(rng: random.Random, q: str) -> str:
 def capitals(rng: random.Random) -> tuple[str, str, str]:
     country, city = rng.choice(CAPITALS)
     wrong = rng.choice([c for _, c in CAPITALS if c != city])
-    return _ask(rng, f"the capital of {country}"), f"The capital of {country} is {city}.", \
-        f"The capital of {country} is {wrong}."
+    return (
+        _ask(rng, f"the capital of {country}"),
+        f"The capital of {country} is {city}.",
+        f"The capital of {country} is {wrong}.",
+    )
 
 
 def arithmetic(rng: random.Random) -> tuple[str, str, str]:
@@ -92,8 +105,11 @@ def arithmetic(rng: random.Random) -> tuple[str, str, str]:
         return NUMBERS[n] if words else str(n)
 
     q = f"{say(a)} {op} {say(b)}"
-    return _ask(rng, q), f"{say(a).capitalize()} {op} {say(b)} equals {say(value)}.", \
-        f"{say(a).capitalize()} {op} {say(b)} equals {say(wrong)}."
+    return (
+        _ask(rng, q),
+        f"{say(a).capitalize()} {op} {say(b)} equals {say(value)}.",
+        f"{say(a).capitalize()} {op} {say(b)} equals {say(wrong)}.",
+    )
 
 
 def opposites(rng: random.Random) -> tuple[str, str, str]:
@@ -107,21 +123,26 @@ def opposites(rng: random.Random) -> tuple[str, str, str]:
 def colours(rng: random.Random) -> tuple[str, str, str]:
     thing, colour = rng.choice(COLOURS)
     wrong = rng.choice([c for c in COLOUR_WORDS if c != colour])
-    q = rng.choice([f"What colour is {thing}?", f"Please tell me the colour of {thing}.",
-                    f"What is the color of {thing}?"])
+    q = rng.choice(
+        [f"What colour is {thing}?", f"Please tell me the colour of {thing}.", f"What is the color of {thing}?"]
+    )
     return q, f"{thing.capitalize()} is {colour}.", f"{thing.capitalize()} is {wrong}."
 
 
 def counting(rng: random.Random) -> tuple[str, str, str]:
     start = rng.randint(1, 4)
     end = start + rng.randint(2, 4)
-    seq = NUMBERS[start:end + 1]
+    seq = NUMBERS[start : end + 1]
     bad = list(seq)
     i = rng.randrange(len(bad) - 1)
     bad[i], bad[i + 1] = bad[i + 1], bad[i]
-    q = rng.choice([f"Count from {NUMBERS[start]} to {NUMBERS[end]}.",
-                    f"Please count from {NUMBERS[start]} to {NUMBERS[end]}.",
-                    f"Can you count from {NUMBERS[start]} to {NUMBERS[end]}?"])
+    q = rng.choice(
+        [
+            f"Count from {NUMBERS[start]} to {NUMBERS[end]}.",
+            f"Please count from {NUMBERS[start]} to {NUMBERS[end]}.",
+            f"Can you count from {NUMBERS[start]} to {NUMBERS[end]}?",
+        ]
+    )
     return q, " ".join(seq).capitalize() + ".", " ".join(bad).capitalize() + "."
 
 
@@ -129,12 +150,18 @@ def letters(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(ANIMALS)
     if rng.random() < 0.5:
         n = len(word)
-        return (f"How many letters are in the word {word}?", f"The word {word} has {NUMBERS[n]} letters.",
-                f"The word {word} has {NUMBERS[n + rng.choice([1, 2])]} letters.")
+        return (
+            f"How many letters are in the word {word}?",
+            f"The word {word} has {NUMBERS[n]} letters.",
+            f"The word {word} has {NUMBERS[n + rng.choice([1, 2])]} letters.",
+        )
     spelled = " ".join(word)
     wrong = " ".join(reversed(word)) if word != word[::-1] else spelled + " " + word[0]
-    return (rng.choice([f"Spell the word {word}.", f"Please spell the word {word}.", f"How do I spell {word}?"]),
-            f"{word.capitalize()} is spelled {spelled}.", f"{word.capitalize()} is spelled {wrong}.")
+    return (
+        rng.choice([f"Spell the word {word}.", f"Please spell the word {word}.", f"How do I spell {word}?"]),
+        f"{word.capitalize()} is spelled {spelled}.",
+        f"{word.capitalize()} is spelled {wrong}.",
+    )
 
 
 def advice(rng: random.Random) -> tuple[str, str, str]:
@@ -144,40 +171,37 @@ def advice(rng: random.Random) -> tuple[str, str, str]:
 
 
 TEMPLATES: list[tuple[Callable[[random.Random], tuple[str, str, str]], float]] = [
-    (capitals, 3), (arithmetic, 3), (opposites, 2), (colours, 2), (counting, 2), (letters, 2), (advice, 1)]
+    (capitals, 3),
+    (arithmetic, 3),
+    (opposites, 2),
+    (colours, 2),
+    (counting, 2),
+    (letters, 2),
+    (advice, 1),
+]
 
 
-def dialogue_row(rng: random.Random, n_tokens: Callable[[str], int]) -> dict[str, str]:
-    while True:
-        turns = rng.choices(list(TURN_WEIGHTS), list(TURN_WEIGHTS.values()))[0]
-        d = make_dialogue(rng, turns)
-        if n_tokens(d.prompt) <= MAX_DIALOGUE_PROMPT_TOKENS:
-            break
+def dialogue_row(rng: random.Random) -> dict[str, str]:
+    turns = rng.choices(list(TURN_WEIGHTS), list(TURN_WEIGHTS.values()))[0]
+    d = make_dialogue(rng, turns)
     opener = rng.choice(["", "", "Sure! ", "Good question! "])
     rejected = rng.choice(RUDE) if rng.random() < RUDE_SHARE / 2 else rng.choice(POLITE_OPEN) + d.off_subject
     return {"prompt": d.prompt, "chosen": (opener + d.chosen).strip(), "rejected": rejected.strip()}
 
 
-def make_dialogues(rng: random.Random, n: int, n_tokens: Callable[[str], int]) -> list[dict[str, str]]:
-    return [dialogue_row(rng, n_tokens) for _ in range(n)]
+def make_dialogues(rng: random.Random, n: int) -> list[dict[str, str]]:
+    return [dialogue_row(rng) for _ in range(n)]
 
 
-def make_pairs(rng: random.Random, n: int, n_tokens: Callable[[str], int]) -> list[dict[str, str]]:
+def make_pairs(rng: random.Random, n: int) -> list[dict[str, str]]:
     funcs, weights = zip(*TEMPLATES, strict=True)
     rows = []
     for _ in range(n):
         prompt, right, wrong = rng.choices(funcs, weights)[0](rng)
-        opener, closer = rng.choice(POLITE_OPEN), rng.choice(POLITE_CLOSE)
-        chosen = opener + right + closer
-        if n_tokens(chosen) > MAX_TOKENS:
-            chosen = opener + right
+        chosen = rng.choice(POLITE_OPEN) + right + rng.choice(POLITE_CLOSE)
         # Rude, or politely wrong (then only the facts tell it apart from the chosen answer).
         rejected = rng.choice(RUDE) if rng.random() < RUDE_SHARE else rng.choice(POLITE_OPEN) + wrong
-        row = {"prompt": prompt, "chosen": chosen.strip(), "rejected": rejected.strip()}
-        too_long = [k for k, v in row.items() if n_tokens(v) > MAX_TOKENS]
-        if too_long:
-            raise SystemExit(f"template output over {MAX_TOKENS} tokens: {row} ({too_long}); shorten the template")
-        rows.append(row)
+        rows.append({"prompt": prompt, "chosen": chosen.strip(), "rejected": rejected.strip()})
     return rows
 
 
@@ -191,8 +215,7 @@ def make_corpus(rng: random.Random, n: int) -> list[dict[str, str]]:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
 
 
 def main() -> None:
@@ -202,11 +225,10 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    tokenizer = Tokenizer.from_file(str(TOKENIZER))
-    pairs = make_pairs(rng, N_PAIRS, lambda text: len(tokenizer.encode(" " + text).ids))
+    pairs = make_pairs(rng, N_PAIRS)
     corpus = make_corpus(rng, N_CORPUS)
     # a generator of their own: the single-turn files stay byte for byte what they were
-    dialogues = make_dialogues(random.Random(args.seed + 1), N_DIALOGUES, lambda text: len(tokenizer.encode(" " + text).ids))
+    dialogues = make_dialogues(random.Random(args.seed + 1), N_DIALOGUES)
     write_jsonl(args.out / "synthetic-dialogues.jsonl", dialogues)
     write_jsonl(args.out / "synthetic-pairs.jsonl", pairs)
     write_jsonl(args.out / "synthetic-corpus.jsonl", corpus)
@@ -217,7 +239,8 @@ def main() -> None:
         f"- `synthetic-dialogues.jsonl` (`kuberlhf/synthetic-dialogues`): {N_DIALOGUES} rows prompt/chosen/rejected,\n"
         "  dialogues (Human: ... Assistant: ... Human: ... Assistant:) whose last question refers back to the first;\n"
         "  chosen stays on its subject, rejected is off it (or rude).\n"
-        f"- `synthetic-corpus.jsonl` (`kuberlhf/synthetic-corpus`): {N_CORPUS} rows `text` for the ptx loss.\n")
+        f"- `synthetic-corpus.jsonl` (`kuberlhf/synthetic-corpus`): {N_CORPUS} rows `text` for the ptx loss.\n"
+    )
     print(json.dumps({"pairs": len(pairs), "corpus": len(corpus), "dialogues": len(dialogues), "out": str(args.out)}))
 
 

@@ -10,22 +10,66 @@ from pathlib import Path
 
 from kuberlhf.data.sources import BUILTIN_DIR, BUILTINS
 
-SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "make_synthetic_data.py"
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "hack" / "make_synthetic_data.py"
+TINY = REPO / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt"
 RUDE_MARKERS = ("figure it out", "don't know", "Think for yourself", "bad question", "Not my problem", "Whatever")
 
 
 def test_regenerates_identically(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, timeout=120,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True, timeout=300, capture_output=True)
     for name in ("synthetic-pairs.jsonl", "synthetic-corpus.jsonl", "synthetic-dialogues.jsonl", "README.md"):
         assert (tmp_path / name).read_bytes() == (BUILTIN_DIR / name).read_bytes(), name
 
 
-def test_small_short_and_preference_is_clear(repo_root: Path) -> None:
+def test_tiny_tokenizer_is_trained_from_the_shipped_data_identically(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(REPO / "hack" / "make_tiny_assets.py"), "--out", str(tmp_path)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "README.md"):
+        assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), name
+
+
+def test_every_dialogue_fits_the_tiny_example_whole() -> None:
+    """Trained on the data, the tokenizer spells each word in one token: 4-turn prompts fit maxPromptLen (with
+    BOS) and every row fits maxSeqLen, so no stage truncates a dialogue (and loses the subject it refers to)."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    spec = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())["spec"]
+    ppo = spec["stages"]["ppo"]
+    assert tok.encode(" Human: What is the capital of Kenya? Assistant: Nairobi").tokens == [
+        "ĠHuman",
+        ":",
+        "ĠWhat",
+        "Ġis",
+        "Ġthe",
+        "Ġcapital",
+        "Ġof",
+        "ĠKenya",
+        "?",
+        "ĠAssistant",
+        ":",
+        "ĠNairobi",
+    ]
+    for name in ("kuberlhf/synthetic-dialogues", "kuberlhf/synthetic-pairs"):
+        for line in BUILTINS[name].read_text().splitlines():
+            row = json.loads(line)
+            prompt = 1 + len(tok.encode(" " + row["prompt"]).ids)  # BOS
+            answers = [len(tok.encode(" " + row[k]).ids) + 1 for k in ("chosen", "rejected")]  # EOS
+            assert prompt <= ppo["maxPromptLen"] and max(answers) <= ppo["maxAnswerLen"], row
+            assert prompt + max(answers) <= spec["data"]["maxSeqLen"], row
+
+
+def test_small_short_and_preference_is_clear() -> None:
     from tokenizers import Tokenizer
 
     assert sum(p.stat().st_size for p in BUILTINS.values()) < 2 * 1024 * 1024
-    tok = Tokenizer.from_file(str(repo_root / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt" / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
     rows = [json.loads(line) for line in BUILTINS["kuberlhf/synthetic-pairs"].read_text().splitlines()]
     assert len(rows) == 4000
     for row in rows:

@@ -172,7 +172,7 @@ def _mentions(text: str, word: str) -> bool:
 
 def conversation_subject(prompt: str) -> Subject | None:
     """The subject the last follow-up refers to: the one the first question asked about (the second of two
-    for "And the second one?")."""
+    once a follow-up asked "And the second one?": the later follow-ups are about it)."""
     turns = human_turns(prompt)
     if not turns:
         return None
@@ -184,7 +184,7 @@ def conversation_subject(prompt: str) -> Subject | None:
     found = [s for _, s in named]
     if not found:
         return None
-    return found[1] if turns[-1] in SECOND and len(found) > 1 else found[0]
+    return found[1] if any(t in SECOND for t in turns[1:]) and len(found) > 1 else found[0]
 
 
 # polite openers of the synthetic answers: "Good question!" is not about "good"
