@@ -49,7 +49,6 @@ from kuberlhf_operator.kube import Kube
 from kuberlhf_operator.reconcile import (
     REASON_INVALID_SPEC,
     Decision,
-    Event,
     OperatorConfig,
     PipelineMeta,
     reconcile,
@@ -60,7 +59,6 @@ from kuberlhf_operator.writes import (
     apply_actions,
     emit_events,
     kopf_event,
-    union_events,
     write_status,
 )
 
@@ -154,10 +152,9 @@ class Operator:
         key = (namespace, name)
         metrics.RECONCILES.labels(trigger=trigger).inc()
         with self.lock(key):
-            # Events of a decision whose children were created but whose status write lost a conflict: the next
-            # decision adopts those children without a transition, so their events (StageStarted,
-            # StageRetrying...) would be lost; they are emitted with the decision that finally lands.
-            carried: list[Event] = []
+            # A decision whose status write loses a conflict emits nothing: the redo starts from the same stored
+            # status and adopts the children it made, so it derives the same transitions' events
+            # (reconcile.transition_events compares the stored status with the new one).
             for _ in range(STATUS_CONFLICT_RETRIES):
                 body = self.kube.get("RLHFPipeline", namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
@@ -176,11 +173,8 @@ class Operator:
                     try:
                         write_status(self.kube, body, decision.status)
                     except ConflictError:  # someone (kopf's annotations) wrote in between: decide again
-                        if decision.actions:
-                            carried = union_events(carried, decision.events)
                         continue
-                emit_events(body, dataclasses.replace(decision, events=union_events(carried, decision.events)),
-                            self.emit)
+                emit_events(body, decision, self.emit)
                 for stage, seconds in decision.stage_durations.items():
                     metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
                 metrics.set_phase(namespace, name, decision.status.get("phase"))

@@ -1,9 +1,19 @@
 """The pure reconcile function: (pipeline, status, observed children, now, checkpoint probes) -> Decision.
 
-No I/O here. The handlers gather ``Observed`` (Jobs, Services, the chat Deployment, failed pods' messages) and the
-checkpoint probes (does ``<stage>/_COMPLETE`` exist, manifest digest), call :func:`reconcile`, then apply the
-decision idempotently. Calling it twice with the same inputs gives the same decision, and children are named
+No I/O here. ``controller.Operator`` gathers ``Observed`` (``cluster``: Jobs, Services, the chat Deployment,
+failed pods' messages) and the checkpoint probes (``storage_probe``: does ``<stage>/_COMPLETE`` exist, manifest
+digest), calls :func:`reconcile`, then applies the decision in one place (``writes``: the child actions, one status
+patch, the events). Calling it twice with the same inputs gives the same decision, and children are named
 deterministically, so an operator restart at any moment never makes a second Job for the same attempt.
+
+The pure parts, in order:
+
+1. the spec snapshot (:class:`Snapshot`): the object's ``spec`` validated once, the preflight, the install policy
+   and the storage transition rule; a failure is ``InvalidSpec`` before any child exists. Started stages read
+   their settings from their own Jobs, never from status;
+2. the stage state machine (``_Run``): the new status and the child actions (create/patch/delete);
+3. the Events, derived once from the old and the new status (:func:`transition_events`), so "only on a
+   transition" lives in one function.
 
 State machine (status.phase / status.stage):
 Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Succeeded/done, with Suspended
@@ -48,7 +58,7 @@ from kuberlhf_operator.manifests import (
     job_name,
     propagated_labels,
 )
-from kuberlhf_operator.observe import JobState, Observed, PodsState
+from kuberlhf_operator.observe import ROUTINE_WAITING, JobState, Observed, PodsState
 from kuberlhf_operator.spec_pin import SERVING, changed_since_pin, pin
 
 DONE = "done"
@@ -193,6 +203,74 @@ def get_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
+# --- events: derived once, from the old and the new status ----------------------------------------------------
+
+# Top-level reasons a Pending pipeline can carry that are not a pod's waiting reason worth an Event.
+_NOT_A_WAIT = frozenset({"StageStarted", "StageRetrying", "Resumed", "SpecValid", "PodsPending", "StageRunning",
+                         "Suspended", "WaitingForQuota", REASON_INVALID_SPEC}) | ROUTINE_WAITING
+
+
+def _stage_events(stage: str, old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    o, n = (old.get("stages") or {}).get(stage) or {}, (new.get("stages") or {}).get(stage) or {}
+    out: list[Event] = []
+    here, was_here = new.get("stage") == stage, old.get("stage") == stage
+    if here and old.get("phase") == "Suspended" and new.get("phase") != "Suspended":
+        out.append(Event("Normal", "Resumed", f"spec.suspend is false: stage {stage} resumes"))
+    before, after = int(o.get("attempts") or 0), int(n.get("attempts") or 0)
+    if after > before:
+        created = (new["message"] if here and new.get("reason") in ("StageStarted", "StageRetrying")
+                   else f"stage {stage} attempt {after}: created Job {n.get('jobName')}")  # adopted, not created
+        if after == 1:
+            out.append(Event("Normal", "StageStarted", created))
+        else:
+            why = f": {n['message']}" if n.get("message") else ""
+            out.append(Event("Warning", "StageRetrying", f"stage {stage} attempt {after - 1} failed{why}; retrying, "
+                                                         f"{created} (resumes from the newest checkpoint)"))
+    phase, reason = new.get("phase"), new.get("reason")
+    if here and phase == "Suspended" and old.get("phase") != "Suspended":
+        out.append(Event("Normal", "Suspended", new.get("message", "")))
+    if here and phase == "Queued" and old.get("phase") != "Queued":
+        out.append(Event("Normal", "Queued", new.get("message", "")))
+    # One Event per waiting episode and reason (the status message follows every change).
+    if here and phase == "Pending" and reason not in _NOT_A_WAIT and (
+            reason != old.get("reason") or o.get("phase") != "Pending" or not was_here):
+        out.append(Event("Warning", str(reason), new.get("message", "")))
+    running, was_running = ("Running", "Running"), was_here and (o.get("phase"), old.get("phase"))
+    if here and (n.get("phase"), phase) == running and was_running != running:
+        out.append(Event("Normal", "StageRunning", new.get("message", "")))
+    if n.get("phase") == "Succeeded" and o.get("phase") != "Succeeded":
+        out.append(Event("Normal", "StageSucceeded", f"stage {stage} succeeded: {n.get('checkpoint')} "
+                                                     f"(manifest sha256 {str(n.get('manifestSha256'))[:12]})"))
+    if n.get("phase") == "Failed" and o.get("phase") != "Failed":
+        out.append(Event("Warning", "StageFailed", new.get("message", "")))
+    return out
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    """The Events of one decision, from the status it started from and the one it ends with: one per transition
+    (a stage started, retried, running, waiting for a new reason, succeeded, failed; suspended, resumed, queued;
+    an invalid spec or an ignored edit reported for the first time), never for a state that merely persists.
+    Deriving them here, not where the state changes, keeps "only on a transition" in one place, and makes a
+    decision redone after a lost status write (which only adopts the children it finds) tell the same story."""
+    out: list[Event] = []
+    if new.get("reason") == REASON_INVALID_SPEC:
+        if (old.get("reason"), old.get("message")) != (REASON_INVALID_SPEC, new.get("message")):
+            out.append(Event("Warning", REASON_INVALID_SPEC, new.get("message", "")))
+        return out
+    ignored, was = get_condition(new, "SpecChangeIgnored"), get_condition(old, "SpecChangeIgnored") or {}
+    if ignored and ignored.get("status") == "True" and (was.get("status"), was.get("message")) != (
+            "True", ignored.get("message")):
+        out.append(Event("Warning", "SpecChangeIgnored", ignored.get("message", "")))
+    for stage in STAGE_ORDER:
+        out += _stage_events(stage.value, old, new)
+    serving, served = ((new.get("stages") or {}).get(SERVING) or {}), ((old.get("stages") or {}).get(SERVING) or {})
+    if serving.get("jobName") and not served.get("jobName"):
+        out.append(Event("Normal", "ServingStarted", f"creating chat Deployment {serving['jobName']}"))
+    if new.get("phase") == "Succeeded" and old.get("phase") != "Succeeded":
+        out.append(Event("Normal", "Succeeded", f"pipeline succeeded: {new.get('message', '')}"))
+    return out
+
+
 class Snapshot:
     """The spec side of one decision, read once.
 
@@ -259,20 +337,17 @@ class _Run:
                  probes: dict[str, ProbeResult], config: OperatorConfig) -> None:
         self.meta, self.observed, self.now, self.probes, self.config = meta, observed, now, probes, config
         self.snap: Snapshot | None = None  # set once the spec validated
-        self.status = copy.deepcopy(status or {})
+        self.old = status or {}
+        self.status = copy.deepcopy(self.old)
         self.owner = Owner(meta.name, meta.namespace, meta.uid)
         self.workload_labels = propagated_labels(meta.labels)
         # A queue (Kueue) admits the stage Jobs: they are created suspended and only the queue unsuspends them.
         self.queue = self.workload_labels.get(QUEUE_NAME_LABEL)
         self.actions: list[Action] = []
-        self.events: list[Event] = []
         self.requeue: float | None = None
         self.durations: dict[str, float] = {}
 
     # --- helpers -----------------------------------------------------------------------------------------
-    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.events.append(Event(type_, reason, message))
-
     def cond(self, ctype: str, value: bool | None, reason: str, message: str) -> None:
         set_condition(self.status, ctype, value, reason, message, self.now, self.meta.generation)
 
@@ -287,17 +362,15 @@ class _Run:
         # Every condition was (re)evaluated against this generation's spec.
         for c in self.status.get("conditions") or []:
             c["observedGeneration"] = self.meta.generation
-        return Decision(self.status, self.actions, self.events, self.requeue, self.durations)
+        return Decision(self.status, self.actions, transition_events(self.old, self.status), self.requeue,
+                        self.durations)
 
     # --- phases ----------------------------------------------------------------------------------------------
     def invalid(self, error: str) -> Decision:
-        first_time = self.status.get("reason") != REASON_INVALID_SPEC or self.status.get("message") != error
         self.status.update(phase="Failed", reason=REASON_INVALID_SPEC, message=error)
         self.status.setdefault("stage", Stage.sft.value)
         self.cond("Failed", True, REASON_INVALID_SPEC, error)
         self.cond("Ready", False, REASON_INVALID_SPEC, "the spec does not validate; fix it and the pipeline goes on")
-        if first_time:
-            self.event("Warning", REASON_INVALID_SPEC, error)
         return self.decision()
 
     def report_spec_changes(self) -> None:
@@ -323,8 +396,6 @@ class _Run:
         parts = [f"{f} (started: {', '.join(st)})" for f, st in changes.items()]
         msg = ("changed after their stage started, kept at the started values: " + "; ".join(parts)
                + (f". Applied to stages not yet started: {', '.join(pending)}" if pending else ""))
-        if previous is None or previous.get("message") != msg or previous.get("status") != "True":
-            self.event("Warning", "SpecChangeIgnored", msg)
         self.cond("SpecChangeIgnored", True, "StageAlreadyStarted", msg)
 
     @property
@@ -391,7 +462,7 @@ class _Run:
         else:
             self.job_running(stage, job, suspended)
 
-    def start_attempt(self, stage: str, pipeline: RLHFPipeline, attempt: int, reason: str, why: str = "") -> None:
+    def start_attempt(self, stage: str, pipeline: RLHFPipeline, attempt: int, reason: str) -> None:
         s = self.status["stages"][stage]
         name = job_name(self.meta.name, stage, attempt)
         limit = pipeline.spec.stages.get(stage).backoff_limit + 1
@@ -401,16 +472,9 @@ class _Run:
                            message=f"stage {stage}: attempt {attempt}/{limit}: created Job {name}, "
                                    "waiting for its pods to run")
         self.create_stage_children(stage, pipeline, attempt)
-        text = f"stage {stage} attempt {attempt}/{limit}: created Job {name}"
-        if reason == "StageRetrying":
-            self.event("Warning", reason, f"{why}; retrying, {text} (resumes from the newest checkpoint)")
-        else:
-            self.event("Normal", reason, text)
         self.cond("Ready", False, "Training", f"stage {stage} is running")
 
     def set_suspended(self, stage: str, message: str) -> None:
-        if self.status.get("phase") != "Suspended":
-            self.event("Normal", "Suspended", message)
         self.status.update(phase="Suspended", reason="Suspended", message=message)
         self.cond("Suspended", True, "SpecSuspend", message)
 
@@ -439,7 +503,6 @@ class _Run:
 
     def resumed(self, stage: str) -> None:
         msg = f"spec.suspend is false: stage {stage} resumes"
-        self.event("Normal", "Resumed", msg)
         self.status.update(phase="Pending", reason="Resumed", message=msg)  # Running once a pod runs again
         self.cond("Suspended", False, "Resumed", msg)
 
@@ -476,7 +539,6 @@ class _Run:
         s = self.status["stages"][stage]
         msg = f"stage {stage}: attempt {job.attempt} running as Job {job.name} ({pods.running} pod(s) running)"
         if s.get("phase") != "Running" or self.status.get("phase") != "Running":
-            self.event("Normal", "StageRunning", msg)
             self.status.update(reason="StageRunning", message=msg)
         s["phase"] = "Running"
         self.status.update(phase="Running", stage=stage)
@@ -493,9 +555,6 @@ class _Run:
             # A kubelet flips between ErrImagePull and ImagePullBackOff: one reason, so one Event.
             reason = _SAME_WAITING.get(pods.reason or "", pods.reason or "PodsPending")
             msg = f"stage {stage}: Job {job.name} is waiting for its pods to run: {pods.message}"
-        # One Event per waiting episode and reason (the status message follows every change).
-        if not pods.routine and (s.get("phase") != "Pending" or self.status.get("reason") != reason):
-            self.event("Warning", reason, msg)
         if pods.total or self.status.get("reason") not in ("StageStarted", "StageRetrying", "Resumed"):
             # Until pods exist, keep the message of the transition that created the Job.
             self.status.update(reason=reason, message=msg)
@@ -507,8 +566,6 @@ class _Run:
         s = self.status["stages"][stage]
         by = f"LocalQueue {self.queue!r}" if self.queue else "a queue (e.g. Kueue)"
         msg = f"stage {stage}: Job {job.name} is suspended, waiting for quota: {by} has not admitted it yet"
-        if self.status.get("phase") != "Queued":
-            self.event("Normal", "Queued", msg)
         s["phase"] = "Queued"
         self.status.update(phase="Queued", stage=stage, reason="WaitingForQuota", message=msg)
 
@@ -534,7 +591,6 @@ class _Run:
             self.durations[stage] = max(0.0, (finished - started).total_seconds())
         msg = f"stage {stage} succeeded: {s['checkpoint']} (manifest sha256 {s['manifestSha256'][:12]})"
         self.cond(CONDITION_OF_STAGE[stage], True, "CheckpointComplete", msg)
-        self.event("Normal", "StageSucceeded", msg)
         # Go straight on to the next stage (or serving) in this same decision.
         nxt = [x.value for x in STAGE_ORDER][[x.value for x in STAGE_ORDER].index(stage) + 1:]
         if nxt:
@@ -547,15 +603,13 @@ class _Run:
         limit = pipeline.spec.stages.get(stage).backoff_limit
         s["message"] = msg
         if attempt <= limit:
-            self.start_attempt(stage, pipeline, attempt + 1, reason="StageRetrying",
-                               why=f"stage {stage} attempt {attempt} failed: {msg}")
+            self.start_attempt(stage, pipeline, attempt + 1, reason="StageRetrying")
             return
         text = f"stage {stage} failed after {attempt} attempt(s) (backoffLimit {limit}): {msg}"
         s["phase"] = "Failed"
         self.status.update(phase="Failed", stage=stage, reason="BackoffLimitExceeded", message=text)
         self.cond("Failed", True, "BackoffLimitExceeded", text)
         self.cond("Ready", False, "StageFailed", f"stage {stage} failed")
-        self.event("Warning", "StageFailed", text)
 
     def drive_serving(self) -> None:
         st = self.status
@@ -563,8 +617,6 @@ class _Run:
         pipeline = self.spec.for_serving()
         sv = pipeline.spec.serving
         if not sv.enabled:
-            if st.get("phase") != "Succeeded":
-                self.event("Normal", "Succeeded", "all stages succeeded (serving disabled)")
             st.update(phase="Succeeded", stage=DONE, reason="Succeeded", message="all stages succeeded")
             self.cond("Ready", True, "Succeeded", "all stages succeeded; serving is disabled")
             return
@@ -574,7 +626,6 @@ class _Run:
                      phase="Running", attempts=1, jobName=chat_name(self.meta.name))
             st.update(phase="Running", stage=SERVING, attempts=1, reason="Serving",
                       message="creating the chat Deployment")
-            self.event("Normal", "ServingStarted", f"creating chat Deployment {chat_name(self.meta.name)}")
         endpoint = chat_endpoint(self.meta.name, self.meta.namespace, sv.port)
         st["chatEndpoint"] = endpoint
         self.create(build_chat_service(pipeline, self.owner))
@@ -583,7 +634,6 @@ class _Run:
         dep = self.observed.deployments.get(chat_name(self.meta.name))
         if dep is not None and not dep.deleting and dep.available:
             if st.get("phase") != "Succeeded":
-                self.event("Normal", "Succeeded", f"pipeline succeeded; chat at {endpoint}")
                 s.update(phase="Succeeded", completionTime=timestamp(self.now))
             st.update(phase="Succeeded", stage=DONE, reason="Succeeded", message=f"chat at {endpoint}")
             self.cond("Serving", True, "DeploymentAvailable", f"{dep.ready_replicas} ready replica(s) at {endpoint}")

@@ -53,9 +53,3 @@ def kopf_event(body: dict[str, Any], event: Event) -> None:
 def emit_events(body: dict[str, Any], decision: Decision, emit: EmitEvent = kopf_event) -> None:
     for event in decision.events:
         emit(body, event)
-
-
-def union_events(first: list[Event], then: list[Event]) -> list[Event]:
-    """``first`` followed by the events of ``then`` not already in it (same type, reason and message)."""
-    seen = {(e.type, e.reason, e.message) for e in first}
-    return [*first, *(e for e in then if (e.type, e.reason, e.message) not in seen)]

@@ -77,7 +77,8 @@ def test_a_deleted_pipeline_is_forgotten(spec) -> None:
 
 def test_events_survive_a_status_conflict_after_the_children_were_created(spec) -> None:
     """kopf writes its annotations on the pipeline concurrently: when the status write of a decision that created
-    a Job loses that race, the redo only adopts the Job, yet the transition's events must still be emitted."""
+    a Job loses that race, the redo only adopts the Job, yet the transition's events must still be emitted (once:
+    the redo derives them from the stored status, which the lost write did not change)."""
     kube = RecordingKube(pipeline(spec), status_conflicts=1)
     events: list[str] = []
     op = Operator(kube, OperatorConfig(default_image="img:1"), emit=lambda body, ev: events.append(ev.reason))

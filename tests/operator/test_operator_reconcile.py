@@ -10,7 +10,7 @@ from operator_sim import T0, Cluster, complete
 
 from kuberlhf.contract.rules import TRANSITION_RULES
 from kuberlhf_operator.observe import DeploymentState, JobState, Observed, PodsState
-from kuberlhf_operator.reconcile import OperatorConfig, ProbeResult, get_condition, reconcile
+from kuberlhf_operator.reconcile import OperatorConfig, ProbeResult, get_condition, reconcile, transition_events
 
 
 def cond(status: dict, ctype: str) -> dict:
@@ -416,3 +416,32 @@ def test_stage_duration_is_measured_from_start(cluster: Cluster) -> None:
 def test_no_status_no_children_creates_the_first_job_and_is_pending(meta, spec) -> None:
     d = reconcile(meta, spec, None, Observed(), T0)
     assert d.status["phase"] == "Pending" and d.status["observedGeneration"] == 1
+
+
+def test_events_come_only_from_the_old_and_new_status(cluster: Cluster) -> None:
+    """transition_events is the one place Events come from: each decision's Events are those of its old -> new
+    status, and a status that persists (compared with itself) gives none, at every point of a run."""
+    statuses = []
+
+    def step(*args) -> None:
+        before = copy.deepcopy(cluster.status)
+        d = cluster.step(*args)
+        assert d.events == transition_events(before, d.status)
+        assert transition_events(d.status, d.status) == []
+        statuses.append([e.reason for e in d.events])
+
+    step()
+    cluster.pods["tiny-sft-1"] = PodsState(total=1, reason="Unschedulable", message="0/1 nodes: Insufficient cpu")
+    step()
+    cluster.run_pods("tiny-sft-1")
+    step()
+    cluster.finish("tiny-sft-1", "Failed", failure="x")
+    step()
+    for stage in ("sft", "reward", "ppo"):
+        cluster.finish(f"tiny-{stage}-{2 if stage == 'sft' else 1}")
+        step(complete(stage))
+    cluster.deployments["tiny-chat"] = DeploymentState("tiny-chat", 1, 1)
+    step()
+    assert statuses == [["StageStarted"], ["Unschedulable"], ["StageRunning"], ["StageRetrying"],
+                        ["StageSucceeded", "StageStarted"], ["StageSucceeded", "StageStarted"],
+                        ["StageSucceeded", "ServingStarted"], ["Succeeded"]]
