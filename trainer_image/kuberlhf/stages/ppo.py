@@ -69,6 +69,7 @@ def run_ppo(run: StageRun) -> None:
     from kuberlhf.data.true_reward import load_true_reward, true_rewards
     from kuberlhf.models import load_tokenizer
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
+    from kuberlhf.rlhf.rollout import rollouts
     from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
 
     spec, st, dist = run.spec, run.stage_spec, run.dist
@@ -114,10 +115,11 @@ def run_ppo(run: StageRun) -> None:
     bar = progress(total_iters, step, dist.is_main, "ppo")
     while step < total_iters:
         epoch, skip = divmod(step, iters_per_epoch)
-        for batch in make_loader(prompts, gen_bs, dist.rank, dist.world_size, st.seed, epoch, skip):
-            t0 = time.time()
-            exp = trainer.generate_experience(batch)
-            gen_time = time.time() - t0
+        loader = make_loader(prompts, gen_bs, dist.rank, dist.world_size, st.seed, epoch, skip)
+        # rolloutBatchSize prompts decoded together, then one PPO update per generationBatchSize of them
+        per_rollout = (st.rollout_batch_size or gen_bs) // gen_bs
+        for exp, gen_time in rollouts(trainer.generate_experience, loader, per_rollout, trainer.pad_id):
+            t0 = time.time() - gen_time
             exp.update(trainer.advantages(exp))
             a_losses, c_losses, ptx_losses = [], [], []
             for _ in range(st.ppo_epochs):
