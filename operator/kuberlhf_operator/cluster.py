@@ -40,6 +40,8 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
                          if _owned_by(s, meta.uid))
     deployments = {d["metadata"]["name"]: summarize_deployment(d)
                    for d in kube.list("Deployment", meta.namespace, selector) if _owned_by(d, meta.uid)}
+    policies = frozenset(p["metadata"]["name"] for p in kube.list("NetworkPolicy", meta.namespace, selector)
+                         if _owned_by(p, meta.uid))
     stages_st = status.get("stages") or {}
 
     def current(job: JobState) -> bool:
@@ -73,7 +75,8 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
         text = failure_detail(by_job[job.name], logs)
         if text:
             details[job.name] = text
-    return Observed(jobs=jobs, services=services, deployments=deployments, failure_details=details, pods=pods)
+    return Observed(jobs=jobs, services=services, deployments=deployments, failure_details=details, pods=pods,
+                    network_policies=policies)
 
 
 def stage_pods(kube: Kube, meta: PipelineMeta) -> list[dict[str, Any]]:

@@ -65,6 +65,7 @@ from kuberlhf_operator.writes import (
 ERROR_RETRY_SECONDS = 10.0
 STATUS_CONFLICT_RETRIES = 4
 JOB_SUSPEND_SINCE = (1, 22)
+PDB_V1_SINCE = (1, 21)
 Key = tuple[str, str]
 
 
@@ -134,7 +135,11 @@ class Operator:
             except Exception as e:  # noqa: BLE001
                 logger.warning("cannot read the server version (%s); assuming Job suspend works", e)
                 supported = True
-        self.config = dataclasses.replace(self.config, job_suspend_supported=supported)
+        try:
+            pdb = "policy/v1" if self.kube.server_version() >= PDB_V1_SINCE else "policy/v1beta1"
+        except Exception:  # noqa: BLE001 - as above
+            pdb = "policy/v1"
+        self.config = dataclasses.replace(self.config, job_suspend_supported=supported, pdb_api_version=pdb)
         logger.info("kuberlhf operator: default image %s, Job suspend %s, strict field validation %s",
                     self.config.default_image, "native" if supported else "by deleting the Job (server < 1.22)",
                     "on" if self._strict() else "off (server < 1.25)")

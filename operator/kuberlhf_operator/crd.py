@@ -155,6 +155,8 @@ def _stage_status_schema() -> dict[str, Any]:
                                "on, when it started: edits are compared with it.",
             },
             "message": {"type": "string"},
+            "created": {"type": "array", "items": {"type": "string"}, "description": "Children created once and "
+                        "not watched (Kind/name: the generated API-key Secret, the PodDisruptionBudget)."},
             "appliedSpec": {
                 "type": "object",
                 "x-kubernetes-preserve-unknown-fields": True,
@@ -178,6 +180,8 @@ def status_schema() -> dict[str, Any]:
             "attempts": {"type": "integer", "minimum": 0, "description": "Attempts of the current stage."},
             "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
             "chatEndpoint": {"type": "string"},
+            "chatApiKeySecret": {"type": "string", "description": "Secret holding the chat's API key (key API_KEY): "
+                                 "spec.serving.apiKeySecretRef, or the one the operator generated."},
             "conditions": {"type": "array", "items": _condition_schema()},
             "stages": {
                 "type": "object",

@@ -29,6 +29,8 @@ API_VERSIONS = {
     "Deployment": "apps/v1",
     "Pod": "v1",
     "Secret": "v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "PodDisruptionBudget": "policy/v1",
     "RLHFPipeline": f"{API_GROUP}/{API_VERSION}",
 }
 
@@ -56,7 +58,7 @@ class Kube:
         self._lock = threading.Lock()
         self.timeout = timeout
         self._strict: bool | None = None
-        self._resources: dict[tuple[str, str | None], Any] = {}
+        self._resources: dict[tuple[str, str | None, str], Any] = {}
         self._resources_lock = threading.Lock()  # discovery mutates the DynamicClient's cache: one lookup at a time
 
     @property
@@ -66,12 +68,14 @@ class Kube:
                 self._dynamic = DynamicClient(self._api or load_config())
             return self._dynamic
 
-    def resource(self, kind: str, sub: str | None = None) -> Any:
+    def resource(self, kind: str, sub: str | None = None, api_version: str | None = None) -> Any:
+        """The API resource of ``kind`` (at ``api_version``, default the one in API_VERSIONS)."""
         dynamic = self.dynamic
+        api_version = api_version or API_VERSIONS[kind]
         with self._resources_lock:
-            key = (kind, sub)
+            key = (kind, sub, api_version)
             if key not in self._resources:
-                res = dynamic.resources.get(api_version=API_VERSIONS[kind], kind=kind)
+                res = dynamic.resources.get(api_version=api_version, kind=kind)
                 self._resources[key] = res.subresources[sub] if sub else res
             return self._resources[key]
 
@@ -100,7 +104,8 @@ class Kube:
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
         """Create; False when it already exists (deterministic names make a repeated create harmless)."""
         try:
-            self.dynamic.create(self.resource(kind), body=body, namespace=namespace, **self._write_params())
+            self.dynamic.create(self.resource(kind, api_version=body.get("apiVersion")), body=body, namespace=namespace,
+                                **self._write_params())
             return True
         except ConflictError:
             return False

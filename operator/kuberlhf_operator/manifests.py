@@ -8,6 +8,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from kuberlhf.contract.pod import SHM_MOUNT, SHM_VOLUME, TRAINER_CONTAINER, merge_layers
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, Accelerator, PodTemplate, RLHFPipeline, Stage
@@ -24,6 +25,7 @@ from kuberlhf.contract.stage import (
     stage_command,
     stage_env,
 )
+from kuberlhf.data.builtins import BUILTIN_PREFIX
 from kuberlhf_operator import (
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
@@ -144,18 +146,19 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False,
 SCRATCH_MOUNTS = {"home": IMAGE_HOME, "tmp": "/tmp"}
 
 
-def _hardened(spec: dict[str, Any], home: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The operator's pod spec with the restricted defaults and the writable scratch its trainer container needs
-    (``home``: the HOME volume's source, an unsized emptyDir by default)."""
-    out = {**spec, "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT)}
+def _hardened(spec: dict[str, Any], home: dict[str, Any] | None = None, security: bool = True) -> dict[str, Any]:
+    """The operator's pod spec with the writable scratch its trainer container needs (``home``: the HOME volume's
+    source, an unsized emptyDir by default) and (``security``) the restricted defaults; without, no securityContext
+    of the operator's (the install's opt-out, OperatorConfig.hardened_pods) but the fsGroup a claim needs."""
+    out = {**spec, **({"securityContext": copy.deepcopy(POD_SECURITY_CONTEXT)} if security else {})}
     if home and "ephemeral" in home:
         # a fresh PVC's root belongs to root: the volume's group lets the image's non-root user write to it
-        out["securityContext"].update(fsGroup=IMAGE_UID, fsGroupChangePolicy="OnRootMismatch")
+        out.setdefault("securityContext", {}).update(fsGroup=IMAGE_UID, fsGroupChangePolicy="OnRootMismatch")
     sources = {"home": home or {"emptyDir": {}}}
     out["volumes"] = [*spec.get("volumes", []), *({"name": n, **sources.get(n, {"emptyDir": {}})} for n in SCRATCH_MOUNTS)]
     containers = []
     for c in spec["containers"]:
-        c = {**c, "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT)}
+        c = {**c, **({"securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT)} if security else {})}
         c["volumeMounts"] = [*c.get("volumeMounts", []),
                              *({"name": n, "mountPath": path} for n, path in SCRATCH_MOUNTS.items())]
         containers.append(c)
@@ -185,10 +188,11 @@ def stage_scratch(pipeline: RLHFPipeline, stage: Stage) -> tuple[dict[str, Any],
 
 
 def _pod_template(pipeline: RLHFPipeline, labels: dict[str, str], spec: dict[str, Any],
-                  override: PodTemplate | None, home: dict[str, Any] | None = None) -> dict[str, Any]:
+                  override: PodTemplate | None, home: dict[str, Any] | None = None,
+                  hardened: bool = True) -> dict[str, Any]:
     """The operator's pod, then spec.podTemplate, then the stage's or serving's podTemplate (kuberlhf.contract.pod;
     the spec models already rejected any template value the operator owns)."""
-    base = {"metadata": {"labels": dict(labels)}, "spec": _hardened(spec, home)}
+    base = {"metadata": {"labels": dict(labels)}, "spec": _hardened(spec, home, hardened)}
     layers = [pipeline.spec.pod_template, override]
     out = merge_layers(base, *(t.to_wire() for t in layers if t is not None))
     out["metadata"] = {k: v for k, v in out["metadata"].items() if v}  # no empty annotations map
@@ -243,9 +247,11 @@ def build_stage_job(
     default_image: str | None = None,
     suspend: bool = False,
     extra_labels: Mapping[str, str] | None = None,
+    hardened: bool = True,
 ) -> dict[str, Any]:
     """The Indexed Job running every node of one stage attempt. ``pipeline`` is the spec the stage started with;
-    ``extra_labels`` (:func:`propagated_labels`) go on the Job only, where a queue manager looks for them."""
+    ``extra_labels`` (:func:`propagated_labels`) go on the Job only, where a queue manager looks for them;
+    ``hardened`` false leaves out the restricted-profile securityContext (the install's opt-out)."""
     stage = Stage(stage)
     name = job_name(owner.name, stage, attempt)
     st = pipeline.spec.stages.get(stage)
@@ -291,7 +297,7 @@ def build_stage_job(
             # Retries are operator-managed attempts (new Job, resume from checkpoint), never pod restarts.
             "backoffLimit": 0,
             "suspend": bool(suspend),
-            "template": _pod_template(pipeline, labels, pod_spec, st.pod_template, home),
+            "template": _pod_template(pipeline, labels, pod_spec, st.pod_template, home, hardened),
         },
     }
 
@@ -311,18 +317,18 @@ def serve_command(pipeline: RLHFPipeline, owner: Owner) -> list[str]:
 
 
 def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image: str | None = None,
-                          extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+                          extra_labels: Mapping[str, str] | None = None, hardened: bool = True) -> dict[str, Any]:
     """The chat Deployment; ``extra_labels`` (:func:`propagated_labels`) go on it and its pods (Kueue's pod
-    integration admits the pods of a Deployment by their queue-name label)."""
+    integration admits the pods of a Deployment by their queue-name label); ``hardened`` as for stage Jobs."""
     sv = pipeline.spec.serving
     name = chat_name(owner.name)
     labels = chat_labels(owner)
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *_credential_env(pipeline)]
     if pipeline.spec.accelerator is Accelerator.cpu:
         env.append({"name": "OMP_NUM_THREADS", "value": "1"})
-    if sv.api_key_secret_ref is not None:
-        env.append({"name": ENV_API_KEY,
-                    "valueFrom": {"secretKeyRef": {"name": sv.api_key_secret_ref.name, "key": "API_KEY"}}})
+    key_secret = api_key_secret_name(pipeline, owner)
+    if key_secret is not None:
+        env.append({"name": ENV_API_KEY, "valueFrom": {"secretKeyRef": {"name": key_secret, "key": API_KEY_KEY}}})
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
@@ -356,7 +362,8 @@ def build_chat_deployment(pipeline: RLHFPipeline, owner: Owner, *, default_image
             # rollout is not reported as failed (Kubernetes' default is 600 s)
             "progressDeadlineSeconds": SERVING_STARTUP_SECONDS + 60,
             "selector": {"matchLabels": dict(labels)},
-            "template": _pod_template(pipeline, {**(extra_labels or {}), **labels}, pod, sv.pod_template),
+            "template": _pod_template(pipeline, {**(extra_labels or {}), **labels}, pod, sv.pod_template,
+                                      hardened=hardened),
         },
     }
 
@@ -371,3 +378,111 @@ def build_chat_service(pipeline: RLHFPipeline, owner: Owner) -> dict[str, Any]:
         "spec": {"type": "ClusterIP", "selector": dict(labels),
                  "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
     }
+
+
+# --- the chat's API key --------------------------------------------------------------------------------------------
+API_KEY_KEY = "API_KEY"  # the key of the Secret (the user's apiKeySecretRef, or the generated one)
+# On a Secret the operator creates without data: the writer fills these keys with fresh random values at creation
+# (reconcile stays pure; the value never passes through a decision, the status or a log).
+GENERATED_KEYS_ANNOTATION = "kuberlhf.io/generated-keys"
+
+
+def generated_api_key_secret_name(pipeline: str) -> str:
+    return fit_name(f"{pipeline}-chat-api-key")
+
+
+def api_key_secret_name(pipeline: RLHFPipeline, owner: Owner) -> str | None:
+    """The Secret the chat pods read their API key from: the user's, else the generated one; None with auth off."""
+    sv = pipeline.spec.serving
+    if sv.api_key_secret_ref is not None:
+        return sv.api_key_secret_ref.name
+    return generated_api_key_secret_name(owner.name) if sv.auth else None
+
+
+def build_chat_api_key_secret(owner: Owner) -> dict[str, Any]:
+    """The generated API-key Secret, without its value (see GENERATED_KEYS_ANNOTATION); owned by the pipeline, so
+    it goes with it. An existing Secret of that name is never overwritten (a create of it is a harmless 409)."""
+    meta = _meta(generated_api_key_secret_name(owner.name), owner, chat_labels(owner))
+    meta["annotations"] = {GENERATED_KEYS_ANNOTATION: API_KEY_KEY}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta}
+
+
+def build_chat_disruption_budget(pipeline: RLHFPipeline, owner: Owner, *, api_version: str = "policy/v1") -> dict[str, Any]:
+    """With several chat replicas, a node drain evicts them one at a time (at most one unavailable). ``api_version``:
+    policy/v1 (1.21+) or policy/v1beta1 (older servers)."""
+    labels = chat_labels(owner)
+    return {"apiVersion": api_version, "kind": "PodDisruptionBudget",
+            "metadata": _meta(chat_name(owner.name), owner, labels),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": dict(labels)}}}
+
+
+# --- NetworkPolicies -------------------------------------------------------------------------------------------------
+# Enforced only where the cluster's network plugin implements NetworkPolicy (Calico, Cilium, ...); elsewhere the API
+# server stores them and nothing changes. Each pod the operator makes is selected by exactly one policy with both
+# directions, so it is default-deny: only what the rules below list is allowed.
+DNS_PORTS = ({"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"})
+HTTPS_PORT = 443
+
+
+def _stage_selector(owner: Owner, stage: Stage | str, attempt: int) -> dict[str, str]:
+    labels = stage_labels(owner, stage, attempt)
+    return {k: labels[k] for k in (LABEL_PIPELINE, LABEL_STAGE, LABEL_ATTEMPT, LABEL_COMPONENT)}
+
+
+def storage_port(pipeline: RLHFPipeline) -> int | None:
+    """The TCP port the pods reach the object store on (None for file:// storage). An in-cluster endpoint's Service
+    port must equal its pods' port, since policies see the pod port (the chart's SeaweedFS does)."""
+    st = pipeline.spec.storage
+    if st.uri.startswith("file://"):
+        return None
+    if not st.endpoint:
+        return HTTPS_PORT  # AWS S3
+    url = urlsplit(st.endpoint)
+    return url.port or (80 if url.scheme == "http" else HTTPS_PORT)
+
+
+def uses_hub(pipeline: RLHFPipeline) -> bool:
+    """Whether a model, tokenizer or dataset is a Hugging Face hub name (downloaded over HTTPS)."""
+    spec = pipeline.spec
+    models = [x for ref in (spec.actor, spec.reward) for x in (ref.model, ref.tokenizer) if x]
+    datasets = [d.name for d in [*spec.data.datasets, *spec.data.sft_only, spec.data.unsupervised] if d and d.name]
+    local = ("s3://", "file://", "/", ".", "~", BUILTIN_PREFIX)
+    return any(not ref.startswith(local) for ref in [*models, *datasets])
+
+
+def _egress_out(pipeline: RLHFPipeline, *, hub: bool) -> list[dict[str, Any]]:
+    ports = [dict(p) for p in DNS_PORTS]
+    port = storage_port(pipeline)
+    if port is not None:
+        ports.append({"port": port, "protocol": "TCP"})
+    if hub and port != HTTPS_PORT:
+        ports.append({"port": HTTPS_PORT, "protocol": "TCP"})
+    return [{"ports": ports}, *(copy.deepcopy(r) for r in pipeline.spec.network.egress)]
+
+
+def _network_policy(name: str, owner: Owner, labels: dict[str, str], selector: dict[str, str],
+                    ingress: list[dict[str, Any]], egress: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(name, owner, labels),
+            "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress", "Egress"],
+                     "ingress": ingress, "egress": egress}}
+
+
+def build_stage_network_policy(pipeline: RLHFPipeline, owner: Owner, stage: Stage | str, attempt: int) -> dict[str, Any]:
+    """The pods of one stage attempt accept connections only from each other (the rendezvous port and NCCL's or
+    gloo's own ports, which they pick at run time), and connect only to each other, DNS, the storage port and (for
+    hub models or datasets) HTTPS, plus spec.network.egress."""
+    peers = [{"podSelector": {"matchLabels": _stage_selector(owner, stage, attempt)}}]
+    return _network_policy(job_name(owner.name, stage, attempt), owner, stage_labels(owner, stage, attempt),
+                           _stage_selector(owner, stage, attempt), [{"from": peers}],
+                           [{"to": copy.deepcopy(peers)}, *_egress_out(pipeline, hub=uses_hub(pipeline))])
+
+
+def build_chat_network_policy(pipeline: RLHFPipeline, owner: Owner) -> dict[str, Any]:
+    """The chat pods accept only their HTTP port, from serving.ingressFrom (default: the pipeline's namespace), and
+    connect only to DNS and the storage port (the model download), plus spec.network.egress."""
+    sv = pipeline.spec.serving
+    peers = copy.deepcopy(sv.ingress_from) or [{"podSelector": {}}]
+    labels = chat_labels(owner)
+    return _network_policy(chat_name(owner.name), owner, labels, dict(labels),
+                           [{"from": peers, "ports": [{"port": sv.port, "protocol": "TCP"}]}],
+                           _egress_out(pipeline, hub=False))

@@ -74,6 +74,7 @@ class Observed:
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
     failure_details: dict[str, str] = field(default_factory=dict)
     pods: dict[str, PodsState] = field(default_factory=dict)
+    network_policies: frozenset[str] = frozenset()
 
 
 def _cond(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:

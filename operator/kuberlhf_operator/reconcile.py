@@ -49,12 +49,18 @@ from kuberlhf.contract.stage import StageLayout
 from kuberlhf_operator.manifests import (
     QUEUE_NAME_LABEL,
     Owner,
+    api_key_secret_name,
+    build_chat_api_key_secret,
     build_chat_deployment,
+    build_chat_disruption_budget,
+    build_chat_network_policy,
     build_chat_service,
     build_stage_job,
+    build_stage_network_policy,
     build_stage_service,
     chat_endpoint,
     chat_name,
+    generated_api_key_secret_name,
     job_name,
     propagated_labels,
 )
@@ -99,11 +105,15 @@ class OperatorConfig:
     # Install-wide policy (the chart's policy.*): image globs and ServiceAccount names pods may use; empty = any.
     allowed_images: tuple[str, ...] = ()
     allowed_service_accounts: tuple[str, ...] = ()
+    # PodDisruptionBudget is policy/v1 from Kubernetes 1.21; older servers have policy/v1beta1 only.
+    pdb_api_version: str = "policy/v1"
+    # The restricted-profile securityContext on every pod (the chart's policy.hardenedPods; false = none at all).
+    hardened_pods: bool = True
 
 
 def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
     """What the chart passes the operator: KUBERLHF_DEFAULT_IMAGE, POD_NAMESPACE + KUBERLHF_SERVICE_ACCOUNT and
-    the comma-separated KUBERLHF_ALLOWED_IMAGES / KUBERLHF_ALLOWED_SERVICE_ACCOUNTS."""
+    the comma-separated KUBERLHF_ALLOWED_IMAGES / KUBERLHF_ALLOWED_SERVICE_ACCOUNTS, KUBERLHF_HARDENED_PODS."""
     def items(key: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in (env.get(key) or "").split(",") if x.strip())
 
@@ -111,7 +121,8 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
     return OperatorConfig(default_image=env.get("KUBERLHF_DEFAULT_IMAGE") or None,
                           operator_service_account=(ns, sa) if sa and ns else None,
                           allowed_images=items("KUBERLHF_ALLOWED_IMAGES"),
-                          allowed_service_accounts=items("KUBERLHF_ALLOWED_SERVICE_ACCOUNTS"))
+                          allowed_service_accounts=items("KUBERLHF_ALLOWED_SERVICE_ACCOUNTS"),
+                          hardened_pods=(env.get("KUBERLHF_HARDENED_PODS") or "true").lower() != "false")
 
 
 def pod_policy_problem(namespace: str, spec: PipelineSpec, config: OperatorConfig) -> str | None:
@@ -354,9 +365,19 @@ class _Run:
     def create(self, obj: dict[str, Any]) -> None:
         kind, name = obj["kind"], obj["metadata"]["name"]
         present = {"Job": set(self.observed.jobs), "Service": self.observed.services,
-                   "Deployment": set(self.observed.deployments)}[kind]
+                   "Deployment": set(self.observed.deployments),
+                   "NetworkPolicy": self.observed.network_policies}[kind]
         if name not in present:
             self.actions.append(Action("create", kind, name, obj))
+
+    def create_once(self, record: dict[str, Any], obj: dict[str, Any]) -> None:
+        """Create a child the operator does not list (a Secret, a PodDisruptionBudget): once, recorded in
+        ``record["created"]``; a repeat after a lost status write is a harmless 409."""
+        made: list[str] = record.setdefault("created", [])
+        key = f"{obj['kind']}/{obj['metadata']['name']}"
+        if key not in made:
+            self.actions.append(Action("create", obj["kind"], obj["metadata"]["name"], obj))
+            made.append(key)
 
     def decision(self) -> Decision:
         # Every condition was (re)evaluated against this generation's spec.
@@ -453,6 +474,8 @@ class _Run:
         if job is None or job.deleting:
             self.job_missing(stage, pipeline, attempt, job, suspended)
             return
+        if job.phase == "Running" and pipeline.spec.network.policies:  # deleted by someone: isolate again
+            self.create(build_stage_network_policy(pipeline, self.owner, stage, attempt))
         if job.phase == "Succeeded":
             self.job_succeeded(stage, job, pipeline)
         elif job.phase == "Failed":
@@ -496,10 +519,12 @@ class _Run:
         self.create_stage_children(stage, pipeline, attempt)
 
     def create_stage_children(self, stage: str, pipeline: RLHFPipeline, attempt: int) -> None:
+        if pipeline.spec.network.policies:  # first, so the pods start isolated
+            self.create(build_stage_network_policy(pipeline, self.owner, stage, attempt))
         self.create(build_stage_service(self.owner, stage, attempt))
         self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image,
                                     suspend=bool(self.queue) and self.config.job_suspend_supported,
-                                    extra_labels=self.workload_labels))
+                                    extra_labels=self.workload_labels, hardened=self.config.hardened_pods))
 
     def resumed(self, stage: str) -> None:
         msg = f"spec.suspend is false: stage {stage} resumes"
@@ -611,6 +636,30 @@ class _Run:
         self.cond("Failed", True, "BackoffLimitExceeded", text)
         self.cond("Ready", False, "StageFailed", f"stage {stage} failed")
 
+    def serving_protection(self, pipeline: RLHFPipeline, s: dict[str, Any]) -> None:
+        """The chat's API key (the user's Secret, else a generated one; a Warning condition when auth is off), its
+        NetworkPolicy and, with several replicas, a PodDisruptionBudget."""
+        sv = pipeline.spec.serving
+        secret = api_key_secret_name(pipeline, self.owner)
+        if secret is None:
+            self.status.pop("chatApiKeySecret", None)
+            msg = "spec.serving.auth is false: the chat API and /metrics answer anyone who can reach the Service"
+            previous = get_condition(self.status, "AuthDisabled")
+            if previous is None or previous.get("status") != "True":
+                self.event("Warning", "AuthDisabled", msg)
+            self.cond("AuthDisabled", True, "ServingAuthOff", msg)
+        else:
+            self.status["chatApiKeySecret"] = secret  # the Secret's name (key API_KEY), never its value
+            if get_condition(self.status, "AuthDisabled") is not None:
+                self.cond("AuthDisabled", False, "APIKeyRequired", f"clients send the API key of Secret {secret}")
+            if secret == generated_api_key_secret_name(self.meta.name) and sv.api_key_secret_ref is None:
+                self.create_once(s, build_chat_api_key_secret(self.owner))
+        if pipeline.spec.network.policies:
+            self.create(build_chat_network_policy(pipeline, self.owner))
+        if sv.replicas > 1:
+            self.create_once(s, build_chat_disruption_budget(pipeline, self.owner,
+                                                             api_version=self.config.pdb_api_version))
+
     def drive_serving(self) -> None:
         st = self.status
         stages_st = st["stages"]
@@ -628,9 +677,10 @@ class _Run:
                       message="creating the chat Deployment")
         endpoint = chat_endpoint(self.meta.name, self.meta.namespace, sv.port)
         st["chatEndpoint"] = endpoint
+        self.serving_protection(pipeline, s)
         self.create(build_chat_service(pipeline, self.owner))
         self.create(build_chat_deployment(pipeline, self.owner, default_image=self.config.default_image,
-                                          extra_labels=self.workload_labels))
+                                          extra_labels=self.workload_labels, hardened=self.config.hardened_pods))
         dep = self.observed.deployments.get(chat_name(self.meta.name))
         if dep is not None and not dep.deleting and dep.available:
             if st.get("phase") != "Succeeded":

@@ -5,22 +5,33 @@ posted by kopf, best effort: the status carries the same facts)."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from kuberlhf_operator.kube import Kube
+from kuberlhf_operator.manifests import GENERATED_KEYS_ANNOTATION
 from kuberlhf_operator.reconcile import Decision, Event
 
 log = logging.getLogger("kuberlhf.operator")
 EmitEvent = Callable[[dict[str, Any], Event], None]
 
 
+def with_generated_values(body: dict[str, Any]) -> dict[str, Any]:
+    """A Secret to create with fresh random values in the keys its GENERATED_KEYS_ANNOTATION names (the chat's API
+    key); any other object as it is. 32 random bytes, URL-safe (secrets.token_urlsafe)."""
+    keys = ((body.get("metadata") or {}).get("annotations") or {}).get(GENERATED_KEYS_ANNOTATION)
+    if body.get("kind") != "Secret" or not keys:
+        return body
+    return {**body, "stringData": {k.strip(): secrets.token_urlsafe(32) for k in keys.split(",") if k.strip()}}
+
+
 def apply_actions(kube: Kube, namespace: str, decision: Decision) -> None:
     for action in decision.actions:
         if action.verb == "create":
-            if kube.create(action.kind, namespace, action.body):
+            if kube.create(action.kind, namespace, with_generated_values(action.body)):
                 log.info("created %s %s/%s", action.kind, namespace, action.name)
         elif action.verb == "patch":
             kube.patch(action.kind, namespace, action.name, action.body)

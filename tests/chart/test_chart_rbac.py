@@ -17,7 +17,9 @@ NAMESPACED: dict[tuple[str, str], set[str]] = {
     ("", "pods"): {"list", "watch"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create"},  # the operator's and kopf's core/v1 Events
-    ("", "secrets"): {"get"},
+    ("", "secrets"): {"get", "create"},  # get: spec.storage.secretRef's keys; create: the chat's API-key Secret
+    ("networking.k8s.io", "networkpolicies"): {"create", "list"},  # per stage attempt and chat
+    ("policy", "poddisruptionbudgets"): {"create"},  # the chat's, with replicas > 1
 }
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
 NAMESPACES = {("", "namespaces"): {"list", "watch"}}

@@ -28,7 +28,7 @@ import yaml
 from harness import KubeREST, wait_for
 
 from kuberlhf_operator import LABEL_PIPELINE
-from kuberlhf_operator.manifests import chat_name, job_name
+from kuberlhf_operator.manifests import QUEUE_NAME_LABEL, chat_name, generated_api_key_secret_name, job_name
 
 try:
     from chart.helm import render_chart
@@ -44,13 +44,14 @@ GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RUN_TIMEOUT = 720
 GPU_POOL_LABEL = "kuberlhf.io/e2e-gpu-pool"
 HF_TOKEN = "hf_e2e_not_a_real_token"
+QUEUE = "e2e-queue"  # a Kueue LocalQueue name; no Kueue here (and 1.20 has no Job suspend): only its labels travel
 
 
 def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
     """examples/tiny-cpu.yaml pointed at the session SeaweedFS, one CPU rank per stage and fewer steps (CI
     budget); sft checkpoints often so a killed attempt has something to resume from."""
     obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
-    obj["metadata"] = {"name": NAME}
+    obj["metadata"] = {"name": NAME, "labels": {QUEUE_NAME_LABEL: QUEUE}}
     spec = obj["spec"]
     spec["storage"] = {"uri": f"s3://{bucket}/pipelines", "endpoint": endpoint, "secretRef": {"name": "s3-credentials"}}
     spec["data"]["maxSamples"] = 256
@@ -333,10 +334,24 @@ def test_kubectl_get_rlhf_shows_the_columns(run):
 
 
 def test_chat_pod_answers_an_openai_request(run):
-    from openai import OpenAI
+    """With the API key of the Secret the operator generated (status.chatApiKeySecret); without it a 401 in OpenAI's
+    error shape, /metrics included."""
+    import base64
+
+    import httpx
+    from openai import AuthenticationError, OpenAI
 
     url = wait_for(lambda: run.kubelet.service_url(run.ns, chat_name(NAME)), "a Ready chat pod", 60)
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    secret_name = run.status()["chatApiKeySecret"]
+    assert secret_name == generated_api_key_secret_name(NAME)
+    secret = run.api.get(f"/api/v1/namespaces/{run.ns}/secrets/{secret_name}")
+    key = base64.b64decode(secret["data"]["API_KEY"]).decode()
+    assert len(key) >= 40 and key not in json.dumps(run.pipeline())  # the value is never in the pipeline object
+    with pytest.raises(AuthenticationError) as err:
+        OpenAI(base_url=f"{url}/v1", api_key="wrong", timeout=60, max_retries=0).models.list()
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/metrics", timeout=30).status_code == 401
+    client = OpenAI(base_url=f"{url}/v1", api_key=key, timeout=60, max_retries=0)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(model=model, max_tokens=8,
                                            messages=[{"role": "user", "content": "How do I boil an egg?"}])
@@ -344,6 +359,28 @@ def test_chat_pod_answers_an_openai_request(run):
     assert isinstance(reply.choices[0].message.content, str)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= 8
+
+
+def test_every_stage_attempt_and_the_chat_get_a_network_policy(run):
+    """The 1.20 API server stores NetworkPolicies (and validates them) but nothing here enforces them (no network
+    plugin; the process kubelet runs pods as local processes): what is checked is that the operator made them, with
+    the chart's RBAC, owned by the pipeline. What they allow is tested in tests/operator/test_network_and_chat_exposure.py."""
+    items = run.api.get(f"/apis/networking.k8s.io/v1/namespaces/{run.ns}/networkpolicies",
+                        labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
+    uid = run.pipeline()["metadata"]["uid"]
+    assert sorted(p["metadata"]["name"] for p in items) == sorted([*(j["metadata"]["name"] for j in run.jobs()),
+                                                                    chat_name(NAME)])
+    for p in items:
+        assert p["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert p["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_the_queue_labels_reach_the_jobs_and_the_chat(run):
+    deployment = run.api.get(f"/apis/apps/v1/namespaces/{run.ns}/deployments/{chat_name(NAME)}")
+    for obj in [*run.jobs(), deployment]:
+        assert obj["metadata"]["labels"][QUEUE_NAME_LABEL] == QUEUE, obj["metadata"]["name"]
+        assert "suspend" not in obj["spec"] or obj["spec"]["suspend"] is False  # 1.20: no Job suspend, not queued
+    assert deployment["spec"]["template"]["metadata"]["labels"][QUEUE_NAME_LABEL] == QUEUE
 
 
 def test_deleting_the_pipeline_garbage_collects_its_children(run):
@@ -357,9 +394,10 @@ def test_deleting_the_pipeline_garbage_collects_its_children(run):
         out = []
         for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
                      "/apis/apps/v1/namespaces/{ns}/deployments", "/apis/apps/v1/namespaces/{ns}/replicasets",
-                     "/api/v1/namespaces/{ns}/pods"):
+                     "/api/v1/namespaces/{ns}/pods", "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"):
             out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in run.api.get(path.format(ns=run.ns))["items"]]
-        return out
+        secrets = run.api.get(f"/api/v1/namespaces/{run.ns}/secrets", labelSelector=f"{LABEL_PIPELINE}={NAME}")
+        return out + [f"secrets/{o['metadata']['name']}" for o in secrets["items"]]
 
     wait_for(lambda: not leftovers(), "the garbage collector to delete every child of the pipeline", 120, 1.0,
              describe=lambda: str(leftovers()))

@@ -24,6 +24,7 @@ class Cluster:
         self.status: dict[str, Any] = {}
         self.jobs: dict[str, JobState] = {}
         self.services: set[str] = set()
+        self.network_policies: set[str] = set()
         self.deployments: dict[str, DeploymentState] = {}
         self.failure_details: dict[str, str] = {}
         self.pods: dict[str, PodsState] = {}  # by Job name; tests set them (no kubelet here)
@@ -34,7 +35,8 @@ class Cluster:
 
     def observed(self) -> Observed:
         return Observed(jobs=dict(self.jobs), services=frozenset(self.services), deployments=dict(self.deployments),
-                        failure_details=dict(self.failure_details), pods=dict(self.pods))
+                        failure_details=dict(self.failure_details), pods=dict(self.pods),
+                        network_policies=frozenset(self.network_policies))
 
     def decide(self, probes: dict[str, ProbeResult] | None = None, generation: int | None = None) -> Decision:
         meta = replace(self.meta, generation=generation or self.meta.generation)
@@ -59,7 +61,9 @@ class Cluster:
                                                  suspended=a.body["spec"]["suspend"], pipeline=job_pipeline(a.body))
                 elif a.kind == "Service":
                     self.services.add(a.name)
-                else:
+                elif a.kind == "NetworkPolicy":
+                    self.network_policies.add(a.name)
+                elif a.kind == "Deployment":
                     self.deployments[a.name] = DeploymentState(a.name, a.body["spec"]["replicas"], 0)
             elif a.verb == "patch":
                 self.jobs[a.name] = replace(self.jobs[a.name], suspended=a.body["spec"]["suspend"])

@@ -58,7 +58,7 @@ def test_one_reconcile_creates_the_first_stage_writes_status_once_and_emits_its_
         (body["metadata"]["uid"], ev.reason)))
     decision = op.reconcile_pipeline("team", "tiny", "create")
     created = [(w[1], w[2]) for w in kube.writes if w[0] == "create"]
-    assert created == [("Service", "tiny-sft-1"), ("Job", "tiny-sft-1")]
+    assert created == [("NetworkPolicy", "tiny-sft-1"), ("Service", "tiny-sft-1"), ("Job", "tiny-sft-1")]
     status_writes = [w for w in kube.writes if w[1] == "RLHFPipeline/status"]
     assert len(status_writes) == 1 and status_writes[0][3]["metadata"] == {"resourceVersion": "7"}
     assert status_writes[0][3]["status"]["stage"] == "sft"
@@ -141,6 +141,6 @@ def test_the_safety_thread_reconciles_due_pipelines_and_emits_through_kopfs_queu
         posted.append(queue.get_nowait())
     loop.close()
     assert ran == [("team", "tiny")]
-    assert [w[2] for w in kube.writes if w[0] == "create"] == ["tiny-sft-1", "tiny-sft-1"]
+    assert [w[2] for w in kube.writes if w[0] == "create"] == ["tiny-sft-1"] * 3  # NetworkPolicy, Service, Job
     assert [e.reason for e in posted] == ["StageStarted"] and posted[0].ref["name"] == "tiny"
     assert not op.schedule.due(("team", "tiny"), time.monotonic())  # rescheduled by its own decision

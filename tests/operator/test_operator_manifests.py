@@ -14,9 +14,13 @@ from kuberlhf.contract.stage import stage_command
 from kuberlhf_operator.manifests import (
     COMPLETION_INDEX_ANNOTATION,
     Owner,
+    build_chat_api_key_secret,
     build_chat_deployment,
+    build_chat_disruption_budget,
+    build_chat_network_policy,
     build_chat_service,
     build_stage_job,
+    build_stage_network_policy,
     build_stage_service,
     chat_name,
     fit_name,
@@ -72,8 +76,11 @@ def gpu_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def all_objects(p: RLHFPipeline) -> list[dict[str, Any]]:
     objs = []
     for stage in Stage:
-        objs += [build_stage_job(p, OWNER, stage, 3, default_image="img:1"), build_stage_service(OWNER, stage, 3)]
-    return objs + [build_chat_deployment(p, OWNER, default_image="img:1"), build_chat_service(p, OWNER)]
+        objs += [build_stage_job(p, OWNER, stage, 3, default_image="img:1"), build_stage_service(OWNER, stage, 3),
+                 build_stage_network_policy(p, OWNER, stage, 3)]
+    return objs + [build_chat_deployment(p, OWNER, default_image="img:1"), build_chat_service(p, OWNER),
+                   build_chat_network_policy(p, OWNER), build_chat_api_key_secret(OWNER),
+                   build_chat_disruption_budget(p, OWNER)]
 
 
 def validate(obj: dict[str, Any]) -> None:
@@ -84,7 +91,8 @@ def validate(obj: dict[str, Any]) -> None:
 def test_every_manifest_passes_strict_validation(spec, gpu_spec, variant) -> None:
     p = pipeline(spec if variant == "cpu" else gpu_spec)
     objs = all_objects(p)
-    assert {o["kind"] for o in objs} == {"Job", "Service", "Deployment"}
+    assert {o["kind"] for o in objs} == {"Job", "Service", "Deployment", "NetworkPolicy", "Secret",
+                                         "PodDisruptionBudget"}
     for obj in objs:
         validate(obj)
         assert obj["metadata"]["ownerReferences"] == [OWNER.reference()]

@@ -38,7 +38,7 @@ def job_spec(cluster: Cluster, job: str) -> dict:
 def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
     d = cluster.step()
     assert [(a.verb, a.kind, a.name) for a in d.actions] == [
-        ("create", "Service", "tiny-sft-1"), ("create", "Job", "tiny-sft-1")]
+        ("create", "NetworkPolicy", "tiny-sft-1"), ("create", "Service", "tiny-sft-1"), ("create", "Job", "tiny-sft-1")]
     st = cluster.status
     assert (st["phase"], st["stage"], st["attempts"]) == ("Pending", "sft", 1)
     assert st["stages"]["sft"]["jobName"] == "tiny-sft-1" and st["stages"]["sft"]["startTime"]
@@ -64,7 +64,8 @@ def test_happy_path_pending_to_succeeded(cluster: Cluster) -> None:
     cluster.finish("tiny-ppo-1")
     d = cluster.step(complete("ppo"))
     assert cluster.status["stage"] == "serving" and cluster.status["phase"] == "Running"
-    assert {(a.kind, a.name) for a in d.actions} == {("Service", "tiny-chat"), ("Deployment", "tiny-chat")}
+    assert {(a.kind, a.name) for a in d.actions} == {("Service", "tiny-chat"), ("Deployment", "tiny-chat"),
+                                                     ("NetworkPolicy", "tiny-chat"), ("Secret", "tiny-chat-api-key")}
     assert cluster.status["chatEndpoint"] == "http://tiny-chat.team.svc:8000/v1"
     assert cond(cluster.status, "Serving")["status"] == "False"
     dep = cluster.bodies[("Deployment", "tiny-chat")]

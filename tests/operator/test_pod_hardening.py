@@ -86,3 +86,32 @@ def test_chat_deployment_rollout_deadline_covers_startup_and_replicas_spread(tmp
         else:
             assert spread[0]["topologyKey"] == "kubernetes.io/hostname"
             assert spread[0]["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_an_install_can_opt_out_of_the_hardened_defaults(meta, spec) -> None:
+    """The chart's policy.hardenedPods=false reaches the operator as KUBERLHF_HARDENED_PODS=false: its stage and chat
+    pods then carry no securityContext of the operator's (the podTemplate decides), scratch volumes stay."""
+    from chart.helm import render_chart
+    from operator_sim import Cluster, complete
+
+    from kuberlhf_operator.reconcile import config_from_env
+
+    def operator_env(values: list[str]) -> dict[str, str]:
+        dep = next(o for o in render_chart(set_values=values) if o["kind"] == "Deployment")
+        return {e["name"]: e.get("value", "") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert config_from_env(operator_env([])).hardened_pods is True
+    env = operator_env(["policy.hardenedPods=false"])
+    assert env["KUBERLHF_HARDENED_PODS"] == "false"
+    cluster = Cluster(meta, spec, config_from_env(env))
+    for stage in ("sft", "reward", "ppo"):
+        cluster.step()
+        cluster.finish(f"{meta.name}-{stage}-1")
+        cluster.step(complete(stage))
+    for kind in ("Job", "Deployment"):
+        pod = next(b for (k, _), b in cluster.bodies.items() if k == kind)["spec"]["template"]["spec"]
+        assert "securityContext" not in pod and "securityContext" not in pod["containers"][0], kind
+        assert {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]} >= {IMAGE_HOME, "/tmp", "/dev/shm"}
+    hardened = Cluster(meta, spec, config_from_env({}))
+    hardened.step()
+    assert pss.violations(hardened.bodies[("Job", f"{meta.name}-sft-1")]["spec"]["template"]["spec"]) == []

@@ -260,7 +260,8 @@ def test_history_beyond_the_context_drops_the_oldest_turns(chat_server: ServerPr
 
 
 def _in_flight(server: ServerProcess) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    text = httpx.get(server.url + "/metrics", headers=headers, timeout=10).text
     line = next(ln for ln in text.splitlines() if ln.startswith("kuberlhf_serve_generations_in_flight "))
     return float(line.split()[-1])
 

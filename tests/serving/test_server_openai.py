@@ -178,9 +178,11 @@ def test_api_key_is_enforced(chat_server: ServerProcess) -> None:
         bad.models.list()
     resp = httpx.post(chat_server.api + "/chat/completions", json={"model": "tiny", "messages": HELLO})
     assert resp.status_code == 401 and resp.json()["error"]["type"] == "invalid_request_error"
-    # probes and metrics stay open for the kubelet and Prometheus
+    # the probes stay open for the kubelet; the metrics need the key too (401 in OpenAI's error shape)
     assert httpx.get(chat_server.url + "/readyz").status_code == 200
-    assert httpx.get(chat_server.url + "/metrics").status_code == 200
+    resp = httpx.get(chat_server.url + "/metrics")
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(chat_server.url + "/metrics", headers=auth(chat_server)).status_code == 200
 
 
 def test_probes_and_metrics(chat_server: ServerProcess, client: openai.OpenAI) -> None:
@@ -188,7 +190,7 @@ def test_probes_and_metrics(chat_server: ServerProcess, client: openai.OpenAI) -
     ready = httpx.get(chat_server.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["model"] == "tiny"
     client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
-    text = httpx.get(chat_server.url + "/metrics").text
+    text = httpx.get(chat_server.url + "/metrics", headers=auth(chat_server)).text
     assert 'kuberlhf_serve_http_requests_total{method="POST",path="/v1/chat/completions",status="200"}' in text
     assert "kuberlhf_serve_completion_tokens_total" in text
     assert "kuberlhf_serve_chat_completion_seconds_bucket" in text
@@ -243,7 +245,7 @@ def test_concurrency_bound_queues_one_and_refuses_the_rest(chat_server: ServerPr
     assert refused[0].status_code == 429
     assert refused[0].body["code"] == "rate_limit_exceeded"
     assert answered[0].choices[0].message.role == "assistant"
-    metrics = httpx.get(chat_server.url + "/metrics").text
+    metrics = httpx.get(chat_server.url + "/metrics", headers=auth(chat_server)).text
     assert 'kuberlhf_serve_rejected_total{reason="busy"}' in metrics
 
 

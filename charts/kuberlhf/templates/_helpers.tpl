@@ -98,9 +98,19 @@ Secret named in spec.storage.secretRef (pods read the keys themselves). Nothing 
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# get: the keys a pipeline's spec.storage.secretRef names; create: the chat's generated API-key Secret (never
+# list, update or delete: the operator cannot read or change other Secrets wholesale)
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create]
+# each stage attempt's and the chat's NetworkPolicy
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create, list]
+# the chat's PodDisruptionBudget (replicas > 1)
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [create]
 {{- end }}
 
 {{/* kopf discovers the custom resource through the CRD list (cluster-scoped in every mode). */}}

@@ -356,9 +356,33 @@ class ServingSpec(SpecModel):
                                      "(add nvidia.com/gpu to serve on a GPU).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     max_new_tokens: int = Field(default=256, ge=1, description="Cap on max_tokens per request.")
-    api_key_secret_ref: SecretRef | None = Field(default=None, description="Secret with key API_KEY; enables auth.")
+    api_key_secret_ref: SecretRef | None = Field(default=None, description="Secret with key API_KEY: the key clients "
+                                                 "send (Authorization: Bearer). Unset: the operator generates a "
+                                                 "Secret <pipeline>-chat-api-key (unless auth is false).")
+    auth: bool = Field(default=True, description="Require an API key on /v1 and /metrics (the chat page asks for it); "
+                       "false serves without one and the pipeline carries a Warning condition (AuthDisabled).")
+    ingress_from: list[dict[str, Any]] = Field(
+        default_factory=list, description="NetworkPolicyPeers (podSelector / namespaceSelector / ipBlock) that may "
+        "reach the chat port when spec.network.policies is on; empty: the pods of the pipeline's namespace.")
     pod_template: PodTemplate | None = Field(default=None, description="Merged over spec.podTemplate into the chat "
                                              "pods.")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> ServingSpec:
+        if not self.auth and self.api_key_secret_ref is not None:
+            raise ValueError("auth is false but apiKeySecretRef is set: remove one (auth: false serves without a key)")
+        return self
+
+
+class NetworkSpec(SpecModel):
+    """The NetworkPolicies of a pipeline's pods (enforced where the cluster's network plugin supports them)."""
+
+    policies: bool = Field(default=True, description="Isolate the pipeline's pods: a stage attempt's pods talk only "
+                           "to each other (rendezvous, NCCL), DNS, the storage endpoint's port and, for hub models or "
+                           "datasets, HTTPS; the chat pods accept only their port (serving.ingressFrom).")
+    egress: list[dict[str, Any]] = Field(default_factory=list, description="Extra NetworkPolicyEgressRules for every "
+                                         "pod of the pipeline, e.g. [{to: [{ipBlock: {cidr: 10.0.0.0/8}}], ports: "
+                                         "[{port: 3128}]}] for a proxy.")
 
 
 class ScratchSpec(SpecModel):
@@ -391,6 +415,7 @@ class PipelineSpec(SpecModel):
     scratch: ScratchSpec = Field(default_factory=ScratchSpec, description="The stage pods' scratch volume (their "
                                  "HOME), sized so a checkpoint cannot evict the pod through DiskPressure.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat server after PPO.")
+    network: NetworkSpec = Field(default_factory=NetworkSpec, description="NetworkPolicies of the pipeline's pods.")
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
 
     @model_validator(mode="after")

@@ -207,7 +207,10 @@ def create_app(
         return JSONResponse({"status": "loading"}, status_code=503)
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        # with a key, the metrics are the key holder's too (Prometheus sends it as a bearer token, e.g. a
+        # ServiceMonitor's bearerTokenSecret); the probes stay open for the kubelet
+        _check_key(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

@@ -115,14 +115,15 @@ def build_openapi(app: FastAPI, max_new_tokens: int, auth: bool, vocab: int | No
             },
         },
         ("get", "/metrics"): {
-            "200": {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}
+            "200": {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(*key),
         },
     }
     for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             if (method, path) in responses:
                 op["responses"] = responses[(method, path)]
-            if auth and path.startswith("/v1/"):
+            if auth and (path.startswith("/v1/") or path == "/metrics"):
                 op["security"] = [{"apiKey": []}]
     if auth:
         doc["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
