@@ -44,8 +44,14 @@ def _port_ok(rule: dict[str, Any], port: int, protocol: str) -> bool:
     return not ports or any(p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports)
 
 
-def allowed(policy: dict[str, Any], direction: str, pod: dict[str, str], peer: dict[str, str] | None, port: int,
-            protocol: str = "TCP") -> bool:
+def allowed(
+    policy: dict[str, Any],
+    direction: str,
+    pod: dict[str, str],
+    peer: dict[str, str] | None,
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
     """Whether ``policy`` lets ``pod`` (labels) receive from / send to ``peer`` (labels of a pod in the same
     namespace; None = an address outside the cluster) on ``port``. A policy that does not select ``pod`` says
     nothing (True)."""
@@ -60,7 +66,12 @@ def allowed(policy: dict[str, Any], direction: str, pod: dict[str, str], peer: d
         if not peers:
             return True
         for p in peers:
-            if "podSelector" in p and "namespaceSelector" not in p and peer is not None and _selects(p["podSelector"], peer):
+            if (
+                "podSelector" in p
+                and "namespaceSelector" not in p
+                and peer is not None
+                and _selects(p["podSelector"], peer)
+            ):
                 return True
     return False
 
@@ -101,12 +112,15 @@ def test_hub_models_open_https_and_extra_egress_is_appended(spec: dict) -> None:
     assert proxy in build_chat_network_policy(p, OWNER)["spec"]["egress"]
 
 
-@pytest.mark.parametrize(("storage", "port"), [
-    ({"uri": "s3://b/p"}, 443),
-    ({"uri": "s3://b/p", "endpoint": "https://minio.storage:9000"}, 9000),
-    ({"uri": "s3://b/p", "endpoint": "http://seaweedfs.kuberlhf"}, 80),
-    ({"uri": "file:///data"}, None),
-])
+@pytest.mark.parametrize(
+    ("storage", "port"),
+    [
+        ({"uri": "s3://b/p"}, 443),
+        ({"uri": "s3://b/p", "endpoint": "https://minio.storage:9000"}, 9000),
+        ({"uri": "s3://b/p", "endpoint": "http://seaweedfs.kuberlhf"}, 80),
+        ({"uri": "file:///data"}, None),
+    ],
+)
 def test_storage_port_follows_the_endpoint(spec: dict, storage: dict, port: int | None) -> None:
     assert storage_port(pipeline({**spec, "storage": storage})) == port
 
@@ -169,8 +183,10 @@ def test_the_chat_gets_a_generated_api_key_by_default(cluster: Cluster) -> None:
     assert "data" not in secret and "stringData" not in secret  # no value in a decision
     assert secret["metadata"]["annotations"] == {GENERATED_KEYS_ANNOTATION: API_KEY_KEY}
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "0000-uid"
-    env = {e["name"]: e for e in cluster.bodies[("Deployment", "tiny-chat")]["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}
+    env = {
+        e["name"]: e
+        for e in cluster.bodies[("Deployment", "tiny-chat")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["KUBERLHF_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "tiny-chat-api-key", "key": "API_KEY"}}
     assert cluster.status["chatApiKeySecret"] == "tiny-chat-api-key"
     for _ in range(2):
@@ -187,8 +203,10 @@ def test_a_user_api_key_secret_is_referenced_not_generated(meta: PipelineMeta, s
     cluster = Cluster(meta, {**spec, "serving": {"apiKeySecretRef": {"name": "team-key"}}})
     _to_serving(cluster)
     assert created(cluster, "Secret") == [] and cluster.status["chatApiKeySecret"] == "team-key"
-    env = {e["name"]: e for e in cluster.bodies[("Deployment", "tiny-chat")]["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}
+    env = {
+        e["name"]: e
+        for e in cluster.bodies[("Deployment", "tiny-chat")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["KUBERLHF_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "team-key", "key": "API_KEY"}
 
 
