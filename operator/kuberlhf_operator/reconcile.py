@@ -275,6 +275,9 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     for stage in STAGE_ORDER:
         out += _stage_events(stage.value, old, new)
     serving, served = ((new.get("stages") or {}).get(SERVING) or {}), ((old.get("stages") or {}).get(SERVING) or {})
+    auth_off, was_off = get_condition(new, "AuthDisabled"), get_condition(old, "AuthDisabled") or {}
+    if auth_off and auth_off.get("status") == "True" and was_off.get("status") != "True":
+        out.append(Event("Warning", "AuthDisabled", auth_off.get("message", "")))
     if serving.get("jobName") and not served.get("jobName"):
         out.append(Event("Normal", "ServingStarted", f"creating chat Deployment {serving['jobName']}"))
     if new.get("phase") == "Succeeded" and old.get("phase") != "Succeeded":
@@ -644,9 +647,6 @@ class _Run:
         if secret is None:
             self.status.pop("chatApiKeySecret", None)
             msg = "spec.serving.auth is false: the chat API and /metrics answer anyone who can reach the Service"
-            previous = get_condition(self.status, "AuthDisabled")
-            if previous is None or previous.get("status") != "True":
-                self.event("Warning", "AuthDisabled", msg)
             self.cond("AuthDisabled", True, "ServingAuthOff", msg)
         else:
             self.status["chatApiKeySecret"] = secret  # the Secret's name (key API_KEY), never its value
