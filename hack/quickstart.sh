@@ -2,7 +2,7 @@
 # The README's first command: install kuberlhf, run the tiny RLHF pipeline (SFT -> reward model -> PPO with EMA
 # and ptx) on this machine's CPU with an embedded S3 server, then chat with the result.
 #   bash hack/quickstart.sh              output in out/tiny (re-running resumes; KUBERLHF_FRESH=1 starts over)
-# No GPU, no cluster, no model hub needed. Takes about 5 minutes on 2 CPU cores.
+# No GPU, no cluster, no model hub needed. The run is ~7 minutes of CPU time (docs/local.md has the measurement).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${KUBERLHF_OUT:-out/tiny}

@@ -1,5 +1,6 @@
-"""The built-in model ``kuberlhf/tiny-opt``: the shipped tiny OPT config (2 layers, hidden 64, vocab 512)
-with random weights drawn from the stage seed, and the shipped byte-level BPE tokenizer. It lets the whole
+"""The built-in model ``kuberlhf/tiny-opt``: the shipped tiny OPT config (2 layers, hidden 64, vocab 768)
+with random weights drawn from the stage seed, and the shipped byte-level BPE tokenizer (trained on the built-in
+data by hack/make_tiny_assets.py). It lets the whole
 pipeline run on a CPU in minutes with no hub access."""
 
 from __future__ import annotations
