@@ -14,6 +14,8 @@ from kuberlhf_operator.observe import (
     JobState,
     Observed,
     PodsState,
+    classify_failure,
+    create_refusal,
     failure_detail,
     pod_failure,
     summarize_deployment,
@@ -48,9 +50,12 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
         st = stages_st.get(job.stage) or {}
         return st.get("phase") not in ("Failed", "Succeeded") and job.attempt >= int(st.get("attempts") or 0)
 
-    # Pods only of the current attempts' Jobs that still run (Pending vs Running) or failed (the failure text).
+    # Pods only of the current attempts' Jobs that still run (Pending vs Running) or failed (the failure text), and
+    # of the unfinished stages' earlier failed attempts (was each a disruption, which uses no attempt?).
     wanted = [j for j in jobs.values() if current(j) and not j.deleting and j.phase in ("Running", "Failed")]
-    by_job: dict[str, list[dict[str, Any]]] = {j.name: [] for j in wanted}
+    earlier = [j for j in jobs.values() if j.phase == "Failed" and not current(j)
+               and (stages_st.get(j.stage) or {}).get("phase") not in ("Failed", "Succeeded")]
+    by_job: dict[str, list[dict[str, Any]]] = {j.name: [] for j in wanted + earlier}
     if wanted:
         for pod in stage_pods(kube, meta):
             labels = pod["metadata"].get("labels") or {}
@@ -62,9 +67,15 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
                 by_job[name].append(pod)
     details: dict[str, str] = {}
     pods: dict[str, PodsState] = {}
+    kinds = {j.name: classify_failure(by_job[j.name]) for j in wanted + earlier if j.phase == "Failed"}
+    refusals: dict[str, str] = {}
     for job in wanted:
         if job.phase == "Running":
             pods[job.name] = summarize_pods(by_job[job.name])
+            if not by_job[job.name] and not job.suspended:
+                refusal = create_refusal(kube.list_events(meta.namespace, "Job", job.name, "FailedCreate"))
+                if refusal:
+                    refusals[job.name] = refusal
             continue
         logs = {}
         for pod in by_job[job.name]:
@@ -76,7 +87,7 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
         if text:
             details[job.name] = text
     return Observed(jobs=jobs, services=services, deployments=deployments, failure_details=details, pods=pods,
-                    network_policies=policies)
+                    network_policies=policies, failure_kinds=kinds, create_refusals=refusals)
 
 
 def stage_pods(kube: Kube, meta: PipelineMeta) -> list[dict[str, Any]]:

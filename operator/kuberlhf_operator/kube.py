@@ -31,6 +31,7 @@ API_VERSIONS = {
     "Secret": "v1",
     "NetworkPolicy": "networking.k8s.io/v1",
     "PodDisruptionBudget": "policy/v1",
+    "Event": "v1",
     "RLHFPipeline": f"{API_GROUP}/{API_VERSION}",
 }
 
@@ -98,6 +99,13 @@ class Kube:
 
     def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
         out = self.dynamic.get(self.resource(kind), namespace=namespace, label_selector=selector, serialize=False,
+                               _request_timeout=self.timeout)
+        return list(_plain(out).get("items") or [])
+
+    def list_events(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
+        """core/v1 Events about one object with this reason (the server filters by field selector)."""
+        out = self.dynamic.get(self.resource("Event"), namespace=namespace, serialize=False,
+                               field_selector=f"involvedObject.kind={kind},involvedObject.name={name},reason={reason}",
                                _request_timeout=self.timeout)
         return list(_plain(out).get("items") or [])
 

@@ -20,6 +20,7 @@ from kuberlhf.contract.stage import (
     ENV_NODE_RANK,
     ENV_S3_ACCESS_KEY,
     ENV_S3_SECRET_KEY,
+    EXIT_USER_ERROR,
     StageLayout,
     num_nodes,
     stage_command,
@@ -238,6 +239,20 @@ def build_stage_service(owner: Owner, stage: Stage | str, attempt: int) -> dict[
     }
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """The stage's exit codes told to the Job controller (1.26+; older servers drop the field and the operator
+    classifies the failed pods itself, observe.classify_failure): a user-error exit fails the Job at once, and a
+    pod disrupted by the cluster (preemption, eviction, drain: the DisruptionTarget condition) is replaced within
+    the same Job without counting as a failure."""
+    # onPodConditions: [] on the exit-code rule: the published schema of 1.25-1.2x marks it required (the server
+    # itself only refuses a rule with both non-empty), so strict clients accept the Job on every version.
+    return {"rules": [
+        {"action": "FailJob", "onPodConditions": [],
+         "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
 def build_stage_job(
     pipeline: RLHFPipeline,
     owner: Owner,
@@ -296,6 +311,7 @@ def build_stage_job(
             "parallelism": nodes,
             # Retries are operator-managed attempts (new Job, resume from checkpoint), never pod restarts.
             "backoffLimit": 0,
+            "podFailurePolicy": pod_failure_policy(),
             "suspend": bool(suspend),
             "template": _pod_template(pipeline, labels, pod_spec, st.pod_template, home, hardened),
         },

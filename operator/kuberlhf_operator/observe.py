@@ -10,10 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kuberlhf.contract.pod import TRAINER_CONTAINER
-from kuberlhf.contract.stage import ENV_PIPELINE
+from kuberlhf.contract.stage import ENV_PIPELINE, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
 
 JobPhase = Literal["Running", "Succeeded", "Failed"]
+# Why a stage Job failed, from its failed pods (classify_failure): the user's configuration (never retried), a
+# disruption of the pod (preemption, eviction, drain: retried without using up an attempt), or anything else.
+FailureKind = Literal["user_error", "disruption", "failure"]
+# Pod status reasons of a kubelet that ended a pod for the node's sake, not the pod's (node-pressure eviction,
+# graceful node shutdown, preemption by a critical pod); servers before 1.26 set no DisruptionTarget condition.
+DISRUPTED_POD_REASONS = frozenset({"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated"})
 FAILURE_TAIL_LINES = 20
 FAILURE_TAIL_CHARS = 2000
 # Waiting reasons every pod passes through on its way to Running: shown in status, but not worth an Event.
@@ -75,6 +81,10 @@ class Observed:
     failure_details: dict[str, str] = field(default_factory=dict)
     pods: dict[str, PodsState] = field(default_factory=dict)
     network_policies: frozenset[str] = frozenset()
+    failure_kinds: dict[str, FailureKind] = field(default_factory=dict)  # failed Jobs -> classify_failure
+    # Jobs without pods -> why the Job controller cannot create them (its newest FailedCreate event: a quota, the
+    # namespace's Pod Security level, a missing ServiceAccount, an admission webhook), see create_refusal
+    create_refusals: dict[str, str] = field(default_factory=dict)
 
 
 def _cond(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
@@ -177,6 +187,17 @@ def summarize_pods(pods: list[dict[str, Any]]) -> PodsState:
     return PodsState(total=running + len(waits), running=running, reason=reason, message=message)
 
 
+def create_refusal(events: list[dict[str, Any]]) -> str | None:
+    """The API server's answer to the Job controller's newest failed pod creation (the message of its newest
+    ``FailedCreate`` Event on the Job, e.g. 'Error creating: pods "x" is forbidden: exceeded quota: ...'); None
+    when there is none."""
+    failed = [e for e in events if e.get("reason") == "FailedCreate" and e.get("message")]
+    if not failed:
+        return None
+    newest = max(failed, key=lambda e: (e.get("lastTimestamp") or e.get("eventTime") or "", int(e.get("count") or 1)))
+    return str(newest["message"])
+
+
 def summarize_deployment(dep: dict[str, Any]) -> DeploymentState:
     meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
     replicas = spec.get("replicas")
@@ -215,6 +236,36 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str | None, bool]:
     if message:
         return f"{head}:\n{tail(message)}", False
     return head, True
+
+
+def _trainer_exit_code(pod: dict[str, Any]) -> int | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == TRAINER_CONTAINER:
+            term = (cs.get("state") or {}).get("terminated")
+            return int(term.get("exitCode") or 0) if term else None
+    return None
+
+
+def disrupted(pod: dict[str, Any]) -> bool:
+    """The pod was stopped for the cluster's sake: a DisruptionTarget condition (1.26+: preemption, eviction, node
+    drain or shutdown), a kubelet's eviction/shutdown reason, or the stage's own SIGTERM exit (it committed a
+    checkpoint: EXIT_INTERRUPTED), which on older servers is the only sign of a preemption."""
+    status = pod.get("status") or {}
+    if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or []):
+        return True
+    return status.get("reason") in DISRUPTED_POD_REASONS or _trainer_exit_code(pod) == EXIT_INTERRUPTED
+
+
+def classify_failure(pods: list[dict[str, Any]]) -> FailureKind:
+    """Why the pods of a failed Job failed: ``user_error`` if a trainer exited with the user-error code (retrying
+    cannot help), else ``disruption`` if every failed pod was disrupted (a rank the Job controller stopped after
+    another rank failed is not the cause), else ``failure``."""
+    failed = [p for p in pods if pod_failure(p)[0] is not None]
+    if any(_trainer_exit_code(p) == EXIT_USER_ERROR for p in failed):
+        return "user_error"
+    if failed and all(disrupted(p) for p in failed):
+        return "disruption"
+    return "failure"
 
 
 def failure_detail(pods: list[dict[str, Any]], logs: dict[str, str] | None = None) -> str | None:

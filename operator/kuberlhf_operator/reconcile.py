@@ -45,7 +45,7 @@ from kuberlhf.contract.spec import (
     parse_spec,
     written_spec,
 )
-from kuberlhf.contract.stage import StageLayout
+from kuberlhf.contract.stage import EXIT_USER_ERROR, StageLayout
 from kuberlhf_operator.manifests import (
     QUEUE_NAME_LABEL,
     Owner,
@@ -71,6 +71,8 @@ DONE = "done"
 CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded"}
 STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO"}
 REASON_INVALID_SPEC = "InvalidSpec"
+REASON_CONFIG_ERROR = "ConfigError"  # a stage exited with the user-error code
+REASON_CREATE_REFUSED = "CreateRefused"  # the API server refused a child for a reason that may pass (a quota)
 REQUEUE_SECONDS = 10.0
 _SAME_WAITING = {"ErrImagePull": "ImagePullBackOff"}
 
@@ -217,7 +219,7 @@ def get_condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
 # --- events: derived once, from the old and the new status ----------------------------------------------------
 
 # Top-level reasons a Pending pipeline can carry that are not a pod's waiting reason worth an Event.
-_NOT_A_WAIT = frozenset({"StageStarted", "StageRetrying", "Resumed", "SpecValid", "PodsPending", "StageRunning",
+_NOT_A_WAIT = frozenset({"StageStarted", "StageRetrying", "StageDisrupted", "Resumed", "SpecValid", "PodsPending", "StageRunning",
                          "Suspended", "WaitingForQuota", REASON_INVALID_SPEC}) | ROUTINE_WAITING
 
 
@@ -229,14 +231,19 @@ def _stage_events(stage: str, old: dict[str, Any], new: dict[str, Any]) -> list[
         out.append(Event("Normal", "Resumed", f"spec.suspend is false: stage {stage} resumes"))
     before, after = int(o.get("attempts") or 0), int(n.get("attempts") or 0)
     if after > before:
-        created = (new["message"] if here and new.get("reason") in ("StageStarted", "StageRetrying")
+        created = (new["message"] if here and new.get("reason") in ("StageStarted", "StageRetrying", "StageDisrupted")
                    else f"stage {stage} attempt {after}: created Job {n.get('jobName')}")  # adopted, not created
         if after == 1:
             out.append(Event("Normal", "StageStarted", created))
         else:
             why = f": {n['message']}" if n.get("message") else ""
-            out.append(Event("Warning", "StageRetrying", f"stage {stage} attempt {after - 1} failed{why}; retrying, "
-                                                         f"{created} (resumes from the newest checkpoint)"))
+            # a disruption (preemption, eviction, drain) is retried without using up an attempt
+            disrupted = int(n.get("disruptions") or 0) > int(o.get("disruptions") or 0)
+            what = ("was disrupted (preemption, eviction or drain; not counted against backoffLimit)" if disrupted
+                    else "failed")
+            out.append(Event("Warning", "StageDisrupted" if disrupted else "StageRetrying",
+                             f"stage {stage} attempt {after - 1} {what}{why}; retrying, {created} (resumes from the "
+                             "newest checkpoint)"))
     phase, reason = new.get("phase"), new.get("reason")
     if here and phase == "Suspended" and old.get("phase") != "Suspended":
         out.append(Event("Normal", "Suspended", new.get("message", "")))
@@ -264,10 +271,11 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     Deriving them here, not where the state changes, keeps "only on a transition" in one place, and makes a
     decision redone after a lost status write (which only adopts the children it finds) tell the same story."""
     out: list[Event] = []
-    if new.get("reason") == REASON_INVALID_SPEC:
-        if (old.get("reason"), old.get("message")) != (REASON_INVALID_SPEC, new.get("message")):
-            out.append(Event("Warning", REASON_INVALID_SPEC, new.get("message", "")))
-        return out
+    for reason in (REASON_INVALID_SPEC, REASON_CREATE_REFUSED):
+        if new.get("reason") == reason:
+            if (old.get("reason"), old.get("message")) != (reason, new.get("message")):
+                out.append(Event("Warning", reason, new.get("message", "")))
+            return out
     ignored, was = get_condition(new, "SpecChangeIgnored"), get_condition(old, "SpecChangeIgnored") or {}
     if ignored and ignored.get("status") == "True" and (was.get("status"), was.get("message")) != (
             "True", ignored.get("message")):
@@ -473,6 +481,11 @@ class _Run:
             s.update(attempts=attempt, jobName=job_name(self.meta.name, stage, attempt), phase="Running")
             s.setdefault("startTime", timestamp(self.now))
         st["attempts"] = attempt
+        # Counted from the failed Jobs themselves (observe.classify_failure), so a lost status write loses nothing.
+        disruptions = sum(1 for j in jobs
+                          if j.attempt < attempt and self.observed.failure_kinds.get(j.name) == "disruption")
+        if disruptions > int(s.get("disruptions") or 0):
+            s["disruptions"] = disruptions
         job = self.observed.jobs.get(s["jobName"])
         if job is None or job.deleting:
             self.job_missing(stage, pipeline, attempt, job, suspended)
@@ -484,14 +497,19 @@ class _Run:
         elif job.phase == "Failed":
             detail = self.observed.failure_details.get(job.name)
             msg = f"Job {job.name} failed ({job.failure or 'Failed'})" + (f": {detail}" if detail else "")
-            self.attempt_failed(stage, pipeline, attempt, msg)
+            kind = self.observed.failure_kinds.get(job.name, "failure")
+            if kind == "user_error":
+                self.config_error(stage, attempt, msg)
+            else:
+                self.attempt_failed(stage, pipeline, attempt, msg, disrupted=kind == "disruption")
         else:
             self.job_running(stage, job, suspended)
 
     def start_attempt(self, stage: str, pipeline: RLHFPipeline, attempt: int, reason: str) -> None:
         s = self.status["stages"][stage]
         name = job_name(self.meta.name, stage, attempt)
-        limit = pipeline.spec.stages.get(stage).backoff_limit + 1
+        # a disruption uses no attempt: the budget grows by each
+        limit = pipeline.spec.stages.get(stage).backoff_limit + 1 + int(s.get("disruptions") or 0)
         # Pending (API conventions) until one of the Job's pods runs: job_running moves it on.
         s.update(phase="Pending", attempts=attempt, jobName=name)
         self.status.update(phase="Pending", stage=stage, attempts=attempt, reason=reason,
@@ -577,13 +595,23 @@ class _Run:
         if queued:
             self.job_queued(stage, job)
             return
-        if pods.total == 0:
+        refusal = self.observed.create_refusals.get(job.name) if pods.total == 0 else None
+        if refusal:
+            # The Job controller keeps trying (a quota may free up, a namespace label or ServiceAccount may be fixed);
+            # the operator makes no new attempt, it says why nothing runs.
+            reason = "FailedCreate"
+            msg = f"stage {stage}: the Job controller cannot create the pods of Job {job.name}: {refusal}"
+            self.cond("Ready", False, reason, msg)
+            self.requeue = REQUEUE_SECONDS  # the Job object does not change: look again for the fix
+        elif pods.total == 0:
             reason, msg = "PodsPending", f"stage {stage}: Job {job.name} is waiting for its pods to be created"
+            self.requeue = REQUEUE_SECONDS  # a refusal shows only in the Job controller's Events
         else:
             # A kubelet flips between ErrImagePull and ImagePullBackOff: one reason, so one Event.
             reason = _SAME_WAITING.get(pods.reason or "", pods.reason or "PodsPending")
             msg = f"stage {stage}: Job {job.name} is waiting for its pods to run: {pods.message}"
-        if pods.total or self.status.get("reason") not in ("StageStarted", "StageRetrying", "Resumed"):
+        if pods.total or refusal or self.status.get("reason") not in ("StageStarted", "StageRetrying",
+                                                                       "StageDisrupted", "Resumed"):
             # Until pods exist, keep the message of the transition that created the Job.
             self.status.update(reason=reason, message=msg)
         s["phase"] = "Pending"
@@ -626,14 +654,23 @@ class _Run:
         else:
             self.drive_serving()
 
-    def attempt_failed(self, stage: str, pipeline: RLHFPipeline, attempt: int, msg: str) -> None:
+    def attempt_failed(self, stage: str, pipeline: RLHFPipeline, attempt: int, msg: str,
+                       disrupted: bool = False) -> None:
+        """A failed attempt: retried while the failures (attempts less disruptions) stay within backoffLimit; a
+        disruption (preemption, eviction, drain) is always retried and does not count."""
         s = self.status["stages"][stage]
         limit = pipeline.spec.stages.get(stage).backoff_limit
         s["message"] = msg
-        if attempt <= limit:
+        if disrupted:
+            s["disruptions"] = int(s.get("disruptions") or 0) + 1
+            self.start_attempt(stage, pipeline, attempt + 1, reason="StageDisrupted")
+            return
+        disruptions = int(s.get("disruptions") or 0)
+        if attempt - disruptions <= limit:
             self.start_attempt(stage, pipeline, attempt + 1, reason="StageRetrying")
             return
-        text = f"stage {stage} failed after {attempt} attempt(s) (backoffLimit {limit}): {msg}"
+        text = (f"stage {stage} failed after {attempt} attempt(s) (backoffLimit {limit}"
+                + (f"; {disruptions} disrupted attempt(s) not counted" if disruptions else "") + f"): {msg}")
         s["phase"] = "Failed"
         self.status.update(phase="Failed", stage=stage, reason="BackoffLimitExceeded", message=text)
         self.cond("Failed", True, "BackoffLimitExceeded", text)
@@ -659,6 +696,17 @@ class _Run:
         if sv.replicas > 1:
             self.create_once(s, build_chat_disruption_budget(pipeline, self.owner,
                                                              api_version=self.config.pdb_api_version))
+
+    def config_error(self, stage: str, attempt: int, msg: str) -> None:
+        """The stage exited with the user-error code (EXIT_USER_ERROR): its configuration is wrong, so the pipeline
+        fails at once with the stage's own message (it names the field); no attempt is retried."""
+        s = self.status["stages"][stage]
+        text = (f"stage {stage} attempt {attempt} stopped on a configuration error (exit code {EXIT_USER_ERROR}, not "
+                f"retried; fix it and re-create the pipeline): {msg}")
+        s.update(phase="Failed", message=msg)
+        self.status.update(phase="Failed", stage=stage, reason=REASON_CONFIG_ERROR, message=text)
+        self.cond("Failed", True, REASON_CONFIG_ERROR, text)
+        self.cond("Ready", False, "StageFailed", f"stage {stage} failed")
 
     def drive_serving(self) -> None:
         st = self.status

@@ -16,7 +16,7 @@ NAMESPACED: dict[tuple[str, str], set[str]] = {
     ("apps", "deployments"): {"create", "list", "watch"},
     ("", "pods"): {"list", "watch"},
     ("", "pods/log"): {"get"},
-    ("", "events"): {"create"},  # the operator's and kopf's core/v1 Events
+    ("", "events"): {"create", "list"},  # the operator's and kopf's Events; list: the Job controller's FailedCreate
     ("", "secrets"): {"get", "create"},  # get: spec.storage.secretRef's keys; create: the chat's API-key Secret
     ("networking.k8s.io", "networkpolicies"): {"create", "list"},  # per stage attempt and chat
     ("policy", "poddisruptionbudgets"): {"create"},  # the chat's, with replicas > 1

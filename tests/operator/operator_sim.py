@@ -27,6 +27,8 @@ class Cluster:
         self.network_policies: set[str] = set()
         self.deployments: dict[str, DeploymentState] = {}
         self.failure_details: dict[str, str] = {}
+        self.failure_kinds: dict[str, str] = {}  # by Job name: user_error | disruption | failure (default)
+        self.create_refusals: dict[str, str] = {}  # by Job name: the Job controller's FailedCreate message
         self.pods: dict[str, PodsState] = {}  # by Job name; tests set them (no kubelet here)
         self.created: list[tuple[str, str]] = []
         self.bodies: dict[tuple[str, str], dict[str, Any]] = {}
@@ -36,7 +38,8 @@ class Cluster:
     def observed(self) -> Observed:
         return Observed(jobs=dict(self.jobs), services=frozenset(self.services), deployments=dict(self.deployments),
                         failure_details=dict(self.failure_details), pods=dict(self.pods),
-                        network_policies=frozenset(self.network_policies))
+                        network_policies=frozenset(self.network_policies),
+                        failure_kinds=dict(self.failure_kinds), create_refusals=dict(self.create_refusals))
 
     def decide(self, probes: dict[str, ProbeResult] | None = None, generation: int | None = None) -> Decision:
         meta = replace(self.meta, generation=generation or self.meta.generation)
@@ -103,6 +106,12 @@ class FakeKube:
         want = dict(part.split("=", 1) for part in selector.split(",")) if selector else {}
         return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace
                 and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in want.items())]
+
+    def list_events(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
+        self.calls.append(("list", "Event"))
+        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == "Event" and ns == namespace
+                and o.get("involvedObject", {}).get("kind") == kind and o["involvedObject"].get("name") == name
+                and o.get("reason") == reason]
 
 
 def secret(namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:

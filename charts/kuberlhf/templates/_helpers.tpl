@@ -65,8 +65,10 @@ app.kubernetes.io/component: operator
 RBAC rules the operator needs in every namespace it watches: exactly the verbs kuberlhf_operator and kopf use.
 kopf lists/watches pipelines, Jobs, Pods and Deployments and patches its annotations onto pipelines; the operator
 reads a pipeline (get), writes its status (patch), creates Jobs/Services/Deployments, lists what it owns, patches
-a Job's suspend, deletes superseded Jobs, reads failed pods' logs, posts core/v1 Events (kopf too) and reads the
-Secret named in spec.storage.secretRef (pods read the keys themselves). Nothing is updated, nothing else deleted.
+a Job's suspend, deletes superseded Jobs, reads failed pods' logs, posts core/v1 Events (kopf too), lists the
+Events of a Job that has no pods (the Job controller's FailedCreate: why the API server refuses its pods) and reads
+the Secret named in spec.storage.secretRef (pods read the keys themselves). Nothing is updated, nothing else
+deleted.
 */}}
 {{- define "kuberlhf.namespacedRules" -}}
 - apiGroups: [kuberlhf.io]
@@ -97,7 +99,7 @@ Secret named in spec.storage.secretRef (pods read the keys themselves). Nothing 
   verbs: [get]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 # get: the keys a pipeline's spec.storage.secretRef names; create: the chat's generated API-key Secret (never
 # list, update or delete: the operator cannot read or change other Secrets wholesale)
 - apiGroups: [""]

@@ -1,0 +1,154 @@
+"""Honest retries and visible refusals in the pure reconcile: a stage's user-error exit fails the pipeline at once, a
+disrupted pod (preemption, eviction, drain) is retried without using up backoffLimit, the Job carries the same rules
+as a podFailurePolicy for servers that have it, and a Job whose pods the API server refuses says why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from operator_sim import Cluster, FakeKube
+
+from kuberlhf.contract.stage import EXIT_INTERRUPTED, EXIT_STORAGE_UNAVAILABLE, EXIT_USER_ERROR
+from kuberlhf_operator.cluster import gather
+from kuberlhf_operator.observe import classify_failure, create_refusal
+from kuberlhf_operator.reconcile import PipelineMeta
+
+
+def pod(name: str, exit_code: int | None, *, conditions: list[dict[str, Any]] | None = None, reason: str | None = None,
+        container: str = "trainer", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Failed" if exit_code else "Running", "conditions": conditions or []}
+    if reason:
+        status["reason"] = reason
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": container, "state": {"terminated": {"exitCode": exit_code,
+                                                                                   "reason": "Error"}}}]
+    return {"kind": "Pod", "metadata": {"name": name, "namespace": "team", "labels": labels or {}},
+            "status": status}
+
+
+DISRUPTION = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
+
+
+def test_failed_pods_are_classified_by_whose_fault() -> None:
+    assert classify_failure([pod("a", EXIT_USER_ERROR)]) == "user_error"
+    # a user error on one rank decides even when another rank was stopped by SIGTERM afterwards
+    assert classify_failure([pod("a", EXIT_INTERRUPTED), pod("b", EXIT_USER_ERROR)]) == "user_error"
+    assert classify_failure([pod("a", 137, conditions=DISRUPTION)]) == "disruption"
+    assert classify_failure([pod("a", 137, reason="Evicted")]) == "disruption"
+    assert classify_failure([pod("a", EXIT_INTERRUPTED)]) == "disruption"  # SIGTERM after a checkpoint (1.20: no
+    # DisruptionTarget condition exists there)
+    assert classify_failure([pod("a", 1), pod("b", EXIT_INTERRUPTED)]) == "failure"  # rank b was stopped for a's crash
+    assert classify_failure([pod("a", EXIT_STORAGE_UNAVAILABLE)]) == "failure"  # transient store outage: retried
+    assert classify_failure([pod("a", 137)]) == "failure"  # OOM-killed
+    assert classify_failure([]) == "failure"
+    assert classify_failure([pod("a", EXIT_USER_ERROR, container="sidecar")]) == "failure"  # not the stage's code
+
+
+def test_a_user_error_exit_fails_the_pipeline_at_once(cluster: Cluster) -> None:
+    cluster.step()
+    assert cluster.spec["stages"]["sft"]["backoffLimit"] == 1
+    cluster.finish("tiny-sft-1", "Failed", failure="BackoffLimitExceeded")
+    cluster.failure_details["tiny-sft-1"] = ("pod tiny-sft-1-0 container trainer exited with code 78 (Error):\n"
+                                             "error: spec.data.datasets[0]: line 2 is not valid JSON")
+    cluster.failure_kinds["tiny-sft-1"] = "user_error"
+    d = cluster.step()
+    st = cluster.status
+    assert d.actions == []  # no second attempt
+    assert (st["phase"], st["reason"], st["stages"]["sft"]["phase"]) == ("Failed", "ConfigError", "Failed")
+    assert "line 2 is not valid JSON" in st["message"] and "not retried" in st["message"]
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "StageFailed")] and "exit code 78" in d.events[0].message
+    assert cluster.step().actions == [] and cluster.status["phase"] == "Failed"  # terminal
+
+
+def test_a_disruption_is_retried_without_using_an_attempt(cluster: Cluster) -> None:
+    cluster.spec["stages"]["sft"]["backoffLimit"] = 0
+    cluster.step()
+    for attempt in (1, 2):  # two preemptions in a row, backoffLimit 0: both retried
+        job = f"tiny-sft-{attempt}"
+        cluster.finish(job, "Failed", failure="BackoffLimitExceeded")
+        cluster.failure_kinds[job] = "disruption"
+        d = cluster.step()
+        assert ("create", "Job", f"tiny-sft-{attempt + 1}") in [(a.verb, a.kind, a.name) for a in d.actions]
+        assert [(e.type, e.reason) for e in d.events] == [("Warning", "StageDisrupted")]
+        assert f"attempt {attempt + 1}/{attempt + 1}" in d.events[0].message  # the budget grew by the disruption
+        assert cluster.status["stages"]["sft"]["disruptions"] == attempt and cluster.status["phase"] == "Pending"
+    # a real failure now uses the one attempt backoffLimit 0 allows: the pipeline fails
+    cluster.finish("tiny-sft-3", "Failed", failure="BackoffLimitExceeded")
+    d = cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["reason"]) == ("Failed", "BackoffLimitExceeded"), st
+    assert "2 disrupted attempt(s) not counted" in st["message"]
+
+
+def test_the_disruption_count_survives_a_lost_status_write(cluster: Cluster) -> None:
+    """The count comes from the failed Jobs themselves: a status that forgot it (a write that lost a conflict,
+    an operator restart mid-decision) still does not charge the disruption to backoffLimit."""
+    cluster.spec["stages"]["sft"]["backoffLimit"] = 0
+    cluster.step()
+    cluster.finish("tiny-sft-1", "Failed")
+    cluster.failure_kinds["tiny-sft-1"] = "disruption"
+    cluster.step()
+    cluster.status["stages"]["sft"].pop("disruptions")
+    cluster.finish("tiny-sft-2", "Failed")
+    d = cluster.step()
+    assert cluster.status["phase"] == "Failed" and d.actions == []  # attempt 2 was the one allowed failure
+    assert "1 disrupted attempt(s) not counted" in cluster.status["message"]
+
+
+def test_the_job_tells_the_job_controller_the_same_rules(cluster: Cluster) -> None:
+    cluster.step()
+    job = cluster.bodies[("Job", "tiny-sft-1")]
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"] == {
+        "containerName": "trainer", "operator": "In", "values": [EXIT_USER_ERROR]}
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_a_job_whose_pods_are_refused_says_why(cluster: Cluster) -> None:
+    cluster.step()
+    cluster.create_refusals["tiny-sft-1"] = ('Error creating: pods "tiny-sft-1-0-x" is forbidden: exceeded quota: '
+                                             "team-quota, requested: pods=1, used: pods=4, limited: pods=4")
+    d = cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["reason"]) == ("Pending", "FailedCreate"), st
+    assert "exceeded quota: team-quota" in st["message"] and "tiny-sft-1" in st["message"]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "FailedCreate") and "exceeded quota" in ready["message"]
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "FailedCreate")]
+    assert d.actions == [] and d.requeue_after  # no new attempt; look again soon (the Job does not change)
+    assert cluster.step().events == []  # one Event per episode
+    del cluster.create_refusals["tiny-sft-1"]
+    cluster.run_pods("tiny-sft-1")
+    cluster.step()
+    assert cluster.status["phase"] == "Running"
+
+
+def test_gather_reads_the_job_controllers_refusal_and_classifies_failed_jobs() -> None:
+    meta = PipelineMeta(name="tiny", namespace="team", uid="u1")
+    owner = [{"uid": "u1"}]
+
+    def job(name: str, attempt: int, failed: bool) -> dict[str, Any]:
+        return {"kind": "Job", "metadata": {"name": name, "namespace": "team", "ownerReferences": owner, "labels": {
+            "kuberlhf.io/pipeline": "tiny", "kuberlhf.io/stage": "sft", "kuberlhf.io/attempt": str(attempt)}},
+            "spec": {"completions": 1, "backoffLimit": 0},
+            "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]} if failed else {}}
+
+    def event(message: str, at: str) -> dict[str, Any]:
+        return {"kind": "Event", "metadata": {"name": f"e-{at}", "namespace": "team"}, "reason": "FailedCreate",
+                "involvedObject": {"kind": "Job", "name": "tiny-sft-2"}, "message": message, "lastTimestamp": at}
+
+    labels = {"kuberlhf.io/pipeline": "tiny", "kuberlhf.io/component": "stage", "kuberlhf.io/stage": "sft",
+              "kuberlhf.io/attempt": "1"}
+    kube = FakeKube(job("tiny-sft-1", 1, True), job("tiny-sft-2", 2, False),
+                    pod("tiny-sft-1-0", 137, conditions=DISRUPTION, labels=labels),
+                    event("old refusal", "2025-01-01T10:00:00Z"), event("pods is forbidden: exceeded quota: q",
+                                                                        "2025-01-01T11:00:00Z"))
+    observed = gather(kube, meta, {"stages": {"sft": {"phase": "Pending", "attempts": 2}}})
+    assert observed.failure_kinds == {"tiny-sft-1": "disruption"}  # an earlier attempt, still counted
+    assert observed.create_refusals == {"tiny-sft-2": "pods is forbidden: exceeded quota: q"}  # the newest
+
+
+def test_create_refusal_ignores_other_events() -> None:
+    assert create_refusal([]) is None
+    assert create_refusal([{"reason": "SuccessfulCreate", "message": "Created pod: x"}]) is None
