@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -51,10 +52,12 @@ from kuberlhf_operator.reconcile import (
     Decision,
     OperatorConfig,
     PipelineMeta,
+    child_refused,
     reconcile,
 )
 from kuberlhf_operator.storage_probe import probe
 from kuberlhf_operator.writes import (
+    ActionFailed,
     EmitEvent,
     apply_actions,
     emit_events,
@@ -67,6 +70,24 @@ STATUS_CONFLICT_RETRIES = 4
 JOB_SUSPEND_SINCE = (1, 22)
 PDB_V1_SINCE = (1, 21)
 Key = tuple[str, str]
+
+
+# A create the API server answers with one of these is about the object: bad request (it does not decode, e.g. a
+# bad quantity), forbidden (admission, quota, RBAC), invalid, too many requests (reconcile.child_refused sorts them).
+REFUSED_CODES = (400, 403, 422, 429)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _error_message(e: ApiException) -> str:
+    """The API server's Status message (it names the field), else the raw body."""
+    body = e.body if isinstance(e.body, str) else (e.body or b"").decode("utf-8", "replace")
+    try:
+        return str(json.loads(body).get("message") or body)
+    except (ValueError, AttributeError):
+        return body or str(e.reason)
 
 
 def terminal(status: dict[str, Any]) -> bool:
@@ -171,9 +192,14 @@ class Operator:
                 spec, status = body.get("spec") or {}, body.get("status") or {}
                 observed = gather(self.kube, meta, status)
                 probes = probe(self.kube, self.stores, meta, spec, status, observed)
-                decision = reconcile(meta, spec, status, observed, now or datetime.now(timezone.utc), probes,
-                                     self.config)
-                apply_actions(self.kube, namespace, decision)
+                decision = reconcile(meta, spec, status, observed, now or _now(), probes, self.config)
+                try:
+                    apply_actions(self.kube, namespace, decision)
+                except ActionFailed as failed:
+                    if failed.action.verb != "create" or failed.error.status not in REFUSED_CODES:
+                        raise failed.error from None  # not about the object: retried (guarded)
+                    decision = child_refused(meta, status, failed.action, failed.error.status,
+                                             _error_message(failed.error), now or _now())
                 if decision.status != status:
                     try:
                         write_status(self.kube, body, decision.status)

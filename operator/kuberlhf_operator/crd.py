@@ -140,6 +140,8 @@ def _stage_status_schema() -> dict[str, Any]:
             "phase": {"type": "string", "enum": STAGE_PHASES},
             "jobName": {"type": "string", "description": "Job of the current attempt."},
             "attempts": {"type": "integer", "minimum": 0, "description": "Attempts started so far."},
+            "disruptions": {"type": "integer", "minimum": 0, "description": "Attempts a disruption ended "
+                            "(preemption, eviction, drain); they do not count against backoffLimit."},
             "startTime": {"type": "string", "format": "date-time"},
             "completionTime": {"type": "string", "format": "date-time"},
             "checkpoint": {"type": "string", "description": "URI of the stage's committed output."},
@@ -179,6 +181,9 @@ def status_schema() -> dict[str, Any]:
             "message": {"type": "string"},
             "attempts": {"type": "integer", "minimum": 0, "description": "Attempts of the current stage."},
             "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+            "refusedGeneration": {"type": "integer", "format": "int64", "minimum": 0, "description": "The "
+                                  "generation whose child objects the API server refused (InvalidSpec): they are "
+                                  "not sent again until the spec changes."},
             "chatEndpoint": {"type": "string"},
             "chatApiKeySecret": {"type": "string", "description": "Secret holding the chat's API key (key API_KEY): "
                                  "spec.serving.apiKeySecretRef, or the one the operator generated."},

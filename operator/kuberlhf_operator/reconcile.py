@@ -46,6 +46,7 @@ from kuberlhf.contract.spec import (
     written_spec,
 )
 from kuberlhf.contract.stage import EXIT_USER_ERROR, StageLayout
+from kuberlhf_operator import LABEL_STAGE
 from kuberlhf_operator.manifests import (
     QUEUE_NAME_LABEL,
     Owner,
@@ -440,6 +441,7 @@ class _Run:
         st = self.status
         st["observedGeneration"] = self.meta.generation
         if st.get("reason") == REASON_INVALID_SPEC:
+            st.pop("refusedGeneration", None)
             st.update(phase="Pending", reason="SpecValid", message="the spec validates now")
             self.cond("Failed", False, "SpecValid", "the spec validates")
         st.setdefault("phase", "Pending")
@@ -768,11 +770,42 @@ def reconcile(
     refused = pod_policy_problem(meta.namespace, resolved.spec, run.config)
     if refused:
         return run.invalid(refused)
+    if run.status.get("reason") == REASON_INVALID_SPEC and run.status.get("refusedGeneration") == meta.generation:
+        return run.invalid(run.status.get("message") or "")  # the API server refused this spec's children
     snap = Snapshot(meta, resolved, written_spec(spec), observed.jobs)
     moved = snap.storage_problem(status or {})
     if moved:  # what a current API server refuses on write (the CRD's transition rule), refused the same way
         return run.invalid(moved)
     return run.run(snap)
+
+
+def refusal_is_config_error(code: int, message: str) -> bool:
+    """Whether the API server's refusal of a child object is the spec's fault, so no retry can help: a 400 (the
+    object does not decode, e.g. a bad quantity), a 422 (it does not validate) or an admission webhook's denial. A
+    quota (403 'exceeded quota'), the operator's own RBAC (403) or a throttle (429) can change without a spec
+    change."""
+    return code in (400, 422) or (code == 403 and "denied the request" in message)
+
+
+def child_refused(meta: PipelineMeta, status: dict[str, Any] | None, action: Action, code: int, message: str,
+                  now: datetime) -> Decision:
+    """The decision when the API server refused a child a decision created (``status`` is the status before that
+    decision, so a stage whose Job was refused did not start). A spec error is ``InvalidSpec`` naming the object, the
+    API server's field and the spec fields it was built from, and is not sent again until the spec changes; a
+    refusal that can pass by itself keeps the phase, says why and looks again soon."""
+    run = _Run(meta, status or {}, Observed(), now, {}, OperatorConfig())
+    stage = ((action.body.get("metadata") or {}).get("labels") or {}).get(LABEL_STAGE)
+    source = f"spec.stages.{stage}" if stage else "spec.serving"
+    text = (f"the API server refused {action.kind} {action.name} (HTTP {code}): {message.strip()} -- it is built "
+            f"from {source} (resources, env, podTemplate), spec.podTemplate and spec.shmSize")
+    if refusal_is_config_error(code, message):
+        decision = run.invalid(text)
+        decision.status["refusedGeneration"] = meta.generation
+        return decision
+    run.status.update(reason=REASON_CREATE_REFUSED, message=text)  # its Event: transition_events
+    run.status.setdefault("phase", "Pending")
+    run.requeue = 30.0
+    return run.decision()
 
 
 def stages_to_probe(status: dict[str, Any] | None, observed: Observed) -> list[str]:

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from kuberlhf_operator.kube import Kube
 from kuberlhf_operator.manifests import GENERATED_KEYS_ANNOTATION
-from kuberlhf_operator.reconcile import Decision, Event
+from kuberlhf_operator.reconcile import Action, Decision, Event
 
 log = logging.getLogger("kuberlhf.operator")
 EmitEvent = Callable[[dict[str, Any], Event], None]
@@ -28,17 +29,32 @@ def with_generated_values(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "stringData": {k.strip(): secrets.token_urlsafe(32) for k in keys.split(",") if k.strip()}}
 
 
+class ActionFailed(Exception):
+    """The API server answered one of a decision's actions with an error (``error``)."""
+
+    def __init__(self, action: Action, error: ApiException) -> None:
+        super().__init__(f"{action.verb} {action.kind} {action.name}: {error.status} {error.reason}")
+        self.action, self.error = action, error
+
+
 def apply_actions(kube: Kube, namespace: str, decision: Decision) -> None:
     for action in decision.actions:
-        if action.verb == "create":
-            if kube.create(action.kind, namespace, with_generated_values(action.body)):
-                log.info("created %s %s/%s", action.kind, namespace, action.name)
-        elif action.verb == "patch":
-            kube.patch(action.kind, namespace, action.name, action.body)
-            log.info("patched %s %s/%s: %s", action.kind, namespace, action.name, action.body)
-        elif action.verb == "delete":
-            kube.delete(action.kind, namespace, action.name)
-            log.info("deleted %s %s/%s", action.kind, namespace, action.name)
+        try:
+            _apply(kube, namespace, action)
+        except ApiException as e:
+            raise ActionFailed(action, e) from e
+
+
+def _apply(kube: Kube, namespace: str, action: Action) -> None:
+    if action.verb == "create":
+        if kube.create(action.kind, namespace, with_generated_values(action.body)):
+            log.info("created %s %s/%s", action.kind, namespace, action.name)
+    elif action.verb == "patch":
+        kube.patch(action.kind, namespace, action.name, action.body)
+        log.info("patched %s %s/%s: %s", action.kind, namespace, action.name, action.body)
+    elif action.verb == "delete":
+        kube.delete(action.kind, namespace, action.name)
+        log.info("deleted %s %s/%s", action.kind, namespace, action.name)
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -152,3 +152,90 @@ def test_gather_reads_the_job_controllers_refusal_and_classifies_failed_jobs() -
 def test_create_refusal_ignores_other_events() -> None:
     assert create_refusal([]) is None
     assert create_refusal([{"reason": "SuccessfulCreate", "message": "Created pod: x"}]) is None
+
+
+class RefusingKube(FakeKube):
+    """Takes the operator's writes; creating a Job is answered with ``code`` and a Status body like the API
+    server's."""
+
+    def __init__(self, *objects: dict[str, Any], code: int, message: str) -> None:
+        super().__init__(*objects)
+        self.code, self.message, self.created, self.job_posts = code, message, [], 0
+
+    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+        import json
+
+        from kubernetes.client.exceptions import ApiException
+
+        if kind == "Job":
+            self.job_posts += 1
+            e = ApiException(status=self.code, reason="Refused")
+            e.body = json.dumps({"kind": "Status", "code": self.code, "message": self.message,
+                                 "details": {"name": body["metadata"]["name"], "kind": "jobs"}})
+            raise e
+        self.created.append((kind, body["metadata"]["name"]))
+        return True
+
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
+        obj = self.objects[(kind, namespace, name)]
+        new = {**(obj.get("status") or {}), **body["status"]}
+        obj["status"] = {k: v for k, v in new.items() if v is not None}
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        return obj
+
+
+def _pipeline(spec: dict[str, Any], generation: int = 1) -> dict[str, Any]:
+    return {"kind": "RLHFPipeline", "metadata": {"name": "tiny", "namespace": "team", "uid": "u1",
+                                                 "generation": generation, "resourceVersion": "1"}, "spec": spec}
+
+
+INVALID = ('Job.batch "tiny-sft-1" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: '
+           '"2": must be less than or equal to cpu limit')
+
+
+def test_a_child_the_api_server_refuses_as_invalid_is_invalid_spec_and_not_sent_again(spec) -> None:
+    from kuberlhf_operator.controller import Operator
+
+    kube = RefusingKube(_pipeline(spec), code=422, message=INVALID)
+    events: list = []
+    op = Operator(kube, emit=lambda body, ev: events.append(ev))
+    op.reconcile_pipeline("team", "tiny")
+    st = kube.objects[("RLHFPipeline", "team", "tiny")]["status"]
+    assert (st["phase"], st["reason"], st["refusedGeneration"]) == ("Failed", "InvalidSpec", 1), st
+    assert "containers[0].resources.requests" in st["message"] and "spec.stages.sft" in st["message"]
+    assert "stages" not in st or not (st["stages"].get("sft") or {}).get("appliedSpec")  # the stage did not start
+    assert [(e.type, e.reason) for e in events] == [("Warning", "InvalidSpec")]
+    op.reconcile_pipeline("team", "tiny")  # the safety net's next look: nothing sent, nothing new
+    assert kube.job_posts == 1 and len(events) == 1
+    # a new generation (the user fixed something) is tried again
+    kube.objects[("RLHFPipeline", "team", "tiny")]["metadata"]["generation"] = 2
+    op.reconcile_pipeline("team", "tiny")
+    assert kube.job_posts == 2
+
+
+def test_a_quota_refusal_of_a_child_keeps_waiting_and_says_why(spec) -> None:
+    from kuberlhf_operator.controller import Operator
+
+    quota = 'jobs.batch "tiny-sft-1" is forbidden: exceeded quota: q, requested: count/jobs.batch=1'
+    kube = RefusingKube(_pipeline(spec), code=403, message=quota)
+    events: list = []
+    op = Operator(kube, emit=lambda body, ev: events.append(ev))
+    decision = op.reconcile_pipeline("team", "tiny")
+    st = kube.objects[("RLHFPipeline", "team", "tiny")]["status"]
+    assert (st["phase"], st["reason"]) == ("Pending", "CreateRefused") and "exceeded quota: q" in st["message"]
+    assert decision is not None and decision.requeue_after and "refusedGeneration" not in st
+    op.reconcile_pipeline("team", "tiny")
+    assert kube.job_posts == 2 and [e.reason for e in events] == ["CreateRefused"]  # retried, one Event
+
+
+def test_a_bad_quantity_is_invalid_spec_naming_the_field_before_any_child(cluster: Cluster) -> None:
+    """The API server would answer the Job with a 400 that names no field; the preflight names it first."""
+    cluster.spec["shmSize"] = "8 GB"
+    cluster.spec["stages"]["reward"]["resources"] = {"limits": {"memory": "lots", "cpu": 2}, "requests": {"cpu": "500m"}}
+    cluster.spec["serving"] = {"resources": {"requests": {"nvidia.com/gpu": 1, "memory": "1.5Gi"}}}
+    d = cluster.step()
+    st = cluster.status
+    assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec") and d.actions == []
+    assert "spec.shmSize: '8 GB' is not a Kubernetes quantity" in st["message"]
+    assert "spec.stages.reward.resources.limits.memory: 'lots'" in st["message"]
+    assert "cpu" not in st["message"] and "spec.serving" not in st["message"]  # 2, 500m, 1 and 1.5Gi are quantities

@@ -13,6 +13,7 @@ The checks, in order (:data:`CHECKS`):
 - the memory plan (:mod:`kuberlhf.planner`): a stage whose per-GPU estimate exceeds ``spec.gpuMemory`` does not
   fit; the problem names the estimate and the cheapest fix (model shapes from config.json files only where no
   download is needed: the tiny model, the known OPT configs, local directories with ``local=True``);
+- the Kubernetes quantities the operator copies into its pods (``resources``, ``shmSize``);
 - references resolvable without downloading: built-in dataset and model names, dataset adapters, the shape of
   ``s3://`` / ``file://`` URIs, and with ``local=True`` (the machine that reads them) that local files exist.
 
@@ -237,13 +238,46 @@ def reference_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterabl
     return [*out, *([bad] if bad else [])]
 
 
+# A Kubernetes resource.Quantity: a signed decimal number and a binary-SI, decimal-SI or exponent suffix. A value
+# outside it is a 400 from the API server on the Job or Deployment (naming no field), so it is caught here.
+QUANTITY = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
+
+
+def _quantity_problem(value: object, field: str) -> Problem | None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or QUANTITY.match(str(value))):
+        return Problem(field, f"{value!r} is not a Kubernetes quantity",
+                       "write a number with an optional unit, e.g. 8Gi, 512Mi, 2, 500m")
+    return None
+
+
+def resource_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[Problem]:
+    """Quantities the operator copies into its pods (``resources`` of every stage and of serving, ``shmSize``)."""
+    from kuberlhf.contract.spec import STAGE_ORDER
+
+    found = [_quantity_problem(spec.shm_size, "spec.shmSize")]
+    owners = [(f"spec.stages.{st.value}", spec.stages.get(st).resources) for st in STAGE_ORDER]
+    owners.append(("spec.serving", spec.serving.resources))
+    for at, resources in owners:
+        for kind in ("limits", "requests"):
+            amounts = resources.get(kind)
+            if amounts is None:
+                continue
+            if not isinstance(amounts, dict):
+                found.append(Problem(f"{at}.resources.{kind}", "must be a map of resource name to quantity",
+                                     "write e.g. {cpu: 4, memory: 32Gi}"))
+                continue
+            found += [_quantity_problem(v, f"{at}.resources.{kind}.{k}") for k, v in amounts.items()]
+    return [p for p in found if p is not None]
+
+
 def memory_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[Problem]:
     from kuberlhf.planner.check import memory_problems as plan_check
 
     return plan_check(spec, options)
 
 
-CHECKS: tuple[Check, ...] = (rule_problems, deepspeed_problems, reference_problems, memory_problems)
+CHECKS: tuple[Check, ...] = (rule_problems, deepspeed_problems, reference_problems, resource_problems,
+                             memory_problems)
 
 
 def preflight(spec: PipelineSpec, *, local: bool = False, checks: Sequence[Check] = CHECKS) -> list[Problem]:
