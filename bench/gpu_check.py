@@ -36,6 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import gpu_decode_case  # noqa: E402
 from gpu_check_stages import run_stage_case  # noqa: E402
 
 SCHEMA = "kuberlhf-gpu-check-v1"
@@ -176,6 +177,13 @@ CASES: tuple[Case, ...] = (
         hybrid=True,
         lora=8,
         lora_lr=1e-2,
+    ),
+    Case(
+        "decode-opt1.3b",
+        gpu_decode_case.run,
+        "step-3 rollout generation, OPT-1.3B-sized: kuberlhf.rlhf.decode eager and compiled (CUDA graphs) vs "
+        "generate, fp32 equivalence then bf16 tokens/s",
+        budget_s=150,
     ),
     stage(
         "sft-z0-bf16-lora128-gc",

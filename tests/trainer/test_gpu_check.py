@@ -214,3 +214,29 @@ def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Pat
     log = (out / "gpu-check.log").read_text()
     assert "===== ppo-z3-fp16" in log and "deliberate failure" in log
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check-summary.txt", "gpu-check.json", "gpu-check.log"]
+
+
+def test_decode_case_dry_run_compares_the_static_decoder_with_generate(tmp_path: Path) -> None:
+    """The GPU check's decode case on the tiny OPT family (``--cpu``): equivalence to generate and timings."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check.py"),
+            "--cpu",
+            "--cases",
+            "decode-opt1.3b",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    case = json.loads((out / "gpu-check.json").read_text())["cases"]["decode-opt1.3b"]
+    assert case["status"] == "ok", case
+    assert case["equivalence_fp32"]["tokens_equal"] and case["equivalence_fp32"]["max_logit_diff"] <= 1e-5
+    assert set(case["timings"]) == {"generate", "static"} and case["speedup_vs_generate"]["static"] > 0
