@@ -46,6 +46,14 @@ def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None
         engine.enable_backward_allreduce = False
     if clips_locally(engine):
         engine.clip_fp32_gradients = foreach_clipper(engine)
+        # DeepSpeed's zero_grad walks the module tree (named_parameters) on every step to set each grad to None
+        everything = list(engine.module.parameters())
+
+        def zero_grad() -> None:
+            for p in everything:
+                p.grad = None
+
+        engine.zero_grad = zero_grad
     return engine
 
 
