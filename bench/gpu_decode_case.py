@@ -20,7 +20,7 @@ def run(
     from gpu_check_stages import CheckFailed, write_fixture
     from transformers import AutoModelForCausalLM
 
-    from kuberlhf.rlhf.decode import Sampling, StaticDecoder
+    from kuberlhf.rlhf.decode import Sampling, StaticDecoder, generate_reference
 
     cuda = not ctx.cpu
     dev = "cuda" if cuda else "cpu"
@@ -36,23 +36,6 @@ def run(
     ids, mask = ids.to(dev), mask.to(dev)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def by_generate(m: Any, s: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
-        out = m.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=s.max_new_tokens,
-            do_sample=True,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=0,
-            pad_token_id=s.pad_id,
-            eos_token_id=s.eos_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        return out.sequences, torch.stack(out.logits, 1)
-
     result: dict[str, Any] = {"model": model, "batch": batch, "prompt_len": prompt_len, "answer_len": answer_len}
     # 1. equivalence, fp32 (TF32 off: the comparison is about the algorithm, not the matmul precision)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -61,7 +44,7 @@ def run(
     s8 = Sampling(8, 0.7, 1.0, eos_id=10**6, pad_id=1)  # no EOS in the vocabulary: full length
     with torch.no_grad():
         torch.manual_seed(5)
-        g_seq, g_logits = by_generate(m32, s8)
+        g_seq, g_logits = generate_reference(m32, ids, mask, s8)
         torch.manual_seed(5)
         s_seq, s_logits = StaticDecoder(m32).generate(ids, mask, s8)
     equiv = {
@@ -80,7 +63,10 @@ def run(
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
     s = Sampling(answer_len, 1.0, 1.0, eos_id=10**6, pad_id=1)
     static = StaticDecoder(m)
-    paths: dict[str, Any] = {"generate": lambda: by_generate(m, s), "static": lambda: static.generate(ids, mask, s)}
+    paths: dict[str, Any] = {
+        "generate": lambda: generate_reference(m, ids, mask, s),
+        "static": lambda: static.generate(ids, mask, s),
+    }
     if cuda:
         compiled = StaticDecoder(m, compile=True)
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kuberlhf.rlhf.decode import Sampling, StaticDecoder, pick_decoder, supports
+from kuberlhf.rlhf.decode import Sampling, StaticDecoder, generate_reference, pick_decoder, supports
 
 
 def tiny_opt(seed: int, **overrides):
@@ -38,21 +38,7 @@ def left_padded(batch: int = 5, length: int = 9, pad: int = 0, seed: int = 0):
 def by_generate(model, ids, mask, s: Sampling, seed: int):
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=s.max_new_tokens,
-            do_sample=True,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=0,
-            pad_token_id=s.pad_id,
-            eos_token_id=s.eos_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    return out.sequences, torch.stack(out.logits, dim=1)
+        return generate_reference(model, ids, mask, s)
 
 
 def by_static(model, ids, mask, s: Sampling, seed: int):
@@ -65,7 +51,7 @@ def shared_token(model, ids, mask, s: Sampling, seed: int) -> int:
     different steps under the same seed (the draws up to a row's first EOS do not depend on the EOS id)."""
     seq, _ = by_static(model, ids, mask, s, seed)
     answers = seq[:, ids.shape[1] :]
-    rows = torch.zeros(512, dtype=torch.long)
+    rows = torch.zeros(model.config.vocab_size, dtype=torch.long)
     for row in answers:
         rows[row.unique()] += 1
     rows[s.pad_id] = 0

@@ -209,3 +209,25 @@ def pick_decoder(model: Any, mode: str, compile: bool | None, hybrid: bool) -> S
     if compile is None:
         compile = next(model.parameters()).is_cuda
     return StaticDecoder(model, compile=compile)
+
+
+def generate_reference(
+    model: Any, prompts: torch.Tensor, prompt_mask: torch.Tensor, s: Sampling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``generate`` with the settings :class:`StaticDecoder` reproduces: ``(sequences, logits)``
+    (the equivalence tests and the GPU check's decode case compare the two)."""
+    out = model.generate(
+        input_ids=prompts,
+        attention_mask=prompt_mask,
+        max_new_tokens=s.max_new_tokens,
+        do_sample=True,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=0,
+        pad_token_id=s.pad_id,
+        eos_token_id=s.eos_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
