@@ -92,13 +92,15 @@ class TRLPeer:
         (workdir / "cfg.json").write_text(json.dumps(cfg))
         # not our process group's variables: accelerate would join it
         dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTHON", "VIRTUAL_ENV")) and k not in dist_vars}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV")) and k not in dist_vars
+        }
         env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
         self.log = open(workdir / "stderr.log", "w")  # noqa: SIM115 (lives as long as the process)
         args = [str(python), str(PEER), str(workdir / "cfg.json"), *(["--no-gc"] if no_gc else [])]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
+        )
         self._expect("TRL-READY")
         self.seconds: list[float] = []
 
@@ -138,8 +140,14 @@ def prompt_batches(spec: Any, tokenizer: Any, batch_size: int, cache_dir: Path) 
     return list(make_loader(ds, batch_size, 0, 1, spec.stages.ppo.seed, 0))
 
 
-def build_ours(spec: Any, actor_dir: Path, critic_dir: Path, tokenizer: Any, decoder: str = "auto",
-               compile_decoder: bool | None = None):
+def build_ours(
+    spec: Any,
+    actor_dir: Path,
+    critic_dir: Path,
+    tokenizer: Any,
+    decoder: str = "auto",
+    compile_decoder: bool | None = None,
+):
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
     from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
 
@@ -166,12 +174,23 @@ def ppo_update(trainer: Any, batch: dict[str, Any], micro: int, epochs: int, clo
 
 
 def unpadded(batches: list[dict[str, Any]]) -> list[list[int]]:
-    return [ids[m.bool()].tolist() for b in batches
-            for ids, m in zip(b["prompt_input_ids"], b["prompt_attention_mask"], strict=True)]
+    return [
+        ids[m.bool()].tolist()
+        for b in batches
+        for ids, m in zip(b["prompt_input_ids"], b["prompt_attention_mask"], strict=True)
+    ]
 
 
-def run_config(answer_len: int, rounds: int, profile: bool, tmp: Path, actor_dir: Path, critic_dir: Path,
-               trl_python: Path | None, compile_side: bool) -> dict[str, Any]:
+def run_config(
+    answer_len: int,
+    rounds: int,
+    profile: bool,
+    tmp: Path,
+    actor_dir: Path,
+    critic_dir: Path,
+    trl_python: Path | None,
+    compile_side: bool,
+) -> dict[str, Any]:
     import torch
     from naive_ppo import NaivePPO
 
@@ -187,8 +206,9 @@ def run_config(answer_len: int, rounds: int, profile: bool, tmp: Path, actor_dir
     ours = build_ours(spec, actor_dir, critic_dir, tok)
     ours_gen = build_ours(spec, actor_dir, critic_dir, tok, decoder="generate")
     assert ours.decoder is not None and ours_gen.decoder is None
-    naive = NaivePPO(str(actor_dir), str(critic_dir), tok, ours.s, actor_lr=st.actor_learning_rate,
-                     critic_lr=st.critic_learning_rate)
+    naive = NaivePPO(
+        str(actor_dir), str(critic_dir), tok, ours.s, actor_lr=st.actor_learning_rate, critic_lr=st.critic_learning_rate
+    )
     clock = PhaseClock()
     ours.generate = clock.wrap("generate", ours.generate)
     it: dict[str, int] = {}
@@ -201,8 +221,10 @@ def run_config(answer_len: int, rounds: int, profile: bool, tmp: Path, actor_dir
 
     def kuberlhf_side(name: str, trainer: Any, phase_clock: PhaseClock | None = None):
         def run() -> None:
-            tokens[name] = tokens.get(name, 0) + ppo_update(trainer, next_batch(name), micro, st.ppo_epochs,
-                                                            phase_clock)
+            tokens[name] = tokens.get(name, 0) + ppo_update(
+                trainer, next_batch(name), micro, st.ppo_epochs, phase_clock
+            )
+
         return run
 
     sides = {"ours": kuberlhf_side("ours", ours, clock), "ours-generate": kuberlhf_side("ours-generate", ours_gen)}
@@ -216,14 +238,27 @@ def run_config(answer_len: int, rounds: int, profile: bool, tmp: Path, actor_dir
     peers: dict[str, TRLPeer] = {}
     if trl_python is not None:
         order = batches * ((updates + len(batches) - 1) // len(batches))
-        cfg = {"actor_dir": str(actor_dir), "critic_dir": str(critic_dir), "batch": gen_bs,
-               "prompts": unpadded(order[:updates]), "updates": updates, "ppo_epochs": st.ppo_epochs,
-               "answer_len": answer_len, "temperature": st.temperature, "kl_coef": st.kl_coef,
-               "clip_range": st.clip_range, "clip_range_value": st.clip_range_value, "gamma": st.gamma,
-               "lam": st.lam, "actor_lr": st.actor_learning_rate, "seed": st.seed}
+        cfg = {
+            "actor_dir": str(actor_dir),
+            "critic_dir": str(critic_dir),
+            "batch": gen_bs,
+            "prompts": unpadded(order[:updates]),
+            "updates": updates,
+            "ppo_epochs": st.ppo_epochs,
+            "answer_len": answer_len,
+            "temperature": st.temperature,
+            "kl_coef": st.kl_coef,
+            "clip_range": st.clip_range,
+            "clip_range_value": st.clip_range_value,
+            "gamma": st.gamma,
+            "lam": st.lam,
+            "actor_lr": st.actor_learning_rate,
+            "seed": st.seed,
+        }
         for name, no_gc in (("trl", False), ("trl-nogc", True)):
-            peers[name] = TRLPeer(trl_python, {**cfg, "output_dir": str(tmp / name / "out")}, tmp / name / str(answer_len),
-                                  no_gc)
+            peers[name] = TRLPeer(
+                trl_python, {**cfg, "output_dir": str(tmp / name / "out")}, tmp / name / str(answer_len), no_gc
+            )
             sides[name] = peers[name].step
 
     def naive_side() -> None:
@@ -240,9 +275,17 @@ def run_config(answer_len: int, rounds: int, profile: bool, tmp: Path, actor_dir
     finally:
         for peer in peers.values():
             peer.close()
-    res: dict[str, Any] = {"answer_len": answer_len, "prompt_len": st.max_prompt_len, "batch": gen_bs,
-                           "micro_batch": micro, "rounds": rounds, "load_before": load_before, "load_after": load(),
-                           "samples_per_s": {}, "unmatched": UNMATCHED if peers else None}
+    res: dict[str, Any] = {
+        "answer_len": answer_len,
+        "prompt_len": st.max_prompt_len,
+        "batch": gen_bs,
+        "micro_batch": micro,
+        "rounds": rounds,
+        "load_before": load_before,
+        "load_after": load(),
+        "samples_per_s": {},
+        "unmatched": UNMATCHED if peers else None,
+    }
     for side in sides:
         # a peer's own clock (go -> end of its update) leaves out the pipe round trip
         total = sum(peers[side].seconds[-rounds:]) if side in peers else t.total(side)
@@ -291,11 +334,18 @@ def optimizer_step_costs(trainer: Any, reps: int = 40) -> dict[str, float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = {"ours_engine_step": 0.0, "deepspeed_clip_only": 0.0, "torch_foreach_clip_fused_adamw": 0.0,
-           "tensors": len(params)}
+    out = {
+        "ours_engine_step": 0.0,
+        "deepspeed_clip_only": 0.0,
+        "torch_foreach_clip_fused_adamw": 0.0,
+        "tensors": len(params),
+    }
     for _ in range(reps):
-        for name, fn, ps in (("ours_engine_step", ours, params), ("deepspeed_clip_only", ds_clipping, params),
-                             ("torch_foreach_clip_fused_adamw", torch_side, twin)):
+        for name, fn, ps in (
+            ("ours_engine_step", ours, params),
+            ("deepspeed_clip_only", ds_clipping, params),
+            ("torch_foreach_clip_fused_adamw", torch_side, twin),
+        ):
             fill(ps)
             t0 = time.perf_counter()
             fn()
@@ -316,30 +366,43 @@ def profile_ours(step, rounds: int) -> str:
 
 
 def report(res: dict[str, Any]) -> None:
-    print(f"\n== step-3 PPO, tiny OPT, {res['batch']} prompts per update (micro-batch {res['micro_batch']}), prompt "
-          f"<= {res['prompt_len']}, answer {res['answer_len']} tokens, {res['rounds']} interleaved rounds ==")
+    print(
+        f"\n== step-3 PPO, tiny OPT, {res['batch']} prompts per update (micro-batch {res['micro_batch']}), prompt "
+        f"<= {res['prompt_len']}, answer {res['answer_len']} tokens, {res['rounds']} interleaved rounds =="
+    )
     print(f"  load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']}")
     for side, v in res["samples_per_s"].items():
-        note = {"trl": "TRL 1.12 PPOTrainer as shipped", "trl-nogc": "TRL 1.12, its per-update gc.collect() disabled",
-                "naive": "reference row only", "ours-generate": "kuberlhf with decoder=generate",
-                "ours-compiled": "kuberlhf, compiled decode step"}.get(side, "kuberlhf (decoder=auto: static)")
+        note = {
+            "trl": "TRL 1.12 PPOTrainer as shipped",
+            "trl-nogc": "TRL 1.12, its per-update gc.collect() disabled",
+            "naive": "reference row only",
+            "ours-generate": "kuberlhf with decoder=generate",
+            "ours-compiled": "kuberlhf, compiled decode step",
+        }.get(side, "kuberlhf (decoder=auto: static)")
         print(f"  {side:14s} {v:8.2f} samples/s   {note}")
     r = res["ratios"]
     if "ours/trl-nogc" in r:
         print("  " + goal_line("samples/s ours / best peer (TRL, gc off)", r["ours/trl-nogc"], GOAL))
         print(f"  samples/s ours / TRL as shipped: {r['ours/trl']:.2f}x")
-    print(f"  samples/s ours / ours with generate: {r['ours/ours-generate']:.2f}x;  ours / naive: {r['ours/naive']:.2f}x")
+    print(
+        f"  samples/s ours / ours with generate: {r['ours/ours-generate']:.2f}x;  ours / naive: {r['ours/naive']:.2f}x"
+    )
     if "compile_first_update_s" in res:
         print(f"  compiled side: first update (compile) {res['compile_first_update_s']:.1f} s")
     if res.get("unmatched"):
         print(f"  not matched: {res['unmatched']}")
-    print("  our update, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in res["ours_phases_ms_per_update"].items())
-          + f"  (generation {100 * res['ours_gen_share']:.0f}%)")
+    print(
+        "  our update, ms: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in res["ours_phases_ms_per_update"].items())
+        + f"  (generation {100 * res['ours_gen_share']:.0f}%)"
+    )
     o = res["optimizer_step"]
-    print(f"  actor optimizer step ({o['tensors']} tensors), ms: ours (engine.step) {o['ours_engine_step']:.3f}, "
-          f"torch foreach clip + fused AdamW + zero_grad {o['torch_foreach_clip_fused_adamw']:.3f} "
-          f"(ratio {o['ours_engine_step'] / o['torch_foreach_clip_fused_adamw']:.2f}x); DeepSpeed's clipping alone "
-          f"{o['deepspeed_clip_only']:.3f}")
+    print(
+        f"  actor optimizer step ({o['tensors']} tensors), ms: ours (engine.step) {o['ours_engine_step']:.3f}, "
+        f"torch foreach clip + fused AdamW + zero_grad {o['torch_foreach_clip_fused_adamw']:.3f} "
+        f"(ratio {o['ours_engine_step'] / o['torch_foreach_clip_fused_adamw']:.2f}x); DeepSpeed's clipping alone "
+        f"{o['deepspeed_clip_only']:.3f}"
+    )
     if "profile_top_ops" in res:
         print("  torch.profiler, our step, top operators by self CPU time:")
         print("\n".join("    " + line for line in res["profile_top_ops"].splitlines()))
@@ -348,8 +411,9 @@ def report(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--answer-len", type=int, nargs="+", default=[16, 40],
-                   help="answer lengths to run (40 = the tiny-cpu example)")
+    p.add_argument(
+        "--answer-len", type=int, nargs="+", default=[16, 40], help="answer lengths to run (40 = the tiny-cpu example)"
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler top operators of our step")
     p.add_argument("--no-trl", action="store_true", help="leave the TRL peers out (no venv needed)")
     p.add_argument("--compile", action="store_true", help="add a side with the decoding step torch.compile'd")
@@ -363,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         actor_dir, critic_dir = write_tiny_models(tmp)
         for answer_len in args.answer_len:
-            res = run_config(answer_len, args.rounds, args.profile, tmp, actor_dir, critic_dir, trl_python,
-                             args.compile)
+            res = run_config(
+                answer_len, args.rounds, args.profile, tmp, actor_dir, critic_dir, trl_python, args.compile
+            )
             report(res)
             emit({"bench": "ppo", **{k: v for k, v in res.items() if k != "profile_top_ops"}})
     return 0

@@ -58,19 +58,48 @@ def main() -> int:
     updates = cfg["updates"]
     ds = Dataset.from_dict({"input_ids": prompts})
     args = PPOConfig(
-        output_dir=cfg["output_dir"], per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        num_mini_batches=1, local_rollout_forward_batch_size=batch, num_ppo_epochs=cfg["ppo_epochs"],
-        response_length=cfg["answer_len"], temperature=cfg["temperature"], kl_coef=cfg["kl_coef"],
-        cliprange=cfg["clip_range"], cliprange_value=cfg["clip_range_value"], gamma=cfg["gamma"], lam=cfg["lam"],
-        learning_rate=cfg["actor_lr"], total_episodes=batch * updates, stop_token="eos", missing_eos_penalty=None,
-        num_sample_generations=0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-        bf16=False, fp16=False, seed=cfg["seed"], dataloader_num_workers=0, max_grad_norm=1.0,
+        output_dir=cfg["output_dir"],
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        local_rollout_forward_batch_size=batch,
+        num_ppo_epochs=cfg["ppo_epochs"],
+        response_length=cfg["answer_len"],
+        temperature=cfg["temperature"],
+        kl_coef=cfg["kl_coef"],
+        cliprange=cfg["clip_range"],
+        cliprange_value=cfg["clip_range_value"],
+        gamma=cfg["gamma"],
+        lam=cfg["lam"],
+        learning_rate=cfg["actor_lr"],
+        total_episodes=batch * updates,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=cfg["seed"],
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
     )
-    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(batch)))
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=ds,
+        eval_dataset=ds.select(range(batch)),
+    )
     # the bench's prompt order instead of TRL's shuffled loader (one process: no accelerate sharding to keep)
-    trainer.dataloader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False,
-                                                     collate_fn=trainer.data_collator, drop_last=True)
+    trainer.dataloader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=False, collate_fn=trainer.data_collator, drop_last=True
+    )
     clock = {"t0": 0.0}
 
     def wait_for_go() -> None:
