@@ -78,5 +78,9 @@ def kopf_event(body: dict[str, Any], event: Event) -> None:
 
 
 def emit_events(body: dict[str, Any], decision: Decision, emit: EmitEvent = kopf_event) -> None:
+    meta = body.get("metadata") or {}
     for event in decision.events:
+        # kopf posts Events later and best effort: the log keeps a line for each one handed over
+        log.info("event %s/%s %s %s: %s", meta.get("namespace"), meta.get("name"), event.type, event.reason,
+                 event.message[:200].replace("\n", " "))
         emit(body, event)
