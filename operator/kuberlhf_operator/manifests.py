@@ -17,6 +17,7 @@ from kuberlhf.contract.stage import (
     DEFAULT_STOP_GRACE_SECONDS,
     ENTRYPOINT,
     ENV_API_KEY,
+    ENV_HF_TOKEN,
     ENV_NODE_RANK,
     ENV_S3_ACCESS_KEY,
     ENV_S3_SECRET_KEY,
@@ -278,6 +279,9 @@ def build_stage_job(
     env_list.append({"name": ENV_NODE_RANK, "valueFrom": {"fieldRef": {
         "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}})
     env_list += _credential_env(pipeline)
+    token = pipeline.spec.hf_token_secret_ref
+    if token is not None:  # by reference only: the value never appears in the Job (nor in KUBERLHF_PIPELINE)
+        env_list.append({"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     gpus = int(st.gpus_per_node) if pipeline.spec.accelerator is Accelerator.cuda else None  # preset-filled
     container = {
         **_container_base(pipeline, default_image),

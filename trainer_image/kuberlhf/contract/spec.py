@@ -165,6 +165,11 @@ class SecretRef(SpecModel):
     name: str = Field(min_length=1, description="Name of the Secret, in the pipeline's namespace.")
 
 
+class SecretKeyRef(SpecModel):
+    name: str = Field(min_length=1, description="Name of the Secret, in the pipeline's namespace.")
+    key: str = Field(default="HF_TOKEN", min_length=1, description="Key of the Secret holding the value.")
+
+
 class StorageSpec(SpecModel):
     uri: str = Field(pattern=r"^(s3|file)://.+", description="Where every stage's checkpoint goes: s3://bucket/prefix or file:///dir.")
     endpoint: str | None = Field(default=None, description="S3-compatible endpoint URL; omit for AWS S3.")
@@ -417,6 +422,30 @@ class PipelineSpec(SpecModel):
     serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat server after PPO.")
     network: NetworkSpec = Field(default_factory=NetworkSpec, description="NetworkPolicies of the pipeline's pods.")
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
+    hf_token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a Hugging Face token (gated hub models and datasets): the "
+        "stage pods get it as HF_TOKEN by reference (secretKeyRef), the chat pod does not.")
+
+    @model_validator(mode="after")
+    def _hf_token_once(self) -> PipelineSpec:
+        if self.hf_token_secret_ref is None:
+            return self
+        from kuberlhf.contract.pod import TRAINER_CONTAINER
+        from kuberlhf.contract.stage import ENV_HF_TOKEN
+
+        templates = [("podTemplate", self.pod_template)]
+        templates += [(f"stages.{st.value}.podTemplate", self.stages.get(st).pod_template) for st in STAGE_ORDER]
+        for at, template in templates:
+            for c in ((template.to_wire().get("spec") or {}).get("containers") or []) if template else []:
+                if c.get("name") == TRAINER_CONTAINER and any(e.get("name") == ENV_HF_TOKEN for e in c.get("env") or []):
+                    raise PydanticCustomError("operator_owned", "{path} is set by the operator ({why}); remove it", {
+                        "path": f"{at}.spec.containers[{TRAINER_CONTAINER}].env[{ENV_HF_TOKEN}]",
+                        "why": "from spec.hfTokenSecretRef"})
+        for st in STAGE_ORDER:
+            if any(e.name == ENV_HF_TOKEN for e in self.stages.get(st).env):
+                raise PydanticCustomError("operator_owned", "{path} is set by the operator ({why}); remove it", {
+                    "path": f"stages.{st.value}.env[{ENV_HF_TOKEN}]", "why": "from spec.hfTokenSecretRef"})
+        return self
 
     @model_validator(mode="after")
     def _fill_presets(self, info: ValidationInfo) -> PipelineSpec:

@@ -30,6 +30,8 @@ ENV_MASTER_PORT = "MASTER_PORT"
 # S3 credentials: from the Secret in spec.storage.secretRef, never from the manifest
 ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+# a Hugging Face token for gated hub models/datasets (from spec.hfTokenSecretRef, stage pods only)
+ENV_HF_TOKEN = "HF_TOKEN"
 # optional chat-server API key (from spec.serving.apiKeySecretRef, key API_KEY); unset = no auth
 ENV_API_KEY = "KUBERLHF_API_KEY"
 # S3 endpoint of `kuberlhf serve|chat` for s3:// models (same as their --storage-endpoint flag)
