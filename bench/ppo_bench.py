@@ -146,7 +146,7 @@ def build_ours(
     critic_dir: Path,
     tokenizer: Any,
     decoder: str = "auto",
-    compile_decoder: bool | None = None,
+    compile_decoder: bool = False,
 ):
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
     from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer

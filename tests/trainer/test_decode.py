@@ -129,13 +129,13 @@ def test_pick_decoder_follows_the_spec() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     opt = tiny_opt(16)
-    assert isinstance(pick_decoder(opt, "auto", None, hybrid=False), StaticDecoder)
-    assert pick_decoder(opt, "auto", None, hybrid=False).compiled is False  # CPU: compile not earned back
-    assert pick_decoder(opt, "auto", None, hybrid=True) is None  # the hybrid engine's generate
-    assert pick_decoder(opt, "generate", None, hybrid=False) is None
-    assert isinstance(pick_decoder(opt, "static", None, hybrid=True), StaticDecoder)
+    assert isinstance(pick_decoder(opt, "auto", False, hybrid=False), StaticDecoder)
+    assert pick_decoder(opt, "auto", False, hybrid=False).compiled is False
+    assert pick_decoder(opt, "auto", False, hybrid=True) is None  # the hybrid engine's generate
+    assert pick_decoder(opt, "generate", False, hybrid=False) is None
+    assert isinstance(pick_decoder(opt, "static", False, hybrid=True), StaticDecoder)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
     assert not supports(gpt2)
-    assert pick_decoder(gpt2, "auto", None, hybrid=False) is None
+    assert pick_decoder(gpt2, "auto", False, hybrid=False) is None
     with pytest.raises(ValueError, match=r"spec\.stages\.ppo\.decoder"):
-        pick_decoder(gpt2, "static", None, hybrid=False)
+        pick_decoder(gpt2, "static", False, hybrid=False)

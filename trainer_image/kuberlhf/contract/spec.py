@@ -335,9 +335,9 @@ class PPOStageSpec(CommonStageSpec):
         "pre-allocated KV cache (kuberlhf.rlhf.decode; OPT-family actors at ZeRO 0-2, the same distribution as "
         "generate), generate = transformers' generate (DeepSpeed's when hybridEngine is on); auto = generate "
         "under the hybrid engine, static where the actor supports it, generate otherwise.")
-    compile_decoder: bool | None = Field(
-        default=None, description="torch.compile the static decoder's step (a CUDA graph on GPU); default: on "
-        "CUDA only (on a CPU its compile time is not earned back).")
+    compile_decoder: bool = Field(
+        default=False, description="torch.compile the static decoder's step (on CUDA as a CUDA graph). Off by "
+        "default: on a CPU its compile time is not earned back (bench/RESULTS.md), on a GPU it is not measured yet.")
     rollout_batch_size: int | None = Field(
         default=None, ge=1, description="Prompts per rank decoded together, a multiple of generationBatchSize: "
         "the rollout is split into experience batches of generationBatchSize, each one PPO update (OpenRLHF's "

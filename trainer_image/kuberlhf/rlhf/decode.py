@@ -194,9 +194,9 @@ class StaticDecoder:
         return torch.cat([prompts, tokens[:, :steps]], dim=1), out[:, :steps]
 
 
-def pick_decoder(model: Any, mode: str, compile: bool | None, hybrid: bool) -> StaticDecoder | None:
+def pick_decoder(model: Any, mode: str, compile: bool, hybrid: bool) -> StaticDecoder | None:
     """``spec.stages.ppo.decoder``'s choice for ``model``: a :class:`StaticDecoder`, or ``None`` for ``generate``
-    (which the hybrid engine replaces with its inference kernels when it is on). ``compile=None``: on CUDA only."""
+    (which the hybrid engine replaces with its inference kernels when it is on)."""
     if mode == "generate" or (mode == "auto" and hybrid):
         return None
     if not supports(model):
@@ -206,8 +206,6 @@ def pick_decoder(model: Any, mode: str, compile: bool | None, hybrid: bool) -> S
                 "partitioned (actorZeroStage 0-2); fix: set spec.stages.ppo.decoder to auto or generate"
             )
         return None
-    if compile is None:
-        compile = next(model.parameters()).is_cuda
     return StaticDecoder(model, compile=compile)
 
 

@@ -39,7 +39,7 @@ class PPOSettings:
     reuse_generation_logprobs: bool = True
     whiten_advantages: bool = spec_default(PPOStageSpec, "whiten_advantages")
     decoder: str = spec_default(PPOStageSpec, "decoder")
-    compile_decoder: bool | None = spec_default(PPOStageSpec, "compile_decoder")
+    compile_decoder: bool = spec_default(PPOStageSpec, "compile_decoder")
 
     @classmethod
     def from_spec(cls, st: Any) -> PPOSettings:
