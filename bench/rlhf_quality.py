@@ -1,9 +1,10 @@
 """RLHF quality suite: does the tiny recipe move the TRUE preference on tasks it was not tuned for?
 
 For every task of ``bench/quality_tasks.py`` it writes the task's data (ambiguous SFT answers + preference pairs,
-never the true reward), a manifest that is ``examples/tiny-cpu.yaml`` with only its datasets replaced (every
-stage setting is the example's: one recipe for all tasks, one seed), runs ``kuberlhf run`` on it (the real stage
-contract: stage processes, embedded SeaweedFS, checkpoints), then measures on fresh prompts:
+never the true reward), a manifest that is ``examples/tiny-cpu.yaml`` with only its datasets replaced (the task's
+SFT file and pairs; no ptx corpus, see ``manifest_for``; every stage setting is the example's: one recipe for all
+tasks, one seed), runs ``kuberlhf run`` on it (the real stage contract: stage processes, embedded SeaweedFS,
+checkpoints), then measures on fresh prompts:
 
 - RM accuracy: the step-2 reward model on fresh held-out pairs (and the stage's own eval-split accuracy);
 - true reward of the SFT policy, the final PPO actor (``ppo/model``) and the EMA actor (``ppo/ema``), answers
@@ -15,7 +16,8 @@ contract: stage processes, embedded SeaweedFS, checkpoints), then measures on fr
     .venv/bin/python bench/rlhf_quality.py [--tasks style length copy topic] [--out bench/out/quality]
                                            [--quick] [--json FILE]
 
-``--quick`` (the lean test's size) shortens every stage; goals are then checked for direction only."""
+``--quick`` (the lean test's size) shortens every stage and runs it on one rank with the example's global batch;
+goals are then checked for direction only."""
 
 from __future__ import annotations
 
@@ -39,8 +41,11 @@ sys.path.insert(0, str(BENCH))
 import quality_tasks as qt  # noqa: E402
 
 GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_gap": 0.05, "kl": 10.0}
-# --quick: fewer steps everywhere (the lean test); the recipe's other settings stay the example's
-QUICK = {"sft": {"epochs": 6}, "reward": {"epochs": 1}, "ppo": {"maxSteps": 30}}
+# --quick (the lean test): fewer steps everywhere, no intermediate checkpoints, and each stage on ONE rank with the
+# example's global batch (per-rank batch x its gpusPerNode), so the same updates cost one process start per stage
+# instead of two; the recipe's other settings stay the example's
+QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 2}, "ppo": {"maxSteps": 30}}
+QUICK_NO_CHECKPOINTS = 10_000
 
 
 @dataclass
@@ -71,7 +76,8 @@ class TaskResult:
 
 
 def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str, Any]:
-    """The tiny example with this task's data; nothing else changes (except stage lengths with ``quick``)."""
+    """The tiny example with this task's data (and without the built-in data's ptx corpus); no stage setting
+    changes (except stage lengths and ranks with ``quick``)."""
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"]["name"] = f"quality-{task.name}"
     d = doc["spec"]["data"]
@@ -79,9 +85,19 @@ def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str,
     d["sftOnly"] = [{"path": str(data["sft"])}]
     d["split"] = "0,1,1"  # step 1 reads only the ambiguous sftOnly file; pairs go to steps 2 and 3
     d["trueReward"] = task.true_reward_ref  # reporting only
+    # The example's ptx corpus is the built-in data's pre-training text; a task's policy was pre-trained on the
+    # task's SFT data alone, so that corpus is foreign to it (ptx loss 9-12 nats at step 0) and ptx would become a
+    # second, unrelated language-model objective competing with PPO for the actor's updates (InstructGPT's ptx
+    # mixes in the policy's OWN pre-training distribution). A task brings no such corpus: ptx is off.
+    d.pop("unsupervised", None)
     if quick:
         for stage, values in QUICK.items():
-            doc["spec"]["stages"][stage].update(values)
+            st = doc["spec"]["stages"][stage]
+            ranks = st.get("gpusPerNode", 1) * st.get("nodes", 1)
+            for key in ("perDeviceBatchSize", "generationBatchSize"):
+                if key in st:
+                    st[key] *= ranks
+            st.update(values, nodes=1, gpusPerNode=1, checkpointEverySteps=QUICK_NO_CHECKPOINTS)
     return doc
 
 
