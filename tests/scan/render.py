@@ -34,14 +34,19 @@ def examples() -> list[Path]:
 
 
 def example_children(path: Path) -> list[dict[str, Any]]:
-    """The Jobs + headless Services of every stage (first attempt) and the chat Deployment + Service that the
-    operator creates for the example, from the same builders reconcile uses."""
+    """What the operator creates for the example, from the same builders reconcile uses: per stage (first attempt)
+    the Job, its headless Service and NetworkPolicy; the chat Deployment, Service, NetworkPolicy, generated API-key
+    Secret (unless the example names its own or turns auth off) and, with several replicas, PodDisruptionBudget."""
     from kuberlhf.contract.spec import STAGE_ORDER, load_pipeline_file
     from kuberlhf_operator.manifests import (
         Owner,
+        build_chat_api_key_secret,
         build_chat_deployment,
+        build_chat_disruption_budget,
+        build_chat_network_policy,
         build_chat_service,
         build_stage_job,
+        build_stage_network_policy,
         build_stage_service,
     )
 
@@ -51,7 +56,16 @@ def example_children(path: Path) -> list[dict[str, Any]]:
     for stage in STAGE_ORDER:
         objects.append(build_stage_job(pipeline, owner, stage, 1, default_image="ghcr.io/kuberlhf/trainer:0.1.0"))
         objects.append(build_stage_service(owner, stage, 1))
-    if pipeline.spec.serving.enabled:
+        if pipeline.spec.network.policies:
+            objects.append(build_stage_network_policy(pipeline, owner, stage, 1))
+    sv = pipeline.spec.serving
+    if sv.enabled:
         objects.append(build_chat_deployment(pipeline, owner, default_image="ghcr.io/kuberlhf/trainer:0.1.0"))
         objects.append(build_chat_service(pipeline, owner))
+        if pipeline.spec.network.policies:
+            objects.append(build_chat_network_policy(pipeline, owner))
+        if sv.auth and sv.api_key_secret_ref is None:
+            objects.append(build_chat_api_key_secret(owner))
+        if sv.replicas > 1:
+            objects.append(build_chat_disruption_budget(pipeline, owner))
     return objects

@@ -15,30 +15,45 @@ import pytest
 import yaml
 
 from scan import pss
-from scan.render import CHART_MODES, chart_objects
+from scan.render import CHART_MODES, chart_objects, example_children, examples
 
 HERE = Path(__file__).resolve().parent
 ALLOWLIST = HERE / "allowlist.yaml"
 
 
 def _sets() -> dict[str, list[dict[str, Any]]]:
-    return {f"chart-{mode}": chart_objects(mode) for mode in CHART_MODES}
+    sets = {f"chart-{mode}": chart_objects(mode) for mode in CHART_MODES}
+    sets.update({f"example-{p.stem}": example_children(p) for p in examples()})
+    return sets
 
 
-def _write(root: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
-    """One file per object (scanners report per file): path -> "<set>:<Kind>/<name>"."""
-    names = {}
+Spans = dict[str, list[tuple[int, int, str]]]
+
+
+def _write(root: Path, sets: dict[str, list[dict[str, Any]]]) -> Spans:
+    """One multi-document file per set (scanners take minutes per file on a loaded machine otherwise), and for
+    each file the line span of every object: path -> [(first line, last line, "<set>:<Kind>/<name>")]."""
+    spans: Spans = {}
+    root.mkdir(parents=True)
     for set_name, objects in sets.items():
-        (root / set_name).mkdir(parents=True)
+        lines: list[str] = []
+        entries = []
         for o in objects:
-            ident = f"{o['kind']}/{o['metadata']['name']}"
-            path = root / set_name / f"{o['kind']}-{o['metadata']['name']}.yaml"
-            path.write_text(yaml.safe_dump(o))
-            names[str(path.relative_to(root))] = f"{set_name}:{ident}"
-    return names
+            text = yaml.safe_dump(o).splitlines()
+            lines.append("---")
+            entries.append((len(lines), len(lines) + len(text), f"{set_name}:{o['kind']}/{o['metadata']['name']}"))
+            lines += text
+        (root / f"{set_name}.yaml").write_text("\n".join(lines) + "\n")
+        spans[f"{set_name}.yaml"] = entries
+    return spans
 
 
-def _checkov(binary: Path, root: Path, names: dict[str, str]) -> set[tuple[str, str, str]]:
+def _object_at(spans: Spans, path: str, line: int) -> str:
+    name = Path(path).name
+    return next(ident for first, last, ident in spans[name] if first <= line <= last)
+
+
+def _checkov(binary: Path, root: Path, spans: Spans) -> set[tuple[str, str, str]]:
     proc = subprocess.run(
         [
             str(binary),
@@ -54,23 +69,25 @@ def _checkov(binary: Path, root: Path, names: dict[str, str]) -> set[tuple[str, 
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
     )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     reports = json.loads(proc.stdout)
     out = set()
     for report in reports if isinstance(reports, list) else [reports]:
         for f in (report.get("results") or {}).get("failed_checks") or []:
-            out.add(("checkov", f["check_id"], names[f["file_path"].lstrip("/")]))
+            out.add(("checkov", f["check_id"], _object_at(spans, f["file_path"], f["file_line_range"][0])))
     return out
 
 
-def _trivy(binary: Path, root: Path, names: dict[str, str], cache: Path) -> set[tuple[str, str, str]]:
+def _trivy(binary: Path, root: Path, spans: Spans, cache: Path) -> set[tuple[str, str, str]]:
     proc = subprocess.run(
         [
             str(binary),
             "config",
             "--skip-check-update",
+            "--timeout",
+            "30m",
             "--cache-dir",
             str(cache),
             "--format",
@@ -80,14 +97,15 @@ def _trivy(binary: Path, root: Path, names: dict[str, str], cache: Path) -> set[
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = set()
     for result in json.loads(proc.stdout).get("Results") or []:
         for m in result.get("Misconfigurations") or []:
             if m["Status"] == "FAIL":
-                out.add(("trivy", m["ID"], names[result["Target"]]))
+                line = (m.get("CauseMetadata") or {}).get("StartLine") or 0
+                out.add(("trivy", m["ID"], _object_at(spans, result["Target"], line)))
     return out
 
 
