@@ -34,7 +34,8 @@ K8S_VERSION = "1.20.2"
 SETUP_HINT = "run `bash hack/setup.sh --test` (builds them once, 10-18 min, cached in ~/.cache/kuberlhf)"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
-# What the controller-manager runs: enough for Jobs, Deployments, service-account tokens and ownerReference GC.
+# What the controller-manager runs: enough for Jobs, Deployments, service-account tokens, ownerReference GC and
+# ResourceQuota usage (the quota admission refuses nothing until this controller fills a quota's status).
 CONTROLLERS = (
     "garbagecollector",
     "job",
@@ -43,6 +44,7 @@ CONTROLLERS = (
     "serviceaccount",
     "serviceaccount-token",
     "namespace",
+    "resourcequota",
 )
 
 

@@ -1,0 +1,115 @@
+"""Refusals and deletion on the real control plane (kube-apiserver + controller-manager v1.20.2), lean: no stage
+ever trains. The chart's operator runs as a pod under its own ServiceAccount (the process kubelet), watching one
+namespace whose ResourceQuota admits no pods.
+
+- A quota-refused stage shows the reason: the Job controller cannot create the sft pod (FailedCreate, 'exceeded
+  quota'); the pipeline stays Pending with reason FailedCreate, the API server's message and one Warning Event.
+- Deleting the pipeline while the operator is stopped completes: kopf put no finalizer on it, and the garbage
+  collector removes its Job and Service through their ownerReferences."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import KubeREST, wait_for
+
+from kuberlhf_operator import LABEL_PIPELINE
+from kuberlhf_operator.manifests import job_name
+
+try:
+    from chart.helm import render_chart
+except ImportError:  # run with the repository root on sys.path
+    from tests.chart.helm import render_chart
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
+RELEASE = "kuberlhf-rf"
+NAME = "refused"
+
+
+def _ready(api: KubeREST, ns: str) -> bool:
+    pods = api.get(f"/api/v1/namespaces/{ns}/pods")["items"]
+    return any(c["type"] == "Ready" and c["status"] == "True" and not p["metadata"].get("deletionTimestamp")
+               for p in pods for c in (p.get("status") or {}).get("conditions") or [])
+
+
+def _describe(api: KubeREST, kubelet, op_ns: str, ns: str, pipeline: str) -> str:
+    out = [f"status: {(api.get(pipeline).get('status') or {})}"]
+    out += [f"event {e['involvedObject']['kind']}/{e['involvedObject']['name']} {e['reason']}: {e['message']}"
+            for e in api.get(f"/api/v1/namespaces/{ns}/events")["items"]]
+    for p in api.get(f"/api/v1/namespaces/{op_ns}/pods")["items"]:
+        with contextlib.suppress(KeyError):
+            out.append(kubelet.logs(op_ns, p["metadata"]["name"])[-2500:])
+    return "\n".join(out)
+
+
+def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_plane, kubelet, crd, tmp_path):
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    suffix = uuid.uuid4().hex[:5]
+    op_ns, ns = f"kuberlhf-rf-{suffix}", f"quota-{suffix}"
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "watch": {"namespaces": [ns]}, "crds": {"install": False},
+        "extraEnv": [{"name": "KUBERLHF_LIVENESS_PORT", "value": "8080"},
+                     {"name": "KUBERLHF_METRICS_PORT", "value": "9090"},
+                     {"name": "KUBERLHF_RECONCILE_INTERVAL", "value": "3"}]}))
+    objs = [o for o in render_chart(release=RELEASE, namespace=op_ns, values_files=[values])
+            if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+    manifest = yaml.safe_dump_all(objs)
+    for name in (op_ns, ns):
+        control_plane.kubectl("create", "namespace", name)
+    control_plane.kubectl("create", "quota", "no-pods", "-n", ns, "--hard=pods=0")
+    wait_for(lambda: (api.get(f"/api/v1/namespaces/{ns}/resourcequotas/no-pods").get("status") or {}).get("hard"),
+             "the quota controller to fill the quota's status", 60, 0.5)
+    pipeline = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
+
+    def children() -> list[str]:
+        out = []
+        for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                     "/api/v1/namespaces/{ns}/pods"):
+            items = api.get(path.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
+            out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
+        return out
+
+    try:
+        control_plane.kubectl("apply", "-f", "-", input=manifest)
+        wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
+        obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+        obj["metadata"] = {"name": NAME}
+        obj["spec"]["storage"] = {"uri": "s3://nowhere/pipelines", "endpoint": "http://127.0.0.1:9",
+                                  "secretRef": {"name": "no-such-secret"}}
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+        status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("reason") == "FailedCreate" and st,
+                          "the pipeline to report the refused pod creation", 90, 0.5,
+                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+        assert (status["phase"], status["stage"]) == ("Pending", "sft"), status
+        assert "exceeded quota: no-pods" in status["message"] and job_name(NAME, "sft", 1) in status["message"]
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "FailedCreate" and "exceeded quota" in ready["message"]
+        wait_for(lambda: [e for e in api.get(f"/api/v1/namespaces/{ns}/events",
+                                             fieldSelector=f"involvedObject.name={NAME}")["items"]
+                          if e["reason"] == "FailedCreate" and e["type"] == "Warning"],
+                 "the pipeline's FailedCreate Warning Event", 30, 0.5)
+        assert api.get(pipeline)["status"]["attempts"] == 1  # no new attempt for a refusal
+
+        # The operator stops; the pipeline carries no finalizer, so deleting it needs nothing from the operator.
+        control_plane.kubectl("scale", "deployment", "--all", "-n", op_ns, "--replicas=0")
+        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 60, 0.5)
+        assert not api.get(pipeline)["metadata"].get("finalizers"), api.get(pipeline)["metadata"]
+        assert children(), "the Job and Service should exist before the deletion"
+        control_plane.kubectl("delete", "rlhf", NAME, "-n", ns, "--wait=false")
+        wait_for(lambda: not api.get(f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines")["items"],
+                 "the pipeline to be deleted with the operator stopped", 30, 0.5)
+        wait_for(lambda: not children(), "the garbage collector to delete the pipeline's children", 90, 1.0,
+                 describe=lambda: str(children()))
+    finally:
+        with contextlib.suppress(Exception):
+            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
+        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
