@@ -188,11 +188,12 @@ class StageEstimate:
 
     @property
     def scratch_bytes(self) -> int:
-        """Per node: downloads + this node's share of a checkpoint (node 0 writes the 16-bit weights whole at
-        ZeRO < 3) + the export, with headroom for the previous checkpoint still uploading."""
+        """Per node: downloads + two of this node's checkpoint shares (node 0 writes the 16-bit weights whole at
+        ZeRO < 3; the previous checkpoint may still be uploading in the background while the next is written) +
+        the export, with headroom."""
         share = self.checkpoint_bytes * self.gpus_per_node // max(self.world, 1)
         weights = sum(m.params * (2 if m.trained else 0) for m in self.models)
-        return int((self.download_bytes + max(share, weights) + self.export_bytes) * SCRATCH_HEADROOM)
+        return int((self.download_bytes + 2 * max(share, weights) + self.export_bytes) * SCRATCH_HEADROOM)
 
 
 @dataclass

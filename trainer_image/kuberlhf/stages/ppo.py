@@ -162,7 +162,7 @@ def run_ppo(run: StageRun) -> None:
                 run.upload_checkpoint(step)
                 if stop:
                     raise run.interrupted(step)
-                maybe_crash(step)
+                maybe_crash(step, run)
             if step >= total_iters:
                 break
     bar.close()

@@ -77,6 +77,42 @@ def write_termination_message(text: str, env: Mapping[str, str]) -> None:
         path.write_text(text)
 
 
+class PendingUpload:
+    """A checkpoint's files uploading in a thread of the node's local rank 0 (the other ranks hold no thread):
+    :meth:`wait` returns their manifest entries, or raises what the upload raised."""
+
+    def __init__(self, step: int, uri: str) -> None:
+        self.step, self.uri = step, uri
+        self.entries: list[Any] = []
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, store: Any, local: Path, uri: str, step: int, uploads: bool) -> PendingUpload:
+        pending = cls(step, uri)
+        if uploads:
+
+            def run() -> None:
+                try:
+                    pending.entries = store.upload_files(str(local), uri)
+                except BaseException as e:  # noqa: BLE001 - re-raised by wait() in the training thread
+                    pending.error = e
+
+            pending.thread = threading.Thread(target=run, name=f"upload-step-{step}", daemon=True)
+            pending.thread.start()
+        return pending
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self) -> list[Any]:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.entries
+
+
 class StageRun:
     """One process (rank) of a stage."""
 
@@ -93,6 +129,8 @@ class StageRun:
         self.layout = ctx.layout
         self.store = RetryingStore(ObjectStore.from_spec(self.spec.storage), storage_retry_seconds(os.environ))
         self.stop_requested = False
+        self._stopping = False  # checkpoint_due decided to stop: the last checkpoint is uploaded synchronously
+        self._pending: PendingUpload | None = None  # the checkpoint uploading in the background
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
         key = hashlib.sha256(self.layout.stage_uri(self.stage).encode()).hexdigest()[:12]
@@ -148,6 +186,9 @@ class StageRun:
         finishes the stage instead)."""
         stop = D.any_rank(self.stop_requested) and step < total
         periodic = bool(every) and step % every == 0 and step < total
+        self._stopping = stop
+        if self._pending is not None and not D.any_rank(not self._pending.done()):
+            self.drain_upload()  # every node's files are up: commit now, not at the next checkpoint
         return periodic or stop, stop
 
     def interrupted(self, step: int) -> StageInterrupted:
@@ -182,22 +223,40 @@ class StageRun:
         return local
 
     def upload_checkpoint(self, step: int) -> None:
-        """Collective, after every rank wrote into ``ckpt_local(step)``: upload and commit ``ckpt/step-N/``."""
+        """Collective, after every rank wrote into ``ckpt_local(step)``: upload and commit ``ckpt/step-N/``.
+
+        With the stage's ``backgroundCheckpointUpload`` (not when stopping) each node uploads its files in a thread
+        while training goes on; ``_COMPLETE`` is committed once every node's files are up (checked at each step by
+        :meth:`checkpoint_due`), and at the latest before the next checkpoint or the stage's outputs. Until then the
+        previous checkpoint is the one a restart resumes from."""
+        self.drain_upload()  # one upload in flight at most (the scratch holds two checkpoints)
         local = self.ckpt_local(step)
         if self.dist.is_main and self.metrics.path.exists():
             shutil.copyfile(self.metrics.path, local / METRICS_FILE)
         D.barrier()
         uri = self.layout.ckpt_uri(self.stage, step)
+        if getattr(self.stage_spec, "background_checkpoint_upload", False) and not self._stopping:
+            self._pending = PendingUpload.start(self.store, local, uri, step, self.dist.is_local_main)
+            return
         entries = self.store.upload_files(str(local), uri) if self.dist.is_local_main else []
+        self._commit_checkpoint(step, uri, entries)
+
+    def drain_upload(self) -> None:
+        """Collective: wait for the background upload (if any) and commit it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._commit_checkpoint(pending.step, pending.uri, pending.wait())
+
+    def _commit_checkpoint(self, step: int, uri: str, entries: list[Any]) -> None:
         gathered = D.all_gather_object(list(entries))
         if self.dist.is_main:
             merged = {e.path: e for node in gathered for e in node}
             self.store.commit(uri, list(merged.values()), producer=self.producer, extra={"step": step})
         D.barrier()
-        # keep only the newest local checkpoint: the object store has the rest
+        # keep only the newest local checkpoints: the object store has the older ones
         if self.dist.is_local_main:
             for old in (self.workdir / "ckpt").glob("step-*"):
-                if old != local:
+                if int(old.name.split("-")[1]) < step:
                     shutil.rmtree(old, ignore_errors=True)
 
     # --- outputs -------------------------------------------------------------------------------------
@@ -211,6 +270,7 @@ class StageRun:
     def finish(self, model_dirs: dict[str, Path], summary: dict[str, Any] | None = None) -> None:
         """Collective. Rank 0 uploads the model dirs (each committed), metrics.jsonl, then the stage manifest
         and ``_COMPLETE`` last; optionally copies everything to KUBERLHF_LOCAL_OUTPUT."""
+        self.drain_upload()
         D.barrier()
         if self.dist.is_main:
             self.metrics.close()

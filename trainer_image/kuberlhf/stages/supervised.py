@@ -21,8 +21,11 @@ FAIL_AT_STEP_ENV = "KUBERLHF_FAIL_AFTER_CHECKPOINT"
 CRASH_EXIT_CODE = 75
 
 
-def maybe_crash(step: int) -> None:
+def maybe_crash(step: int, run: StageRun | None = None) -> None:
+    """The tests' crash after checkpoint ``step`` is committed (a background upload is waited for first)."""
     if os.environ.get(FAIL_AT_STEP_ENV) == str(step):
+        if run is not None:
+            run.drain_upload()
         D.barrier()
         os._exit(CRASH_EXIT_CODE)
 
@@ -114,7 +117,7 @@ def supervised_loop(run: StageRun, engine: Any, train_ds: Any, plan: StepPlan, m
                 run.upload_checkpoint(step)
                 if stop:
                     raise run.interrupted(step)
-                maybe_crash(step)
+                maybe_crash(step, run)
             if step >= plan.total_steps:
                 break
         epoch, skip = epoch + 1, 0

@@ -1,0 +1,182 @@
+"""Benchmark: training time lost to checkpointing, with the background upload against a synchronous one.
+
+The real sft stage (``kuberlhf stage sft``, one CPU rank, ZeRO-2, fp32) trains a mid-sized OPT (a config with
+random weights saved in hub layout; its resumable checkpoint -- weights, Adam, scheduler -- is about
+``16 * params`` bytes) against a real S3 server (SeaweedFS), in three variants run interleaved, ``--rounds``
+times, so load from other processes hits each alike:
+
+  none        checkpointEverySteps 0 (only the final model is written)
+  sync        checkpointEverySteps K, backgroundCheckpointUpload false (training waits for each upload)
+  background  checkpointEverySteps K, backgroundCheckpointUpload true (the default: upload while training)
+
+Training time is the span of the stage's own ``train`` metric rows (first to last step: start-up and the final
+export are the same in every variant and left out). Prints each variant's training seconds and the ratios
+sync / none and background / none (goal <= 1.1x), and background / sync.
+
+    python bench/checkpoint_overhead.py [--steps 12] [--every 3] [--hidden 512] [--layers 6] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, goal_line  # noqa: E402 - bench/common.py: the result line every benchmark prints
+
+
+def save_model(path: Path, hidden: int, layers: int) -> tuple[Path, int]:
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from kuberlhf.models.tiny import TINY_ASSETS
+
+    tok = AutoTokenizer.from_pretrained(TINY_ASSETS)
+    config = OPTConfig(
+        vocab_size=len(tok) + (-len(tok)) % 8,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=4 * hidden,
+        num_attention_heads=max(hidden // 64, 1),
+        max_position_embeddings=256,
+        word_embed_proj_dim=hidden,
+        dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = OPTForCausalLM(config)
+    if not (path / "config.json").exists():
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def manifest(model: Path, steps: int, every: int, background: bool) -> dict:
+    return {
+        "apiVersion": "kuberlhf.io/v1alpha1",
+        "kind": "RLHFPipeline",
+        "metadata": {"name": "ckpt-bench"},
+        "spec": {
+            "deploymentType": "single_node",
+            "accelerator": "cpu",
+            "actor": {"model": str(model)},
+            "reward": {"model": str(model)},
+            "data": {"datasets": ["kuberlhf/synthetic-pairs"], "maxSeqLen": 64},
+            "storage": {"uri": "s3://bench/pipelines"},
+            "stages": {
+                "sft": {
+                    "nodes": 1,
+                    "gpusPerNode": 1,
+                    "zeroStage": 2,
+                    "dtype": "fp32",
+                    "maxSteps": steps,
+                    "perDeviceBatchSize": 4,
+                    "gradientAccumulationSteps": 1,
+                    "evalEverySteps": 10**6,
+                    "checkpointEverySteps": every,
+                    "backgroundCheckpointUpload": background,
+                }
+            },
+        },
+    }
+
+
+def run_sft(doc: dict, server, out: Path) -> float:
+    from kuberlhf.contract.spec import parse_pipeline
+    from kuberlhf.contract.stage import ENV_OUTPUT_DIR, stage_env
+    from kuberlhf.training.distributed import free_port
+
+    doc["spec"]["storage"]["endpoint"] = server.endpoint
+    env = {
+        **os.environ,
+        **stage_env(
+            parse_pipeline(doc),
+            "sft",
+            namespace="bench",
+            uid=uuid.uuid4().hex[:8],
+            attempt=0,
+            master_addr="127.0.0.1",
+            master_port=free_port(),
+            node_rank=0,
+        ),
+        **server.credentials_env(),
+        ENV_OUTPUT_DIR: str(out),
+        "PYTHONWARNINGS": "ignore",
+    }
+    kuberlhf = str(Path(sys.executable).parent / "kuberlhf")
+    proc = subprocess.run([kuberlhf, "stage", "sft"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    times = [r["time"] for r in rows if r["split"] == "train"]
+    return times[-1] - times[0]
+
+
+def main() -> None:
+    from kuberlhf.storage.seaweed import SeaweedServer
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--every", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    work = Path(args.out or tempfile.mkdtemp(prefix="ckpt-overhead-"))
+    model, n = save_model(work / "model", args.hidden, args.layers)
+    print(
+        f"model: {n / 1e6:.1f} M parameters, checkpoint ~{16 * n / 2**20:.0f} MiB; {args.steps} steps, "
+        f"a checkpoint every {args.every}",
+        flush=True,
+    )
+    variants = {"none": (0, True), "sync": (args.every, False), "background": (args.every, True)}
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    with SeaweedServer(work / "seaweed") as server:
+        server.create_bucket("bench")
+        for r in range(args.rounds):
+            for name, (every, background) in variants.items():
+                t0 = time.time()
+                s = run_sft(manifest(model, args.steps, every, background), server, work / f"r{r}-{name}")
+                seconds[name].append(s)
+                print(f"round {r} {name}: training {s:.1f} s (stage {time.time() - t0:.0f} s)", flush=True)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    result = {
+        "bench": "checkpoint_overhead",
+        "params": n,
+        "steps": args.steps,
+        "every": args.every,
+        "train_seconds": med,
+        "sync_over_none": med["sync"] / med["none"],
+        "background_over_none": med["background"] / med["none"],
+        "background_over_sync": med["background"] / med["sync"],
+    }
+    print(
+        goal_line(
+            "training time with checkpoints, synchronous upload / none",
+            result["sync_over_none"],
+            1.1,
+            higher_is_better=False,
+        )
+    )
+    print(
+        goal_line(
+            "training time with checkpoints, background upload / none",
+            result["background_over_none"],
+            1.1,
+            higher_is_better=False,
+        )
+    )
+    print(f"background / synchronous: {result['background_over_sync']:.2f}x")
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
