@@ -34,21 +34,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from kuberlhf.planner.shapes import KNOWN_CONFIGS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, emit  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "opt-1.3b-single-gpu.yaml"
 
-# facebook/opt-1.3b and facebook/opt-350m config.json values (the model cards' configs), so no hub is needed.
-OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
-                word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272, do_layer_norm_before=True,
-                activation_function="relu", enable_bias=True, layer_norm_elementwise_affine=True,
-                pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.1, attention_dropout=0.0)
-OPT_350M = dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-                word_embed_proj_dim=512, max_position_embeddings=2048, vocab_size=50272, do_layer_norm_before=False,
-                activation_function="relu", enable_bias=True, layer_norm_elementwise_affine=True,
-                pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.1, attention_dropout=0.0)
+# facebook/opt-1.3b and facebook/opt-350m config.json values (the planner's table of them), so no hub is needed.
+OPT_1_3B = {k: v for k, v in KNOWN_CONFIGS["facebook/opt-1.3b"].items() if k != "model_type"}
+OPT_350M = {k: v for k, v in KNOWN_CONFIGS["facebook/opt-350m"].items() if k != "model_type"}
 # --tiny: the same architecture families scaled down (a CPU smoke test of every code path)
 TINY_ACTOR = {**OPT_1_3B, "hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 256, "num_attention_heads": 4,
               "word_embed_proj_dim": 64, "vocab_size": 512, "max_position_embeddings": 512}

@@ -21,26 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# facebook/opt-125m's config.json values; opt-350m and opt-1.3b come from the GPU benchmark
-OPT_125M = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    ffn_dim=3072,
-    num_attention_heads=12,
-    word_embed_proj_dim=768,
-    max_position_embeddings=2048,
-    vocab_size=50272,
-    do_layer_norm_before=True,
-    activation_function="relu",
-    enable_bias=True,
-    layer_norm_elementwise_affine=True,
-    pad_token_id=1,
-    bos_token_id=2,
-    eos_token_id=2,
-    dropout=0.1,
-    attention_dropout=0.0,
-)
-
 # relative tolerance of max |reloaded - engine| / max |engine| per training dtype (LoRA merging and the
 # fp32 round trip of the export change the last bits; a wrong weight changes the outputs by O(1))
 EXPORT_RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
@@ -55,9 +35,9 @@ class CheckFailed(AssertionError):
 
 def model_config(name: str, tiny: bool) -> dict[str, Any]:
     """OPT config values of ``name`` (opt-125m, opt-350m, opt-1.3b); ``tiny``: the same family scaled down."""
-    from gpu_bench import OPT_1_3B, OPT_350M
+    from kuberlhf.planner.shapes import KNOWN_CONFIGS
 
-    cfg = {"opt-125m": OPT_125M, "opt-350m": OPT_350M, "opt-1.3b": OPT_1_3B}[name]
+    cfg = {k: v for k, v in KNOWN_CONFIGS[f"facebook/{name}"].items() if k != "model_type"}
     if not tiny:
         return dict(cfg)
     proj = 64 if cfg["word_embed_proj_dim"] == cfg["hidden_size"] else 32  # keep opt-350m's projection

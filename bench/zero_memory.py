@@ -3,10 +3,13 @@
 An OPT-125m-sized model (facebook/opt-125m's published config, random weights, saved in hub layout with
 ``save_pretrained``) is loaded and trained one step on 2 CPU ranks (DeepSpeed's CPU accelerator, gloo, one
 thread per rank) by ``kuberlhf.training.memory`` -- the probe the tests and the GPU check use -- at ZeRO-0, 2 and 3,
-in the order 0, 3, 2, 0, 3 (interleaved so that load from other processes hits every stage alike). For each run
-it prints every rank's peak resident memory over the load, ``deepspeed.initialize`` and training phases, then
+in the order 0, 3, 3 with DeepSpeed's default 5e8-element buckets, 2, then 0, 3 again per repeat (interleaved so
+that load from other processes hits every stage alike). For each run it prints every rank's peak resident memory
+over the load, ``deepspeed.initialize`` and training phases, then
 
-- ZeRO-3 / ZeRO-0 per-rank peak (goal <= 0.6: partitioning is real), and
+- ZeRO-3 / ZeRO-0 per-rank peak (goal <= 0.6: partitioning is real), and the same with DeepSpeed's default
+  buckets (what ``kuberlhf.training.ds_config.sized_buckets`` saves),
+- the process before loading (libraries) and the model's share: peak minus that, ZeRO-3 / ZeRO-0 again, and
 - the planner's per-rank estimate (``kuberlhf.planner.estimate`` for the same stage spec, model shape read from
   the saved config.json, its CPU runtime reserve standing for the process itself) / the measured peak (goal
   within +-30 %) for each ZeRO stage.
@@ -38,19 +41,35 @@ def save_model(path: Path) -> Path:
     if (path / "config.json").exists():
         return path
     torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(**KNOWN_CONFIGS["facebook/opt-125m"], dropout=0.0)).save_pretrained(path)
+    OPTForCausalLM(OPTConfig(**{**KNOWN_CONFIGS["facebook/opt-125m"], "dropout": 0.0})).save_pretrained(path)
     AutoTokenizer.from_pretrained(TINY_ASSETS).save_pretrained(path)
     return path
 
 
-def probe(model: Path, zero: int, out: Path, seq_len: int, batch: int) -> list[dict]:
+DS_DEFAULT_BUCKETS = {"reduce_bucket_size": 5e8}  # DeepSpeed's own default, which sized_buckets replaces
+
+
+def probe(model: Path, zero: int, out: Path, seq_len: int, batch: int, zero_config: dict | None = None) -> list[dict]:
     from kuberlhf.training.distributed import free_port
     from kuberlhf.training.memory import probe_launch
 
     cmd, env = probe_launch(
         out,
-        ["--model", str(model), "--zero", str(zero), "--dtype", "fp32", "--steps", "1", "--batch", str(batch),
-         "--seq-len", str(seq_len)],
+        [
+            "--model",
+            str(model),
+            "--zero",
+            str(zero),
+            "--dtype",
+            "fp32",
+            "--steps",
+            "1",
+            "--batch",
+            str(batch),
+            "--seq-len",
+            str(seq_len),
+            *(["--zero-config", json.dumps(zero_config)] if zero_config else []),
+        ],
         world=2,
         port=free_port(),
     )
@@ -62,6 +81,11 @@ def probe(model: Path, zero: int, out: Path, seq_len: int, batch: int) -> list[d
 
 def peak(rep: dict) -> int:
     return max(p["host_peak"] for p in rep["phases"].values())
+
+
+def baseline(rep: dict) -> int:
+    """Resident memory before the model is loaded: the interpreter and the imported libraries."""
+    return rep["phases"]["load"]["host_before"]
 
 
 def planner_estimate(model: Path, zero: int, seq_len: int, batch: int) -> int:
@@ -104,31 +128,47 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="zero-memory-"))
     model = save_model(work / "opt-125m-random")
-    order = [0, 3, 2] + [0, 3] * (args.repeats - 1)
-    peaks: dict[int, list[int]] = {}
-    for i, zero in enumerate(order):
+    order = [(0, None), (3, None), (3, DS_DEFAULT_BUCKETS), (2, None)] + [(0, None), (3, None)] * (args.repeats - 1)
+    peaks: dict[str, list[int]] = {}
+    bases: dict[str, list[int]] = {}
+    for i, (zero, zero_config) in enumerate(order):
+        label = f"{zero}" + ("-ds-default-buckets" if zero_config else "")
         t0 = time.time()
-        reps = probe(model, zero, work / f"run{i}-zero{zero}", args.seq_len, args.batch)
+        reps = probe(model, zero, work / f"run{i}-zero{label}", args.seq_len, args.batch, zero_config)
         per_rank = [peak(r) for r in reps]
         phases = {name: [round(r["phases"][name]["host_peak"] / MIB) for r in reps] for name in reps[0]["phases"]}
         print(
-            f"run {i}: ZeRO-{zero} peak RSS per rank {[round(x / MIB) for x in per_rank]} MiB "
-            f"(per phase {phases}; local params {[r['loaded']['local_numel'] for r in reps]}; "
-            f"{time.time() - t0:.0f} s)",
+            f"run {i}: ZeRO-{label} peak RSS per rank {[round(x / MIB) for x in per_rank]} MiB "
+            f"(per phase {phases}; before loading {[round(baseline(r) / MIB) for r in reps]}; "
+            f"local params {[r['loaded']['local_numel'] for r in reps]}; {time.time() - t0:.0f} s)",
             flush=True,
         )
-        peaks.setdefault(zero, []).extend(per_rank)
+        peaks.setdefault(label, []).extend(per_rank)
+        bases.setdefault(label, []).extend(baseline(r) for r in reps)
     med = {z: statistics.median(v) for z, v in peaks.items()}
-    result = {"zero3_over_zero0_peak": med[3] / med[0], "median_peak_mib": {z: m / MIB for z, m in med.items()}}
+    base = {z: statistics.median(v) for z, v in bases.items()}
+    model_share = {z: med[z] - base[z] for z in med}
+    result = {
+        "zero3_over_zero0_peak": med["3"] / med["0"],
+        "zero3_ds_default_buckets_over_zero0_peak": med["3-ds-default-buckets"] / med["0"],
+        "zero3_over_zero0_model_share": model_share["3"] / model_share["0"],
+        "median_peak_mib": {z: m / MIB for z, m in med.items()},
+        "median_before_loading_mib": {z: m / MIB for z, m in base.items()},
+    }
     print(f"\nZeRO-3 / ZeRO-0 per-rank peak RSS: {result['zero3_over_zero0_peak']:.2f} (goal <= 0.6)")
+    print(f"  with DeepSpeed's default 5e8-element buckets: {result['zero3_ds_default_buckets_over_zero0_peak']:.2f}")
+    print(
+        f"  peak minus the process before loading ({base['0'] / MIB:.0f} MiB of libraries): "
+        f"{model_share['3'] / MIB:.0f} / {model_share['0'] / MIB:.0f} MiB = {result['zero3_over_zero0_model_share']:.2f}"
+    )
     result["planner_over_measured"] = {}
-    for zero in sorted(med):
+    for zero in (0, 2, 3):
         est = planner_estimate(model, zero, args.seq_len, args.batch)
-        ratio = est / med[zero]
+        ratio = est / med[str(zero)]
         result["planner_over_measured"][zero] = ratio
         print(
-            f"planner estimate / measured, ZeRO-{zero}: {est / MIB:.0f} / {med[zero] / MIB:.0f} MiB = {ratio:.2f} "
-            f"(goal 0.7-1.3)"
+            f"planner estimate / measured, ZeRO-{zero}: {est / MIB:.0f} / {med[str(zero)] / MIB:.0f} MiB = "
+            f"{ratio:.2f} (goal 0.7-1.3)"
         )
     out = Path(os.environ.get("BENCH_RESULTS", work / "results.jsonl"))
     with out.open("a") as f:

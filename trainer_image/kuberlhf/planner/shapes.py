@@ -27,6 +27,7 @@ class ModelShape:
     num_kv_heads: int
     tie_word_embeddings: bool = True
     gated_mlp: bool = False  # Llama-style gate/up/down (3 matrices) instead of fc1/fc2
+    final_norm: bool = True  # OPT with do_layer_norm_before false (opt-350m) has no final layer norm
     source: str = "config.json"  # where the numbers came from (config.json | known OPT config)
 
     @property
@@ -51,6 +52,7 @@ class ModelShape:
         positions = (self.max_positions + 2) * self.hidden_size if self.model_type == "opt" else 0
         proj = 2 * self.hidden_size * self.embed_dim if self.embed_dim != self.hidden_size else 0
         final_norm = self.hidden_size * (2 if self.model_type in ("opt", "gpt2", "gpt_neox", "bloom") else 1)
+        final_norm *= int(self.final_norm)
         return embed + positions + proj + self.num_layers * self.layer_params + final_norm
 
     @property
@@ -69,6 +71,7 @@ class ModelShape:
 
 
 def _opt(hidden: int, layers: int, heads: int, embed: int | None = None) -> dict[str, Any]:
+    """The config.json values of an OPT model (the benchmarks build their models from these too)."""
     return {
         "model_type": "opt",
         "hidden_size": hidden,
@@ -79,6 +82,16 @@ def _opt(hidden: int, layers: int, heads: int, embed: int | None = None) -> dict
         "max_position_embeddings": 2048,
         "word_embed_proj_dim": embed or hidden,
         "tie_word_embeddings": True,
+        # opt-350m alone applies layer norm after each block (post-LN), as its config.json says
+        "do_layer_norm_before": embed is None,
+        "activation_function": "relu",
+        "enable_bias": True,
+        "layer_norm_elementwise_affine": True,
+        "pad_token_id": 1,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "dropout": 0.1,
+        "attention_dropout": 0.0,
     }
 
 
@@ -128,6 +141,7 @@ def shape_from_config(config: dict[str, Any], source: str = "config.json") -> Mo
         num_kv_heads=int(first("num_key_value_heads", default=heads)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
         gated_mlp=gated,
+        final_norm=not (model_type == "opt" and config.get("do_layer_norm_before") is False),
         source=source,
     )
 
