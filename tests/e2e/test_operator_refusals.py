@@ -1,11 +1,12 @@
-"""Refusals and deletion on the real control plane (kube-apiserver + controller-manager v1.20.2), lean: no stage
-ever trains. The chart's operator runs as a pod under its own ServiceAccount (the process kubelet), watching one
+"""Refusals, user errors and deletion on the real control plane (kube-apiserver + controller-manager v1.20.2), lean: no stage
+ever trains (the user-error stage stops while reading its data). The chart's operator runs as a pod under its own ServiceAccount (the process kubelet), watching one
 namespace whose ResourceQuota admits no pods.
 
 - A quota-refused stage shows the reason: the Job controller cannot create the sft pod (FailedCreate, 'exceeded
   quota'); the pipeline stays Pending with reason FailedCreate, the API server's message and one Warning Event.
 - Deleting the pipeline while the operator is stopped completes: kopf put no finalizer on it, and the garbage
-  collector removes its Job and Service through their ownerReferences."""
+  collector removes its Job and Service through their ownerReferences.
+- A stage that exits with the user-error code fails the pipeline after one attempt (ConfigError)."""
 
 from __future__ import annotations
 
@@ -49,10 +50,7 @@ def _describe(api: KubeREST, kubelet, op_ns: str, ns: str, pipeline: str) -> str
     return "\n".join(out)
 
 
-def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_plane, kubelet, crd, tmp_path):
-    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    suffix = uuid.uuid4().hex[:5]
-    op_ns, ns = f"kuberlhf-rf-{suffix}", f"quota-{suffix}"
+def _chart(op_ns: str, ns: str, tmp_path: Path) -> str:
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({
         "watch": {"namespaces": [ns]}, "crds": {"install": False},
@@ -61,7 +59,14 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
                      {"name": "KUBERLHF_RECONCILE_INTERVAL", "value": "3"}]}))
     objs = [o for o in render_chart(release=RELEASE, namespace=op_ns, values_files=[values])
             if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
-    manifest = yaml.safe_dump_all(objs)
+    return yaml.safe_dump_all(objs)
+
+
+def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_plane, kubelet, crd, tmp_path):
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    suffix = uuid.uuid4().hex[:5]
+    op_ns, ns = f"kuberlhf-rf-{suffix}", f"quota-{suffix}"
+    manifest = _chart(op_ns, ns, tmp_path)
     for name in (op_ns, ns):
         control_plane.kubectl("create", "namespace", name)
     control_plane.kubectl("create", "quota", "no-pods", "-n", ns, "--hard=pods=0")
@@ -108,6 +113,47 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
                  "the pipeline to be deleted with the operator stopped", 30, 0.5)
         wait_for(lambda: not children(), "the garbage collector to delete the pipeline's children", 90, 1.0,
                  describe=lambda: str(children()))
+    finally:
+        with contextlib.suppress(Exception):
+            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
+        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
+
+
+def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, crd, s3_server, tmp_path):
+    """A real `kuberlhf stage sft` process reads a dataset whose second line is not JSON and exits with the
+    user-error code (78): the pipeline is Failed (ConfigError) after one attempt, though backoffLimit is 2."""
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    suffix = uuid.uuid4().hex[:5]
+    op_ns, ns = f"kuberlhf-ue-{suffix}", f"usererr-{suffix}"
+    manifest = _chart(op_ns, ns, tmp_path)
+    bad = tmp_path / "broken-pairs.jsonl"
+    bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
+    bucket = f"ue-{suffix}"
+    s3_server.create_bucket(bucket)
+    pipeline = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
+    try:
+        for name in (op_ns, ns):
+            control_plane.kubectl("create", "namespace", name)
+        control_plane.kubectl("create", "secret", "generic", "s3", "-n", ns,
+                              f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+                              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
+        control_plane.kubectl("apply", "-f", "-", input=manifest)
+        wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
+        obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+        obj["metadata"] = {"name": NAME}
+        spec = obj["spec"]
+        spec["storage"] = {"uri": f"s3://{bucket}/p", "endpoint": s3_server.endpoint, "secretRef": {"name": "s3"}}
+        spec["data"]["datasets"] = [str(bad)]
+        spec["stages"]["sft"].update(gpusPerNode=1, resources={}, backoffLimit=2)
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+        status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("phase") == "Failed" and st,
+                          "the pipeline to fail on the stage's user error", 240, 1.0,
+                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+        assert status["reason"] == "ConfigError" and status["attempts"] == 1, status
+        assert "exit code 78" in status["message"] and "line 2 is not valid JSON" in status["message"], status
+        jobs = api.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
+        assert [j["metadata"]["name"] for j in jobs] == [job_name(NAME, "sft", 1)]
     finally:
         with contextlib.suppress(Exception):
             control_plane.kubectl("delete", "namespace", ns, "--wait=false")
