@@ -44,7 +44,7 @@ GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_ga
 # --quick (the lean test): fewer steps everywhere, no intermediate checkpoints, and each stage on ONE rank with the
 # example's global batch (per-rank batch x its gpusPerNode), so the same updates cost one process start per stage
 # instead of two; the recipe's other settings stay the example's
-QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 2}, "ppo": {"maxSteps": 30}}
+QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 2}, "ppo": {"maxSteps": 60}}
 QUICK_NO_CHECKPOINTS = 10_000
 
 

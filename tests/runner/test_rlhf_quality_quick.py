@@ -1,5 +1,5 @@
 """The quality suite reduced to one task and fewer steps (``bench/rlhf_quality.py --tasks style --quick``: SFT 4
-epochs, RM 2, PPO 30 steps, each stage on one rank with the example's global batch; about 1.8 CPU-minutes, the
+epochs, RM 2, PPO 60 steps, each stage on one rank with the example's global batch; about 1.6 CPU-minutes, the
 full suite's task about 4.4): the real ``kuberlhf run`` on data whose true reward the pipeline never sees. Asserts
 the direction of every goal of the full suite (bench/RESULTS.md has the full numbers): the reward model ranks
 fresh pairs well above chance, PPO raises the TRUE reward over SFT, the EMA policy is not behind the final actor,
@@ -26,7 +26,7 @@ def test_quick_quality_suite_moves_the_true_reward(repo_root, tmp_path):
             "style",
             "--quick",
             "--eval-prompts",
-            "128",
+            "256",
             "--out",
             str(tmp_path),
         ],
