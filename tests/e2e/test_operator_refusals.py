@@ -1,12 +1,13 @@
-"""Refusals, user errors and deletion on the real control plane (kube-apiserver + controller-manager v1.20.2), lean: no stage
-ever trains (the user-error stage stops while reading its data). The chart's operator runs as a pod under its own ServiceAccount (the process kubelet), watching one
-namespace whose ResourceQuota admits no pods.
+"""Refusals, user errors, disruptions and deletion on the real control plane (kube-apiserver + controller-manager
+v1.20.2), lean: no test waits for a stage to train. The chart's operator runs as a pod under its own ServiceAccount
+(the process kubelet), one install per test.
 
 - A quota-refused stage shows the reason: the Job controller cannot create the sft pod (FailedCreate, 'exceeded
   quota'); the pipeline stays Pending with reason FailedCreate, the API server's message and one Warning Event.
 - Deleting the pipeline while the operator is stopped completes: kopf put no finalizer on it, and the garbage
   collector removes its Job and Service through their ownerReferences.
-- A stage that exits with the user-error code fails the pipeline after one attempt (ConfigError)."""
+- A stage that exits with the user-error code fails the pipeline after one attempt (ConfigError).
+- A stage pod evicted with a DisruptionTarget condition is retried with backoffLimit 0 (it uses no attempt)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,45 @@ def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kub
         assert "exit code 78" in status["message"] and "line 2 is not valid JSON" in status["message"], status
         jobs = api.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
         assert [j["metadata"]["name"] for j in jobs] == [job_name(NAME, "sft", 1)]
+    finally:
+        with contextlib.suppress(Exception):
+            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
+        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
+
+
+def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane, kubelet, crd, s3_server, tmp_path):
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    suffix = uuid.uuid4().hex[:5]
+    op_ns, ns = f"kuberlhf-ev-{suffix}", f"evict-{suffix}"
+    manifest = _chart(op_ns, ns, tmp_path)
+    bucket = f"ev-{suffix}"
+    s3_server.create_bucket(bucket)
+    pipeline = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
+    try:
+        for name in (op_ns, ns):
+            control_plane.kubectl("create", "namespace", name)
+        control_plane.kubectl("create", "secret", "generic", "s3", "-n", ns,
+                              f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+                              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
+        control_plane.kubectl("apply", "-f", "-", input=manifest)
+        wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
+        obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+        obj["metadata"] = {"name": NAME}
+        obj["spec"]["storage"] = {"uri": f"s3://{bucket}/p", "endpoint": s3_server.endpoint,
+                                  "secretRef": {"name": "s3"}}
+        obj["spec"]["stages"]["sft"].update(gpusPerNode=1, resources={}, backoffLimit=0)
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+        sft1 = job_name(NAME, "sft", 1)
+        pods = wait_for(lambda: kubelet.active(ns, {"job-name": sft1}), "the sft pod to run", 120, 0.3)
+        assert kubelet.evict_pod(ns, pods[0].name)
+        sft2 = job_name(NAME, "sft", 2)
+        wait_for(lambda: api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{sft2}"), "the retry's Job", 90, 0.5,
+                 describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+        status = api.get(pipeline)["status"]
+        assert status["phase"] != "Failed" and status["stages"]["sft"]["disruptions"] == 1, status
+        events = api.get(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={NAME}")["items"]
+        assert any(e["reason"] == "StageDisrupted" for e in events), [e["reason"] for e in events]
     finally:
         with contextlib.suppress(Exception):
             control_plane.kubectl("delete", "namespace", ns, "--wait=false")

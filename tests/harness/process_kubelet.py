@@ -148,6 +148,7 @@ class PodRun:
     gone: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    disruption: dict[str, Any] | None = None  # the DisruptionTarget condition of an evicted pod (evict_pod)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -246,6 +247,22 @@ class ProcessKubelet:
         if run is None or not run.pids():
             return False
         self._signal_run(run, sig)
+        return True
+
+    def evict_pod(self, namespace: str, name: str, reason: str = "TerminationByKubelet") -> bool:
+        """End the pod for the node's sake, as a kubelet's eviction or graceful node shutdown does on 1.26+: a
+        DisruptionTarget condition on the pod, SIGTERM, SIGKILL after the grace period (capped at
+        MAX_GRACE_SECONDS); the pod ends Failed (restartPolicy Never)."""
+        run = self.find(namespace, name)
+        if run is None or not run.pids():
+            return False
+        run.disruption = {"type": "DisruptionTarget", "status": "True", "reason": reason, "lastProbeTime": None,
+                          "message": "the node is evicting the pod", "lastTransitionTime": now_rfc3339()}
+        self._write_status(run)
+        self._signal_run(run, signal.SIGTERM)
+        period = run.pod["spec"].get("terminationGracePeriodSeconds")
+        grace = min(float(30 if period is None else period), MAX_GRACE_SECONDS)
+        threading.Timer(grace, self._signal_run, args=(run, signal.SIGKILL)).start()
         return True
 
     def log_path(self, namespace: str, name: str, container: str | None = None) -> Path:
@@ -624,6 +641,7 @@ class ProcessKubelet:
                 cond("Initialized", started),
                 cond("ContainersReady", all_ready, None if all_ready else reason),
                 cond("Ready", all_ready, None if all_ready else reason),
+                *([run.disruption] if run.disruption else []),
             ],
             "containerStatuses": statuses,
         }
