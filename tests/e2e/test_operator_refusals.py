@@ -121,18 +121,16 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
         wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
 
 
-def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, crd, s3_server, tmp_path):
-    """A real `kuberlhf stage sft` process reads a dataset whose second line is not JSON and exits with the
-    user-error code (78): the pipeline is Failed (ConfigError) after one attempt, though backoffLimit is 2."""
+@contextlib.contextmanager
+def _training_setup(control_plane, kubelet, s3_server, tmp_path: Path, prefix: str):
+    """An operator install watching a fresh namespace that holds Secret ``s3`` (the session's SeaweedFS keys); yields
+    (operator namespace, namespace, a pipeline of examples/tiny-cpu.yaml writing to a fresh bucket, its API path),
+    and removes everything afterwards."""
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
     suffix = uuid.uuid4().hex[:5]
-    op_ns, ns = f"kuberlhf-ue-{suffix}", f"usererr-{suffix}"
+    op_ns, ns = f"kuberlhf-{prefix}-{suffix}", f"{prefix}-{suffix}"
     manifest = _chart(op_ns, ns, tmp_path)
-    bad = tmp_path / "broken-pairs.jsonl"
-    bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
-    bucket = f"ue-{suffix}"
-    s3_server.create_bucket(bucket)
-    pipeline = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
+    s3_server.create_bucket(f"{prefix}-{suffix}")
     try:
         for name in (op_ns, ns):
             control_plane.kubectl("create", "namespace", name)
@@ -143,10 +141,26 @@ def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kub
         wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
         obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
         obj["metadata"] = {"name": NAME}
-        spec = obj["spec"]
-        spec["storage"] = {"uri": f"s3://{bucket}/p", "endpoint": s3_server.endpoint, "secretRef": {"name": "s3"}}
-        spec["data"]["datasets"] = [str(bad)]
-        spec["stages"]["sft"].update(gpusPerNode=1, resources={}, backoffLimit=2)
+        obj["spec"]["storage"] = {"uri": f"s3://{prefix}-{suffix}/p", "endpoint": s3_server.endpoint,
+                                  "secretRef": {"name": "s3"}}
+        obj["spec"]["stages"]["sft"].update(gpusPerNode=1, resources={})
+        yield op_ns, ns, obj, f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
+    finally:
+        with contextlib.suppress(Exception):
+            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
+        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
+        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
+
+
+def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, crd, s3_server, tmp_path):
+    """A real `kuberlhf stage sft` process reads a dataset whose second line is not JSON and exits with the
+    user-error code (78): the pipeline is Failed (ConfigError) after one attempt, though backoffLimit is 2."""
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    bad = tmp_path / "broken-pairs.jsonl"
+    bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
+    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "usererr") as (op_ns, ns, obj, pipeline):
+        obj["spec"]["data"]["datasets"] = [str(bad)]
+        obj["spec"]["stages"]["sft"]["backoffLimit"] = 2
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
         status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("phase") == "Failed" and st,
                           "the pipeline to fail on the stage's user error", 240, 1.0,
@@ -155,34 +169,12 @@ def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kub
         assert "exit code 78" in status["message"] and "line 2 is not valid JSON" in status["message"], status
         jobs = api.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
         assert [j["metadata"]["name"] for j in jobs] == [job_name(NAME, "sft", 1)]
-    finally:
-        with contextlib.suppress(Exception):
-            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
-        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
-        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
 
 
 def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane, kubelet, crd, s3_server, tmp_path):
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    suffix = uuid.uuid4().hex[:5]
-    op_ns, ns = f"kuberlhf-ev-{suffix}", f"evict-{suffix}"
-    manifest = _chart(op_ns, ns, tmp_path)
-    bucket = f"ev-{suffix}"
-    s3_server.create_bucket(bucket)
-    pipeline = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
-    try:
-        for name in (op_ns, ns):
-            control_plane.kubectl("create", "namespace", name)
-        control_plane.kubectl("create", "secret", "generic", "s3", "-n", ns,
-                              f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-                              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
-        control_plane.kubectl("apply", "-f", "-", input=manifest)
-        wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
-        obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
-        obj["metadata"] = {"name": NAME}
-        obj["spec"]["storage"] = {"uri": f"s3://{bucket}/p", "endpoint": s3_server.endpoint,
-                                  "secretRef": {"name": "s3"}}
-        obj["spec"]["stages"]["sft"].update(gpusPerNode=1, resources={}, backoffLimit=0)
+    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "evict") as (op_ns, ns, obj, pipeline):
+        obj["spec"]["stages"]["sft"]["backoffLimit"] = 0
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
         sft1 = job_name(NAME, "sft", 1)
         pods = wait_for(lambda: kubelet.active(ns, {"job-name": sft1}), "the sft pod to run", 120, 0.3)
@@ -194,8 +186,3 @@ def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane,
         assert status["phase"] != "Failed" and status["stages"]["sft"]["disruptions"] == 1, status
         events = api.get(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={NAME}")["items"]
         assert any(e["reason"] == "StageDisrupted" for e in events), [e["reason"] for e in events]
-    finally:
-        with contextlib.suppress(Exception):
-            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
-        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
-        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
