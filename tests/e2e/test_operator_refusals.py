@@ -7,7 +7,8 @@ v1.20.2), lean: no test waits for a stage to train. The chart's operator runs as
 - Deleting the pipeline while the operator is stopped completes: kopf put no finalizer on it, and the garbage
   collector removes its Job and Service through their ownerReferences.
 - A stage that exits with the user-error code fails the pipeline after one attempt (ConfigError).
-- A stage pod evicted with a DisruptionTarget condition is retried with backoffLimit 0 (it uses no attempt)."""
+- A stage pod evicted with a DisruptionTarget condition is retried with backoffLimit 0 (it uses no attempt).
+- A Job the API server refuses (422: requests above limits) is InvalidSpec naming the field."""
 
 from __future__ import annotations
 
@@ -186,3 +187,19 @@ def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane,
         assert status["phase"] != "Failed" and status["stages"]["sft"]["disruptions"] == 1, status
         events = api.get(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={NAME}")["items"]
         assert any(e["reason"] == "StageDisrupted" for e in events), [e["reason"] for e in events]
+
+
+def test_a_child_the_api_server_refuses_is_invalid_spec_naming_the_field(control_plane, kubelet, crd, s3_server,
+                                                                          tmp_path):
+    """Requests above limits pass the spec's checks but the API server refuses the Job (422): InvalidSpec with the
+    server's field, not an endless retry."""
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "invalid") as (op_ns, ns, obj, pipeline):
+        obj["spec"]["stages"]["sft"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+        status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("reason") == "InvalidSpec" and st,
+                          "the pipeline to report the refused Job", 60, 0.5,
+                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+        assert status["phase"] == "Failed" and status["refusedGeneration"] == 1, status
+        assert "resources.requests" in status["message"] and "spec.stages.sft" in status["message"], status
+        assert not api.get(f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]
