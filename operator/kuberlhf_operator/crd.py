@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,11 +110,44 @@ def _has_default_factory(node: dict[str, Any], prop_name: str, defs: dict[str, A
     return "$ref" in raw and "default" not in raw  # a plain $ref with no default = default_factory model
 
 
+# The stages added after the first three, slimmed in the CRD: it must stay under the 256 KiB annotation of
+# kubectl's client-side apply, and every typed copy of the upstream PodSpec schema costs ~42 KB. Their
+# podTemplate.spec is not typed by the CRD (kuberlhf still checks it: kuberlhf.contract.pod, shape and
+# operator-owned fields; the API server types the Pods made from it), and the fields they share with sft / ppo
+# carry their description there only (`kubectl explain rlhfpipeline.spec.stages.sft`; docs/kubernetes.md lists
+# every field).
+SLIM_STAGES = {"dpo": "sft", "grpo": "ppo"}
+
+
+def _loosen_pod_specs(schema: dict[str, Any]) -> None:
+    stages = schema["properties"]["stages"]["properties"]
+    for stage, like in SLIM_STAGES.items():
+        props = stages[stage]["properties"]
+        props["podTemplate"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                                "description": "As spec.stages.sft.podTemplate (not typed by the CRD, for its size)."}
+        twin = stages[like]["properties"]
+        for name, prop in props.items():
+            if name in twin and name != "podTemplate" and prop.get("description") == twin[name].get("description"):
+                props[name] = _without_descriptions(prop)  # described at spec.stages.<like>
+            elif "description" in prop:  # their own fields: the first clause (docs/kubernetes.md has it all)
+                prop["description"] = re.split(r" \(|: |; |\. ", prop["description"], maxsplit=1)[0].rstrip(".") + "."
+
+
+def _without_descriptions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_descriptions(v) for k, v in node.items() if k != "description"}
+    if isinstance(node, list):
+        return [_without_descriptions(v) for v in node]
+    return node
+
+
 def spec_schema() -> dict[str, Any]:
     raw = PipelineSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.get("$defs", {})
     schema = podschema.expand(_convert(raw, defs))  # podTemplate specs: the upstream PodSpec schema
-    schema["description"] = "Desired state of an RLHF pipeline (SFT -> reward model -> PPO -> chat serving)."
+    _loosen_pod_specs(schema)
+    schema["description"] = ("Desired state of an RLHF pipeline (SFT -> reward model -> PPO, SFT -> DPO or SFT -> "
+                             "[reward model ->] GRPO, then chat serving).")
     return schema
 
 
@@ -123,7 +157,8 @@ def _condition_schema() -> dict[str, Any]:
         "required": ["type", "status"],
         "properties": {
             "type": {"type": "string", "description": "Ready, SFTSucceeded, RewardSucceeded, PPOSucceeded, "
-                                                      "Serving, Failed, Suspended or SpecChangeIgnored."},
+                                                      "DPOSucceeded, GRPOSucceeded, Serving, Failed, Suspended or "
+                                                      "SpecChangeIgnored."},
             "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
             "reason": {"type": "string"},
             "message": {"type": "string"},
@@ -187,10 +222,17 @@ def status_schema() -> dict[str, Any]:
             "chatEndpoint": {"type": "string"},
             "chatApiKeySecret": {"type": "string", "description": "Secret holding the chat's API key (key API_KEY): "
                                  "spec.serving.apiKeySecretRef, or the one the operator generated."},
+            "graph": {"type": "string", "description": "The stages spec.algorithm runs, e.g. 'sft -> reward -> "
+                      "ppo', 'sft -> dpo', 'sft -> grpo'."},
             "conditions": {"type": "array", "items": _condition_schema()},
             "stages": {
                 "type": "object",
-                "properties": {name: copy.deepcopy(stage) for name in [s.value for s in Stage] + ["serving"]},
+                # the field descriptions once, in sft's entry (the CRD's size: kubectl's 256 KiB annotation)
+                # (dpo, grpo: the same fields, untyped)
+                "properties": {name: copy.deepcopy(stage if name == "sft" else _without_descriptions(stage))
+                               if name not in SLIM_STAGES else {"type": "object",
+                                                                "x-kubernetes-preserve-unknown-fields": True}
+                               for name in [s.value for s in Stage] + ["serving"]},
             },
         },
     }
@@ -249,6 +291,8 @@ def build_crd(cel: bool = True) -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
+                        {"name": "Algorithm", "type": "string", "jsonPath": ".spec.algorithm"},
+                        {"name": "Graph", "type": "string", "jsonPath": ".status.graph", "priority": 1},
                         {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts"},

@@ -324,7 +324,8 @@ def build_stage_job(
 
 def serving_model_uri(pipeline: RLHFPipeline, owner: Owner) -> str:
     layout = StageLayout.for_pipeline(pipeline, owner.namespace, owner.uid)
-    return layout.serving_model_uri(pipeline.spec.serving.use_ema, pipeline.spec.stages.ppo.ema.enabled)
+    spec = pipeline.spec
+    return layout.serving_model_uri(spec.serving.use_ema, spec.final_ema_enabled, spec.final_stage)
 
 
 def serve_command(pipeline: RLHFPipeline, owner: Owner) -> list[str]:
@@ -464,7 +465,7 @@ def storage_port(pipeline: RLHFPipeline) -> int | None:
 def uses_hub(pipeline: RLHFPipeline) -> bool:
     """Whether a model, tokenizer or dataset is a Hugging Face hub name (downloaded over HTTPS)."""
     spec = pipeline.spec
-    models = [x for ref in (spec.actor, spec.reward) for x in (ref.model, ref.tokenizer) if x]
+    models = [x for ref in (spec.actor, spec.reward) if ref is not None for x in (ref.model, ref.tokenizer) if x]
     datasets = [d.name for d in [*spec.data.datasets, *spec.data.sft_only, spec.data.unsupervised] if d and d.name]
     local = ("s3://", "file://", "/", ".", "~", BUILTIN_PREFIX)
     return any(not ref.startswith(local) for ref in [*models, *datasets])

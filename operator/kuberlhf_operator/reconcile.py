@@ -16,7 +16,8 @@ The pure parts, in order:
    transition" lives in one function.
 
 State machine (status.phase / status.stage):
-Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Succeeded/done, with Suspended
+Pending -> Running/sft -> Running/reward -> Running/ppo -> Running/serving -> Succeeded/done (the stages of
+spec.algorithm's graph: sft -> reward -> ppo, sft -> dpo, sft -> [reward ->] grpo), with Suspended
 (spec.suspend), Queued (a stage Job a queue such as Kueue has not admitted) and Failed (attempts exhausted, or
 InvalidSpec until the spec is fixed) on the side.
 """
@@ -35,12 +36,13 @@ from pydantic import ValidationError
 from kuberlhf.contract.preflight import format_problems, preflight
 from kuberlhf.contract.rules import update_problems
 from kuberlhf.contract.spec import (
-    STAGE_ORDER,
+    ALL_STAGES,
     ObjectMeta,
     PipelineSpec,
     RLHFPipeline,
     SpecError,
     Stage,
+    graph_text,
     parse_pipeline,
     parse_spec,
     written_spec,
@@ -69,8 +71,9 @@ from kuberlhf_operator.observe import ROUTINE_WAITING, JobState, Observed, PodsS
 from kuberlhf_operator.spec_pin import SERVING, changed_since_pin, pin
 
 DONE = "done"
-CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded"}
-STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO"}
+CONDITION_OF_STAGE = {"sft": "SFTSucceeded", "reward": "RewardSucceeded", "ppo": "PPOSucceeded",
+                      "dpo": "DPOSucceeded", "grpo": "GRPOSucceeded"}
+STAGE_TITLE = {"sft": "SFT", "reward": "reward model", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_CONFIG_ERROR = "ConfigError"  # a stage exited with the user-error code
 REASON_CREATE_REFUSED = "CreateRefused"  # the API server refused a child for a reason that may pass (a quota)
@@ -131,7 +134,7 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
 def pod_policy_problem(namespace: str, spec: PipelineSpec, config: OperatorConfig) -> str | None:
     """The first template field that would run a pod as the operator, or outside the install's allowlists."""
     layers: list[tuple[str, Any]] = [("spec.podTemplate", spec.pod_template)]
-    layers += [(f"spec.stages.{st.value}.podTemplate", spec.stages.get(st).pod_template) for st in STAGE_ORDER]
+    layers += [(f"spec.stages.{st.value}.podTemplate", spec.stages.get(st).pod_template) for st in ALL_STAGES]
     layers.append(("spec.serving.podTemplate", spec.serving.pod_template))
     image = spec.image or config.default_image
     images = [("spec.image", image)] if image else []
@@ -281,7 +284,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     if ignored and ignored.get("status") == "True" and (was.get("status"), was.get("message")) != (
             "True", ignored.get("message")):
         out.append(Event("Warning", "SpecChangeIgnored", ignored.get("message", "")))
-    for stage in STAGE_ORDER:
+    for stage in ALL_STAGES:
         out += _stage_events(stage.value, old, new)
     serving, served = ((new.get("stages") or {}).get(SERVING) or {}), ((old.get("stages") or {}).get(SERVING) or {})
     auth_off, was_off = get_condition(new, "AuthDisabled"), get_condition(old, "AuthDisabled") or {}
@@ -329,17 +332,25 @@ class Snapshot:
     def for_stage(self, stage: str) -> RLHFPipeline:
         return self.record(stage) or self.current
 
+    @property
+    def graph(self) -> tuple[Stage, ...]:
+        """The stages the pipeline runs: those of the spec its first stage's Job runs with (spec.algorithm and
+        stages.grpo.rewardFunction are pinned like every field a started stage depends on), else the current
+        spec's."""
+        return self.for_stage(Stage.sft.value).spec.stage_graph
+
     def for_serving(self) -> RLHFPipeline:
-        ppo = self.record(Stage.ppo.value)
-        if ppo is None:
+        last = self.graph[-1].value  # serving keeps the EMA choice of the final stage it serves
+        ran = self.record(last) if last in ("ppo", "grpo") else None
+        if ran is None:
             return self.current
         spec = self.current.spec
-        stages = spec.stages.model_copy(update={"ppo": ppo.spec.stages.ppo})
+        stages = spec.stages.model_copy(update={last: ran.spec.stages.get(last)})
         return self.current.model_copy(update={"spec": spec.model_copy(update={"stages": stages})})
 
     def storage_problem(self, status: dict[str, Any]) -> str | None:
         """The CRD transition rule on storage, judged against the storage the started stages' Jobs use."""
-        for stage in reversed(STAGE_ORDER):
+        for stage in reversed(ALL_STAGES):
             old = self.record(stage.value)
             if old is not None:
                 new = {"spec": self.current.spec.to_wire()}
@@ -409,7 +420,7 @@ class _Run:
     def report_spec_changes(self) -> None:
         snap = self.spec
         stages_st = self.status.get("stages") or {}
-        started = [s for s in [x.value for x in STAGE_ORDER] + [SERVING] if (stages_st.get(s) or {}).get("specHash")]
+        started = [s for s in [x.value for x in ALL_STAGES] + [SERVING] if (stages_st.get(s) or {}).get("specHash")]
         changes: dict[str, list[str]] = {}
         current = snap.current.spec.to_wire()
         for s in started:
@@ -425,7 +436,8 @@ class _Run:
             if previous is not None and previous.get("status") == "True":
                 self.cond("SpecChangeIgnored", False, "SpecInSync", "the spec matches what every started stage uses")
             return
-        pending = [x.value for x in STAGE_ORDER if x.value not in started] + ([] if SERVING in started else [SERVING])
+        pending = [x.value for x in self.spec.graph if x.value not in started]
+        pending += [] if SERVING in started else [SERVING]
         parts = [f"{f} (started: {', '.join(st)})" for f, st in changes.items()]
         msg = ("changed after their stage started, kept at the started values: " + "; ".join(parts)
                + (f". Applied to stages not yet started: {', '.join(pending)}" if pending else ""))
@@ -449,7 +461,9 @@ class _Run:
         self.report_spec_changes()
         if st["phase"] == "Failed":
             return self.decision()  # terminal: attempts exhausted; delete and re-create the pipeline to rerun
-        for stage in STAGE_ORDER:
+        graph = snap.graph
+        st["graph"] = graph_text(graph)
+        for stage in graph:
             if (st["stages"].get(stage.value) or {}).get("phase") == "Succeeded":
                 continue
             self.drive_stage(stage.value)
@@ -650,7 +664,8 @@ class _Run:
         msg = f"stage {stage} succeeded: {s['checkpoint']} (manifest sha256 {s['manifestSha256'][:12]})"
         self.cond(CONDITION_OF_STAGE[stage], True, "CheckpointComplete", msg)
         # Go straight on to the next stage (or serving) in this same decision.
-        nxt = [x.value for x in STAGE_ORDER][[x.value for x in STAGE_ORDER].index(stage) + 1:]
+        graph = [x.value for x in self.spec.graph]
+        nxt = graph[graph.index(stage) + 1:]
         if nxt:
             self.drive_stage(nxt[0])
         else:
@@ -813,7 +828,7 @@ def stages_to_probe(status: dict[str, Any] | None, observed: Observed) -> list[s
     asks the object store about exactly these."""
     stages_st = (status or {}).get("stages") or {}
     out = []
-    for stage in STAGE_ORDER:
+    for stage in ALL_STAGES:
         s = stages_st.get(stage.value) or {}
         if s.get("phase") == "Succeeded":
             continue

@@ -29,6 +29,7 @@ def spec_of(accelerator: str = "cpu", deployment: str = "single_node", data=None
     )
 
 
+DPO = {"algorithm": "dpo", "reward": None}
 # (spec arguments, the field the problem names, words of the message or fix)
 BAD = [
     ({"stages": {"sft": {"dtype": "fp16"}}}, "spec.stages.sft.dtype", "bf16 or fp32"),
@@ -73,6 +74,33 @@ BAD = [
     ({"reward": {"model": "kuberlhf/tiny-gpt"}}, "spec.reward.model", "kuberlhf/tiny-opt"),
     ({"actor": {"model": "s3://models/opt", "revision": "v1"}}, "spec.actor.revision", "hub name"),
     ({"reward": {"model": "./rm", "revision": "main"}}, "spec.reward.revision", "remove"),
+    ({"stages": {"ppo": {"rolloutBatchSize": 6}}}, "spec.stages.ppo.rolloutBatchSize", "multiple"),
+    # spec.algorithm: the stages of the other algorithms, the reward model, GRPO's group and reward function
+    ({**DPO, "stages": {"dpo": {"dtype": "fp16"}}}, "spec.stages.dpo.dtype", "bf16 or fp32"),
+    ({**DPO, "stages": {"dpo": {"lora": {"onlyOptimizeLora": True}}}}, "spec.stages.dpo.lora.onlyOptimizeLora", "dim"),
+    ({**DPO, "stages": {"reward": {"epochs": 2}}}, "spec.stages.reward", "remove spec.stages.reward"),
+    ({"algorithm": "dpo"}, "spec.reward", "remove spec.reward"),
+    ({"reward": None}, "spec.reward", "give spec.reward.model"),
+    ({"stages": {"dpo": {"beta": 0.5}}}, "spec.stages.dpo", "set spec.algorithm"),
+    ({"algorithm": "grpo", "stages": {"grpo": {"dtype": "fp16"}}}, "spec.stages.grpo.dtype", "bf16 or fp32"),
+    ({"algorithm": "grpo", "stages": {"grpo": {"hybridEngine": True}}}, "spec.stages.grpo.hybridEngine", "CUDA"),
+    (
+        {"algorithm": "grpo", "stages": {"grpo": {"actorLora": {"onlyOptimizeLora": True}}}},
+        "spec.stages.grpo.actorLora.onlyOptimizeLora",
+        "dim",
+    ),
+    ({"stages": {"grpo": {"groupSize": 8}}}, "spec.stages.grpo", "set spec.algorithm"),
+    ({"algorithm": "grpo", "stages": {"grpo": {"groupSize": 1}}}, "spec.stages.grpo.groupSize", "2 or more"),
+    (
+        {"algorithm": "grpo", "stages": {"grpo": {"ema": {"enabled": False}}}},
+        "spec.serving.useEma",
+        "spec.stages.grpo.ema.enabled",
+    ),
+    (
+        {"algorithm": "grpo", "reward": None, "stages": {"grpo": {"rewardFunction": "s3://Bad_Bucket/r.py:score"}}},
+        "spec.stages.grpo.rewardFunction",
+        "bucket",
+    ),
 ]
 
 

@@ -47,28 +47,49 @@ def _merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
             into[k] = copy.deepcopy(v)
 
 
+# the algorithm a stage's rules need: dpo has no reward model (spec.reward set would draw its own message)
+ALGORITHM_OF = {"dpo": {"algorithm": "dpo", "reward": None}, "grpo": {"algorithm": "grpo"}}
+
+
+def _with_algorithm(stage: str, patch: dict[str, Any]) -> dict[str, Any]:
+    return {**ALGORITHM_OF.get(stage, {}), **patch}
+
+
 def _lora_cases() -> list[tuple[str, dict[str, Any], str]]:
     out = []
-    for st, key in (("sft", "lora"), ("reward", "lora"), ("ppo", "actorLora"), ("ppo", "criticLora")):
+    for st, key in (("sft", "lora"), ("reward", "lora"), ("ppo", "actorLora"), ("ppo", "criticLora"),
+                    ("dpo", "lora"), ("grpo", "actorLora")):
         short = f"{st}-{key.lower()}"
         field = f"spec.stages.{st}.{key}.onlyOptimizeLora"
-        out.append((f"{short}-only-no-dim", {"stages": {st: {key: {"dim": 0, "onlyOptimizeLora": True}}}}, field))
+        only = {"stages": {st: {key: {"dim": 0, "onlyOptimizeLora": True}}}}
+        out.append((f"{short}-only-no-dim", _with_algorithm(st, only), field))
         gc = {"stages": {st: {"gradientCheckpointing": True, key: {"dim": 8, "onlyOptimizeLora": True}}}}
-        out.append((f"{short}-only-gc", gc, f"{field}:1"))
+        out.append((f"{short}-only-gc", _with_algorithm(st, gc), f"{field}:1"))
     return out
 
 
 # (name, patch, rule key): the key is Rule.field, plus ":n" for the n-th rule of that field in the table.
 _CASES: list[tuple[str, dict[str, Any], str]] = [
     *[
-        (f"fp16-cpu-{st}", {"accelerator": "cpu", "stages": {st: {"dtype": "fp16"}}}, f"spec.stages.{st}.dtype")
-        for st in ("sft", "reward", "ppo")
+        (f"fp16-cpu-{st}", _with_algorithm(st, {"accelerator": "cpu", "stages": {st: {"dtype": "fp16"}}}),
+         f"spec.stages.{st}.dtype")
+        for st in ("sft", "reward", "ppo", "dpo", "grpo")
     ],
-    (
-        "hybrid-engine-cpu",
-        {"accelerator": "cpu", "stages": {"ppo": {"hybridEngine": True}}},
-        "spec.stages.ppo.hybridEngine",
-    ),
+    *[
+        (f"hybrid-engine-cpu-{st}", _with_algorithm(st, {"accelerator": "cpu", "stages": {st: {"hybridEngine": True}}}),
+         f"spec.stages.{st}.hybridEngine")
+        for st in ("ppo", "grpo")
+    ],
+    # settings of a stage the algorithm does not run
+    ("dpo-with-reward-stage", {"algorithm": "dpo", "reward": None, "stages": {"reward": {"epochs": 2}}},
+     "spec.stages.reward"),
+    ("dpo-with-ppo-stage", {"algorithm": "dpo", "reward": None, "stages": {"ppo": {"klCoef": 0.2}}},
+     "spec.stages.ppo:1"),
+    ("ppo-with-dpo-stage", {"stages": {"dpo": {"beta": 0.2}}}, "spec.stages.dpo"),
+    ("ppo-with-grpo-stage", {"stages": {"grpo": {"groupSize": 8}}}, "spec.stages.grpo"),
+    ("ppo-without-reward-model", {"reward": None}, "spec.reward"),
+    ("dpo-with-reward-model", {"algorithm": "dpo"}, "spec.reward:1"),
+    ("grpo-group-of-one", {"algorithm": "grpo", "stages": {"grpo": {"groupSize": 1}}}, "spec.stages.grpo.groupSize"),
     *_lora_cases(),
     # ZeRO-2 both sides + hybrid engine + offload, actor without LoRA: DeepSpeed-Chat's refusal (no CEL: presets)
     (
@@ -95,6 +116,11 @@ _CASES: list[tuple[str, dict[str, Any], str]] = [
         "use-ema-without-ema",
         {"stages": {"ppo": {"ema": {"enabled": False}}}, "serving": {"useEma": True}},
         "spec.serving.useEma",
+    ),
+    (
+        "grpo-use-ema-without-ema",
+        {"algorithm": "grpo", "stages": {"grpo": {"ema": {"enabled": False}}}, "serving": {"useEma": True}},
+        "spec.serving.useEma:1",
     ),
 ]
 

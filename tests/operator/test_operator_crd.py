@@ -86,9 +86,13 @@ def test_crd_is_a_valid_v1_crd_with_status_and_columns() -> None:
     version = crd["spec"]["versions"][0]
     assert crd["metadata"]["name"] == "rlhfpipelines.kuberlhf.io" and crd["spec"]["names"]["shortNames"] == ["rlhf"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Stage", "Phase", "Attempts", "Age", "Chat"]
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert list(columns) == ["Algorithm", "Graph", "Stage", "Phase", "Attempts", "Age", "Chat"]
+    # kubectl get rlhf shows the algorithm; -o wide its stage graph (sft -> dpo, ...)
+    assert columns["Algorithm"]["jsonPath"] == ".spec.algorithm" and columns["Graph"]["jsonPath"] == ".status.graph"
+    assert columns["Graph"]["priority"] == 1
     status = openapi()["properties"]["status"]["properties"]
-    for key in ("phase", "stage", "observedGeneration", "conditions", "stages", "chatEndpoint", "attempts"):
+    for key in ("phase", "stage", "observedGeneration", "conditions", "stages", "chatEndpoint", "attempts", "graph"):
         assert key in status
     sft = status["stages"]["properties"]["sft"]["properties"]
     for key in ("phase", "jobName", "attempts", "startTime", "completionTime", "checkpoint", "manifestSha256"):
@@ -117,7 +121,10 @@ def test_schema_is_structural_and_defaults_are_valid() -> None:
         if "default" in node:
             assert jsonschema.Draft4Validator(node).is_valid(node["default"]), path
     spec = openapi()["properties"]["spec"]
-    assert spec["required"] == ["actor", "reward", "data", "storage"]
+    # spec.reward is needed only by the algorithms with a reward stage: the preflight says so, not the schema
+    assert spec["required"] == ["actor", "data", "storage"]
+    assert spec["properties"]["algorithm"] == {**spec["properties"]["algorithm"], "default": "ppo",
+                                               "enum": ["ppo", "dpo", "grpo"]}
     preserve = {p for p, n in _walk(spec) if n.get("x-kubernetes-preserve-unknown-fields")}
     assert ".data.datasets[]" in preserve and ".stages.sft.resources" in preserve
     # The upstream PodSpec schema, typed throughout (managedFields' fieldsV1 is free-form upstream too).

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from kuberlhf.contract.spec import ObjectMeta, RLHFPipeline, SpecError, Stage, parse_spec
+from kuberlhf.contract.spec import ObjectMeta, RLHFPipeline, SpecError, parse_spec
 from kuberlhf.contract.stage import stage_command
 from kuberlhf_operator.manifests import (
     COMPLETION_INDEX_ANNOTATION,
@@ -75,7 +75,7 @@ def gpu_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def all_objects(p: RLHFPipeline) -> list[dict[str, Any]]:
     objs = []
-    for stage in Stage:
+    for stage in p.spec.stage_graph:
         objs += [build_stage_job(p, OWNER, stage, 3, default_image="img:1"), build_stage_service(OWNER, stage, 3),
                  build_stage_network_policy(p, OWNER, stage, 3)]
     return objs + [build_chat_deployment(p, OWNER, default_image="img:1"), build_chat_service(p, OWNER),

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kuberlhf.contract.pod import merge, merge_layers, owned_conflicts
-from kuberlhf.contract.spec import ObjectMeta, RLHFPipeline, Stage, parse_pipeline
+from kuberlhf.contract.spec import ObjectMeta, RLHFPipeline, parse_pipeline
 from kuberlhf.contract.stage import stage_command
 from kuberlhf_operator.crd import build_crd
 from kuberlhf_operator.manifests import (
@@ -42,7 +42,7 @@ def worked_example() -> list[dict[str, Any]]:
 
 def children(p: RLHFPipeline) -> list[dict[str, Any]]:
     out = []
-    for stage in Stage:
+    for stage in p.spec.stage_graph:
         out += [build_stage_job(p, OWNER, stage, 1, default_image="img:1"), build_stage_service(OWNER, stage, 1)]
     return out + [build_chat_deployment(p, OWNER, default_image="img:1"), build_chat_service(p, OWNER)]
 

@@ -65,3 +65,23 @@ def test_samples_show_the_largest_score_changes() -> None:
 
     assert most_changed([1.0, 2.0, 3.0, 0.0], [1.0, 5.0, 2.0, 0.5], 2) == [1, 2]
     assert most_changed([0.0, 0.0], [1.0, -1.0], 5) == [0, 1]  # equal changes keep their order; n may exceed
+
+
+def test_each_algorithm_runs_its_own_graph() -> None:
+    def algorithm(name: str, **grpo):
+        def mutate(d):
+            d["spec"]["algorithm"] = name
+            if name == "dpo" or grpo:
+                d["spec"].pop("reward")
+            d["spec"]["stages"] = {k: v for k, v in d["spec"]["stages"].items() if k == "sft"}
+            if grpo:
+                d["spec"]["stages"]["grpo"] = grpo
+        return mutate
+
+    dpo = tiny(algorithm("dpo"))
+    assert list(stage_fingerprints(dpo)) == ["sft", "dpo"] and dpo.spec.final_stage is Stage.dpo
+    assert stages_to_run(None, dpo.spec.stage_graph) == [Stage.sft, Stage.dpo]
+    assert required_before([Stage.dpo], dpo.spec.stage_graph) == [Stage.sft]
+    grpo = tiny(algorithm("grpo", rewardFunction="kuberlhf.data.true_reward:load_true_reward"))
+    assert grpo.spec.stage_graph == (Stage.sft, Stage.grpo)
+    assert tiny(algorithm("grpo")).spec.stage_graph == (Stage.sft, Stage.reward, Stage.grpo)

@@ -37,7 +37,7 @@ def example_children(path: Path) -> list[dict[str, Any]]:
     """What the operator creates for the example, from the same builders reconcile uses: per stage (first attempt)
     the Job, its headless Service and NetworkPolicy; the chat Deployment, Service, NetworkPolicy, generated API-key
     Secret (unless the example names its own or turns auth off) and, with several replicas, PodDisruptionBudget."""
-    from kuberlhf.contract.spec import STAGE_ORDER, load_pipeline_file
+    from kuberlhf.contract.spec import load_pipeline_file
     from kuberlhf_operator.manifests import (
         Owner,
         build_chat_api_key_secret,
@@ -53,7 +53,7 @@ def example_children(path: Path) -> list[dict[str, Any]]:
     pipeline = load_pipeline_file(str(path))
     owner = Owner(name=pipeline.metadata.name, namespace="team-a", uid="00000000-0000-0000-0000-000000000001")
     objects: list[dict[str, Any]] = []
-    for stage in STAGE_ORDER:
+    for stage in pipeline.spec.stage_graph:
         objects.append(build_stage_job(pipeline, owner, stage, 1, default_image="ghcr.io/kuberlhf/trainer:0.1.0"))
         objects.append(build_stage_service(owner, stage, 1))
         if pipeline.spec.network.policies:

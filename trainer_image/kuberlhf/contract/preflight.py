@@ -14,6 +14,7 @@ The checks, in order (:data:`CHECKS`):
   fit; the problem names the estimate and the cheapest fix (model shapes from config.json files only where no
   download is needed: the tiny model, the known OPT configs, local directories with ``local=True``);
 - the Kubernetes quantities the operator copies into its pods (``resources``, ``shmSize``);
+- ``stages.grpo.rewardFunction`` (imported where the stage would run it: ``local=True``);
 - references resolvable without downloading: built-in dataset and model names, dataset adapters, the shape of
   ``s3://`` / ``file://`` URIs, and with ``local=True`` (the machine that reads them) that local files exist.
 
@@ -88,8 +89,10 @@ def deepspeed_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterabl
     from kuberlhf.training.ds_config import settings_problems, stage_settings
 
     out: list[Problem] = []
-    for stage, roles in (("sft", (None,)), ("reward", (None,)), ("ppo", ("actor", "critic"))):
-        for role in roles:
+    roles_of = {"ppo": ("actor", "critic"), "grpo": ("actor",) if spec.stages.grpo.reward_function else
+                ("actor", "reward")}
+    for stage in (st.value for st in spec.stage_graph):
+        for role in roles_of.get(stage, (None,)):
             for p in settings_problems(stage_settings(spec, stage, world_size(spec, stage), role=role)):
                 if p not in out:  # actor and critic share most stage fields
                     out.append(p)
@@ -233,7 +236,8 @@ def reference_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterabl
     for ref, field in refs:
         out += _dataset_problems(ref, field, options)
     out += _model_problems(spec.actor, "spec.actor", options)
-    out += _model_problems(spec.reward, "spec.reward", options)
+    if spec.reward is not None:
+        out += _model_problems(spec.reward, "spec.reward", options)
     bad = uri_problem(spec.storage.uri, "spec.storage.uri", "pipelines", need_key=False)  # a whole bucket is fine
     return [*out, *([bad] if bad else [])]
 
@@ -276,7 +280,21 @@ def memory_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[P
     return plan_check(spec, options)
 
 
+def reward_function_problems(spec: PipelineSpec, options: PreflightOptions) -> Iterable[Problem]:
+    """``stages.grpo.rewardFunction``: the shape of a file reference everywhere; with ``local=True`` (the machine
+    that runs it) that it imports and names a function. The operator's image need not hold the user's module, so
+    there the stage itself refuses it before loading any model (a user error, never retried)."""
+    from kuberlhf.rlhf.code_reward import reward_function_problem
+
+    ref = spec.stages.grpo.reward_function
+    if not ref or spec.algorithm.value != "grpo":
+        return []
+    found = reward_function_problem(ref, spec.storage, local=options.local)
+    return [Problem("spec.stages.grpo.rewardFunction", *found)] if found else []
+
+
 CHECKS: tuple[Check, ...] = (rule_problems, deepspeed_problems, reference_problems, resource_problems,
+                             reward_function_problems,
                              memory_problems)
 
 

@@ -47,6 +47,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# DPO: DeepSpeed-Chat's step2_dpo_finetuning scripts are its step-2 scripts (same batch layout, ZeRO stage and
+# rate), so dpo takes step 2's preset. GRPO: step 3's actor side (no critic), the frozen reward model at the
+# critic's ZeRO stage.
+_CRITIC_ONLY = ("critic_zero_stage", "critic_learning_rate")
+for _table in PRESETS.values():
+    _table["dpo"] = dict(_table["reward"])
+    _table["grpo"] = {k: v for k, v in _table["ppo"].items() if k not in _CRITIC_ONLY}
+    _table["grpo"]["reward_zero_stage"] = _table["ppo"]["critic_zero_stage"]
+
 _LORA_KEYS = {"lora_dim": "lora", "actor_lora_dim": "actor_lora"}
 # DeepSpeed-Chat's step-3 scripts pass --disable_actor_dropout: the PPO actor (and its reference/EMA copies and
 # the critic) run without dropout unless spec.actor.dropout says otherwise.
@@ -65,11 +74,18 @@ def apply_preset(spec: PipelineSpec) -> None:
     from kuberlhf.contract.spec import Accelerator, LoraSpec
 
     table = PRESETS[spec.deployment_type.value]
-    ppo = spec.stages.ppo
+    ppo, grpo = spec.stages.ppo, spec.stages.grpo
     if ppo.learning_rate is not None:  # one rate the user gave for step 3 wins over both preset rates
         ppo.actor_learning_rate = ppo.actor_learning_rate or ppo.learning_rate
         ppo.critic_learning_rate = ppo.critic_learning_rate or ppo.learning_rate
+    if grpo.learning_rate is not None:
+        grpo.actor_learning_rate = grpo.actor_learning_rate or grpo.learning_rate
+    # only the pipeline's own stages: a stage of another algorithm stays as written, so the preflight can tell
+    # the user it has no place in this pipeline
+    graph = {st.value for st in spec.stage_graph}
     for stage_name, values in table.items():
+        if stage_name not in graph:
+            continue
         stage = getattr(spec.stages, stage_name)
         for key, value in values.items():
             if key in _LORA_KEYS:

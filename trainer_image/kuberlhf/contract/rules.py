@@ -49,6 +49,15 @@ def _has(*path: str) -> str:
     return " && ".join(f"has(self.{'.'.join(path[: i + 1])})" for i in range(len(path)))
 
 
+# Stages whose per-field rules stay out of the CRD (its size: kubectl's 256 KiB annotation): the preflight
+# checks them, on every server.
+_PREFLIGHT_ONLY_STAGES = ("dpo", "grpo")
+
+
+def _cel(stage: str, expression: str) -> str | None:
+    return None if stage in _PREFLIGHT_ONLY_STAGES else expression
+
+
 def _fp16_rule(stage: str) -> Rule:
     field = f"spec.stages.{stage}.dtype"
     return Rule(
@@ -56,7 +65,8 @@ def _fp16_rule(stage: str) -> Rule:
         message="fp16 needs CUDA GPUs and spec.accelerator is cpu",
         fix=f"set {field} to bf16 or fp32, or spec.accelerator to cuda",
         ok=lambda s: not (s.accelerator.value == "cpu" and s.stages.get(stage).dtype.value == "fp16"),
-        cel=f"self.accelerator == 'cuda' || !({_has('stages', stage, 'dtype')}) || self.stages.{stage}.dtype != 'fp16'",
+        cel=_cel(stage, f"self.accelerator == 'cuda' || !({_has('stages', stage, 'dtype')}) || "
+                 f"self.stages.{stage}.dtype != 'fp16'"),
     )
 
 
@@ -65,7 +75,49 @@ _LORA_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("reward", "lora", "lora"),
     ("ppo", "actor_lora", "actorLora"),
     ("ppo", "critic_lora", "criticLora"),
+    ("dpo", "lora", "lora"),
+    ("grpo", "actor_lora", "actorLora"),
 )
+
+
+def _hybrid_cpu_rule(stage: str) -> Rule:
+    field = f"spec.stages.{stage}.hybridEngine"
+    return Rule(
+        field=field,
+        message="the DeepSpeed hybrid engine needs CUDA GPUs and spec.accelerator is cpu",
+        fix=f"set {field} to false (or leave it unset), or spec.accelerator to cuda",
+        ok=lambda s: not (s.accelerator.value == "cpu" and s.stages.get(stage).hybrid_engine),
+        cel=_cel(stage, f"self.accelerator == 'cuda' || !({_has('stages', stage, 'hybridEngine')}) || "
+                 f"!self.stages.{stage}.hybridEngine"),
+    )
+
+
+def _graph(s: PipelineSpec) -> str:
+    from kuberlhf.contract.spec import graph_text
+
+    return graph_text(s.stage_graph)
+
+
+def _stage_outside_graph(stage: str) -> Rule:
+    """Settings of a stage the algorithm does not run (``dpo`` with reward-stage settings, ``ppo`` with grpo
+    settings...) would be silently ignored: refuse them. The presets fill only the pipeline's own stages, so a
+    stage outside the graph differs from its defaults only where the user wrote something."""
+    field = f"spec.stages.{stage}"
+    runs = {"reward": "ppo, or grpo without stages.grpo.rewardFunction", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
+
+    def ok(s: PipelineSpec) -> bool:
+        from kuberlhf.contract.spec import Stage
+
+        st = s.stages.get(stage)
+        return Stage(stage) in s.stage_graph or st == type(st)()
+
+    return Rule(
+        field=field,
+        message=f"is set, but spec.algorithm's pipeline has no {stage} stage (only algorithm {runs[stage]} runs "
+        "one), so these settings would be ignored",
+        fix=f"remove {field}, or set spec.algorithm to the algorithm they are for",
+        ok=ok,  # the graph depends on rewardFunction and the presets: preflight only
+    )
 
 
 def _lora(spec: PipelineSpec, stage: str, attr: str) -> LoraSpec | None:
@@ -85,7 +137,7 @@ def _lora_only_needs_dim(stage: str, attr: str, wire: str) -> Rule:
         fix=f"set {base}.dim > 0 (e.g. 128) or {base}.onlyOptimizeLora to false",
         ok=ok,
         at=base,
-        cel="!self.onlyOptimizeLora || self.dim > 0",
+        cel=_cel(stage, "!self.onlyOptimizeLora || self.dim > 0"),
     )
 
 
@@ -143,20 +195,28 @@ def _lora_vs_checkpointing(stage: str, attr: str, wire: str) -> Rule:
         fix=f"set {base}.{wire}.onlyOptimizeLora or {base}.gradientCheckpointing to false",
         ok=ok,
         at=base,
-        cel=f"!has(self.{wire}) || !self.{wire}.onlyOptimizeLora || self.{wire}.dim == 0 || !self.gradientCheckpointing",
+        cel=_cel(stage, f"!has(self.{wire}) || !self.{wire}.onlyOptimizeLora || self.{wire}.dim == 0 || "
+                 "!self.gradientCheckpointing"),
+    )
+
+
+def _use_ema_rule(stage: str) -> Rule:
+    # dpo keeps no EMA: serving.useEma does not apply to it (it serves dpo/model/)
+    return Rule(
+        field="spec.serving.useEma",
+        message=f"serving the EMA weights ({stage}/ema/) needs spec.stages.{stage}.ema.enabled, which is false",
+        fix=f"set spec.stages.{stage}.ema.enabled to true, or spec.serving.useEma to false to serve {stage}/model/",
+        ok=lambda s: not (s.algorithm.value == stage and s.serving.enabled and s.serving.use_ema
+                          and not s.stages.get(stage).ema.enabled),
+        cel=_cel(stage, f"self.algorithm != '{stage}' || !self.serving.enabled || !self.serving.useEma || "
+                 f"self.stages.{stage}.ema.enabled"),
     )
 
 
 RULES: tuple[Rule, ...] = (
-    *(_fp16_rule(stage) for stage in ("sft", "reward", "ppo")),
-    Rule(
-        field="spec.stages.ppo.hybridEngine",
-        message="the DeepSpeed hybrid engine needs CUDA GPUs and spec.accelerator is cpu",
-        fix="set spec.stages.ppo.hybridEngine to false (or leave it unset), or spec.accelerator to cuda",
-        ok=lambda s: not (s.accelerator.value == "cpu" and s.stages.ppo.hybrid_engine),
-        cel=f"self.accelerator == 'cuda' || !({_has('stages', 'ppo', 'hybridEngine')}) || "
-        "!self.stages.ppo.hybridEngine",
-    ),
+    *(_fp16_rule(stage) for stage in ("sft", "reward", "ppo", "dpo", "grpo")),
+    _hybrid_cpu_rule("ppo"),
+    _hybrid_cpu_rule("grpo"),
     *(_lora_only_needs_dim(*f) for f in _LORA_FIELDS),
     Rule(
         field="spec.stages.ppo",
@@ -191,6 +251,8 @@ RULES: tuple[Rule, ...] = (
         "spec.data.sftOnly",
         ok=lambda s: _shares_ok(s, 0) or bool(s.data.sft_only),  # CEL cannot type sftOnly's entries: no CEL
     ),
+    *(_use_ema_rule(stage) for stage in ("ppo", "grpo")),
+    *(_stage_outside_graph(stage) for stage in ("reward", "ppo", "dpo", "grpo")),
     Rule(
         field="spec.stages.ppo.rolloutBatchSize",
         message="must be a multiple of spec.stages.ppo.generationBatchSize (a rollout is split into experience "
@@ -201,11 +263,26 @@ RULES: tuple[Rule, ...] = (
         or s.stages.ppo.rollout_batch_size % (s.stages.ppo.generation_batch_size or 1) == 0,
     ),
     Rule(
-        field="spec.serving.useEma",
-        message="serving the EMA weights (ppo/ema/) needs spec.stages.ppo.ema.enabled, which is false",
-        fix="set spec.stages.ppo.ema.enabled to true, or spec.serving.useEma to false to serve ppo/model/",
-        ok=lambda s: not (s.serving.enabled and s.serving.use_ema and not s.stages.ppo.ema.enabled),
-        cel="!self.serving.enabled || !self.serving.useEma || self.stages.ppo.ema.enabled",
+        field="spec.reward",
+        message="is missing, and the pipeline trains a reward model from it (algorithm ppo, or grpo without "
+        "spec.stages.grpo.rewardFunction)",
+        fix="give spec.reward.model (e.g. facebook/opt-350m), or score grpo answers with "
+        "spec.stages.grpo.rewardFunction, or set spec.algorithm to dpo",
+        ok=lambda s: s.reward is not None or "reward" not in {st.value for st in s.stage_graph},
+    ),
+    Rule(
+        field="spec.reward",
+        message="is set, but the pipeline has no reward stage (algorithm dpo, or grpo with "
+        "spec.stages.grpo.rewardFunction), so it would be ignored",
+        fix="remove spec.reward, or set spec.algorithm to ppo (or unset spec.stages.grpo.rewardFunction)",
+        ok=lambda s: s.reward is None or "reward" in {st.value for st in s.stage_graph},
+    ),
+    Rule(
+        field="spec.stages.grpo.groupSize",
+        message="must be 2 or more: GRPO normalises each answer's reward within its prompt's group, and a group "
+        "of one answer gives every advantage 0 (nothing is learned)",
+        fix="set spec.stages.grpo.groupSize to 2 or more (DeepSeekMath samples 64; 4-16 is common)",
+        ok=lambda s: s.algorithm.value != "grpo" or s.stages.grpo.group_size >= 2,  # preflight only: CRD size
     ),
 )
 SPLIT_FORMAT = next(r for r in RULES if r.cel and "matches" in r.cel and r.field == "spec.data.split")
@@ -213,7 +290,7 @@ SPLIT_FORMAT = next(r for r in RULES if r.cel and "matches" in r.cel and r.field
 
 # --- what may not change once the pipeline has started ------------------------------------------------------------
 
-_WATCHED = ("sft", "reward", "ppo", "serving")
+_WATCHED = ("sft", "reward", "ppo", "serving")  # sft starts first in every algorithm's graph
 
 
 @dataclass(frozen=True)

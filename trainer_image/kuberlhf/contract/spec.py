@@ -64,9 +64,29 @@ class Stage(str, Enum):
     sft = "sft"
     reward = "reward"
     ppo = "ppo"
+    dpo = "dpo"
+    grpo = "grpo"
 
 
+# Every stage kind, in pipeline order. A pipeline runs the subsequence ``PipelineSpec.stage_graph`` picks for its
+# ``algorithm``; iterate that wherever a pipeline's own stages are meant.
+ALL_STAGES: tuple[Stage, ...] = (Stage.sft, Stage.reward, Stage.ppo, Stage.dpo, Stage.grpo)
+# The stages of the default algorithm (ppo): DeepSpeed-Chat's three steps.
 STAGE_ORDER: tuple[Stage, ...] = (Stage.sft, Stage.reward, Stage.ppo)
+
+
+class Algorithm(str, Enum):
+    """What follows step 1: ``ppo`` (sft -> reward -> ppo, DeepSpeed-Chat's pipeline), ``dpo`` (sft -> dpo, on
+    step 2's preference pairs, no reward model) or ``grpo`` (sft -> [reward ->] grpo: the reward stage only
+    when no ``stages.grpo.rewardFunction`` scores the answers)."""
+
+    ppo = "ppo"
+    dpo = "dpo"
+    grpo = "grpo"
+
+
+# the last stage of each algorithm: its model is what the pipeline serves
+FINAL_STAGE: dict[Algorithm, Stage] = {Algorithm.ppo: Stage.ppo, Algorithm.dpo: Stage.dpo, Algorithm.grpo: Stage.grpo}
 
 
 class ModelRef(SpecModel):
@@ -296,15 +316,14 @@ class AdaptiveKLSpec(SpecModel):
     horizon: int = Field(default=10000, ge=1, description="Samples over which the KL coefficient adapts.")
 
 
-class PPOStageSpec(CommonStageSpec):
+class PolicyStageSpec(CommonStageSpec):
+    """What the two online step-3 algorithms share (ppo, grpo): the trained actor with its frozen reference and
+    EMA copies, experience generation, the clipped policy ratio, the KL anchor and mixed training (ptx)."""
+
     actor_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the actor (and its "
                                          "reference and EMA copies).")
-    critic_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the critic (and "
-                                          "the reward model).")
     actor_learning_rate: float | None = Field(default=None, gt=0, description="Actor learning rate.")
-    critic_learning_rate: float | None = Field(default=None, gt=0, description="Critic learning rate.")
     actor_lora: LoraSpec | None = Field(default=None, description="LoRA of the actor.")
-    critic_lora: LoraSpec | None = Field(default=None, description="LoRA of the critic.")
     ema: EMASpec = Field(default_factory=EMASpec, description="Exponential moving average of the actor; serving "
                          "uses it.")
     offload_reference_model: bool = Field(default=False, description="Keep the frozen reference model's ZeRO-3 "
@@ -314,16 +333,8 @@ class PPOStageSpec(CommonStageSpec):
     ptx_coef: float = Field(default=27.8, ge=0, description="Weight of the pre-training loss (needs data.unsupervised).")
     kl_coef: float = Field(default=0.1, ge=0, description="KL penalty coefficient against the SFT (reference) "
                            "policy.")
-    adaptive_kl: AdaptiveKLSpec = Field(default_factory=AdaptiveKLSpec, description="Adaptive KL controller.")
-    clip_range: float = Field(default=0.2, gt=0, description="PPO policy clip range.")
-    clip_range_value: float = Field(default=0.2, gt=0, description="Value-function clip range.")
-    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount factor.")
-    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    clip_range: float = Field(default=0.2, gt=0, description="Clip range of the policy ratio.")
     reward_clip: float = Field(default=5.0, gt=0, description="Clip of the reward-model score.")
-    ppo_epochs: int = Field(default=1, ge=1, description="PPO epochs per experience batch.")
-    whiten_advantages: bool = Field(
-        default=False, description="Normalise the advantages of each experience batch to zero mean and unit "
-        "variance (PPO implementations' advantage normalisation; DeepSpeed-Chat: off).")
     hybrid_engine: bool | None = Field(default=None, description="DeepSpeed hybrid engine (CUDA only).")
     inference_tp_size: int = Field(default=1, ge=1, description="Tensor parallelism of the hybrid engine's "
                                    "generation (DeepSpeed-Chat's --inference_tp_size; its OPT-66B recipe uses 8): "
@@ -341,25 +352,83 @@ class PPOStageSpec(CommonStageSpec):
     compile_decoder: bool = Field(
         default=False, description="torch.compile the static decoder's step (on CUDA as a CUDA graph). Off by "
         "default: on a CPU its compile time is not earned back (bench/RESULTS.md), on a GPU it is not measured yet.")
+
+
+class PPOStageSpec(PolicyStageSpec):
+    critic_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the critic (and "
+                                          "the reward model).")
+    critic_learning_rate: float | None = Field(default=None, gt=0, description="Critic learning rate.")
+    critic_lora: LoraSpec | None = Field(default=None, description="LoRA of the critic.")
+    adaptive_kl: AdaptiveKLSpec = Field(default_factory=AdaptiveKLSpec, description="Adaptive KL controller.")
+    clip_range_value: float = Field(default=0.2, gt=0, description="Value-function clip range.")
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    ppo_epochs: int = Field(default=1, ge=1, description="PPO epochs per experience batch.")
+    whiten_advantages: bool = Field(
+        default=False, description="Normalise the advantages of each experience batch to zero mean and unit "
+        "variance (PPO implementations' advantage normalisation; DeepSpeed-Chat: off).")
     rollout_batch_size: int | None = Field(
         default=None, ge=1, description="Prompts per rank decoded together, a multiple of generationBatchSize: "
         "the rollout is split into experience batches of generationBatchSize, each one PPO update (OpenRLHF's "
         "rollout batch); default generationBatchSize.")
 
 
+# ``module:function`` importable in the stage image, or ``<file>.py:function`` with the file a path in the stage
+# pod, a file:// URI or an s3:// URI in the pipeline's storage (kuberlhf.rlhf.code_reward)
+REWARD_FUNCTION_PATTERN = r"^([A-Za-z_][\w.]*|\S+\.py):[A-Za-z_]\w*$"
+
+
+class GRPOStageSpec(PolicyStageSpec):
+    """Group-relative policy optimisation (DeepSeekMath, Shao et al. 2024): ``groupSize`` answers per prompt,
+    each answer's advantage its reward normalised within its group, no critic; the KL to the reference is the
+    k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` per token, in the loss with coefficient ``klCoef``."""
+
+    group_size: int = Field(default=4, ge=1, description="Answers sampled per prompt; advantages are normalised "
+                            "within each group (2 or more).")
+    kl_coef: float = Field(default=0.04, ge=0, description="Coefficient of the k3 KL estimate to the reference "
+                           "policy in the loss (DeepSeekMath's beta, 0.04).")
+    reward_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the frozen reward "
+                                          "model (when no rewardFunction is set).")
+    reward_function: str | None = Field(
+        default=None, pattern=REWARD_FUNCTION_PATTERN,
+        description="f(prompt, answer) -> number scoring answers instead of a reward model (no reward stage then): "
+        "'module:function' in the trainer image, or 'FILE.py:function' (a pod path, file:// or s3:// URI). Runs "
+        "in the stage pod with its rights.")
+    reward_timeout_seconds: float = Field(default=10.0, gt=0, description="Time limit of one rewardFunction "
+                                          "call.")
+
+
+class DPOStageSpec(CommonStageSpec):
+    """Direct preference optimisation (Rafailov et al. 2023) as DeepSpeed-Chat's step2_dpo_finetuning: the SFT
+    model trained on step 2's (chosen, rejected) pairs against a frozen copy of itself, no reward model."""
+
+    zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (the frozen "
+                                   "reference is sharded too at 3).")
+    lora: LoraSpec | None = Field(default=None, description="LoRA of the trained model (dim 0 = off).")
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta: how far the policy may move from the reference.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Share of pairs assumed mislabelled "
+                                   "(conservative DPO); 0 = plain DPO.")
+    offload_reference_model: bool = Field(default=False, description="Keep the frozen reference model's ZeRO-3 "
+                                          "partitions in CPU memory (DeepSpeed-Chat's --offload_reference_model).")
+
+
 class StagesSpec(SpecModel):
     sft: SFTStageSpec = Field(default_factory=SFTStageSpec, description="Step 1: supervised fine-tuning.")
     reward: RewardStageSpec = Field(default_factory=RewardStageSpec, description="Step 2: reward model.")
     ppo: PPOStageSpec = Field(default_factory=PPOStageSpec, description="Step 3: PPO with EMA and ptx.")
+    dpo: DPOStageSpec = Field(default_factory=DPOStageSpec, description="After step 1 with algorithm dpo: DPO.")
+    grpo: GRPOStageSpec = Field(default_factory=GRPOStageSpec, description="Step 3 with algorithm grpo: GRPO with "
+                                "EMA and ptx.")
 
     def get(self, stage: Stage | str) -> CommonStageSpec:
         return getattr(self, Stage(stage).value)
 
 
 class ServingSpec(SpecModel):
-    enabled: bool = Field(default=True, description="Deploy the chat server after PPO.")
+    enabled: bool = Field(default=True, description="Deploy the chat server after the last stage.")
     replicas: int = Field(default=1, ge=0, description="Chat server replicas.")
-    use_ema: bool = Field(default=True, description="Serve ppo/ema/ (needs stages.ppo.ema.enabled), else ppo/model/.")
+    use_ema: bool = Field(default=True, description="Serve the last stage's EMA (ppo/ema/, grpo/ema/: needs "
+                            "its ema.enabled), else its model/; dpo keeps no EMA and serves dpo/model/.")
     resources: dict[str, Any] = Field(default_factory=dict, description="Kubernetes resources of the chat pod "
                                      "(add nvidia.com/gpu to serve on a GPU).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
@@ -413,16 +482,20 @@ class PipelineSpec(SpecModel):
                                    description="Memory of one GPU as a quantity (48Gi, 40Gi, 80Gi); default 80Gi "
                                    "on cuda. The memory planner checks every stage against it before any Job.")
     actor: ModelRef = Field(description="The model steps 1 and 3 train (the policy).")
-    reward: ModelRef = Field(description="The reward model's (and critic's) starting point.")
+    reward: ModelRef | None = Field(default=None, description="The reward model's (and critic's) starting point "
+                                    "(algorithms with a reward stage).")
+    algorithm: Algorithm = Field(default=Algorithm.ppo, description="What follows step 1: ppo (sft -> reward -> "
+                                 "ppo), dpo (sft -> dpo) or grpo (sft -> [reward ->] grpo).")
     data: DataSpec = Field(description="Datasets and how they are split across the steps.")
     storage: StorageSpec = Field(description="Object store of every stage's checkpoint.")
-    stages: StagesSpec = Field(default_factory=StagesSpec, description="Settings of the three steps.")
+    stages: StagesSpec = Field(default_factory=StagesSpec, description="Settings of each stage (only the stages "
+                               "of spec.algorithm may be set).")
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="A Kubernetes PodTemplateSpec "
                                       "merged into every pod of the pipeline (stages and chat).")
     shm_size: str = Field(default="8Gi", description="Size of the memory-backed /dev/shm of every pod (NCCL needs it).")
     scratch: ScratchSpec = Field(default_factory=ScratchSpec, description="The stage pods' scratch volume (their "
                                  "HOME), sized so a checkpoint cannot evict the pod through DiskPressure.")
-    serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat server after PPO.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="The chat server after the last stage.")
     network: NetworkSpec = Field(default_factory=NetworkSpec, description="NetworkPolicies of the pipeline's pods.")
     suspend: bool = Field(default=False, description="Suspend the running stage (Kueue-compatible).")
     hf_token_secret_ref: SecretKeyRef | None = Field(
@@ -457,6 +530,40 @@ class PipelineSpec(SpecModel):
         if (info.context or {}).get("presets", True):
             apply_preset(self)
         return self
+
+    def to_wire(self) -> dict[str, Any]:
+        """As :meth:`SpecModel.to_wire`, with only this pipeline's own stages under ``stages`` (the others can only
+        hold their defaults: the preflight refuses anything else)."""
+        wire = super().to_wire()
+        graph = {st.value for st in self.stage_graph}
+        wire["stages"] = {k: v for k, v in wire.get("stages", {}).items() if k in graph}
+        return wire
+
+    @property
+    def stage_graph(self) -> tuple[Stage, ...]:
+        """The stages this pipeline runs, in order (then serving)."""
+        if self.algorithm is Algorithm.dpo:
+            return (Stage.sft, Stage.dpo)
+        if self.algorithm is Algorithm.grpo:
+            return (Stage.sft, Stage.grpo) if self.stages.grpo.reward_function else (Stage.sft, Stage.reward,
+                                                                                     Stage.grpo)
+        return (Stage.sft, Stage.reward, Stage.ppo)
+
+    @property
+    def final_stage(self) -> Stage:
+        """The stage whose model the pipeline serves."""
+        return FINAL_STAGE[self.algorithm]
+
+    @property
+    def final_ema_enabled(self) -> bool:
+        """Whether the final stage keeps an EMA of its model (``<stage>/ema/``): ppo and grpo when enabled."""
+        st = self.stages.get(self.final_stage)
+        return bool(getattr(st, "ema", None) and st.ema.enabled)
+
+
+def graph_text(stages: tuple[Stage, ...] | list[Stage]) -> str:
+    """'sft -> reward -> ppo': how status and ``kubectl get rlhf`` show a stage graph."""
+    return " -> ".join(st.value for st in stages)
 
 
 class ObjectMeta(BaseModel):

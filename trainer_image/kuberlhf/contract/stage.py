@@ -130,7 +130,7 @@ def stage_env(
 
 class StageLayout(BaseModel):
     """Where a pipeline's stages live: ``<storage.uri>/<namespace>/<pipeline>/<uid>/<stage>/`` holding
-    ``model/``, ``ema/`` (ppo), ``tensorboard/`` (when asked), ``ckpt/step-N/``, metrics.jsonl, manifest.json and
+    ``model/``, ``ema/`` (ppo, grpo), ``tensorboard/`` (when asked), ``ckpt/step-N/``, metrics.jsonl, manifest.json and
     ``_COMPLETE``."""
 
     model_config = ConfigDict(frozen=True)
@@ -149,8 +149,8 @@ class StageLayout(BaseModel):
     def model_uri(self, stage: Stage | str) -> str:
         return f"{self.stage_uri(stage)}/{MODEL_DIR}"
 
-    def ema_uri(self) -> str:
-        return f"{self.stage_uri(Stage.ppo)}/{EMA_DIR}"
+    def ema_uri(self, stage: Stage | str = Stage.ppo) -> str:
+        return f"{self.stage_uri(stage)}/{EMA_DIR}"
 
     def ckpt_root(self, stage: Stage | str) -> str:
         return f"{self.stage_uri(stage)}/{CKPT_DIR}"
@@ -165,8 +165,9 @@ class StageLayout(BaseModel):
     def complete_marker_uri(self, stage: Stage | str) -> str:
         return f"{self.stage_uri(stage)}/{COMPLETE_MARKER}"
 
-    def serving_model_uri(self, use_ema: bool, ema_enabled: bool) -> str:
-        return self.ema_uri() if (use_ema and ema_enabled) else self.model_uri(Stage.ppo)
+    def serving_model_uri(self, use_ema: bool, ema_enabled: bool, stage: Stage | str = Stage.ppo) -> str:
+        """What the chat server loads: the final ``stage``'s EMA when it keeps one and serving asks for it."""
+        return self.ema_uri(stage) if (use_ema and ema_enabled) else self.model_uri(stage)
 
     @classmethod
     def for_pipeline(cls, pipeline: RLHFPipeline, namespace: str, uid: str) -> StageLayout:

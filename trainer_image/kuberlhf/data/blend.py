@@ -13,7 +13,8 @@ from kuberlhf.data.errors import DataError
 from kuberlhf.data.sources import COLUMNS, load_rows, load_texts
 from kuberlhf.data.splits import eval_count, permutation, split_indices
 
-STAGE_INDEX: dict[Stage, int] = {Stage.sft: 0, Stage.reward: 1, Stage.ppo: 2}
+# dpo trains on step 2's pairs (DeepSpeed-Chat's step2_dpo), grpo samples from step 3's prompts
+STAGE_INDEX: dict[Stage, int] = {Stage.sft: 0, Stage.reward: 1, Stage.ppo: 2, Stage.dpo: 1, Stage.grpo: 2}
 
 
 def _empty() -> datasets.Dataset:
@@ -62,7 +63,7 @@ def stage_rows(data: DataSpec, stage: Stage, *,
         rows = capped(load_rows(ref, storage=storage), data.max_samples, data.seed, key)
         train_idx, eval_idx = stage_slice_indices(len(rows), data, stage, key, sft_only)
         train, ev = rows.select(train_idx), rows.select(eval_idx)
-        if stage is Stage.reward:
+        if stage in (Stage.reward, Stage.dpo):
             train, ev = _pairs_only(train, ref), _pairs_only(ev, ref)
         trains.append(train)
         evals.append(ev)

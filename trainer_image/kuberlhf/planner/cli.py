@@ -23,10 +23,9 @@ def register(app: typer.Typer) -> None:
 
         try:
             spec = load_pipeline_file(str(pipeline_file)).spec
-            shapes = {
-                "actor": read_model_shape(spec.actor.model, "spec.actor.model", spec.storage),
-                "reward": read_model_shape(spec.reward.model, "spec.reward.model", spec.storage),
-            }
+            shapes = {"actor": read_model_shape(spec.actor.model, "spec.actor.model", spec.storage)}
+            if spec.reward is not None:
+                shapes["reward"] = read_model_shape(spec.reward.model, "spec.reward.model", spec.storage)
         except (SpecError, ShapeError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(EXIT_SPEC) from None

@@ -278,21 +278,25 @@ def _checkpoint_bytes(rows: list[ModelRow], dtype: str) -> int:
 
 
 def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
-    """Pure. ``shapes``: {"actor": shape of spec.actor.model, "reward": shape of spec.reward.model}."""
+    """Pure. ``shapes``: {"actor": shape of spec.actor.model, "reward": shape of spec.reward.model (when the
+    pipeline has one)}. Estimates the pipeline's sft, reward, dpo and ppo stages; a grpo stage is not estimated
+    yet (it is left out of the plan)."""
     gpu_mem = gpu_memory_bytes(spec)
     reserve = CPU_RESERVE if spec.accelerator.value == "cpu" else CUDA_RESERVE
-    actor, reward = shapes["actor"], shapes["reward"]
+    actor, reward = shapes["actor"], shapes.get("reward")
     out = []
     max_seq = spec.data.max_seq_len
-    for stage in ("sft", "reward"):
+    graph = [st.value for st in spec.stage_graph]
+    for stage in (st for st in ("sft", "reward", "dpo") if st in graph):
         st = spec.stages.get(stage)
         nodes, gpus = st.nodes or 1, st.gpus_per_node or 1
         world = nodes * gpus
         zero = st.zero_stage or 0
         dtype = st.dtype.value
-        shape = actor if stage == "sft" else reward
-        source = spec.actor.model if stage == "sft" else spec.reward.model
-        params = shape.causal_lm_params if stage == "sft" else shape.backbone_params + _hidden(shape)
+        lm = stage != "reward"  # sft and dpo train the causal LM; reward its backbone + value head
+        shape = actor if lm else reward
+        source = spec.actor.model if stage == "sft" else "sft/model" if stage == "dpo" else spec.reward.model
+        params = shape.causal_lm_params if lm else shape.backbone_params + _hidden(shape)
         lora = st.lora
         row = _trained_row(
             "model",
@@ -307,15 +311,21 @@ def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
             bool(lora and lora.only_optimize_lora),
         )
         micro = st.per_device_batch_size or 1
-        # the reward stage runs chosen and rejected rows of each pair in one batch
-        rows_per_batch = micro * (2 if stage == "reward" else 1)
-        act = activation_bytes(shape, rows_per_batch, max_seq, dtype, st.gradient_checkpointing, lm_head=stage == "sft")
+        # the reward and dpo stages run chosen and rejected rows of each pair in one batch
+        rows_per_batch = micro * (1 if stage == "sft" else 2)
+        act = activation_bytes(shape, rows_per_batch, max_seq, dtype, st.gradient_checkpointing, lm_head=lm)
+        models = [row]
+        if stage == "dpo":  # the frozen reference copy of the SFT model
+            off = st.offload_reference_model or st.offload
+            models.append(ModelRow("reference", "sft/model", params, 3 if zero == 3 else 0, False,
+                                   frozen_states(params, shape.largest_layer_params, world, zero == 3, dtype, off),
+                                   offload=off))
         out.append(
             StageEstimate(
                 stage=stage,
                 nodes=nodes,
                 gpus_per_node=gpus,
-                models=[row],
+                models=models,
                 working={"activations": act},
                 reserve=reserve,
                 checkpoint_bytes=_checkpoint_bytes([row], dtype),
@@ -324,7 +334,8 @@ def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
                 gpu_memory=gpu_mem,
             )
         )
-    out.append(_ppo_estimate(spec, actor, reward, gpu_mem, reserve))
+    if "ppo" in graph:
+        out.append(_ppo_estimate(spec, actor, reward, gpu_mem, reserve))
     return PipelinePlan(out)
 
 

@@ -16,7 +16,8 @@ UNSIZED_CLAIM = 100 * GiB
 
 def stage_scratch_bytes(spec: Any, stage: str) -> int | None:
     """``spec.scratch.size``, else the planner's estimate for ``stage`` (at least :data:`MIN_SCRATCH`), else None
-    when the models' shapes cannot be read without a download (an s3:// model, an unknown hub name)."""
+    when the models' shapes cannot be read without a download (an s3:// model, an unknown hub name) or the planner
+    does not estimate the stage (grpo)."""
     from kuberlhf.planner.check import offline_shapes
 
     if spec.scratch.size:
@@ -24,7 +25,8 @@ def stage_scratch_bytes(spec: Any, stage: str) -> int | None:
     shapes = offline_shapes(spec)
     if shapes is None:
         return None
-    return max(MIN_SCRATCH, estimate_pipeline(spec, shapes).stage(stage).scratch_bytes)
+    est = next((s for s in estimate_pipeline(spec, shapes).stages if s.stage == stage), None)
+    return None if est is None else max(MIN_SCRATCH, est.scratch_bytes)  # grpo: not estimated yet
 
 
 def quantity(n: int) -> str:

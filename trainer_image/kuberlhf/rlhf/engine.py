@@ -58,17 +58,21 @@ class EngineOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_spec(cls, spec: Any, world_size: int) -> EngineOptions:
+    def from_spec(cls, spec: Any, world_size: int, stage: str = "ppo") -> EngineOptions:
+        """The options of ``spec.stages.ppo``, or with ``stage="grpo"`` of ``spec.stages.grpo`` (no critic: the
+        "critic" settings are the frozen reward model's, ``rewardZeroStage``)."""
         from kuberlhf.training.ds_config import stage_settings
 
-        st = spec.stages.ppo
+        st = spec.stages.get(stage)
+        ppo = stage == "ppo"
         return cls(
-            actor_settings=stage_settings(spec, "ppo", world_size, role="actor"),
-            critic_settings=stage_settings(spec, "ppo", world_size, role="critic"),
-            # filled by the presets (or from spec.stages.ppo.learningRate): kuberlhf.contract.presets
-            actor_lr=st.actor_learning_rate, critic_lr=st.critic_learning_rate,
+            actor_settings=stage_settings(spec, stage, world_size, role="actor"),
+            critic_settings=stage_settings(spec, stage, world_size, role="critic" if ppo else "reward"),
+            # filled by the presets (or from spec.stages.<stage>.learningRate): kuberlhf.contract.presets
+            actor_lr=st.actor_learning_rate, critic_lr=st.critic_learning_rate if ppo else st.actor_learning_rate,
             weight_decay=st.weight_decay, lr_scheduler=st.lr_scheduler, warmup_steps=st.warmup_steps,
-            actor_lora=st.actor_lora, critic_lora=st.critic_lora, ema_enabled=st.ema.enabled, ema_beta=st.ema.beta,
+            actor_lora=st.actor_lora, critic_lora=st.critic_lora if ppo else None, ema_enabled=st.ema.enabled,
+            ema_beta=st.ema.beta,
             ema_warmup=st.ema.warmup,
             offload_reference_model=st.offload_reference_model, offload_reward_model=st.offload_reward_model,
             gradient_checkpointing=st.gradient_checkpointing, seed=st.seed,
@@ -77,10 +81,11 @@ class EngineOptions:
 
 
 class RLHFEngine:
-    """Builds the four (five with EMA) DeepSpeed engines of step 3."""
+    """Builds the four (five with EMA) DeepSpeed engines of step 3. GRPO has no critic (``train_critic=False``)
+    and, when a reward function scores the answers, no reward model either (``critic_path=None``)."""
 
-    def __init__(self, actor_path: str, critic_path: str, tokenizer: Any, options: EngineOptions,
-                 num_total_iters: int):
+    def __init__(self, actor_path: str, critic_path: str | None, tokenizer: Any, options: EngineOptions,
+                 num_total_iters: int, train_critic: bool = True):
         self.tokenizer = tokenizer
         self.options = options
         self.num_total_iters = num_total_iters
@@ -89,8 +94,8 @@ class RLHFEngine:
         self.actor = self._init_actor(actor_path)
         self.ref = self._init_frozen_lm(actor_path)
         self.ema = self._init_frozen_lm(actor_path, lora=True) if options.ema_enabled else None
-        self.critic = self._init_critic(critic_path)
-        self.reward = self._init_reward(critic_path)
+        self.critic = self._init_critic(critic_path) if train_critic and critic_path else None
+        self.reward = self._init_reward(critic_path) if critic_path else None
         # the actor optimizer step the EMA last followed (DeepSpeed's global_steps counts applied steps only)
         self._ema_step = 0
         if self.ema is not None:
@@ -172,4 +177,4 @@ class RLHFEngine:
         return True
 
     def trained_engines(self) -> dict[str, Any]:
-        return {"actor": self.actor, "critic": self.critic}
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}

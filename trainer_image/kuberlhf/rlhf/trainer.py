@@ -152,9 +152,10 @@ class PPOTrainer:
         return out.sequences, (torch.stack(logits, dim=1) if logits else None)
 
     @torch.no_grad()
-    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Roll out the actor on left-padded prompts and score everything PPO needs: log-probs of the actor and
-        the reference, critic values, reward-model scores, masks."""
+    def rollout(self, prompt_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sample answers from the actor on left-padded prompts: the sequences, their masks and position ids, and
+        the log-probs of the answer tokens under the actor and the reference. What every online algorithm needs
+        before it scores the answers (PPO: critic values + reward model; GRPO: rewards per group)."""
         device = self.actor.device
         prompts = prompt_batch["prompt_input_ids"].to(device)
         prompt_mask = prompt_batch["prompt_attention_mask"].to(device)
@@ -174,12 +175,19 @@ class PPOTrainer:
         else:
             logprobs = self._answer_logprobs(self.actor, seq, mask, p_len, pos)
         ref_logprobs = self._answer_logprobs(self.ref, seq, mask, p_len, pos)
+        return {"prompts": prompts, "seq": seq, "attention_mask": mask, "action_mask": action_mask,
+                "position_ids": pos, "logprobs": logprobs.float(), "ref_logprobs": ref_logprobs.float()}
+
+    @torch.no_grad()
+    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Roll out the actor on left-padded prompts and score everything PPO needs: log-probs of the actor and
+        the reference, critic values, reward-model scores, masks."""
+        exp = self.rollout(prompt_batch)
+        seq, mask, pos = exp["seq"], exp["attention_mask"], exp.pop("position_ids")
         values, _ = self._frozen_or_engine(self.critic)(seq, mask, pos)
         _, scores = self._frozen_or_engine(self.reward)(seq, mask, pos)
         self.actor.train()
-        return {"prompts": prompts, "seq": seq, "attention_mask": mask, "action_mask": action_mask,
-                "logprobs": logprobs.float(), "ref_logprobs": ref_logprobs.float(),
-                "values": values[:, :-1].float(), "scores": scores.float()}
+        return {**exp, "values": values[:, :-1].float(), "scores": scores.float()}
 
     # --- training -------------------------------------------------------------------------------------
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

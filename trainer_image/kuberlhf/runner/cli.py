@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from kuberlhf.contract.spec import DeploymentType
+from kuberlhf.contract.spec import Algorithm, DeploymentType
 from kuberlhf.runner.storage_choice import StorageMode
 
 EXIT_SPEC = 2  # the manifest or flags are wrong: nothing ran
@@ -76,7 +76,12 @@ def train(
     ctx: typer.Context,
     actor_model: str = typer.Option("facebook/opt-1.3b", "--actor-model",
                                     help="Any HF causal LM: hub name, local directory, s3:// URI (or an OPT size like 1.3b)."),
-    reward_model: str = typer.Option("facebook/opt-350m", "--reward-model", help="Reward/critic base model."),
+    reward_model: str = typer.Option("facebook/opt-350m", "--reward-model", help="Reward/critic base model "
+                                     "(ppo, and grpo without --reward-function)."),
+    algorithm: Algorithm = typer.Option(Algorithm.ppo, "--algorithm", help="What follows step 1: ppo (sft -> reward -> ppo), "
+                                  "dpo (sft -> dpo) or grpo (sft -> [reward ->] grpo)."),
+    reward_function: str | None = typer.Option(None, "--reward-function", help="grpo: score answers with "
+                                               "'module:function' or 'FILE.py:function' instead of a reward model."),
     deployment_type: DeploymentType = typer.Option(DeploymentType.single_gpu, "--deployment-type",
                                                       help="DeepSpeed-Chat recipe preset."),
     step: list[int] = typer.Option([], "--step", help="Steps to run: --step 1 2 3 (default: all)."),
@@ -112,8 +117,8 @@ def train(
     storage: StorageMode = typer.Option(StorageMode.auto, "--storage", help="Local run: see `kuberlhf run --help`."),
     samples: int = typer.Option(3, "--samples", min=0, help="Local run: sample exchanges printed at the end."),
 ) -> None:
-    """DeepSpeed-Chat's e2e_rlhf.py: the three steps with its recipe for a deployment type, run here or
-    emitted as an RLHFPipeline for `kubectl apply`."""
+    """DeepSpeed-Chat's e2e_rlhf.py: the three steps with its recipe for a deployment type (or SFT -> DPO, or
+    SFT -> [reward ->] GRPO with --algorithm), run here or emitted as an RLHFPipeline for `kubectl apply`."""
     from kuberlhf.contract.preflight import PreflightError, check_spec
     from kuberlhf.contract.spec import SpecError
     from kuberlhf.runner.console import Console
@@ -126,13 +131,13 @@ def train(
         bad = [a for a in extra if not a.isdigit()]
         if bad:
             raise SpecError(f"unexpected argument(s) {bad}: see `kuberlhf train --help`")
-        stages = steps_to_stages([*step, *(int(a) for a in extra)]) if (step or extra) else None
         if accelerator is AcceleratorOpt.auto:
             accel = "cuda" if emit is not None or _has_cuda() else "cpu"
         else:
             accel = accelerator.value
         pipeline = build_train_pipeline(
-            actor_model=actor_model, reward_model=reward_model, deployment_type=deployment_type.value,
+            actor_model=actor_model, reward_model=reward_model, algorithm=algorithm.value, reward_function=reward_function,
+            deployment_type=deployment_type.value,
             actor_zero_stage=actor_zero_stage, reward_zero_stage=reward_zero_stage,
             datasets=dataset or ["Dahoas/rm-static"], data_split=data_split,
             unsupervised_dataset=unsupervised_dataset, accelerator=accel, name=name, namespace=namespace,
@@ -140,6 +145,8 @@ def train(
             image=image, max_seq_len=max_seq_len, max_prompt_seq_len=max_prompt_seq_len,
             max_answer_seq_len=max_answer_seq_len, max_steps=max_steps,
         )
+        steps = [*step, *(int(a) for a in extra)]
+        stages = steps_to_stages(steps, pipeline.spec.stage_graph) if steps else None
         # an emitted manifest's local paths are read in the pods, a local run's here
         check_spec(pipeline.spec, local=emit is None)
     except (SpecError, PreflightError) as e:
@@ -153,7 +160,7 @@ def train(
             emit.parent.mkdir(parents=True, exist_ok=True)
             emit.write_text(text)
             console.line(f"wrote {emit}: apply it with `kubectl apply -f {emit}`")
-        if stages is not None and len(stages) < 3:
+        if stages is not None and len(stages) < len(pipeline.spec.stage_graph):
             # stderr: with --emit - the YAML on stdout must stay clean for a pipe into kubectl
             typer.echo("note: --step is for local runs; the operator runs every step and skips completed ones",
                        err=True)

@@ -57,8 +57,8 @@ class Console:
         self.line(self._style(f"ok {title}", "1;32") + f"  {detail}")
 
     def finish(self, out: Path, elapsed: float, pipeline: RLHFPipeline) -> None:
-        ema = pipeline.spec.stages.ppo.ema.enabled and pipeline.spec.serving.use_ema
-        model = out / "ppo" / ("ema" if ema else "model")
+        ema = pipeline.spec.final_ema_enabled and pipeline.spec.serving.use_ema
+        model = out / pipeline.spec.final_stage.value / ("ema" if ema else "model")
         self.header(f"done in {format_duration(elapsed)}; outputs in {out}")
         if model.exists():
             self.info("chat with the final model:")

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from kuberlhf.contract.spec import STAGE_ORDER, RLHFPipeline, SpecError, Stage, parse_pipeline
+from kuberlhf.contract.spec import RLHFPipeline, SpecError, Stage, parse_pipeline
 
 # e2e_rlhf.py accepts bare OPT sizes (``--actor-model 1.3b``); they mean facebook/opt-<size>.
 _OPT_SIZE = re.compile(r"^\d+(\.\d+)?[mb]$", re.IGNORECASE)
@@ -20,6 +20,13 @@ DEFAULT_STORAGE_URI = "s3://kuberlhf/pipelines"
 DEFAULT_STORAGE_ENDPOINT = "http://seaweedfs.kuberlhf:8333"  # the chart's optional in-cluster SeaweedFS
 DEFAULT_SECRET = "s3-credentials"
 STEP_TO_STAGE: dict[int, Stage] = {1: Stage.sft, 2: Stage.reward, 3: Stage.ppo}
+# step N of each algorithm's graph: dpo is DeepSpeed-Chat's step 2 (step2_dpo_finetuning); a grpo pipeline
+# without a reward stage has steps 1 and 3
+STEPS: dict[str, dict[int, Stage]] = {
+    "ppo": STEP_TO_STAGE,
+    "dpo": {1: Stage.sft, 2: Stage.dpo},
+    "grpo": {1: Stage.sft, 2: Stage.reward, 3: Stage.grpo},
+}
 
 
 def expand_model_name(name: str) -> str:
@@ -31,13 +38,18 @@ def expand_model_name(name: str) -> str:
     return f"facebook/opt-{name.lower()}" if _OPT_SIZE.match(name) else name
 
 
-def steps_to_stages(steps: Sequence[int]) -> list[Stage]:
-    """DeepSpeed-Chat's ``--step 1 2 3`` as stages, in pipeline order, duplicates removed."""
-    bad = [s for s in steps if s not in STEP_TO_STAGE]
+def steps_to_stages(steps: Sequence[int], graph: Sequence[Stage] = (Stage.sft, Stage.reward, Stage.ppo)
+                    ) -> list[Stage]:
+    """DeepSpeed-Chat's ``--step 1 2 3`` as stages of the pipeline's ``graph``, in its order, duplicates removed."""
+    final = graph[-1]
+    table = {n: st for n, st in STEPS[final.value].items() if st in graph}
+    bad = [s for s in steps if s not in table]
     if bad:
-        raise SpecError(f"--step takes 1 (SFT), 2 (reward model) and/or 3 (PPO), got {bad}")
-    chosen = {STEP_TO_STAGE[s] for s in steps}
-    return [st for st in STAGE_ORDER if st in chosen]
+        names = ", ".join(f"{n} ({st.value})" for n, st in table.items())
+        raise SpecError(f"--step takes {names} for this pipeline ({' -> '.join(st.value for st in graph)}), "
+                        f"got {bad}")
+    chosen = {table[s] for s in steps}
+    return [st for st in graph if st in chosen]
 
 
 def pipeline_name_for(actor_model: str) -> str:
@@ -50,7 +62,9 @@ def pipeline_name_for(actor_model: str) -> str:
 def build_train_pipeline(
     *,
     actor_model: str,
-    reward_model: str,
+    reward_model: str | None,
+    algorithm: str = "ppo",
+    reward_function: str | None = None,
     deployment_type: str = "single_gpu",
     actor_zero_stage: int | None = None,
     reward_zero_stage: int | None = None,
@@ -77,18 +91,32 @@ def build_train_pipeline(
     ``max_seq_len`` / ``max_prompt_seq_len`` / ``max_answer_seq_len`` are DeepSpeed-Chat's flags of the same names
     (data.maxSeqLen, the PPO stage's maxPromptLen / maxAnswerLen); ``max_steps`` caps every chosen stage's
     optimizer steps (a quick try on a CPU; DeepSpeed-Chat has no such flag).
+
+    ``algorithm`` ``dpo`` trains sft -> dpo (``--actor-zero-stage`` is both's, no reward model: ``reward_model``
+    is ignored); ``grpo`` trains sft -> reward -> grpo, or sft -> grpo with ``reward_function`` (then no reward
+    model either).
     """
-    stages: dict[str, dict[str, Any]] = {"sft": {}, "reward": {}, "ppo": {}}
+    last = {"ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}.get(algorithm)
+    if last is None:
+        raise SpecError(f"--algorithm {algorithm!r}: use ppo, dpo or grpo")
+    has_reward = algorithm == "ppo" or (algorithm == "grpo" and not reward_function)
+    if reward_function and algorithm != "grpo":
+        raise SpecError("--reward-function scores GRPO's answers: give --algorithm grpo with it")
+    stages: dict[str, dict[str, Any]] = {"sft": {}, **({"reward": {}} if has_reward else {}), last: {}}
+    if reward_function:
+        stages[last]["rewardFunction"] = reward_function
+    actor_key = "zeroStage" if last == "dpo" else "actorZeroStage"
     if actor_zero_stage is not None:
         stages["sft"]["zeroStage"] = actor_zero_stage
-        stages["ppo"]["actorZeroStage"] = actor_zero_stage
-    if reward_zero_stage is not None:
+        stages[last][actor_key] = actor_zero_stage
+    if reward_zero_stage is not None and has_reward:
         stages["reward"]["zeroStage"] = reward_zero_stage
-        stages["ppo"]["criticZeroStage"] = reward_zero_stage
-    if max_prompt_seq_len is not None:
-        stages["ppo"]["maxPromptLen"] = max_prompt_seq_len
-    if max_answer_seq_len is not None:
-        stages["ppo"]["maxAnswerLen"] = max_answer_seq_len
+        stages[last]["criticZeroStage" if last == "ppo" else "rewardZeroStage"] = reward_zero_stage
+    if last != "dpo":
+        if max_prompt_seq_len is not None:
+            stages[last]["maxPromptLen"] = max_prompt_seq_len
+        if max_answer_seq_len is not None:
+            stages[last]["maxAnswerLen"] = max_answer_seq_len
     if max_steps is not None:
         for stage in stages.values():
             stage["maxSteps"] = max_steps
@@ -108,12 +136,16 @@ def build_train_pipeline(
     spec: dict[str, Any] = {
         "deploymentType": deployment_type,
         "accelerator": accelerator,
+        "algorithm": algorithm,
         "actor": {"model": actor},
-        "reward": {"model": expand_model_name(reward_model)},
         "data": data,
         "storage": storage,
         "stages": stages,
     }
+    if has_reward:
+        if not reward_model:
+            raise SpecError(f"--algorithm {algorithm} trains a reward model: give --reward-model")
+        spec["reward"] = {"model": expand_model_name(reward_model)}
     if image:
         spec["image"] = image
     metadata: dict[str, Any] = {"name": name or pipeline_name_for(actor)}
@@ -125,7 +157,7 @@ def build_train_pipeline(
 
 def emit_yaml(pipeline: RLHFPipeline) -> str:
     """The manifest for ``kubectl apply -f``: the resolved spec (presets written out, so the cluster runs
-    exactly the recipe shown)."""
+    exactly the recipe shown), with only the pipeline's own stages under ``spec.stages``."""
     import yaml
 
     return yaml.safe_dump(pipeline.to_wire(), sort_keys=False, default_flow_style=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kuberlhf.contract.spec import STAGE_ORDER, RLHFPipeline, Stage, StorageSpec
+from kuberlhf.contract.spec import RLHFPipeline, Stage, StorageSpec
 from kuberlhf.contract.stage import (
     ENV_S3_ACCESS_KEY,
     ENV_S3_SECRET_KEY,
@@ -38,9 +38,11 @@ STAGE_TITLES = {
     Stage.sft: "step 1: supervised fine-tuning (SFT)",
     Stage.reward: "step 2: reward model",
     Stage.ppo: "step 3: PPO (RLHF)",
+    Stage.dpo: "step 2: DPO (direct preference optimisation)",
+    Stage.grpo: "step 3: GRPO (group-relative policy optimisation)",
 }
 # what --fresh removes: only what a run writes, never anything else a user keeps in the output directory
-RUN_OUTPUTS = (".s3", ".kuberlhf", "logs", "sft", "reward", "ppo", "plots", "tensorboard", "metrics.jsonl", "run.json",
+RUN_OUTPUTS = (".s3", ".kuberlhf", "logs", "sft", "reward", "ppo", "dpo", "grpo", "plots", "tensorboard", "metrics.jsonl", "run.json",
                "samples.jsonl")
 
 class RunError(RuntimeError):
@@ -86,13 +88,17 @@ def stage_fingerprints(pipeline: RLHFPipeline) -> dict[str, str]:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def stage_part(name: str) -> dict[str, Any]:
-        return {k: v for k, v in spec["stages"][name].items() if k not in _NOT_RESULT_FIELDS}
+        return {k: v for k, v in spec["stages"].get(name, {}).items() if k not in _NOT_RESULT_FIELDS}
 
     common = (pipeline.metadata.name, spec["data"], spec["accelerator"])
     sft = digest(common, spec["actor"], stage_part("sft"))
-    reward = digest(common, spec["reward"], stage_part("reward"))
+    reward = digest(common, spec.get("reward"), stage_part("reward"))
     ppo = digest(common, sft, reward, stage_part("ppo"))
-    return {Stage.sft.value: sft, Stage.reward.value: reward, Stage.ppo.value: ppo}
+    dpo = digest(common, sft, stage_part("dpo"))
+    grpo_reads = reward if Stage.reward in pipeline.spec.stage_graph else None
+    grpo = digest(common, sft, grpo_reads, stage_part("grpo"))
+    every = {Stage.sft: sft, Stage.reward: reward, Stage.ppo: ppo, Stage.dpo: dpo, Stage.grpo: grpo}
+    return {st.value: every[st] for st in pipeline.spec.stage_graph}
 
 
 def with_storage(pipeline: RLHFPipeline, storage: StorageSpec) -> RLHFPipeline:
@@ -100,16 +106,22 @@ def with_storage(pipeline: RLHFPipeline, storage: StorageSpec) -> RLHFPipeline:
     spec = pipeline.spec.model_copy(update={"storage": storage})
     return pipeline.model_copy(update={"spec": spec})
 
-def stages_to_run(selected: Sequence[Stage] | None) -> list[Stage]:
-    chosen = set(selected) if selected else set(STAGE_ORDER)
-    return [st for st in STAGE_ORDER if st in chosen]
+PPO_GRAPH = (Stage.sft, Stage.reward, Stage.ppo)
 
-def required_before(stages: Sequence[Stage]) -> list[Stage]:
-    """Stages whose output must already exist: every stage before the first chosen one."""
+def stages_to_run(selected: Sequence[Stage] | None, graph: Sequence[Stage] = PPO_GRAPH) -> list[Stage]:
+    """The chosen stages of the pipeline's ``graph`` (``PipelineSpec.stage_graph``), in its order."""
+    chosen = set(selected) if selected else set(graph)
+    outside = [st.value for st in chosen if st not in graph]
+    if outside:
+        raise RunError(f"this pipeline runs {' -> '.join(st.value for st in graph)}, which has no stage "
+                       f"{', '.join(sorted(outside))}")
+    return [st for st in graph if st in chosen]
+
+def required_before(stages: Sequence[Stage], graph: Sequence[Stage] = PPO_GRAPH) -> list[Stage]:
+    """Stages whose output must already exist: every stage of ``graph`` before the first chosen one."""
     if not stages:
         return []
-    first = STAGE_ORDER.index(stages[0])
-    return list(STAGE_ORDER[:first])
+    return list(graph[:list(graph).index(stages[0])])
 
 def _load_or_make_credentials(path: Path) -> dict[str, str]:
     # stable keys per output directory: a re-run (and a person with the aws CLI) can reach the same store
@@ -185,7 +197,8 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id_for(pipeline, out)
     namespace = pipeline.metadata.namespace or "local"
-    stages = stages_to_run(opts.stages)
+    graph = pipeline.spec.stage_graph
+    stages = stages_to_run(opts.stages, graph)
     result = RunResult(output_dir=out, run_id=run_id)
     t_run = time.monotonic()
     console.header(f"kuberlhf run: pipeline {pipeline.metadata.name!r} (run id {run_id}) -> {out}")
@@ -202,11 +215,11 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
         state.setdefault("fingerprints", {})
         _write_state(out, state)
         fingerprints = stage_fingerprints(pipeline)
-        for stage in STAGE_ORDER:
+        for stage in graph:
             # a stage made (or begun) from other settings is stale: its output and checkpoints must not be reused
             recorded = state["fingerprints"].get(stage.value)
             if recorded and recorded != fingerprints[stage.value]:
-                if stage in required_before(stages):
+                if stage in required_before(stages, graph):
                     raise RunError(f"the output of {STAGE_TITLES[stage]} in {layout.stage_uri(stage)} was made from "
                                    f"other settings than this manifest's: run that step again (e.g. `--step 1 2 3`)")
                 if stage not in stages:
@@ -216,7 +229,7 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
                 store.delete_prefix(layout.stage_uri(stage))
                 state["attempts"].pop(stage.value, None)
 
-        for needed in required_before(stages):
+        for needed in required_before(stages, graph):
             if not store.is_complete(layout.stage_uri(needed)):
                 raise RunError(f"{STAGE_TITLES[stages[0]]} needs the output of {STAGE_TITLES[needed]}, which is not "
                                f"in {layout.stage_uri(needed)}: run that step first (e.g. `--step 1 2 3`)")
@@ -253,7 +266,7 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
     result.plots = write_plots(records, out / "plots")
     for p in result.plots:
         console.info(f"plot: {p}")
-    if opts.samples and Stage.ppo in stages:
+    if opts.samples and pipeline.spec.final_stage in stages:
         result.evaluation = _samples(out, staged, opts.samples, console)
     state = _read_state(out)
     state["finished"] = time.time()

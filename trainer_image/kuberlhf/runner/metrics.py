@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from kuberlhf.contract.spec import STAGE_ORDER
+from kuberlhf.contract.spec import ALL_STAGES
 
 Record = dict[str, Any]
 
@@ -31,7 +31,7 @@ def parse_jsonl(text: str, source: str = "metrics.jsonl") -> list[Record]:
 def merge_metrics(per_stage: Iterable[Sequence[Record]]) -> list[Record]:
     """All stages' records in pipeline order, each stage's by (step, time); duplicate (stage, split, step)
     rows from a resumed attempt keep the latest."""
-    order = {st.value: i for i, st in enumerate(STAGE_ORDER)}
+    order = {st.value: i for i, st in enumerate(ALL_STAGES)}
     latest: dict[tuple[Any, ...], Record] = {}
     for records in per_stage:
         for rec in records:
@@ -79,13 +79,20 @@ def summarize_stage(records: Sequence[Record], stage: str) -> str:
         ch, rj = _first_last(records, "reward", "chosen_score", "eval"), _first_last(records, "reward", "rejected_score", "eval")
         if ch and rj:
             parts.append(f"chosen {ch[1]:+.2f} vs rejected {rj[1]:+.2f}")
-    elif stage == "ppo":
-        if fl := _first_last(records, "ppo", "reward"):
+    elif stage in ("ppo", "grpo"):
+        if fl := _first_last(records, stage, "reward"):
             parts.append(f"reward {fl[0]:+.3f} -> {fl[1]:+.3f}")
-        if fl := _first_last(records, "ppo", "true_reward"):
+        if fl := _first_last(records, stage, "true_reward"):
             parts.append(f"true reward {fl[0]:.3f} -> {fl[1]:.3f}")
-        if fl := _first_last(records, "ppo", "kl"):
+        if fl := _first_last(records, stage, "kl"):
             parts.append(f"KL {fl[1]:.3f}")
+    elif stage == "dpo":
+        if fl := _first_last(records, "dpo", "loss"):
+            parts.append(f"loss {fl[0]:.3f} -> {fl[1]:.3f}")
+        if fl := _first_last(records, "dpo", "reward_accuracy", "eval"):
+            parts.append(f"eval reward accuracy {fl[1]:.1%}")
+        if fl := _first_last(records, "dpo", "margin", "eval"):
+            parts.append(f"eval margin {fl[1]:+.3f}")
     steps = [int(r.get("step") or 0) for r in records if r.get("stage") == stage and r.get("split", "train") == "train"]
     if steps:
         parts.insert(0, f"{max(steps)} steps")

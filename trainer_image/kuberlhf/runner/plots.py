@@ -110,8 +110,38 @@ def plot_ppo(records: Sequence[Record], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_panels(records: Sequence[Record], stage: str, panels: Sequence[tuple[str, str, str, str]], title: str,
+                path: Path, split: str = "train") -> Path:
+    """One figure of ``(metric, title, y label, colour)`` panels of a stage, two rows."""
+    import matplotlib.pyplot as plt
+
+    cols = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8))
+    for ax, (key, panel_title, ylabel, color) in zip(axes.flat, panels, strict=False):
+        _line(ax, *series(records, stage, key, split), key.replace("_", " "), color)
+        _finish(ax, panel_title, ylabel)
+    fig.suptitle(title, fontsize=14)
+    return _save(fig, path)
+
+
+DPO_PANELS = (
+    ("loss", "DPO loss", "-log sigmoid(beta * margin)", "tab:blue"),
+    ("reward_accuracy", "Pairs whose chosen answer gets the higher implicit reward", "share", "tab:green"),
+    ("chosen_reward", "Implicit reward of the chosen answers", "beta * (log pi - log ref)", "tab:olive"),
+    ("rejected_reward", "Implicit reward of the rejected answers", "beta * (log pi - log ref)", "tab:red"),
+)
+GRPO_PANELS = (
+    ("reward", "Mean reward of sampled answers (reward model or rewardFunction)", "reward", "tab:green"),
+    ("true_reward", "True reward of generated answers (data.trueReward)", "true reward [0, 1]", "tab:cyan"),
+    ("kl", "KL to the reference (SFT) policy (k3 estimate)", "KL (nats/token)", "tab:purple"),
+    ("policy_loss", "Clipped policy loss", "loss", "tab:blue"),
+    ("ptx_loss", "Pre-training (ptx) loss", "cross-entropy loss", "tab:brown"),
+    ("answer_len", "Mean answer length", "tokens", "tab:gray"),
+)
+
+
 def write_plots(records: Sequence[Record], out_dir: Path) -> list[Path]:
-    """One PNG per stage that has metrics: sft_loss.png, reward_model.png, ppo.png."""
+    """One PNG per stage that has metrics: sft_loss.png, reward_model.png, ppo.png, dpo.png, grpo.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,4 +154,9 @@ def write_plots(records: Sequence[Record], out_dir: Path) -> list[Path]:
         made.append(plot_reward(records, out_dir / "reward_model.png"))
     if "ppo" in stages:
         made.append(plot_ppo(records, out_dir / "ppo.png"))
+    if "dpo" in stages:
+        made.append(plot_panels(records, "dpo", DPO_PANELS, "DPO on step 2's preference pairs", out_dir / "dpo.png"))
+    if "grpo" in stages:
+        made.append(plot_panels(records, "grpo", GRPO_PANELS, "GRPO with EMA and mixed pre-training loss",
+                                out_dir / "grpo.png"))
     return made

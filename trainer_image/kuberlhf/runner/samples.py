@@ -118,6 +118,13 @@ def most_changed(before: Sequence[float], after: Sequence[float], n: int) -> lis
     return order[:n]
 
 
+def generation_settings(pipeline: RLHFPipeline) -> Any:
+    """The sampling settings (maxAnswerLen, temperature, topP, seed) the samples use: grpo's in a grpo pipeline,
+    else step 3 PPO's (dpo samples nothing itself: its answers are sampled like PPO's by default)."""
+    st = pipeline.spec.stages
+    return st.grpo if pipeline.spec.final_stage.value == "grpo" else st.ppo
+
+
 def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) -> dict[str, Any] | None:
     """Print n exchanges (SFT vs final policy) and the mean RM score of both on the held-out prompts."""
     import json
@@ -125,8 +132,11 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # loading four small models: their bars are noise here
-    ppo = pipeline.spec.stages.ppo
-    final = out / "ppo" / ("ema" if ppo.ema.enabled and (out / "ppo" / "ema").exists() else "model")
+    last = pipeline.spec.final_stage.value
+    ppo = generation_settings(pipeline)
+    label = f"SFT + {last.upper()}"
+    ema = out / last / "ema"
+    final = ema if pipeline.spec.final_ema_enabled and ema.exists() else out / last / "model"
     if not (final.exists() and (out / "sft").exists() and (out / "reward").exists()):
         return None
     prompts = heldout_prompts(pipeline, limit=64)
@@ -136,23 +146,23 @@ def show_samples(out: Path, pipeline: RLHFPipeline, n: int, console: Console) ->
     ev = evaluate_policies(policies, out / "reward", prompts, max_new_tokens=ppo.max_answer_len,
                            temperature=ppo.temperature, top_p=ppo.top_p, seed=ppo.seed)
     sft, fin = ev["policies"]["sft"], ev["policies"]["final"]
-    console.header(f"sample exchanges: the held-out prompts where PPO changed the reward-model score most "
+    console.header(f"sample exchanges: the held-out prompts where {last.upper()} changed the reward-model score most "
                    f"(score in brackets; final = {final})")
     for i in most_changed(sft["scores"], fin["scores"], n):
         console.line(f"Human: {display_prompt(prompts[i])}")
         console.line(f"  SFT       [{sft['scores'][i]:+.2f}] Assistant: {sft['answers'][i]}")
-        console.line(f"  SFT + PPO [{fin['scores'][i]:+.2f}] Assistant: {fin['answers'][i]}")
+        console.line(f"  {label:<9} [{fin['scores'][i]:+.2f}] Assistant: {fin['answers'][i]}")
         console.line()
     console.info(f"mean reward-model score on {len(prompts)} held-out prompts: SFT {sft['mean_score']:+.3f} -> "
-                 f"SFT + PPO {fin['mean_score']:+.3f}")
+                 f"{label} {fin['mean_score']:+.3f}")
     subject = score_on_subject(pipeline, policies)
     if subject:
         console.info(f"answers that stay on the conversation's subject, {subject['dialogues']} held-out dialogues' "
-                     f"follow-ups: SFT {subject['sft']:.2f} -> SFT + PPO {subject['final']:.2f}")
+                     f"follow-ups: SFT {subject['sft']:.2f} -> {label} {subject['final']:.2f}")
     truth = score_true_reward(pipeline, prompts, ev)
     if truth:
         console.info(f"mean true reward ({pipeline.spec.data.true_reward}, never trained on) on the same answers: "
-                     f"SFT {truth['sft']:.3f} -> SFT + PPO {truth['final']:.3f}")
+                     f"SFT {truth['sft']:.3f} -> {label} {truth['final']:.3f}")
     with open(out / "samples.jsonl", "w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"prompt": p, "sft": sft["answers"][i], "sft_score": sft["scores"][i],
@@ -175,7 +185,7 @@ def score_on_subject(pipeline: RLHFPipeline, policies: Mapping[str, Path], limit
     dialogues = heldout_dialogues(pipeline, limit)
     if not dialogues:
         return {}
-    ppo = pipeline.spec.stages.ppo
+    ppo = generation_settings(pipeline)
     out: dict[str, Any] = {"dialogues": len(dialogues)}
     for name, path in policies.items():
         answers = generate_answers(path, dialogues, max_new_tokens=ppo.max_answer_len, temperature=ppo.temperature,

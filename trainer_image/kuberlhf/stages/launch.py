@@ -110,6 +110,14 @@ def run_in_process(stage: str, pipeline: str | None, resume: bool) -> None:
             from kuberlhf.stages.reward import run_reward
 
             run_reward(run)
+        elif ctx.stage is Stage.dpo:
+            from kuberlhf.stages.dpo import run_dpo
+
+            run_dpo(run)
+        elif ctx.stage is Stage.grpo:
+            from kuberlhf.stages.grpo import run_grpo
+
+            run_grpo(run)
         else:
             from kuberlhf.stages.ppo import run_ppo
 

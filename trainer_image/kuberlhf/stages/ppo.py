@@ -64,6 +64,49 @@ def rollout_texts(tokenizer: Any, exp: dict[str, torch.Tensor]) -> tuple[list[st
     return prompts, answers
 
 
+def resume_policy(run: StageRun, engine: Any) -> dict[str, Any] | None:
+    """Restore the trained engines and the EMA from the newest committed checkpoint (the state saved with it), or
+    seed this rank's RNGs for a fresh start (a resumed run continues the RNG stream of its checkpoint instead)."""
+    resume_step = run.latest_checkpoint()
+    if resume_step is None:
+        seed_all(run.stage_spec.seed + run.dist.rank)
+        return None
+    local = run.download_checkpoint(resume_step)
+    state = load_engines(engine.trained_engines(), local, resume_step, run.dist.rank)
+    if engine.ema is not None:
+        load_module_state(engine.ema, local / EMA_STATE_FILE)
+    return state
+
+
+def save_policy_checkpoint(run: StageRun, engine: Any, step: int, total: int, state: dict[str, Any]) -> None:
+    """After optimizer step ``step``: commit ``ckpt/step-N/`` (trained engines + EMA) when due, and stop after
+    it when SIGTERM asked to."""
+    save, stop = run.checkpoint_due(step, total, run.stage_spec.checkpoint_every_steps)
+    if not save:
+        return
+    local = run.ckpt_local(step)
+    save_engines(engine.trained_engines(), local, step, run.dist.rank, state)
+    if engine.ema is not None:
+        save_module_state(engine.ema, local / EMA_STATE_FILE, run.dist.rank)
+    run.upload_checkpoint(step)
+    if stop:
+        raise run.interrupted(step)
+    maybe_crash(step, run)
+
+
+def export_policy(run: StageRun, engine: Any, tokenizer: Any, summary: dict[str, Any]) -> None:
+    """Export the actor (``model/``) and its EMA (``ema/``) and commit the stage."""
+    outputs = {"model": run.output_dir("model")}
+    export_causal_lm(engine.actor, tokenizer, outputs["model"])
+    if engine.ema is not None:
+        outputs["ema"] = run.output_dir("ema")
+        export_causal_lm(engine.ema, tokenizer, outputs["ema"])
+    for path in outputs.values():
+        if run.dist.is_main:  # serving pads on the left for batched generation, like training's prompts
+            tokenizer.save_pretrained(path)
+    run.finish(outputs, summary)
+
+
 def run_ppo(run: StageRun) -> None:
     from kuberlhf.data import PromptDataset, stage_rows
     from kuberlhf.data.true_reward import load_true_reward, true_rewards
@@ -98,16 +141,10 @@ def run_ppo(run: StageRun) -> None:
     trainer = PPOTrainer(engine, PPOSettings.from_spec(st), world_size=dist.world_size)
 
     step = 0
-    resume_step = run.latest_checkpoint()
-    if resume_step is not None:
-        local = run.download_checkpoint(resume_step)
-        state = load_engines(engine.trained_engines(), local, resume_step, dist.rank)
-        if engine.ema is not None:
-            load_module_state(engine.ema, local / EMA_STATE_FILE)
+    state = resume_policy(run, engine)
+    if state is not None:
         trainer.kl_ctl.value = float(state["kl_coef"])
         step = int(state["step"])
-    else:  # a resumed run continues the RNG stream of its checkpoint instead
-        seed_all(st.seed + dist.rank)
     # one ptx batch follows every PPO micro-batch step
     ptx = None if ptx_ds is None else ptx_stream(ptx_ds, micro, dist.rank, dist.world_size, st.seed,
                                                   consumed=step * micro_per_iter)
@@ -153,25 +190,8 @@ def run_ppo(run: StageRun) -> None:
             run.metrics.write(step, "train", **logged)
             bar.update(1)
             bar.set_postfix(reward=f"{logged['reward']:.3f}", kl=f"{logged['kl']:.3f}")
-            save, stop = run.checkpoint_due(step, total_iters, st.checkpoint_every_steps)
-            if save:
-                local = run.ckpt_local(step)
-                save_engines(engine.trained_engines(), local, step, dist.rank, {"kl_coef": trainer.kl_ctl.value})
-                if engine.ema is not None:
-                    save_module_state(engine.ema, local / EMA_STATE_FILE, dist.rank)
-                run.upload_checkpoint(step)
-                if stop:
-                    raise run.interrupted(step)
-                maybe_crash(step, run)
+            save_policy_checkpoint(run, engine, step, total_iters, {"kl_coef": trainer.kl_ctl.value})
             if step >= total_iters:
                 break
     bar.close()
-    outputs = {"model": run.output_dir("model")}
-    export_causal_lm(engine.actor, tokenizer, outputs["model"])
-    if engine.ema is not None:
-        outputs["ema"] = run.output_dir("ema")
-        export_causal_lm(engine.ema, tokenizer, outputs["ema"])
-    for path in outputs.values():
-        if dist.is_main:  # serving pads on the left for batched generation, like training's prompts
-            tokenizer.save_pretrained(path)
-    run.finish(outputs, {"steps": step})
+    export_policy(run, engine, tokenizer, {"steps": step})

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kuberlhf.contract.spec import ALL_STAGES
 from kuberlhf.stages.errors import report_errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kuberlhf-stage-worker")
-    parser.add_argument("stage", choices=["sft", "reward", "ppo"])
+    parser.add_argument("stage", choices=[st.value for st in ALL_STAGES])
     parser.add_argument("--pipeline", default=None)
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)

@@ -166,12 +166,14 @@ def eval_ds_config(s: TrainSettings, offload: bool | None = None) -> dict[str, A
 
 def stage_settings(spec: Any, stage: str, world_size: int, role: str | None = None,
                    tensorboard_dir: str | None = None) -> TrainSettings:
-    """TrainSettings of ``stage`` (and for ppo, ``role`` "actor" or "critic") from a PipelineSpec."""
+    """TrainSettings of ``stage`` (and for ppo, ``role`` "actor" or "critic"; for grpo "actor" or "reward", the
+    frozen reward model) from a PipelineSpec."""
     st = spec.stages.get(stage)
     field = f"spec.stages.{stage}"
-    if stage == "ppo":
-        if role not in ("actor", "critic"):
-            raise ValueError("ppo settings need role='actor' or 'critic'")
+    if stage in ("ppo", "grpo"):
+        roles = ("actor", "critic") if stage == "ppo" else ("actor", "reward")
+        if role not in roles:
+            raise ValueError(f"{stage} settings need role={roles[0]!r} or {roles[1]!r}")
         zero_field = f"{role}ZeroStage"
         zero_stage = getattr(st, f"{role}_zero_stage")
         hybrid = _resolved(st.hybrid_engine, f"{field}.hybridEngine") and role == "actor"
