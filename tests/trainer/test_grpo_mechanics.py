@@ -27,7 +27,8 @@ doc = {"apiVersion": "kuberlhf.io/v1alpha1", "kind": "RLHFPipeline", "metadata":
        "spec": {"accelerator": "cpu", "algorithm": "grpo", "actor": {"model": "kuberlhf/tiny-opt"},
                 "data": {"datasets": ["kuberlhf/synthetic-pairs"]}, "storage": {"uri": "file:///tmp/x"},
                 "stages": {"grpo": {"groupSize": 3, "maxAnswerLen": 6, "rewardFunction": "rewards.py:score",
-                                    "ema": {"beta": 0.5}, "learningRate": 0.01}}}}
+                                    "ema": {"beta": 0.5}, "learningRate": 0.01, "actorLora": {"dim": 0},
+                                    "gradientAccumulationSteps": 1}}}}
 spec = parse_pipeline(doc).spec
 init_distributed("cpu")
 tok = load_tokenizer("out/tiny/sft/model", padding_side="left")
