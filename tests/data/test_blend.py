@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kuberlhf.contract.spec import DataSpec, Stage, StorageSpec
+from kuberlhf.contract.spec import STAGE_ORDER, DataSpec, Stage, StorageSpec
 from kuberlhf.data import DataError, stage_rows, unsupervised_texts
 
 
@@ -80,7 +80,7 @@ def test_sft_only_goes_entirely_to_step_1(tmp_path: Path, two_files: tuple[str, 
 
 def test_max_samples_caps_each_dataset(two_files: tuple[str, str]) -> None:
     spec = DataSpec(datasets=list(two_files), max_samples=20, eval_fraction=0.0)
-    total = {stage: stage_rows(spec, stage)[0] for stage in Stage}
+    total = {stage: stage_rows(spec, stage)[0] for stage in STAGE_ORDER}  # the ppo pipeline's three steps
     ids = [x for ds in total.values() for x in _ids(ds)]
     assert sum(x.startswith("a ") for x in ids) == 20 and sum(x.startswith("b ") for x in ids) == 20
     assert len(total[Stage.sft]) == 8  # 20% of 20 from each dataset

@@ -406,7 +406,9 @@ class DPOStageSpec(CommonStageSpec):
                                    "reference is sharded too at 3).")
     lora: LoraSpec | None = Field(default=None, description="LoRA of the trained model (dim 0 = off).")
     beta: float = Field(default=0.1, gt=0, description="DPO's beta: how far the policy may move from the reference.")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Share of pairs assumed mislabelled "
+    # le, not lt: a 1.20-1.2x API server checks an integer value (the default 0) against an exclusive maximum
+    # truncated to an integer (0.5 -> 0) and refuses the whole CRD.
+    label_smoothing: float = Field(default=0.0, ge=0, le=0.5, description="Share of pairs assumed mislabelled "
                                    "(conservative DPO); 0 = plain DPO.")
     offload_reference_model: bool = Field(default=False, description="Keep the frozen reference model's ZeRO-3 "
                                           "partitions in CPU memory (DeepSpeed-Chat's --offload_reference_model).")
