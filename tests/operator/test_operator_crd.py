@@ -120,6 +120,11 @@ def test_schema_is_structural_and_defaults_are_valid() -> None:
         assert node.get("additionalProperties") is not False, path
         if "default" in node:
             assert jsonschema.Draft4Validator(node).is_valid(node["default"]), path
+        # API servers before ~1.25 compare an integer value with an exclusive bound truncated to an integer
+        # (maximum 0.5 -> 0), so `default: 0` under `exclusiveMaximum: 0.5` refused the whole CRD on 1.20.
+        for bound, flag in (("maximum", "exclusiveMaximum"), ("minimum", "exclusiveMinimum")):
+            if node.get(flag):
+                assert float(node[bound]).is_integer(), f"{path}: exclusive {bound} {node[bound]} must be an integer"
     spec = openapi()["properties"]["spec"]
     # spec.reward is needed only by the algorithms with a reward stage: the preflight says so, not the schema
     assert spec["required"] == ["actor", "data", "storage"]
