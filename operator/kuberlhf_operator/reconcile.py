@@ -171,11 +171,22 @@ class Action:
     body: dict[str, Any] = field(default_factory=dict)  # the object (create) or a merge patch (patch)
 
 
+# The API server refuses an Event whose message is longer (422), and kopf then drops it silently: a failed stage's
+# message carries the pod's log tail, which is how StageRetrying used to vanish.
+EVENT_MESSAGE_LIMIT = 1024
+
+
 @dataclass(frozen=True)
 class Event:
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
+
+    def __post_init__(self) -> None:
+        if len(self.message) > EVENT_MESSAGE_LIMIT:
+            # keep the head (what failed) and the end (the log's last lines), marked as cut
+            head, tail = self.message[:600], self.message[-(EVENT_MESSAGE_LIMIT - 600 - 5):]
+            object.__setattr__(self, "message", f"{head} ... {tail}")
 
 
 @dataclass

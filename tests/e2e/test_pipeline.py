@@ -328,9 +328,9 @@ def test_user_volume_and_secret_env_reach_every_pod(run):
 
 def test_kubectl_get_rlhf_shows_the_columns(run):
     out = run.control_plane.kubectl("get", "rlhf", "-n", run.ns).stdout.splitlines()
-    assert out[0].split() == ["NAME", "STAGE", "PHASE", "ATTEMPTS", "AGE", "CHAT"], out
+    assert out[0].split() == ["NAME", "ALGORITHM", "STAGE", "PHASE", "ATTEMPTS", "AGE", "CHAT"], out
     row = out[1].split()
-    assert row[:3] == [NAME, "done", "Succeeded"] and row[-1].startswith(f"http://{chat_name(NAME)}."), out
+    assert row[:4] == [NAME, "ppo", "done", "Succeeded"] and row[-1].startswith(f"http://{chat_name(NAME)}."), out
 
 
 def test_chat_pod_answers_an_openai_request(run):
