@@ -171,7 +171,7 @@ class Action:
     body: dict[str, Any] = field(default_factory=dict)  # the object (create) or a merge patch (patch)
 
 
-# The API server refuses an Event whose message is longer (422), and kopf then drops it silently: a failed stage's
+# The API server refuses an Event whose message is longer, in bytes (422), and kopf then drops it silently: a failed stage's
 # message carries the pod's log tail, which is how StageRetrying used to vanish.
 EVENT_MESSAGE_LIMIT = 1024
 
@@ -183,9 +183,12 @@ class Event:
     message: str
 
     def __post_init__(self) -> None:
-        if len(self.message) > EVENT_MESSAGE_LIMIT:
+        # The limit counts UTF-8 bytes (Go's len), and a log tail is full of tqdm's 3-byte block characters.
+        raw = self.message.encode()
+        if len(raw) > EVENT_MESSAGE_LIMIT:
             # keep the head (what failed) and the end (the log's last lines), marked as cut
-            head, tail = self.message[:600], self.message[-(EVENT_MESSAGE_LIMIT - 600 - 5):]
+            head = raw[:600].decode(errors="ignore")
+            tail = raw[-(EVENT_MESSAGE_LIMIT - 600 - 5):].decode(errors="ignore")
             object.__setattr__(self, "message", f"{head} ... {tail}")
 
 

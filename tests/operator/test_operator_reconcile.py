@@ -449,12 +449,12 @@ def test_events_come_only_from_the_old_and_new_status(cluster: Cluster) -> None:
 
 
 def test_an_event_message_fits_the_api_servers_limit() -> None:
-    """A stage failure's message holds the pod's log tail; over 1024 characters the API server refuses the Event and
+    """A stage failure's message holds the pod's log tail; over 1024 bytes the API server refuses the Event and
     kopf drops it (the e2e StageRetrying flake). The head and the end survive."""
     from kuberlhf_operator.reconcile import EVENT_MESSAGE_LIMIT, Event
 
-    msg = "stage sft attempt 1 failed: " + "x" * 3000 + " last log line"
+    msg = "stage sft attempt 1 failed: " + "x" * 3000 + " sft: 40%|\u2588\u2588\u2588\u2588 | " * 40 + " last log line"
     e = Event("Warning", "StageRetrying", msg)
-    assert len(e.message) <= EVENT_MESSAGE_LIMIT
+    assert len(e.message.encode()) <= EVENT_MESSAGE_LIMIT  # bytes, as the API server counts
     assert e.message.startswith("stage sft attempt 1 failed: ") and e.message.endswith(" last log line")
     assert " ... " in e.message and Event("Normal", "X", "short").message == "short"
