@@ -48,9 +48,15 @@ def model_config(name: str, tiny: bool) -> dict[str, Any]:
         "ffn_dim": 256,
         "num_attention_heads": 4,
         "word_embed_proj_dim": proj,
-        "vocab_size": 512,
+        "vocab_size": tiny_vocab_size(),  # the shipped tiny BPE's ids must fit the embeddings
         "max_position_embeddings": 512,
     }
+
+
+def tiny_vocab_size() -> int:
+    from kuberlhf.models.tiny import tiny_config
+
+    return int(tiny_config().vocab_size)
 
 
 # --- probes ----------------------------------------------------------------------------------------------
@@ -299,8 +305,8 @@ def corrupt(model_dir: Path) -> None:
 def write_fixture(root: Path, kind: str, model: str, tiny: bool, cuda: bool) -> Path:
     """A random-weight model directory of ``model``'s size (made once per run, reused by every case): a causal
     LM (``kind="lm"``, the SFT input and the step-1 output PPO reads) or a reward model in kuberlhf's format
-    (``kind="reward"``, what step 2 writes). The tokenizer is the shipped tiny BPE: token ids < 512 fit every OPT
-    vocabulary, and throughput depends on ids, not words."""
+    (``kind="reward"``, what step 2 writes). The tokenizer is the shipped tiny BPE: its ids fit every OPT vocabulary
+    (and the tiny configs take its size), and throughput depends on ids, not words."""
     import torch
     from transformers import AutoModel, OPTConfig, OPTForCausalLM
 
