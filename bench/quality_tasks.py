@@ -21,20 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kuberlhf.data.dialogues import CAPITALS  # the facts the built-in dialogues use too
+from kuberlhf.data.dialogues import CAPITALS, OPPOSITES  # the facts the built-in dialogues use too
 
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-OPPOSITES = [
-    ("hot", "cold"),
-    ("big", "small"),
-    ("fast", "slow"),
-    ("happy", "sad"),
-    ("good", "bad"),
-    ("black", "white"),
-    ("first", "last"),
-    ("yes", "no"),
-    ("angry", "calm"),
-]
 ITEMS = {
     "colors": ["red", "blue", "green", "yellow", "black", "white", "pink", "gray"],
     "animals": ["cat", "dog", "bird", "fish", "horse", "frog", "bear", "duck"],

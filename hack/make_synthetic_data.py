@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from kuberlhf.data.dialogues import CAPITALS, make_dialogue
+from kuberlhf.data.dialogues import CAPITALS, OPPOSITES, make_dialogue
 
 OUT = Path(__file__).resolve().parents[1] / "trainer_image" / "kuberlhf" / "assets" / "data"
 SEED = 1234
@@ -34,17 +34,6 @@ N_DIALOGUES = 4000
 TURN_WEIGHTS = {2: 4, 3: 3, 4: 3}
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-OPPOSITES = [
-    ("hot", "cold"),
-    ("big", "small"),
-    ("fast", "slow"),
-    ("happy", "sad"),
-    ("good", "bad"),
-    ("black", "white"),
-    ("first", "last"),
-    ("yes", "no"),
-    ("angry", "calm"),
-]
 COLOURS = [
     ("the sky", "blue"),
     ("the sea", "blue"),

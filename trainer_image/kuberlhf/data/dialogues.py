@@ -27,6 +27,7 @@ CAPITALS = [
     ("Kenya", "Nairobi"),
     ("Peru", "Lima"),
 ]
+# One table of opposites for the built-in data generator and the quality tasks; the dialogues leave out yes/no.
 OPPOSITES = [
     ("hot", "cold"),
     ("big", "small"),
@@ -35,8 +36,10 @@ OPPOSITES = [
     ("good", "bad"),
     ("black", "white"),
     ("first", "last"),
+    ("yes", "no"),
     ("angry", "calm"),
 ]
+DIALOGUE_OPPOSITES = [pair for pair in OPPOSITES if pair != ("yes", "no")]
 COLOURS = [("the sky", "blue"), ("the sun", "yellow"), ("a tree", "green"), ("the moon", "white")]
 WORDS = ["cat", "dog", "bird", "fish", "tree", "sun", "moon", "sea", "code", "water"]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -92,7 +95,8 @@ def subjects_of_kind(kind: str) -> list[Subject]:
     if kind == "capital":
         return [Subject(kind, pair) for pair in CAPITALS]
     if kind == "opposite":
-        return [Subject(kind, pair) for pair in OPPOSITES] + [Subject(kind, pair[::-1]) for pair in OPPOSITES]
+        return ([Subject(kind, pair) for pair in DIALOGUE_OPPOSITES]
+                + [Subject(kind, pair[::-1]) for pair in DIALOGUE_OPPOSITES])
     if kind == "colour":
         return [Subject(kind, pair) for pair in COLOURS]
     return [Subject(kind, (w,)) for w in WORDS]
