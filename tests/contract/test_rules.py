@@ -42,6 +42,18 @@ def test_valid_spec_and_examples_pass() -> None:
                 assert not [p for p in preflight(parse_pipeline(doc).spec) if messages_in(str(p))], f.name
 
 
+@pytest.mark.parametrize(("patch", "split"), [
+    ({"algorithm": "dpo", "reward": None}, "2,8,0"),  # dpo trains on step 2's pairs: no step-3 share needed
+    ({"algorithm": "grpo", "reward": None, "stages": {"grpo": {"rewardFunction": "rewards:score"}}}, "2,0,8"),
+    ({"algorithm": "grpo"}, "2,4,4"),
+])
+def test_each_algorithm_needs_only_its_own_stages_shares(patch, split) -> None:
+    from harness.rule_cases import Case
+
+    doc = Case("split", {**patch, "data": {"split": split}}).doc()
+    assert own_messages(doc) == set(), split
+
+
 @pytest.mark.parametrize(("case", "rule"), CASES, ids=[c.name for c, _ in CASES])
 def test_own_checks_reject_with_the_rule_text(case, rule) -> None:
     assert own_messages(case.doc()) == {rule.text}

@@ -111,6 +111,10 @@ _CASES: list[tuple[str, dict[str, Any], str]] = [
     ("split-no-reward", {"data": {"split": "2,0,4"}}, "spec.data.split:1"),
     ("split-no-ppo", {"data": {"split": "2,4,0"}}, "spec.data.split:1"),
     ("split-no-sft", {"data": {"split": "0,4,4"}}, "spec.data.split:2"),
+    ("dpo-split-no-pairs", {"algorithm": "dpo", "reward": None, "data": {"split": "2,0,8"}}, "spec.data.split:3"),
+    ("grpo-split-no-prompts", {"algorithm": "grpo", "stages": {"grpo": {"rewardFunction": "rewards:score"}},
+                               "reward": None, "data": {"split": "2,8,0"}}, "spec.data.split:3"),
+    ("grpo-rm-split-no-pairs", {"algorithm": "grpo", "data": {"split": "2,0,8"}}, "spec.data.split:3"),
     ("rollout-not-a-multiple", {"stages": {"ppo": {"rolloutBatchSize": 6}}}, "spec.stages.ppo.rolloutBatchSize"),
     (
         "use-ema-without-ema",

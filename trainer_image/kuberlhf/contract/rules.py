@@ -167,8 +167,15 @@ def split_shares(split: str) -> tuple[float, float, float] | None:
 
 
 def _share_cel(*indices: int) -> str:
-    shares = " && ".join(f"double(self.split.split(',')[{i}].trim()) > 0.0" for i in indices)
-    return f"!self.split.matches('{SPLIT_PATTERN}') || ({shares})"
+    shares = " && ".join(f"double(self.data.split.split(',')[{i}].trim()) > 0.0" for i in indices)
+    return f"!self.data.split.matches('{SPLIT_PATTERN}') || ({shares})"
+
+
+def _graph_shares(s: PipelineSpec) -> tuple[int, ...]:
+    """The data.split shares the pipeline's stages after step 1 train on (step 1's has its own rule)."""
+    from kuberlhf.contract.spec import STAGE_INDEX, Stage
+
+    return tuple(sorted({STAGE_INDEX[st] for st in s.stage_graph if st is not Stage.sft}))
 
 
 def _shares_ok(s: PipelineSpec, *indices: int) -> bool:
@@ -240,9 +247,8 @@ RULES: tuple[Rule, ...] = (
         field="spec.data.split",
         message="steps 2 (reward model) and 3 (PPO) each need a positive share of the data",
         fix="give the second and third numbers of spec.data.split a value above 0, e.g. '2,4,4'",
-        ok=lambda s: _shares_ok(s, 1, 2),
-        at="spec.data",
-        cel=_share_cel(1, 2),
+        ok=lambda s: s.algorithm.value != "ppo" or _shares_ok(s, 1, 2),
+        cel=f"self.algorithm != 'ppo' || {_share_cel(1, 2)}",
     ),
     Rule(
         field="spec.data.split",
@@ -250,6 +256,15 @@ RULES: tuple[Rule, ...] = (
         fix="give the first number of spec.data.split a value above 0, e.g. '2,4,4', or list step-1 datasets in "
         "spec.data.sftOnly",
         ok=lambda s: _shares_ok(s, 0) or bool(s.data.sft_only),  # CEL cannot type sftOnly's entries: no CEL
+    ),
+    Rule(
+        field="spec.data.split",
+        message="a stage of spec.algorithm's pipeline gets no data: dpo (like the reward model) trains on the "
+        "second share, step 2's pairs, and grpo on the third, step 3's prompts",
+        fix="give that stage's share of spec.data.split a value above 0, e.g. '2,8,0' for dpo, '2,0,8' for grpo "
+        "with a rewardFunction, '2,4,4' for grpo with a reward model",
+        # the graph depends on rewardFunction; dpo/grpo rules stay out of the CRD (its size): preflight only
+        ok=lambda s: s.algorithm.value == "ppo" or _shares_ok(s, *_graph_shares(s)),
     ),
     *(_use_ema_rule(stage) for stage in ("ppo", "grpo")),
     *(_stage_outside_graph(stage) for stage in ("reward", "ppo", "dpo", "grpo")),

@@ -73,6 +73,9 @@ class Stage(str, Enum):
 ALL_STAGES: tuple[Stage, ...] = (Stage.sft, Stage.reward, Stage.ppo, Stage.dpo, Stage.grpo)
 # The stages of the default algorithm (ppo): DeepSpeed-Chat's three steps.
 STAGE_ORDER: tuple[Stage, ...] = (Stage.sft, Stage.reward, Stage.ppo)
+# Which share of ``data.split`` (0, 1, 2: step 1, 2, 3) each stage trains on: dpo on step 2's pairs (DeepSpeed-Chat's
+# step2_dpo), grpo on step 3's prompts.
+STAGE_INDEX: dict[Stage, int] = {Stage.sft: 0, Stage.reward: 1, Stage.ppo: 2, Stage.dpo: 1, Stage.grpo: 2}
 
 
 class Algorithm(str, Enum):

@@ -8,13 +8,10 @@ import json
 
 import datasets
 
-from kuberlhf.contract.spec import DatasetRef, DataSpec, Stage, StorageSpec
+from kuberlhf.contract.spec import STAGE_INDEX, DatasetRef, DataSpec, Stage, StorageSpec
 from kuberlhf.data.errors import DataError
 from kuberlhf.data.sources import COLUMNS, load_rows, load_texts
 from kuberlhf.data.splits import eval_count, permutation, split_indices
-
-# dpo trains on step 2's pairs (DeepSpeed-Chat's step2_dpo), grpo samples from step 3's prompts
-STAGE_INDEX: dict[Stage, int] = {Stage.sft: 0, Stage.reward: 1, Stage.ppo: 2, Stage.dpo: 1, Stage.grpo: 2}
 
 
 def _empty() -> datasets.Dataset:
