@@ -1,4 +1,5 @@
-"""Checkpoint transfer through the real S3 server (SeaweedFS ``weed mini``) vs a local ``cp`` + fsync.
+"""Checkpoint transfer through the real S3 server (SeaweedFS ``weed mini``) vs ``rclone`` through the same server
+and a local ``cp`` + fsync.
 
 Builds a checkpoint-like directory (a few large shards + many small files, incompressible bytes), then runs,
 interleaved for ``--rounds`` rounds so load from other processes hits every side alike:
@@ -6,9 +7,12 @@ interleaved for ``--rounds`` rounds so load from other processes hits every side
   cp      ``cp -r`` of the directory + ``sync`` (fsync) of every copied file: the disk baseline
   upload  ``ObjectStore.upload_dir`` (sha256 of every file, transfer manager upload, manifest, ``_COMPLETE``)
   download ``ObjectStore.download_dir`` (transfer manager download + size/sha256 verification)
+  rclone-up / rclone-down  ``rclone copy`` of the same bytes to / from the same server (Debian's rclone, its
+          defaults: 4 transfers, MD5 of every file checked against the server's after upload and download);
+          the client a user would pick instead. Goal: our verified round trip >= 1.0x rclone's.
 
-and prints MiB/s, each side's ratio to ``cp`` and where the time goes (per-phase seconds; CPU seconds of this
-process and of the weed server).
+and prints MiB/s, each side's ratio to ``cp`` and to rclone, and where the time goes (per-phase seconds; CPU
+seconds of the client (this process and its children: cp, sync, rclone) and of the weed server, per GiB).
 
   .venv/bin/python bench/transfer_bench.py                 # 1 GiB
   .venv/bin/python bench/transfer_bench.py --size-mb 300 --rounds 3
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, goal_line  # noqa: E402 - bench/common.py: the result line every benchmark prints
 
 MiB = 1 << 20
+RCLONE_REMOTE = "kuberlhfbench"  # configured through RCLONE_CONFIG_<NAME>_* variables only: no config file
 
 
 def make_checkpoint_tree(root: Path, size_mb: int, seed: int = 0) -> tuple[int, int]:
@@ -69,6 +74,38 @@ def cp_with_fsync(src: Path, dst: Path) -> None:
     files = [str(p) for p in dst.rglob("*") if p.is_file()]
     for i in range(0, len(files), 500):
         subprocess.run(["sync", *files[i : i + 500]], check=True)  # coreutils sync FILE... fsyncs each file
+
+
+def rclone_binary() -> str:
+    found = shutil.which("rclone")
+    if not found:
+        raise SystemExit(
+            "transfer_bench: rclone (the baseline) is not installed: apt-get install rclone, or pass --no-rclone"
+        )
+    return found
+
+
+def rclone_env(server: SeaweedServer) -> dict[str, str]:
+    name = RCLONE_REMOTE.upper()
+    # no AWS_* either: the AWS SDK inside rclone would pick up e.g. AWS_CA_BUNDLE, which it cannot apply to its
+    # own HTTP transport ("LoadCustomCABundleError"), and the keys are given below
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RCLONE_", "AWS_"))}
+    env.update(
+        {
+            f"RCLONE_CONFIG_{name}_TYPE": "s3",
+            f"RCLONE_CONFIG_{name}_PROVIDER": "SeaweedFS",
+            f"RCLONE_CONFIG_{name}_ENDPOINT": server.endpoint,
+            f"RCLONE_CONFIG_{name}_ACCESS_KEY_ID": server.access_key,
+            f"RCLONE_CONFIG_{name}_SECRET_ACCESS_KEY": server.secret_key,
+            f"RCLONE_CONFIG_{name}_REGION": server.region,
+            "RCLONE_CONFIG": "/dev/null",
+        }
+    )
+    return env
+
+
+def rclone_copy(src: str, dst: str, env: dict[str, str]) -> None:
+    subprocess.run([rclone_binary(), "copy", src, dst], check=True, env=env)
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -105,25 +142,35 @@ def timed(name: str, nbytes: int, server: SeaweedServer, fn, store: ObjectStore 
     return Sample(name, dt, nbytes, self_cpu_seconds() - c0, proc_cpu_seconds(server.pid) - s0, phases)
 
 
-def run_rounds(server: SeaweedServer, store: ObjectStore, src: Path, work: Path, nbytes: int, rounds: int) -> dict:
+def run_rounds(
+    server: SeaweedServer, store: ObjectStore, src: Path, work: Path, nbytes: int, rounds: int, rclone: bool
+) -> dict:
     samples: dict[str, list[Sample]] = {"cp": [], "upload": [], "download": []}
+    if rclone:
+        samples.update({"rclone-up": [], "rclone-down": []})
+        env = rclone_env(server)
     for r in range(rounds):
         dst, down, uri = work / f"cp-{r}", work / f"down-{r}", f"s3://bench/run-{r}"
-        order = ["cp", "upload", "download"] if r % 2 == 0 else ["upload", "download", "cp"]
+        rc_remote, rc_down = f"{RCLONE_REMOTE}:bench/rclone-{r}", work / f"rclone-down-{r}"
+        ours, theirs = ["upload", "download"], ["rclone-up", "rclone-down"] if rclone else []
+        # alternate who goes first, so a load change mid-round hits both clients alike
+        order = ["cp", *ours, *theirs] if r % 2 == 0 else [*theirs, *ours, "cp"]
         for side in order:
             if side == "cp":
-                samples["cp"].append(timed("cp", nbytes, server, lambda dst=dst: cp_with_fsync(src, dst)))
+                fn, st = (lambda dst=dst: cp_with_fsync(src, dst)), None
             elif side == "upload":
-                samples["upload"].append(
-                    timed("upload", nbytes, server, lambda uri=uri: store.upload_dir(src, uri, producer="bench"), store)
-                )
+                fn, st = (lambda uri=uri: store.upload_dir(src, uri, producer="bench")), store
+            elif side == "download":
+                fn, st = (lambda uri=uri, d=down: store.download_dir(uri, d)), store
+            elif side == "rclone-up":
+                fn, st = (lambda rem=rc_remote: rclone_copy(str(src), rem, env)), None
             else:
-                samples["download"].append(
-                    timed("download", nbytes, server, lambda uri=uri, d=down: store.download_dir(uri, d), store)
-                )
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.rmtree(down, ignore_errors=True)
+                fn, st = (lambda rem=rc_remote, d=rc_down: rclone_copy(rem, str(d), env)), None
+            samples[side].append(timed(side, nbytes, server, fn, st))
+        for d in (dst, down, rc_down):
+            shutil.rmtree(d, ignore_errors=True)
         store.delete_prefix(uri)
+        store.delete_prefix(f"s3://bench/rclone-{r}")
     return samples
 
 
@@ -133,12 +180,13 @@ def median_sample(samples: list[Sample]) -> Sample:
 
 def report(samples: dict, nbytes: int, nfiles: int, tuning: TransferTuning) -> dict:
     cp, up, down = (median_sample(samples[k]) for k in ("cp", "upload", "download"))
+    theirs = [median_sample(samples[k]) for k in ("rclone-up", "rclone-down") if k in samples]
     print(f"\ncheckpoint: {nfiles} files, {nbytes / MiB:.0f} MiB; rounds: {len(samples['cp'])} (median shown)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"{'side':10s} {'seconds':>8s} {'MiB/s':>8s} {'vs cp':>6s} {'client CPU s':>12s} {'weed CPU s':>10s}  phases (s)"
     )
-    for s in (cp, up, down):
+    for s in (cp, up, down, *theirs):
         phases = " ".join(f"{k}={v:.2f}" for k, v in s.phases.items())
         print(
             f"{s.name:10s} {s.seconds:8.2f} {s.mib_s:8.1f} {s.mib_s / cp.mib_s:6.2f} {s.client_cpu:12.2f} "
@@ -146,6 +194,10 @@ def report(samples: dict, nbytes: int, nfiles: int, tuning: TransferTuning) -> d
         )
     round_trip = 2 * cp.seconds / (up.seconds + down.seconds)
     print(goal_line("round trip (upload + download) vs two disk copies", round_trip, 0.8))
+    vs_rclone = None
+    if theirs:
+        vs_rclone = (theirs[0].seconds + theirs[1].seconds) / (up.seconds + down.seconds)
+        print(goal_line("verified round trip vs rclone's (same bytes, same server)", vs_rclone, 1.0))
     result = {
         "bench": "transfer",
         "bytes": nbytes,
@@ -156,6 +208,7 @@ def report(samples: dict, nbytes: int, nfiles: int, tuning: TransferTuning) -> d
         "upload_vs_cp": round(up.mib_s / cp.mib_s, 3),
         "download_vs_cp": round(down.mib_s / cp.mib_s, 3),
         "round_trip_vs_cp": round(round_trip, 3),
+        "round_trip_vs_rclone": round(vs_rclone, 3) if vs_rclone else None,
         "tuning": tuning.__dict__,
         "all_seconds": {k: [round(s.seconds, 3) for s in v] for k, v in samples.items()},
         "cpu_s_per_gib": {
@@ -163,7 +216,7 @@ def report(samples: dict, nbytes: int, nfiles: int, tuning: TransferTuning) -> d
                 "client": round(s.client_cpu * (1 << 30) / nbytes, 2),
                 "weed": round(s.server_cpu * (1 << 30) / nbytes, 2),
             }
-            for s in (cp, up, down)
+            for s in (cp, up, down, *theirs)
         },
         "loadavg": round(os.getloadavg()[0], 1),
     }
@@ -213,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-chunk-kb", type=int, default=None, help="download read size")
     ap.add_argument("--weed-arg", action="append", default=[], help="extra `weed mini` flag, e.g. -filer.maxMB=16")
     ap.add_argument("--sweep", action="store_true", help="also try chunk size x concurrency variants")
+    ap.add_argument("--no-rclone", action="store_true", help="leave out the rclone baseline")
     args = ap.parse_args(argv)
 
     tuning = TransferTuning()
@@ -225,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.io_chunk_kb:
         tuning = replace(tuning, io_chunksize=args.io_chunk_kb << 10)
 
+    if not args.no_rclone:
+        rclone_binary()  # before any work: a missing baseline is a setup error
     work = Path(tempfile.mkdtemp(prefix="kuberlhf-transfer-bench-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
@@ -235,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             store = ObjectStore.from_uri(
                 "s3://bench", endpoint=server.endpoint, env=server.credentials_env(), tuning=tuning
             )
-            samples = run_rounds(server, store, work / "src", work, nbytes, args.rounds)
+            samples = run_rounds(server, store, work / "src", work, nbytes, args.rounds, not args.no_rclone)
             report(samples, nbytes, nfiles, tuning)
             if args.sweep:
                 sweep(server, work / "src", work, nbytes, tuning)
