@@ -274,6 +274,21 @@ def test_a_spec_that_does_not_fit_its_gpus_is_refused_before_any_job(cluster: Cl
     assert ("create", "Job", "tiny-sft-1") in [(a.verb, a.kind, a.name) for a in d.actions], cluster.status
 
 
+def test_offload_beyond_the_pods_memory_limit_is_refused_before_any_job(cluster: Cluster) -> None:
+    """ZeRO-3 CPU offload of OPT-13B's optimizer states and parameters needs ~240 GiB of host memory per 8-GPU
+    pod: a 64Gi limit is InvalidSpec naming the limit and the one that fits; nothing is created."""
+    cluster.spec.update(accelerator="cuda", gpuMemory="40Gi", deploymentType="single_node",
+                        actor={"model": "facebook/opt-13b"}, reward={"model": "facebook/opt-350m"})
+    cluster.spec["stages"] = {"sft": {"zeroStage": 3, "offload": True, "gradientCheckpointing": True,
+                                      "resources": {"limits": {"memory": "64Gi"}}}}
+    d = cluster.step()
+    st = cluster.status
+    assert d.actions == []
+    assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.stages.sft.resources.limits.memory: 64Gi is less than the host memory" in st["message"], st
+    assert "fix: set spec.stages.sft.resources.limits.memory: " in st["message"]
+
+
 def test_spec_change_after_start_applies_only_to_later_stages(cluster: Cluster) -> None:
     cluster.step()
     cluster.spec["stages"]["sft"]["epochs"] = 7

@@ -156,6 +156,36 @@ def test_66b_at_zero0_on_one_node_is_refused_naming_stage_estimate_and_fix():
     assert "zeroStage: 3" in sft.fix and ("nodes" in sft.fix or "offload: true" in sft.fix)
 
 
+def test_offload_beyond_the_pods_memory_limit_is_refused_naming_the_limit_and_the_fix():
+    """CPU offload puts optimizer states (and at ZeRO-3 parameters, and offloaded frozen models) in host memory:
+    a pod memory limit below that is refused naming spec.stages.<stage>.resources.limits.memory, with the limit
+    that fits; turning offload off is offered only when the GPUs hold the stage without it. No limit: nothing
+    to check."""
+    from kuberlhf.planner.check import host_problem
+
+    tight = {"stages.ppo.resources": {"limits": {"memory": "32Gi"}}}
+    spec = example("opt-13b-single-node", **tight)
+    shapes = offline_shapes(spec)
+    est = estimate_pipeline(spec, shapes).stage("ppo")
+    assert est.cpu_offload_bytes_per_node > 40 * GiB  # the offloaded reference and EMA copies of OPT-13B
+    problems = plan_problems(spec, shapes)
+    assert [p.field for p in problems] == ["spec.stages.ppo.resources.limits.memory"], problems
+    need = -(-est.host_bytes_per_pod // GiB)
+    assert "32Gi is less than" in problems[0].message and f"{est.host_bytes_per_pod / GiB:.1f} GiB per pod" in (
+        problems[0].message)
+    assert problems[0].fix == f"set spec.stages.ppo.resources.limits.memory: {need}Gi or more"  # the reference
+    # offload is needed on 40 GiB GPUs, so turning it off is not offered
+    fixed = example("opt-13b-single-node", **{"stages.ppo.resources": {"limits": {"memory": f"{need}Gi"}}})
+    assert not plan_problems(fixed, shapes)
+    assert not plan_problems(example("opt-13b-single-node", **{"stages.ppo.resources": {}}), shapes)
+
+    sft = example("opt-13b-single-node", **{"stages.sft.offload": True,
+                                            "stages.sft.resources": {"limits": {"memory": "64Gi"}}})
+    problem = host_problem(sft, shapes, estimate_pipeline(sft, shapes).stage("sft"))
+    assert problem.field == "spec.stages.sft.resources.limits.memory"
+    assert "or turn CPU offload off (the GPUs hold it:" in problem.fix
+
+
 def test_gpu_memory_default_and_quantities():
     spec = example("opt-13b-single-node", gpuMemory=None)
     from kuberlhf.planner.estimate import gpu_memory_bytes

@@ -8,10 +8,11 @@ LoRA on the trained models (a different fine-tune), and last more nodes (more ha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kuberlhf.planner.estimate import GiB, PipelinePlan, StageEstimate, estimate_pipeline
+from kuberlhf.planner.estimate import GiB, PipelinePlan, StageEstimate, estimate_pipeline, parse_quantity
 from kuberlhf.planner.shapes import KNOWN_CONFIGS, ModelShape, read_model_shape, shape_from_config
 
 MAX_NODES = 64
@@ -146,13 +147,60 @@ def cheapest_fix(spec: Any, shapes: dict[str, ModelShape], stage: str) -> str:
     return "use GPUs with more memory (spec.gpuMemory), a smaller model, or shorter sequences"
 
 
+def pod_memory_limit(spec: Any, stage: str) -> tuple[str, int] | None:
+    """``spec.stages.<stage>.resources.limits.memory`` as (the value written, bytes); None when there is none (or
+    it is not a quantity: the resource check reports that)."""
+    limits = (spec.stages.get(stage).resources or {}).get("limits")
+    value = limits.get("memory") if isinstance(limits, dict) else None
+    if value is None:
+        return None
+    try:
+        return str(value), parse_quantity(str(value))
+    except ValueError:
+        return None
+
+
+def host_problem(spec: Any, shapes: dict[str, ModelShape], est: StageEstimate) -> Any | None:
+    """A stage whose CPU offload (optimizer states, ZeRO-3 parameters, frozen offloaded models) cannot fit in its
+    pod's memory limit: the kernel would OOM-kill the pod while the optimizer states are created, after the
+    models were downloaded and loaded. The fix names the limit that fits, or turning offload off if the GPUs
+    hold the stage without it."""
+    from kuberlhf.contract.preflight import Problem
+
+    limit = pod_memory_limit(spec, est.stage)
+    if not est.cpu_offload_bytes_per_node or limit is None or est.host_bytes_per_pod <= limit[1]:
+        return None
+    written, _ = limit
+    field = f"spec.stages.{est.stage}.resources.limits.memory"
+    message = (
+        f"{written} is less than the host memory the stage's CPU offload needs (DoesNotFit): the memory planner "
+        f"estimates {_gib(est.host_bytes_per_pod)} per pod ({_gib(est.cpu_offload_bytes_per_node)} offloaded "
+        f"model states + {_gib(est.host_bytes_per_pod - est.cpu_offload_bytes_per_node)} for "
+        f"{est.gpus_per_node} rank processes); the pod would be OOM-killed"
+    )
+    fix = f"set {field}: {math.ceil(est.host_bytes_per_pod / GiB)}Gi or more"
+    trial = spec.model_copy(deep=True)
+    st = trial.stages.get(est.stage)
+    for attr in ("offload", "offload_reference_model", "offload_reward_model"):
+        if hasattr(st, attr):
+            setattr(st, attr, False)
+    without = _fits(trial, shapes, est.stage)
+    if without.fits and _allowed(trial):
+        fix += f", or turn CPU offload off (the GPUs hold it: {_gib(without.per_gpu_bytes)} per GPU)"
+    return Problem(field, message, fix)
+
+
 def plan_problems(spec: Any, shapes: dict[str, ModelShape], plan: PipelinePlan | None = None) -> list[Any]:
-    """Preflight problems (``kuberlhf.contract.preflight.Problem``) of every stage that does not fit."""
+    """Preflight problems (``kuberlhf.contract.preflight.Problem``) of every stage that does not fit its GPUs,
+    or whose CPU offload does not fit its pod's memory limit."""
     from kuberlhf.contract.preflight import Problem
 
     plan = plan or estimate_pipeline(spec, shapes)
     out = []
     for est in plan.stages:
+        host = host_problem(spec, shapes, est)
+        if host is not None:
+            out.append(host)
         if est.fits is not False:
             continue
         message = (

@@ -43,6 +43,9 @@ GiB = 1024**3
 CUDA_RESERVE = int(1.5 * GiB)
 # the rank's process itself (torch, transformers, deepspeed) when it trains on the CPU accelerator
 CPU_RESERVE = int(0.45 * GiB)
+# a CUDA rank's own host memory (torch, CUDA libraries, pinned staging buffers) next to what offload puts in host
+# memory: an assumption, not measured here (no GPU); the GPU check records each case's host peak RSS to check it
+CUDA_HOST_RESERVE = 3 * GiB
 DEFAULT_GPU_MEMORY = {"cuda": 80 * GiB}  # A100/H100-80G; declare spec.gpuMemory for anything else
 STAGE3_MAX_LIVE_PARAMETERS = int(3e7)  # training/ds_config.py's stage3_max_live_parameters
 SCRATCH_HEADROOM = 1.25
@@ -183,6 +186,14 @@ class StageEstimate:
         return sum(m.states.cpu for m in self.models) * self.gpus_per_node
 
     @property
+    def host_bytes_per_pod(self) -> int:
+        """Host memory one pod (node) needs: every rank's process, plus what offload moved off the GPUs. On the
+        CPU accelerator the ranks' whole estimate is host memory."""
+        if self.gpu_memory is None:
+            return self.per_gpu_bytes * self.gpus_per_node
+        return self.cpu_offload_bytes_per_node + CUDA_HOST_RESERVE * self.gpus_per_node
+
+    @property
     def fits(self) -> bool | None:
         return None if self.gpu_memory is None else self.per_gpu_bytes <= self.gpu_memory
 
@@ -317,9 +328,17 @@ def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
         models = [row]
         if stage == "dpo":  # the frozen reference copy of the SFT model
             off = st.offload_reference_model or st.offload
-            models.append(ModelRow("reference", "sft/model", params, 3 if zero == 3 else 0, False,
-                                   frozen_states(params, shape.largest_layer_params, world, zero == 3, dtype, off),
-                                   offload=off))
+            models.append(
+                ModelRow(
+                    "reference",
+                    "sft/model",
+                    params,
+                    3 if zero == 3 else 0,
+                    False,
+                    frozen_states(params, shape.largest_layer_params, world, zero == 3, dtype, off),
+                    offload=off,
+                )
+            )
         out.append(
             StageEstimate(
                 stage=stage,

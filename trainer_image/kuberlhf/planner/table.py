@@ -43,22 +43,13 @@ def render(plan: PipelinePlan, shapes_note: str = "") -> str:
         rows.append(
             (
                 est.stage,
-                f"checkpoint {_g(est.checkpoint_bytes)} GiB, scratch/node {_g(est.scratch_bytes)} GiB"
-                + (
-                    f", CPU offload/node {_g(est.cpu_offload_bytes_per_node)} GiB"
-                    if est.cpu_offload_bytes_per_node
-                    else ""
-                ),
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
+                f"checkpoint {_g(est.checkpoint_bytes)} GiB, scratch/node {_g(est.scratch_bytes)} GiB",
+                *[""] * 8,
             )
         )
+        if est.cpu_offload_bytes_per_node:  # checked against the pod's memory limit (planner.check.host_problem)
+            offload = f"CPU offload/node {_g(est.cpu_offload_bytes_per_node)} GiB"
+            rows.append((est.stage, f"{offload}, host memory/pod {_g(est.host_bytes_per_pod)} GiB", *[""] * 8))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
