@@ -8,7 +8,9 @@ process kubelet (tests/harness/process_kubelet.py documents its substitutions).
 
 The pipeline's pods select a node label the process kubelet's node lacks at first, so the run starts Pending
 (unschedulable, with the scheduler's message and an Event) until the test labels the node, as a GPU pool that
-scales up would. During the one run the test also injects faults: it kills the operator mid-stage and again at the sft -> reward
+scales up would. Step 3 runs at ZeRO-3 as
+one Indexed Job of 2 pods (one CPU rank each, rendezvous at ``<job>-0.<svc>``). During the one run the test also
+injects faults: it kills the operator mid-stage and again at the sft -> reward
 boundary, and it kills the sft pod's process right after its first checkpoint was committed.
 """
 
@@ -45,6 +47,7 @@ RUN_TIMEOUT = 720
 GPU_POOL_LABEL = "kuberlhf.io/e2e-gpu-pool"
 HF_TOKEN = "hf_e2e_not_a_real_token"
 QUEUE = "e2e-queue"  # a Kueue LocalQueue name; no Kueue here (and 1.20 has no Job suspend): only its labels travel
+PPO_NODES = 2
 
 
 def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
@@ -61,6 +64,9 @@ def tiny_pipeline(bucket: str, endpoint: str) -> dict[str, Any]:
     st["sft"].update(epochs=20, maxSteps=40, checkpointEverySteps=5, perDeviceBatchSize=8)
     st["reward"].update(epochs=1, maxSteps=8, checkpointEverySteps=0, perDeviceBatchSize=8)
     st["ppo"].update(maxSteps=4, checkpointEverySteps=2, perDeviceBatchSize=4, generationBatchSize=4, maxAnswerLen=8)
+    # Step 3 as 2 pods of one Indexed Job (issue 14): ZeRO-3 partitions the actor and critic across the pods,
+    # which rendezvous at <job>-0.<svc> over gloo and each upload their share of the checkpoints.
+    st["ppo"].update(nodes=PPO_NODES, actorZeroStage=3, criticZeroStage=3)
     spec["serving"].update(maxNewTokens=16, resources={})
     # The pod surface: a user volume + mount and an env var from a Secret reach every pod (docs: The pod surface).
     spec["podTemplate"] = {"spec": {
@@ -381,6 +387,46 @@ def test_the_queue_labels_reach_the_jobs_and_the_chat(run):
         assert obj["metadata"]["labels"][QUEUE_NAME_LABEL] == QUEUE, obj["metadata"]["name"]
         assert "suspend" not in obj["spec"] or obj["spec"]["suspend"] is False  # 1.20: no Job suspend, not queued
     assert deployment["spec"]["template"]["metadata"]["labels"][QUEUE_NAME_LABEL] == QUEUE
+
+
+def test_ppo_ran_as_two_pods_rendezvousing_at_zero3(run):
+    """Step 3 with ``nodes: 2`` through the operator: one Job of 2 pods (completion indices 0 and 1 as NODE_RANK,
+    MASTER_ADDR rank 0's name under the headless Service), both Succeeded, and the checkpoint committed to S3 holds
+    both ranks' ZeRO-3 partitions (DeepSpeed writes one optimizer-state file per data-parallel rank, so a world of
+    1 cannot produce it: the pods trained together)."""
+    from kuberlhf.contract.stage import StageLayout
+    from kuberlhf.storage import ObjectStore
+
+    ppo = job_name(NAME, "ppo", 1)
+    job = run.api.get(f"/apis/batch/v1/namespaces/{run.ns}/jobs/{ppo}")
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (PPO_NODES, PPO_NODES), job["spec"]
+    assert job["status"].get("succeeded") == PPO_NODES, job["status"]
+    svc = run.api.get(f"/api/v1/namespaces/{run.ns}/services/{ppo}")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    pods = run.api.get(f"/api/v1/namespaces/{run.ns}/pods", labelSelector=f"job-name={ppo}")["items"]
+    assert [p["status"]["phase"] for p in pods] == ["Succeeded"] * PPO_NODES, [p["status"] for p in pods]
+    ranks = []
+    for p in pods:
+        assert p["spec"]["subdomain"] == ppo
+        env = {e["name"]: e for e in p["spec"]["containers"][0]["env"]}
+        assert env["MASTER_ADDR"]["value"] == f"{ppo}-0.{ppo}" and env["NNODES"]["value"] == str(PPO_NODES)
+        assert "valueFrom" in env["NODE_RANK"]  # the completion index, through the downward API
+        ran = run.kubelet.find(run.ns, p["metadata"]["name"]).containers[0].env
+        assert ran["NODE_RANK"] == p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        ranks.append(ran["NODE_RANK"])
+    assert sorted(ranks) == [str(i) for i in range(PPO_NODES)], ranks
+
+    uid = run.pipeline()["metadata"]["uid"]
+    layout = StageLayout(storage_uri=f"s3://{run.bucket}/pipelines", namespace=run.ns, pipeline=NAME, uid=uid)
+    store = ObjectStore.from_uri(layout.storage_uri, endpoint=run.s3.endpoint, env=run.s3.credentials_env())
+    ckpts = store.list_checkpoints(layout.ckpt_root("ppo"))
+    assert ckpts, "no committed ppo checkpoint"
+    paths = [f.path for f in store.read_manifest(ckpts[-1][1]).files]
+    for rank in range(PPO_NODES):
+        assert f"trainer_state_rank{rank}.pt" in paths, paths
+        for engine in ("actor", "critic"):  # each rank's own partition of the optimizer state
+            assert any(x.startswith(f"{engine}/") and f"zero_pp_rank_{rank}_" in x and x.endswith("optim_states.pt")
+                       for x in paths), (engine, rank, paths)
 
 
 def test_deleting_the_pipeline_garbage_collects_its_children(run):
