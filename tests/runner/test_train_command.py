@@ -77,6 +77,31 @@ def test_presets_per_deployment_type(deployment: str, gpus: int, sft_zero: int, 
     assert got_lora == actor_lora
 
 
+def test_single_node_13b_takes_deepspeed_chats_13b_script_and_its_plan_fits(tmp_path: Path) -> None:
+    """`e2e_rlhf.py --actor-model facebook/opt-13b --deployment-type single_node` runs the run_13b.sh scripts: steps
+    1 and 3 at ZeRO-3 with gradient checkpointing. `kuberlhf train` emits the same, the preflight passes (it refused
+    the 1.3B table's ZeRO-2 for 13B), and `kuberlhf plan` of the emitted manifest fits 8 x 80 GiB; a flag the user
+    gives still wins, and a 1.3B actor keeps the single_node table (ZeRO-2)."""
+    out = tmp_path / "13b.yaml"
+    res = CliRunner().invoke(cli(), ["train", "--actor-model", "13b", "--deployment-type", "single_node",
+                                     "--emit", str(out)])
+    assert res.exit_code == 0, res.output
+    st = yaml.safe_load(out.read_text())["spec"]["stages"]
+    assert (st["sft"]["zeroStage"], st["sft"]["gradientCheckpointing"]) == (3, True)
+    assert (st["ppo"]["actorZeroStage"], st["ppo"]["criticZeroStage"], st["ppo"]["gradientCheckpointing"]) == (
+        3, 3, True)
+    assert st["reward"]["zeroStage"] == 0  # step 2 trains the 350m reward model (run_350m.sh)
+    plan = CliRunner().invoke(cli(), ["plan", str(out)])
+    assert plan.exit_code == 0, plan.output
+    assert plan.output.count("yes on 1 x 8 x 80.0 GiB") == 3, plan.output
+    flagged = build_train_pipeline(actor_model="13b", reward_model="350m", deployment_type="single_node",
+                                   actor_zero_stage=2)
+    assert (flagged.spec.stages.sft.zero_stage, flagged.spec.stages.ppo.actor_zero_stage) == (2, 2)
+    small = build_train_pipeline(actor_model="1.3b", reward_model="350m", deployment_type="single_node")
+    assert (small.spec.stages.sft.zero_stage, small.spec.stages.ppo.actor_zero_stage) == (2, 2)
+    assert not small.spec.stages.sft.gradient_checkpointing
+
+
 def test_zero_stage_flags_map_like_deepspeed_chat() -> None:
     p = build_train_pipeline(actor_model="1.3b", reward_model="350m", deployment_type="single_node",
                              actor_zero_stage=3, reward_zero_stage=1)

@@ -56,6 +56,30 @@ for _table in PRESETS.values():
     _table["grpo"] = {k: v for k, v in _table["ppo"].items() if k not in _CRITIC_ONLY}
     _table["grpo"]["reward_zero_stage"] = _table["ppo"]["critic_zero_stage"]
 
+# DeepSpeed-Chat's scripts are per actor size (training_scripts/opt/<type>/run_<size>.sh) and e2e_rlhf.py picks
+# them by --actor-model. The single_node ones from 6.7B on train steps 1 and 3 at ZeRO-3 with gradient
+# checkpointing (step 1 run_13b.sh: --zero_stage 3 --gradient_checkpointing; step 3 run_6.7b.sh and run_13b.sh:
+# --actor_zero_stage 3 --critic_zero_stage 3 --actor_gradient_checkpointing); smaller actors take PRESETS as
+# they are. `kuberlhf train` writes these into the manifest it builds (wire names), where no flag set them;
+# a manifest applied as written keeps the table above (and the planner names the fix if it does not fit).
+LARGE_ACTOR_PARAMS = 6_000_000_000
+LARGE_ACTOR_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "single_node": {
+        "sft": {"zeroStage": 3, "gradientCheckpointing": True},
+        "ppo": {"actorZeroStage": 3, "criticZeroStage": 3, "gradientCheckpointing": True},
+        "dpo": {"zeroStage": 3, "gradientCheckpointing": True},
+        "grpo": {"actorZeroStage": 3, "gradientCheckpointing": True},
+    },
+}
+
+
+def sized_recipe(deployment_type: str, actor_params: int | None) -> dict[str, dict[str, Any]]:
+    """The per-size script's settings for an actor of ``actor_params`` parameters (None: unknown size, none)."""
+    if actor_params is None or actor_params < LARGE_ACTOR_PARAMS:
+        return {}
+    return LARGE_ACTOR_RECIPES.get(deployment_type, {})
+
+
 _LORA_KEYS = {"lora_dim": "lora", "actor_lora_dim": "actor_lora"}
 # DeepSpeed-Chat's step-3 scripts pass --disable_actor_dropout: the PPO actor (and its reference/EMA copies and
 # the critic) run without dropout unless spec.actor.dropout says otherwise.

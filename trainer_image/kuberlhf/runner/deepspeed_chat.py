@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from kuberlhf.contract.presets import sized_recipe
 from kuberlhf.contract.spec import RLHFPipeline, SpecError, Stage, parse_pipeline
 
 # e2e_rlhf.py accepts bare OPT sizes (``--actor-model 1.3b``); they mean facebook/opt-<size>.
@@ -86,7 +87,9 @@ def build_train_pipeline(
     """The RLHFPipeline equivalent to ``e2e_rlhf.py --actor-model A --reward-model R --deployment-type T``.
 
     As in DeepSpeed-Chat, ``--actor-zero-stage`` sets step 1's and the PPO actor's ZeRO stage and
-    ``--reward-zero-stage`` step 2's and the PPO critic's; unset ones come from the deployment-type preset.
+    ``--reward-zero-stage`` step 2's and the PPO critic's; unset ones come from the deployment-type preset, or
+    for an actor of 6.7B and more from DeepSpeed-Chat's per-size script (``presets.sized_recipe``: single_node
+    13B trains steps 1 and 3 at ZeRO-3 with gradient checkpointing, as its run_13b.sh do).
     Validation goes through the same spec models as ``kubectl apply`` (errors name the field).
     ``max_seq_len`` / ``max_prompt_seq_len`` / ``max_answer_seq_len`` are DeepSpeed-Chat's flags of the same names
     (data.maxSeqLen, the PPO stage's maxPromptLen / maxAnswerLen); ``max_steps`` caps every chosen stage's
@@ -133,6 +136,9 @@ def build_train_pipeline(
     if storage_secret:
         storage["secretRef"] = {"name": storage_secret}
     actor = expand_model_name(actor_model)
+    for stage, values in sized_recipe(deployment_type, _actor_params(actor)).items():
+        if stage in stages:  # a flag the user gave wins
+            stages[stage] = {**values, **stages[stage]}
     spec: dict[str, Any] = {
         "deploymentType": deployment_type,
         "accelerator": accelerator,
@@ -153,6 +159,15 @@ def build_train_pipeline(
         metadata["namespace"] = namespace
     return parse_pipeline({"apiVersion": "kuberlhf.io/v1alpha1", "kind": "RLHFPipeline", "metadata": metadata,
                            "spec": spec})
+
+
+def _actor_params(actor: str) -> int | None:
+    """The actor's parameter count from what needs no download (the known OPT configs, a local config.json, the
+    tiny model); None when only a download could tell."""
+    from kuberlhf.planner.check import offline_shape
+
+    shape = offline_shape(actor, "--actor-model", local=True)
+    return None if shape is None else shape.causal_lm_params
 
 
 def emit_yaml(pipeline: RLHFPipeline) -> str:
