@@ -89,6 +89,7 @@ _CASES: list[tuple[str, dict[str, Any], str]] = [
     ("ppo-with-grpo-stage", {"stages": {"grpo": {"groupSize": 8}}}, "spec.stages.grpo"),
     ("ppo-without-reward-model", {"reward": None}, "spec.reward"),
     ("dpo-with-reward-model", {"algorithm": "dpo"}, "spec.reward:1"),
+    ("reward-model-and-init-from-sft", {"stages": {"reward": {"initFromSft": True}}}, "spec.reward:2"),
     ("grpo-group-of-one", {"algorithm": "grpo", "stages": {"grpo": {"groupSize": 1}}}, "spec.stages.grpo.groupSize"),
     *_lora_cases(),
     # ZeRO-2 both sides + hybrid engine + offload, actor without LoRA: DeepSpeed-Chat's refusal (no CEL: presets)

@@ -40,6 +40,19 @@ def test_fingerprints_rerun_only_affected_stages() -> None:
     assert changed(lambda d: d["spec"]["storage"].update(endpoint="http://elsewhere:9000")) == set()
 
 
+def test_a_reward_model_started_from_sft_reruns_with_sft() -> None:
+    def from_sft(d):
+        d["spec"].pop("reward", None)
+        d["spec"]["stages"]["reward"]["initFromSft"] = True
+
+    def both(d):
+        from_sft(d)
+        bump(d["spec"]["stages"]["sft"], "epochs")
+
+    before, after = stage_fingerprints(tiny(from_sft)), stage_fingerprints(tiny(both))
+    assert {k for k in before if before[k] != after[k]} == {"sft", "reward", "ppo"}
+
+
 def test_stage_selection() -> None:
     assert stages_to_run(None) == [Stage.sft, Stage.reward, Stage.ppo]
     assert stages_to_run([Stage.ppo, Stage.sft]) == [Stage.sft, Stage.ppo]

@@ -225,3 +225,20 @@ def test_docs_print_the_current_plan_of_each_example(name, monkeypatch):
     out = CliRunner().invoke(app, ["plan", f"examples/{name}.yaml"]).output
     doc = (REPO / "docs" / "kubernetes.md").read_text()
     assert f"$ kuberlhf plan examples/{name}.yaml\n{out.rstrip()}\n```" in doc, "regenerate the plans in the docs"
+
+
+def test_a_reward_model_started_from_sft_is_planned_with_the_actors_shape():
+    """stages.reward.initFromSft: no spec.reward; the reward stage's row has the actor's shape and source
+    sft/model."""
+    spec = example("opt-1.3b-single-gpu", reward=None, **{"stages.reward.initFromSft": True})
+    shapes = offline_shapes(spec)
+    assert shapes["reward"] == shapes["actor"] == shape_from_config(KNOWN_CONFIGS["facebook/opt-1.3b"], "known OPT config")
+    plan = estimate_pipeline(spec, shapes)
+    (row,) = plan.stage("reward").models
+    assert row.source == "sft/model"
+    base = estimate_pipeline(example("opt-1.3b-single-gpu"), offline_shapes(example("opt-1.3b-single-gpu")))
+    assert row.params > base.stage("reward").models[0].params  # opt-1.3b's backbone, not opt-350m's
+    # and checked as such: a 1.3B reward model (and ppo's critic from it) does not fit the preset's 48G GPU where
+    # opt-350m's did
+    assert not plan_problems(example("opt-1.3b-single-gpu"), offline_shapes(example("opt-1.3b-single-gpu")))
+    assert [p.field for p in plan_problems(spec, shapes, plan)] == ["spec.stages.reward", "spec.stages.ppo"]

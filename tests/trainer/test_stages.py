@@ -7,7 +7,7 @@ import pytest
 import torch
 from trainer_stage_helpers import PipelineRun, tiny_manifest
 
-from kuberlhf.models.tiny import tiny_config
+from kuberlhf.models.tiny import tiny_causal_lm, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,12 @@ def zero2(s3_server, bucket_storage, tmp_path_factory) -> PipelineRun:
 @pytest.fixture(scope="module")
 def zero3(s3_server, bucket_storage, tmp_path_factory) -> PipelineRun:
     z3 = {"zeroStage": 3, "dtype": "bf16", "maxSteps": 4}
+    # the reward model starts from step 1's model (initFromSft, no spec.reward), read partitioned at ZeRO-3; its
+    # small learning rate keeps it next to SFT's weights, which the test checks
     manifest = tiny_manifest("zero3", bucket_storage, stages={
-        "sft": z3, "reward": z3,
+        "sft": z3, "reward": {**z3, "initFromSft": True, "learningRate": 1e-5},
         "ppo": {"actorZeroStage": 3, "criticZeroStage": 3, "dtype": "bf16", "maxSteps": 2}})
+    del manifest["spec"]["reward"]
     return PipelineRun(manifest, s3_server, tmp_path_factory.mktemp("zero3"))
 
 
@@ -140,6 +143,12 @@ def test_zero3_bf16_all_stages(zero3):
     assert model.model.decoder.embed_tokens.weight.shape == (tiny_config().vocab_size, 64)
     rm = RewardModel.from_pretrained(zero3.fetch(zero3.layout.model_uri("reward"), "rm"))
     assert rm.v_head.weight.shape == (1, 64) and float(rm.v_head.weight.detach().abs().sum()) > 0
+    # initFromSft: the reward backbone is step 1's trained model, not the random init step 1 started from
+    sft = AutoModelForCausalLM.from_pretrained(zero3.fetch(zero3.layout.model_uri("sft"), "sft-model")).model
+    init = tiny_causal_lm(seed=1234).model
+    name = "decoder.layers.0.fc1.weight"
+    r, s, i = (m.state_dict()[name].float() for m in (rm.rwtransformer, sft, init))
+    assert float((r - s).norm()) < 0.1 * float((i - s).norm()), (float((r - s).norm()), float((i - s).norm()))
 
 
 def test_sft_interrupted_and_resumed_matches_uninterrupted(zero2, s3_server, bucket_storage, tmp_path):

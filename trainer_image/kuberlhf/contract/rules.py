@@ -281,9 +281,10 @@ RULES: tuple[Rule, ...] = (
         field="spec.reward",
         message="is missing, and the pipeline trains a reward model from it (algorithm ppo, or grpo without "
         "spec.stages.grpo.rewardFunction)",
-        fix="give spec.reward.model (e.g. facebook/opt-350m), or score grpo answers with "
-        "spec.stages.grpo.rewardFunction, or set spec.algorithm to dpo",
-        ok=lambda s: s.reward is not None or "reward" not in {st.value for st in s.stage_graph},
+        fix="give spec.reward.model (e.g. facebook/opt-350m), or start it from step 1's model with "
+        "spec.stages.reward.initFromSft: true, or score grpo answers with spec.stages.grpo.rewardFunction, or set "
+        "spec.algorithm to dpo",
+        ok=lambda s: s.reward is not None or s.reward_from_sft or "reward" not in {st.value for st in s.stage_graph},
     ),
     Rule(
         field="spec.reward",
@@ -291,6 +292,13 @@ RULES: tuple[Rule, ...] = (
         "spec.stages.grpo.rewardFunction), so it would be ignored",
         fix="remove spec.reward, or set spec.algorithm to ppo (or unset spec.stages.grpo.rewardFunction)",
         ok=lambda s: s.reward is None or "reward" in {st.value for st in s.stage_graph},
+    ),
+    Rule(
+        field="spec.reward",
+        message="is set, but spec.stages.reward.initFromSft starts the reward model from step 1's model, so it "
+        "would be ignored",
+        fix="remove spec.reward, or set spec.stages.reward.initFromSft to false",
+        ok=lambda s: s.reward is None or not s.reward_from_sft,  # preflight only: the CRD's size
     ),
     Rule(
         field="spec.stages.grpo.groupSize",

@@ -301,6 +301,9 @@ class SFTStageSpec(CommonStageSpec):
 class RewardStageSpec(CommonStageSpec):
     zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
     lora: LoraSpec | None = Field(default=None, description="LoRA of the trained model (dim 0 = off).")
+    # InstructGPT (Ouyang et al. 2022, 3.5) starts its RM from the SFT model; DeepSpeed-Chat from a base model
+    init_from_sft: bool = Field(default=False, description="Start from step 1's model (InstructGPT) instead of "
+                                "spec.reward, which must then be unset. DeepSpeed-Chat: false.")
 
 
 class EMASpec(SpecModel):
@@ -488,7 +491,7 @@ class PipelineSpec(SpecModel):
                                    "on cuda. The memory planner checks every stage against it before any Job.")
     actor: ModelRef = Field(description="The model steps 1 and 3 train (the policy).")
     reward: ModelRef | None = Field(default=None, description="The reward model's (and critic's) starting point "
-                                    "(algorithms with a reward stage).")
+                                    "(algorithms with a reward stage, unless stages.reward.initFromSft).")
     algorithm: Algorithm = Field(default=Algorithm.ppo, description="What follows step 1: ppo (sft -> reward -> "
                                  "ppo), dpo (sft -> dpo) or grpo (sft -> [reward ->] grpo).")
     data: DataSpec = Field(description="Datasets and how they are split across the steps.")
@@ -553,6 +556,12 @@ class PipelineSpec(SpecModel):
             return (Stage.sft, Stage.grpo) if self.stages.grpo.reward_function else (Stage.sft, Stage.reward,
                                                                                      Stage.grpo)
         return (Stage.sft, Stage.reward, Stage.ppo)
+
+    @property
+    def reward_from_sft(self) -> bool:
+        """Whether the reward stage starts from step 1's output (``stages.reward.initFromSft``), not spec.reward:
+        its model then has the actor's shape and tokenizer, and it runs after (and depends on) step 1."""
+        return self.stages.reward.init_from_sft and Stage.reward in self.stage_graph
 
     @property
     def final_stage(self) -> Stage:

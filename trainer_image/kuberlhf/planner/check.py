@@ -39,6 +39,8 @@ def offline_shape(source: str, field: str, local: bool) -> ModelShape | None:
 
 def offline_shapes(spec: Any, local: bool = False) -> dict[str, ModelShape] | None:
     actor = offline_shape(spec.actor.model, "spec.actor.model", local)
+    if spec.reward_from_sft:  # step 1's model: the actor's shape
+        return None if actor is None else {"actor": actor, "reward": actor}
     if spec.reward is None:  # a pipeline without a reward stage (with one, the rules report the missing model)
         return None if actor is None or "reward" in {st.value for st in spec.stage_graph} else {"actor": actor}
     reward = offline_shape(spec.reward.model, "spec.reward.model", local)

@@ -24,14 +24,18 @@ def register(app: typer.Typer) -> None:
         try:
             spec = load_pipeline_file(str(pipeline_file)).spec
             shapes = {"actor": read_model_shape(spec.actor.model, "spec.actor.model", spec.storage)}
-            if spec.reward is not None:
+            if spec.reward_from_sft:  # step 1's model: the actor's shape
+                shapes["reward"] = shapes["actor"]
+            elif spec.reward is not None:
                 shapes["reward"] = read_model_shape(spec.reward.model, "spec.reward.model", spec.storage)
         except (SpecError, ShapeError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(EXIT_SPEC) from None
         est = estimate_pipeline(spec, shapes)
         note = "model shapes: " + ", ".join(
-            f"{role} {getattr(spec, role).model} ({s.source})" for role, s in shapes.items()
+            f"{role} {'sft/model' if role == 'reward' and spec.reward_from_sft else getattr(spec, role).model} "
+            f"({s.source})"
+            for role, s in shapes.items()
         )
         typer.echo(render(est, note))
         problems = plan_problems(spec, shapes, est)

@@ -289,9 +289,9 @@ def _checkpoint_bytes(rows: list[ModelRow], dtype: str) -> int:
 
 
 def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
-    """Pure. ``shapes``: {"actor": shape of spec.actor.model, "reward": shape of spec.reward.model (when the
-    pipeline has one)}. Estimates the pipeline's sft, reward, dpo and ppo stages; a grpo stage is not estimated
-    yet (it is left out of the plan)."""
+    """Pure. ``shapes``: {"actor": shape of spec.actor.model, "reward": shape of spec.reward.model, or the actor's
+    with stages.reward.initFromSft (when the pipeline has a reward stage)}. Estimates the pipeline's sft, reward,
+    dpo and ppo stages; a grpo stage is not estimated yet (it is left out of the plan)."""
     gpu_mem = gpu_memory_bytes(spec)
     reserve = CPU_RESERVE if spec.accelerator.value == "cpu" else CUDA_RESERVE
     actor, reward = shapes["actor"], shapes.get("reward")
@@ -306,7 +306,8 @@ def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
         dtype = st.dtype.value
         lm = stage != "reward"  # sft and dpo train the causal LM; reward its backbone + value head
         shape = actor if lm else reward
-        source = spec.actor.model if stage == "sft" else "sft/model" if stage == "dpo" else spec.reward.model
+        from_sft = stage == "dpo" or spec.reward_from_sft  # a reward stage's model too with initFromSft
+        source = spec.actor.model if stage == "sft" else "sft/model" if from_sft else spec.reward.model
         params = shape.causal_lm_params if lm else shape.backbone_params + _hidden(shape)
         lora = st.lora
         row = _trained_row(

@@ -81,7 +81,8 @@ _NOT_RESULT_FIELDS = ("resources", "env", "backoffLimit", "tensorboard", "offloa
 
 def stage_fingerprints(pipeline: RLHFPipeline) -> dict[str, str]:
     """A digest per stage of everything its result depends on, including the stages it reads: a changed PPO
-    setting re-runs only PPO; a changed SFT setting re-runs SFT and PPO (which starts from SFT's model)."""
+    setting re-runs only PPO; a changed SFT setting re-runs SFT and PPO (which starts from SFT's model), and the
+    reward model when it starts from SFT's model too (``stages.reward.initFromSft``)."""
     spec = pipeline.spec.to_wire()
 
     def digest(*parts: Any) -> str:
@@ -92,7 +93,8 @@ def stage_fingerprints(pipeline: RLHFPipeline) -> dict[str, str]:
 
     common = (pipeline.metadata.name, spec["data"], spec["accelerator"])
     sft = digest(common, spec["actor"], stage_part("sft"))
-    reward = digest(common, spec.get("reward"), stage_part("reward"))
+    # initFromSft: the reward model starts from SFT's model, so a changed SFT setting re-runs it too
+    reward = digest(common, sft if pipeline.spec.reward_from_sft else spec.get("reward"), stage_part("reward"))
     ppo = digest(common, sft, reward, stage_part("ppo"))
     dpo = digest(common, sft, stage_part("dpo"))
     grpo_reads = reward if Stage.reward in pipeline.spec.stage_graph else None

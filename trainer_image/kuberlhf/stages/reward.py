@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kuberlhf.contract.spec import ModelRef
 from kuberlhf.rlhf.ppo_math import pairwise_loss
 from kuberlhf.stages.common import mean_over_ranks, settings
 from kuberlhf.stages.runtime import StageRun
@@ -40,6 +41,18 @@ def evaluate_rm(engine, dataset, micro_batch: int, rank: int, world: int) -> dic
     return {"accuracy": sums["correct"] / n, "chosen_score": sums["chosen"] / n, "rejected_score": sums["rejected"] / n}
 
 
+def reward_base(run: StageRun) -> tuple[ModelRef, str]:
+    """The model the reward model starts from, as a local reference, and the manifest field it comes from:
+    step 1's committed model with ``stages.reward.initFromSft`` (InstructGPT's RM initialisation; the actor's
+    dropout override applies), else ``spec.reward`` (DeepSpeed-Chat's)."""
+    spec = run.spec
+    if spec.reward_from_sft:
+        sft = run.fetch(run.layout.model_uri("sft"), "sft-model", "the step-1 (SFT) model")
+        return ModelRef(model=str(sft), dropout=spec.actor.dropout), "spec.stages.reward.initFromSft"
+    local = run.model_source(spec.reward.model, "spec.reward.model", "reward-base")
+    return spec.reward.model_copy(update={"model": local}), "spec.reward.model"
+
+
 def run_reward(run: StageRun) -> None:
     from kuberlhf.data import PairDataset
     from kuberlhf.models import RewardModel, load_tokenizer
@@ -48,14 +61,14 @@ def run_reward(run: StageRun) -> None:
     spec, st = run.spec, run.stage_spec
     s = settings(run)
     ds_config = train_ds_config(s)
-    source = run.model_source(spec.reward.model, "spec.reward.model", "reward-base")
-    tokenizer = load_tokenizer(spec.reward.tokenizer or source, "spec.reward.model",
-                               revision=None if spec.reward.tokenizer else spec.reward.revision)
+    base, field = reward_base(run)
+    source = base.model
+    tokenizer = load_tokenizer(base.tokenizer or source, field, revision=None if base.tokenizer else base.revision)
     train_ds, eval_ds = tokenized_splits(run, PairDataset, tokenizer, spec.data.max_seq_len)
     plan = plan_for(len(train_ds), s.micro_batch, s.world_size, s.grad_accum, st.epochs, st.max_steps,
                     "spec.stages.reward")
-    model = RewardModel.from_causal_lm_source(source, "spec.reward.model", seed=st.seed, dropout=spec.reward.dropout,
-                                              revision=spec.reward.revision, ds_config=ds_config)
+    model = RewardModel.from_causal_lm_source(source, field, seed=st.seed, dropout=base.dropout,
+                                              revision=base.revision, ds_config=ds_config)
     if st.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     apply_lora(model, st.lora, "spec.stages.reward.lora")
