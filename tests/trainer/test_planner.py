@@ -242,3 +242,52 @@ def test_a_reward_model_started_from_sft_is_planned_with_the_actors_shape():
     # opt-350m's did
     assert not plan_problems(example("opt-1.3b-single-gpu"), offline_shapes(example("opt-1.3b-single-gpu")))
     assert [p.field for p in plan_problems(spec, shapes, plan)] == ["spec.stages.reward", "spec.stages.ppo"]
+
+
+def _grpo(**changes):
+    """The 1.3B single-GPU example as a grpo pipeline (reward model kept unless rewardFunction is set)."""
+    doc = yaml.safe_load((REPO / "examples" / "opt-1.3b-single-gpu.yaml").read_text())
+    doc["spec"]["algorithm"] = "grpo"
+    doc["spec"]["stages"].pop("ppo", None)
+    for path, value in changes.items():
+        node = doc["spec"]
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return parse_pipeline(doc).spec
+
+
+def test_grpo_plan_counts_its_groups_and_has_no_critic():
+    shape = shape_from_config(KNOWN_CONFIGS["facebook/opt-1.3b"])
+    base = {"stages.grpo.generationBatchSize": 2, "stages.grpo.maxPromptLen": 256, "stages.grpo.maxAnswerLen": 256,
+            "stages.grpo.dtype": "bf16"}
+    g1 = _grpo(**base, **{"stages.grpo.groupSize": 2})
+    g8 = _grpo(**base, **{"stages.grpo.groupSize": 8})
+    e1, e8 = (estimate_pipeline(s, offline_shapes(s)).stage("grpo") for s in (g1, g8))
+    assert [m.role for m in e1.models] == ["actor", "reference", "ema", "reward"]  # no critic
+    # generation holds the KV cache and the answer logits of groupSize answers per prompt: 4 x the groups, 4 x it
+    from kuberlhf.planner.estimate import kv_cache_bytes
+
+    per_answer = kv_cache_bytes(shape, 1, 512, "bf16") + 4 * 256 * shape.vocab_size
+    assert e8.working["generation"] - e1.working["generation"] == 6 * 2 * per_answer
+    # a reward function instead of the reward model: no reward model row, nothing of it downloaded
+    fn = _grpo(**base, reward=None, **{"stages.reward": None, "stages.grpo.rewardFunction": "rewards:score"})
+    ef = estimate_pipeline(fn, offline_shapes(fn)).stage("grpo")
+    assert [m.role for m in ef.models] == ["actor", "reference", "ema"]
+    assert ef.download_bytes < e1.download_bytes and ef.states_bytes < e1.states_bytes
+
+
+def test_grpo_that_does_not_fit_is_refused_naming_its_stage_and_fields():
+    spec = _grpo(reward=None, gpuMemory="16Gi", **{"stages.reward": None, "stages.grpo.rewardFunction": "rewards:score",
+                                                    "stages.grpo.groupSize": 8, "stages.grpo.actorZeroStage": 0})
+    problems = {p.field: p for p in plan_problems(spec, offline_shapes(spec))}
+    grpo = problems["spec.stages.grpo"]
+    assert "does not fit" in grpo.message and "16.0 GiB" in grpo.message
+    # 16 prompts x 8 answers decoded together: only fewer prompts per batch make it fit (grpo has no critic, and no
+    # reward model with a rewardFunction: the fix names neither)
+    assert "spec.stages.grpo.actorZeroStage: 3" in grpo.fix and "spec.stages.grpo.generationBatchSize: 1" in grpo.fix
+    assert "criticZeroStage" not in grpo.fix and "rewardZeroStage" not in grpo.fix

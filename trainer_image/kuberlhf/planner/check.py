@@ -60,13 +60,20 @@ def _set(stage: str, **values: Any) -> Callable[[Any], None]:
     return apply
 
 
+def _lora_attrs(stage: str) -> tuple[tuple[str, str], ...]:
+    """(attribute, wire name) of the stage's LoRA settings."""
+    if stage == "ppo":
+        return ("actor_lora", "actorLora"), ("critic_lora", "criticLora")
+    return (("actor_lora", "actorLora"),) if stage == "grpo" else (("lora", "lora"),)
+
+
 def _lora(stage: str) -> Callable[[Any], None]:
     def apply(spec: Any) -> None:
         from kuberlhf.contract.spec import LoraSpec
 
         st = spec.stages.get(stage)
         lora = LoraSpec(dim=128, only_optimize_lora=True)
-        for attr in ("actor_lora", "critic_lora") if stage == "ppo" else ("lora",):
+        for attr, _ in _lora_attrs(stage):
             setattr(st, attr, lora)
 
     return apply
@@ -76,33 +83,42 @@ def _candidates(spec: Any, stage: str) -> list[tuple[str, Callable[[Any], None]]
     st = spec.stages.get(stage)
     field = f"spec.stages.{stage}"
     out: list[tuple[str, Callable[[Any], None]]] = []
-    if stage == "ppo":
-        if (st.actor_zero_stage or 0) < 3 or (st.critic_zero_stage or 0) < 3:
-            out.append(
-                (
-                    f"{field}.actorZeroStage: 3 and criticZeroStage: 3",
-                    _set(stage, actor_zero_stage=3, critic_zero_stage=3),
-                )
-            )
+    policy = stage in ("ppo", "grpo")
+    # the second model of ppo/grpo that ZeRO shards: ppo's critic (and reward model), grpo's reward model if any
+    has_rm = "reward" in {s.value for s in spec.stage_graph}
+    second = {"ppo": ("critic_zero_stage", "criticZeroStage"), "grpo": ("reward_zero_stage", "rewardZeroStage")}
+    if policy:
+        zeros = {"actor_zero_stage": 3}
+        what = f"{field}.actorZeroStage: 3"
+        if stage == "ppo" or has_rm:
+            attr, wire = second[stage]
+            zeros[attr] = 3
+            what += f" and {wire}: 3"
+        if any((getattr(st, a) or 0) < 3 for a in zeros):
+            out.append((what, _set(stage, **zeros)))
     elif (st.zero_stage or 0) < 3:
         out.append((f"{field}.zeroStage: 3", _set(stage, zero_stage=3)))
-    if stage == "ppo" and st.hybrid_engine and st.inference_tp_size < (st.gpus_per_node or 1):
+    if policy and st.hybrid_engine and st.inference_tp_size < (st.gpus_per_node or 1):
         out.append((f"{field}.inferenceTpSize: {st.gpus_per_node}", _set(stage, inference_tp_size=st.gpus_per_node)))
     if not st.gradient_checkpointing:
         out.append((f"{field}.gradientCheckpointing: true", _set(stage, gradient_checkpointing=True)))
     if not st.offload:
         out.append((f"{field}.offload: true", _set(stage, offload=True)))
-    if stage == "ppo" and not (st.offload_reference_model and st.offload_reward_model):
+    if policy and has_rm and not (st.offload_reference_model and st.offload_reward_model):
         out.append(
             (
                 f"{field}.offloadReferenceModel: true and offloadRewardModel: true",
                 _set(stage, offload_reference_model=True, offload_reward_model=True),
             )
         )
-    lora_now = (st.actor_lora, st.critic_lora) if stage == "ppo" else (st.lora,)
-    if not all(lr and lr.dim and lr.only_optimize_lora for lr in lora_now):
-        name = "actorLora/criticLora" if stage == "ppo" else "lora"
+    elif (policy or stage == "dpo") and not has_rm and not st.offload_reference_model:
+        out.append((f"{field}.offloadReferenceModel: true", _set(stage, offload_reference_model=True)))
+    attrs = _lora_attrs(stage)
+    if not all((lr := getattr(st, a)) and lr.dim and lr.only_optimize_lora for a, _ in attrs):
+        name = "/".join(w for _, w in attrs)
         out.append((f"{field}.{name}: {{dim: 128, onlyOptimizeLora: true}}", _lora(stage)))
+    if policy and (st.generation_batch_size or 1) > 1:  # last: fewer answers decoded together (grpo's groups)
+        out.append((f"{field}.generationBatchSize: 1", _set(stage, generation_batch_size=1)))
     return out
 
 
@@ -129,7 +145,11 @@ def cheapest_fix(spec: Any, shapes: dict[str, ModelShape], stage: str) -> str:
     trial = spec.model_copy(deep=True)
     applied = []
     for what, apply in candidates:
-        apply(trial)
+        step = trial.model_copy(deep=True)
+        apply(step)
+        if not _allowed(step):  # e.g. onlyOptimizeLora after gradientCheckpointing: skip it, try the next
+            continue
+        trial = step
         applied.append(what)
         est = _fits(trial, shapes, stage)
         if est.fits and _allowed(trial):

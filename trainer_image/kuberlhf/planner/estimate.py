@@ -276,6 +276,13 @@ def _trained_row(
     )
 
 
+def _frozen_row(role: str, source: str, params: int, shape: ModelShape, world: int, zero3: bool, dtype: str,
+                offload: bool) -> ModelRow:
+    """A frozen copy (reference, EMA, reward model): sharded only when its trained twin is at ZeRO-3."""
+    states = frozen_states(params, shape.largest_layer_params, world, zero3, dtype, offload)
+    return ModelRow(role, source, params, 3 if zero3 else 0, False, states, offload=offload)
+
+
 def _checkpoint_bytes(rows: list[ModelRow], dtype: str) -> int:
     b = dtype_bytes(dtype)
     opt = 12 if b < 4 else 8
@@ -290,8 +297,8 @@ def _checkpoint_bytes(rows: list[ModelRow], dtype: str) -> int:
 
 def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
     """Pure. ``shapes``: {"actor": shape of spec.actor.model, "reward": shape of spec.reward.model, or the actor's
-    with stages.reward.initFromSft (when the pipeline has a reward stage)}. Estimates the pipeline's sft, reward,
-    dpo and ppo stages; a grpo stage is not estimated yet (it is left out of the plan)."""
+    with stages.reward.initFromSft (when the pipeline has a reward stage)}. Estimates every stage of the
+    pipeline's graph (sft, reward, dpo, ppo, grpo)."""
     gpu_mem = gpu_memory_bytes(spec)
     reserve = CPU_RESERVE if spec.accelerator.value == "cpu" else CUDA_RESERVE
     actor, reward = shapes["actor"], shapes.get("reward")
@@ -329,17 +336,7 @@ def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
         models = [row]
         if stage == "dpo":  # the frozen reference copy of the SFT model
             off = st.offload_reference_model or st.offload
-            models.append(
-                ModelRow(
-                    "reference",
-                    "sft/model",
-                    params,
-                    3 if zero == 3 else 0,
-                    False,
-                    frozen_states(params, shape.largest_layer_params, world, zero == 3, dtype, off),
-                    offload=off,
-                )
-            )
+            models.append(_frozen_row("reference", "sft/model", params, shape, world, zero == 3, dtype, off))
         out.append(
             StageEstimate(
                 stage=stage,
@@ -354,8 +351,8 @@ def estimate_pipeline(spec: Any, shapes: dict[str, ModelShape]) -> PipelinePlan:
                 gpu_memory=gpu_mem,
             )
         )
-    if "ppo" in graph:
-        out.append(_ppo_estimate(spec, actor, reward, gpu_mem, reserve))
+    for stage in (st for st in ("ppo", "grpo") if st in graph):
+        out.append(_policy_estimate(spec, stage, actor, reward if "reward" in graph else None, gpu_mem, reserve))
     return PipelinePlan(out)
 
 
@@ -363,16 +360,23 @@ def _hidden(shape: ModelShape) -> int:
     return shape.embed_dim  # the value head: one weight per hidden unit
 
 
-def _ppo_estimate(spec: Any, actor: ModelShape, reward: ModelShape, gpu_mem: int | None, reserve: int) -> StageEstimate:
-    st = spec.stages.ppo
+def _policy_estimate(spec: Any, stage: str, actor: ModelShape, reward: ModelShape | None, gpu_mem: int | None,
+                     reserve: int) -> StageEstimate:
+    """ppo: actor, critic (trained from the reward model), reference, EMA, frozen reward model; generation of
+    generationBatchSize answers. grpo: no critic, the frozen reward model only without a rewardFunction
+    (``reward`` None), and groupSize answers per prompt generated and trained on."""
+    st = spec.stages.get(stage)
+    ppo = stage == "ppo"
     nodes, gpus = st.nodes or 1, st.gpus_per_node or 1
     world = nodes * gpus
     dtype = st.dtype.value
     b = dtype_bytes(dtype)
-    a_zero, c_zero = st.actor_zero_stage or 0, st.critic_zero_stage or 0
+    a_zero = st.actor_zero_stage or 0
+    # the critic's ZeRO stage also shards ppo's frozen reward model; grpo's reward model has its own
+    c_zero = (st.critic_zero_stage if ppo else st.reward_zero_stage) or 0
     n_actor = actor.causal_lm_params
-    n_critic = reward.backbone_params + _hidden(reward)
-    a_lora, c_lora = st.actor_lora, st.critic_lora
+    n_critic = reward.backbone_params + _hidden(reward) if reward is not None else 0
+    a_lora = st.actor_lora
     rows = [
         _trained_row(
             "actor",
@@ -386,74 +390,48 @@ def _ppo_estimate(spec: Any, actor: ModelShape, reward: ModelShape, gpu_mem: int
             a_lora.dim if a_lora else 0,
             bool(a_lora and a_lora.only_optimize_lora),
         ),
-        _trained_row(
-            "critic",
-            "reward/model",
-            reward,
-            n_critic,
-            world,
-            c_zero,
-            dtype,
-            st.offload,
-            c_lora.dim if c_lora else 0,
-            bool(c_lora and c_lora.only_optimize_lora),
-        ),
     ]
-    offload_ref = st.offload_reference_model or st.offload
-    rows.append(
-        ModelRow(
-            "reference",
-            "sft/model",
-            n_actor,
-            3 if a_zero == 3 else 0,
-            False,
-            frozen_states(n_actor, actor.largest_layer_params, world, a_zero == 3, dtype, offload_ref),
-            offload=offload_ref,
-        )
-    )
-    if st.ema.enabled:
-        n_ema = rows[0].params
+    if ppo:
+        c_lora = st.critic_lora
         rows.append(
-            ModelRow(
-                "ema",
-                "sft/model",
-                n_ema,
-                3 if a_zero == 3 else 0,
-                False,
-                frozen_states(n_ema, actor.largest_layer_params, world, a_zero == 3, dtype, offload_ref),
-                offload=offload_ref,
+            _trained_row(
+                "critic",
+                "reward/model",
+                reward,
+                n_critic,
+                world,
+                c_zero,
+                dtype,
+                st.offload,
+                c_lora.dim if c_lora else 0,
+                bool(c_lora and c_lora.only_optimize_lora),
             )
         )
-    offload_rm = st.offload_reward_model or st.offload
-    rows.append(
-        ModelRow(
-            "reward",
-            "reward/model",
-            n_critic,
-            3 if c_zero == 3 else 0,
-            False,
-            frozen_states(n_critic, reward.largest_layer_params, world, c_zero == 3, dtype, offload_rm),
-            offload=offload_rm,
-        )
-    )
-    gen_bs = st.generation_batch_size or st.per_device_batch_size or 1
-    micro = min(st.per_device_batch_size or gen_bs, gen_bs)
+    offload_ref = st.offload_reference_model or st.offload
+    rows.append(_frozen_row("reference", "sft/model", n_actor, actor, world, a_zero == 3, dtype, offload_ref))
+    if st.ema.enabled:
+        rows.append(_frozen_row("ema", "sft/model", rows[0].params, actor, world, a_zero == 3, dtype, offload_ref))
+    if reward is not None:
+        offload_rm = st.offload_reward_model or st.offload
+        rows.append(_frozen_row("reward", "reward/model", n_critic, reward, world, c_zero == 3, dtype, offload_rm))
+    # answers generated together per rank: a group of groupSize per prompt in grpo
+    samples = (st.generation_batch_size or st.per_device_batch_size or 1) * (1 if ppo else st.group_size)
+    micro = min(st.per_device_batch_size or samples, samples)
     seq = st.max_prompt_len + st.max_answer_len
-    generation = kv_cache_bytes(actor, gen_bs, seq, dtype) + 4 * gen_bs * st.max_answer_len * actor.vocab_size
+    generation = kv_cache_bytes(actor, samples, seq, dtype) + 4 * samples * st.max_answer_len * actor.vocab_size
     if st.hybrid_engine and a_zero == 3:
         # the hybrid engine gathers the actor for generation: whole, or 1/inferenceTpSize of it per GPU
         generation += max(n_actor * b // max(st.inference_tp_size, 1) - rows[0].states.weights, 0)
-    train = max(
-        activation_bytes(actor, micro, seq, dtype, st.gradient_checkpointing, lm_head=True),
-        activation_bytes(reward, micro, seq, dtype, st.gradient_checkpointing, lm_head=False),
-    )
+    train = activation_bytes(actor, micro, seq, dtype, st.gradient_checkpointing, lm_head=True)
+    if ppo:  # the critic trains on the same micro-batches
+        train = max(train, activation_bytes(reward, micro, seq, dtype, st.gradient_checkpointing, lm_head=False))
     if spec.data.unsupervised is not None and st.ptx_coef > 0:
         train = max(
             train, activation_bytes(actor, micro, spec.data.max_seq_len, dtype, st.gradient_checkpointing, lm_head=True)
         )
     export = n_actor * b * (2 if st.ema.enabled else 1)
     return StageEstimate(
-        stage="ppo",
+        stage=stage,
         nodes=nodes,
         gpus_per_node=gpus,
         models=rows,

@@ -16,8 +16,7 @@ UNSIZED_CLAIM = 100 * GiB
 
 def stage_scratch_bytes(spec: Any, stage: str) -> int | None:
     """``spec.scratch.size``, else the planner's estimate for ``stage`` (at least :data:`MIN_SCRATCH`), else None
-    when the models' shapes cannot be read without a download (an s3:// model, an unknown hub name) or the planner
-    does not estimate the stage (grpo)."""
+    when the models' shapes cannot be read without a download (an s3:// model, an unknown hub name)."""
     from kuberlhf.planner.check import offline_shapes
 
     if spec.scratch.size:
@@ -26,7 +25,7 @@ def stage_scratch_bytes(spec: Any, stage: str) -> int | None:
     if shapes is None:
         return None
     est = next((s for s in estimate_pipeline(spec, shapes).stages if s.stage == stage), None)
-    return None if est is None else max(MIN_SCRATCH, est.scratch_bytes)  # grpo: not estimated yet
+    return None if est is None else max(MIN_SCRATCH, est.scratch_bytes)
 
 
 def quantity(n: int) -> str:

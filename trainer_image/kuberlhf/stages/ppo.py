@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,37 +108,80 @@ def export_policy(run: StageRun, engine: Any, tokenizer: Any, summary: dict[str,
     run.finish(outputs, summary)
 
 
-def run_ppo(run: StageRun) -> None:
+@dataclass
+class PolicyStage:
+    """What ppo and grpo set up alike from the SFT model and step 3's prompts: see :func:`policy_stage`."""
+
+    engine: Any
+    tokenizer: Any
+    prompts: Any  # PromptDataset: this stage's prompts
+    true_reward: Any  # data.trueReward's function (reporting only) or None
+    samples: int  # answers per rank and iteration: generationBatchSize prompts times samples per prompt
+    micro: int  # answers per optimizer micro-batch
+    iters_per_epoch: int
+    total_iters: int
+    micro_per_iter: int  # micro-batch steps per iteration (not counting the ptx steps)
+    ptx_ds: Any  # the tokenised ptx corpus, or None when mixed training is off
+
+    def ptx(self, run: StageRun, step: int):
+        """The endless ptx batches (one per micro-batch step) from iteration ``step`` on, or None."""
+        if self.ptx_ds is None:
+            return None
+        return ptx_stream(self.ptx_ds, self.micro, run.dist.rank, run.dist.world_size, run.stage_spec.seed,
+                          consumed=step * self.micro_per_iter)
+
+
+def policy_stage(run: StageRun, *, samples_per_prompt: int = 1, passes: int = 1, critic: bool = True,
+                 reward_model: bool = True) -> PolicyStage:
+    """The step-3 set-up of ppo and grpo: fetch the SFT model (and the step-2 model when ``reward_model``), the
+    tokenizer, the prompts, the iteration count (refused naming generationBatchSize when a rank gets no batch),
+    the ptx corpus and the engine sized for the schedule. ``samples_per_prompt``: grpo's groupSize; ``passes``:
+    ppo's ppoEpochs over each experience batch; ``critic``: train the step-2 model as PPO's critic (else it is
+    only the frozen reward model)."""
     from kuberlhf.data import PromptDataset, stage_rows
-    from kuberlhf.data.true_reward import load_true_reward, true_rewards
+    from kuberlhf.data.true_reward import load_true_reward
     from kuberlhf.models import load_tokenizer
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
-    from kuberlhf.rlhf.rollout import rollouts
-    from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
 
-    spec, st, dist = run.spec, run.stage_spec, run.dist
-    options = EngineOptions.from_spec(spec, dist.world_size)
+    spec, st, dist, stage = run.spec, run.stage_spec, run.dist, run.ctx.stage.value
+    options = EngineOptions.from_spec(spec, dist.world_size, stage=stage)
     true_reward = load_true_reward(spec.data.true_reward)  # reporting only; fails before any model is loaded
     actor_dir = run.fetch(run.layout.model_uri("sft"), "sft-model", "the step-1 (SFT) model")
-    critic_dir = run.fetch(run.layout.model_uri("reward"), "reward-model", "the step-2 (reward) model")
+    rm_dir = run.fetch(run.layout.model_uri("reward"), "reward-model", "the step-2 (reward) model") \
+        if reward_model else None
     tokenizer = load_tokenizer(str(actor_dir), "spec.actor.model", padding_side="left")
     rows, _ = stage_rows(spec.data, run.ctx.stage, storage=spec.storage)
     prompts = PromptDataset(rows, tokenizer, st.max_prompt_len, cache_dir=tokenized_cache_dir(run),
                             cache_key=cache_key(run, "train"))
-    gen_bs = st.generation_batch_size  # both filled by the deploymentType preset
-    micro = min(st.per_device_batch_size, gen_bs)
+    gen_bs = st.generation_batch_size  # prompts per rank; filled by the deploymentType preset
+    samples = gen_bs * samples_per_prompt
+    micro = min(st.per_device_batch_size, samples)
     iters_per_epoch = len(rank_indices(len(prompts), dist.rank, dist.world_size, st.seed, 0)) // gen_bs
     if iters_per_epoch == 0:
-        raise ValueError(f"spec.stages.ppo.generationBatchSize={gen_bs}: only {len(prompts)} step-3 prompts for "
-                         f"{dist.world_size} ranks; lower it or give step 3 more data (data.split, data.maxSamples)")
+        raise ValueError(f"spec.stages.{stage}.generationBatchSize={gen_bs}: only {len(prompts)} step-3 prompts "
+                         f"for {dist.world_size} ranks; lower it or give step 3 more data (data.split, "
+                         "data.maxSamples)")
     total_iters = iters_per_epoch * st.epochs
     if st.max_steps:
         total_iters = min(total_iters, st.max_steps)
     ptx_ds = ptx_dataset(run, tokenizer)
-    micro_per_iter = st.ppo_epochs * ((gen_bs + micro - 1) // micro)
+    micro_per_iter = passes * ((samples + micro - 1) // micro)
     per_iter = micro_per_iter * (2 if ptx_ds is not None else 1)
-    engine = RLHFEngine(str(actor_dir), str(critic_dir), tokenizer, options,
+    engine = RLHFEngine(str(actor_dir), str(rm_dir) if rm_dir else None, tokenizer, options, train_critic=critic,
                         num_total_iters=max(1, total_iters * per_iter // options.actor_settings.grad_accum))
+    return PolicyStage(engine, tokenizer, prompts, true_reward, samples, micro, iters_per_epoch, total_iters,
+                       micro_per_iter, ptx_ds)
+
+
+def run_ppo(run: StageRun) -> None:
+    from kuberlhf.data.true_reward import true_rewards
+    from kuberlhf.rlhf.rollout import rollouts
+    from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
+
+    st, dist = run.stage_spec, run.dist
+    ps = policy_stage(run, passes=st.ppo_epochs)
+    engine, tokenizer, true_reward, total_iters = ps.engine, ps.tokenizer, ps.true_reward, ps.total_iters
+    gen_bs, micro = st.generation_batch_size, ps.micro
     trainer = PPOTrainer(engine, PPOSettings.from_spec(st), world_size=dist.world_size)
 
     step = 0
@@ -145,14 +189,12 @@ def run_ppo(run: StageRun) -> None:
     if state is not None:
         trainer.kl_ctl.value = float(state["kl_coef"])
         step = int(state["step"])
-    # one ptx batch follows every PPO micro-batch step
-    ptx = None if ptx_ds is None else ptx_stream(ptx_ds, micro, dist.rank, dist.world_size, st.seed,
-                                                  consumed=step * micro_per_iter)
+    ptx = ps.ptx(run, step)  # one ptx batch follows every PPO micro-batch step
 
     bar = progress(total_iters, step, dist.is_main, "ppo")
     while step < total_iters:
-        epoch, skip = divmod(step, iters_per_epoch)
-        loader = make_loader(prompts, gen_bs, dist.rank, dist.world_size, st.seed, epoch, skip)
+        epoch, skip = divmod(step, ps.iters_per_epoch)
+        loader = make_loader(ps.prompts, gen_bs, dist.rank, dist.world_size, st.seed, epoch, skip)
         # rolloutBatchSize prompts decoded together, then one PPO update per generationBatchSize of them
         per_rollout = (st.rollout_batch_size or gen_bs) // gen_bs
         for exp, gen_time in rollouts(trainer.generate_experience, loader, per_rollout, trainer.pad_id):
