@@ -541,6 +541,9 @@ def figures(r: dict[str, Any]) -> str:
     ):
         if isinstance(r.get(key), (int, float)):
             bits.append(fmt.format(r[key]))
+    plan = r.get("planner") or {}
+    if isinstance(plan.get("estimate_over_measured"), (int, float)):
+        bits.append(f"planner {plan['estimate_gib']:.1f} GiB = {plan['estimate_over_measured']:.2f}x peak")
     gaps = (r.get("facts") or {}).get("generation_logprobs_vs_forward") or []
     if gaps:
         bits.append(f"gen/forward logprob gap {gaps[-1]['mean_abs']:.2g}")

@@ -482,6 +482,7 @@ def run_stage_case(ctx: Any, stage: str, **p: Any) -> dict[str, Any]:
     keys = ("tokens_per_s", "samples_per_s", "gen_time_share", "reward", "kl", "answer_len", "accuracy")
     result["metrics"] = metrics_summary(out_dir / "metrics.jsonl", keys)
     result.update(throughput(stage, result["manifest_stage"], probes, result["metrics"], cuda))
+    result["planner"] = planner_vs_measured(pipeline, stage, result.get("peak_gib"))
     ctx.record(**result)
 
     # what the next stage and serving read: the committed copy in the object store (sizes + sha256 verified)
@@ -507,6 +508,35 @@ def run_stage_case(ctx: Any, stage: str, **p: Any) -> dict[str, Any]:
         )
     check_facts(stage, p, probes.facts, cuda)
     return result
+
+
+def planner_vs_measured(pipeline: Any, stage: str, peak_gib: float | None) -> dict[str, Any]:
+    """The memory planner's per-GPU estimate of the case's stage (model shapes from the fixtures' config.json)
+    next to the measured device peak (issue 14), with and without its runtime reserve (CUDA context, allocator
+    slack: torch's peak counter does not see the context); and its host estimate per rank next to this process's
+    peak RSS (what calibrates the planner's CUDA host reserve)."""
+    import resource
+
+    from kuberlhf.planner.estimate import GiB, estimate_pipeline
+    from kuberlhf.planner.shapes import read_model_shape
+
+    spec = pipeline.spec
+    shapes = {"actor": read_model_shape(spec.actor.model, "spec.actor.model")}
+    if spec.reward is not None:
+        shapes["reward"] = read_model_shape(spec.reward.model, "spec.reward.model")
+    est = estimate_pipeline(spec, shapes).stage(stage)
+    out: dict[str, Any] = {
+        "estimate_gib": est.per_gpu_bytes / GiB,
+        "states_gib": est.states_bytes / GiB,
+        "working_gib": est.working_bytes / GiB,
+        "reserve_gib": est.reserve / GiB,
+        "host_estimate_per_rank_gib": est.host_bytes_per_pod / max(est.gpus_per_node, 1) / GiB,
+        "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,  # KiB on Linux
+    }
+    if peak_gib:
+        out["estimate_over_measured"] = out["estimate_gib"] / peak_gib
+        out["estimate_without_reserve_over_measured"] = (est.per_gpu_bytes - est.reserve) / GiB / peak_gib
+    return out
 
 
 def throughput(stage: str, st: dict[str, Any], probes: Probes, metrics: dict[str, Any], cuda: bool) -> dict[str, Any]:

@@ -207,6 +207,9 @@ def test_cpu_dry_run_records_every_case_and_goes_on_after_failures(tmp_path: Pat
     assert [g["call"] for g in gaps] == [1, steps]  # first and last micro-batch (one per step here)
     assert all(0 <= g["mean_abs"] <= g["max_abs"] < 1e-3 for g in gaps)  # fp32 on CPU: rounding only
     assert ppo["facts"]["actor"]["global_steps"] == 2 * steps  # one PPO + one ptx step per micro-batch
+    plan = ppo["planner"]  # the planner's estimate of the case (next to the device peak on CUDA)
+    assert plan["estimate_gib"] > plan["states_gib"] > 0 and plan["host_peak_rss_gib"] > 0
+    assert "estimate_over_measured" not in plan  # no device peak on the CPU
 
     summary = (out / "gpu-check-summary.txt").read_text()
     assert "OK       ppo-z3-fp16" in summary and "TIMEOUT  selftest-hang" in summary
