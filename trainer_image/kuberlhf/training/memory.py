@@ -23,10 +23,17 @@ from typing import Any
 
 
 def probe_launch(
-    out: Path, probe_args: list[str], *, world: int, port: int, base_env: Mapping[str, str] = os.environ
+    out: Path,
+    probe_args: list[str],
+    *,
+    world: int,
+    port: int,
+    base_env: Mapping[str, str] = os.environ,
+    module: str = "kuberlhf.training.memory",
 ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that run this probe on ``world`` CPU ranks (torchrun, gloo): the one launch
-    the partition tests and ``bench/zero_memory.py`` share."""
+    """The command and environment that run this probe (or ``module``, e.g. the step-3 probe
+    ``kuberlhf.training.ppo_memory``) on ``world`` CPU ranks (torchrun, gloo): the one launch the partition tests
+    and ``bench/zero_memory.py`` share."""
     env = {
         **base_env,
         "OMP_NUM_THREADS": "1",
@@ -37,7 +44,7 @@ def probe_launch(
         "MALLOC_MMAP_THRESHOLD_": "131072",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
-           "-m", "kuberlhf.training.memory", "--out", str(out), *probe_args]
+           "-m", module, "--out", str(out), *probe_args]
     return cmd, env
 
 
@@ -158,16 +165,19 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(4, vocab, (args.batch, args.seq_len), generator=gen).to(engine.device)
     mask = torch.ones_like(ids)
     losses = []
-    with phases("train"):
-        for _ in range(args.steps):
+    # one phase per part of a step (the last step's kept), so a peak shows where it comes from (the bench)
+    for _ in range(args.steps):
+        with phases("train_forward"):
             if args.kind == "reward":
                 _, scores = engine(ids, mask)
                 loss = scores.float().pow(2).mean()
             else:
                 loss = engine(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+        with phases("train_backward"):
             engine.backward(loss)
+        with phases("train_step"):
             engine.step()
-            losses.append(float(loss))
+        losses.append(float(loss))
     if args.export:
         _export_and_probe(engine, tokenizer, args, dist.rank)
     return {
