@@ -14,7 +14,11 @@ checkpoints), then measures on fresh prompts:
 - wall time of the run.
 
     .venv/bin/python bench/rlhf_quality.py [--tasks style length copy topic] [--out bench/out/quality]
-                                           [--quick] [--json FILE]
+                                           [--algorithms ppo dpo grpo grpo-code] [--quick] [--json FILE]
+
+``--algorithms`` runs each task's pipeline as each step-3 algorithm (``bench/quality_algorithms.py``: dpo, grpo
+with the reward model, grpo with the task's reward as code), one after the other in the task's output directory,
+so they share its SFT model (and reward model); each is measured like ppo (its final model and EMA).
 
 ``--quick`` (the lean test's size) shortens every stage and runs it on one rank with the example's global batch;
 goals are then checked for direction only."""
@@ -38,6 +42,7 @@ REPO = BENCH.parent
 EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 sys.path.insert(0, str(BENCH))
 
+import quality_algorithms as qa  # noqa: E402
 import quality_tasks as qt  # noqa: E402
 
 GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_gap": 0.05, "kl": 10.0}
@@ -50,29 +55,33 @@ QUICK_NO_CHECKPOINTS = 10_000
 
 @dataclass
 class TaskResult:
+    """``ppo`` / ``ema`` / ``kl_*`` / ``rm_score_ppo``: the final stage's model and EMA (ppo, dpo or grpo:
+    ``algorithm``); the reward-model fields and ``ema`` are None where the pipeline has none (dpo, grpo-code)."""
+
     task: str
-    rm_acc: float
+    rm_acc: float | None
     rm_acc_stage: float | None
     sft: float
     ppo: float
-    ema: float
+    ema: float | None
     kl_ppo: float
-    kl_ema: float
-    rm_score_sft: float
-    rm_score_ppo: float
+    kl_ema: float | None
+    rm_score_sft: float | None
+    rm_score_ppo: float | None
     wall_s: float
     stage_s: dict[str, float]
     eval_prompts: int
+    algorithm: str = "ppo"
 
     def goals(self) -> dict[str, bool]:
         g = GOALS
         gain_ok = self.ppo >= g["high_abs"] if self.sft > g["high_sft"] else self.ppo >= self.sft + g["gain"]
-        return {
-            "rm_acc>=0.9": self.rm_acc >= g["rm_acc"],
-            "ppo_gain": gain_ok,
-            "ema>=ppo-0.05": self.ema >= self.ppo - g["ema_gap"],
-            "kl<10": max(self.kl_ppo, self.kl_ema) < g["kl"],
-        }
+        out = {"rm_acc>=0.9": self.rm_acc >= g["rm_acc"]} if self.rm_acc is not None else {}
+        out["ppo_gain"] = gain_ok
+        if self.ema is not None:
+            out["ema>=ppo-0.05"] = self.ema >= self.ppo - g["ema_gap"]
+        out["kl<10"] = max(self.kl_ppo, self.kl_ema or 0.0) < g["kl"]
+        return out
 
 
 def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str, Any]:
@@ -102,30 +111,45 @@ def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str,
 
 
 def run_task(
-    task: qt.Task, root: Path, quick: bool, log, reuse: bool = False, resume: bool = False
+    task: qt.Task,
+    root: Path,
+    quick: bool,
+    log,
+    reuse: bool = False,
+    resume: bool = False,
+    algorithm: str = "ppo",
+    fresh: bool = True,
 ) -> tuple[Path, dict[str, Any], float]:
+    """``fresh``: start from an empty output directory (the task's first algorithm); the later ones reuse its
+    SFT (and reward) model."""
     work = root / task.name
     out = work / "run"
-    if reuse and (out / "run.json").exists() and (out / "ppo" / "ema").exists():
+    suffix = "" if algorithm == "ppo" else f"-{algorithm}"
+    manifest = work / f"pipeline{suffix}.yaml"
+    if reuse and (out / "run.json").exists() and manifest.exists():
+        doc = yaml.safe_load(manifest.read_text())
         state = json.loads((out / "run.json").read_text())
-        log(f"[{task.name}] --reuse: evaluating the finished run in {out}")
-        return out, yaml.safe_load((work / "pipeline.yaml").read_text()), float(sum(state["stageSeconds"].values()))
+        log(f"[{task.name}] --reuse: evaluating the finished {algorithm} run in {out}")
+        return out, doc, float(sum(state["stageSeconds"].get(s, 0.0) for s in qa.graph(doc)))
     data = qt.write_task_data(task, work / "data")
-    doc = manifest_for(task, data, quick)
-    manifest = work / "pipeline.yaml"
+    doc = qa.manifest_for_algorithm(manifest_for(task, data, quick), algorithm, task.true_reward_ref)
     manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)}
     cli = Path(sys.executable).with_name("kuberlhf")
     cmd = [str(cli) if cli.exists() else "kuberlhf", "run", str(manifest), "--output-dir", str(out)] + (
-        [] if resume else ["--fresh"]
+        ["--fresh"] if fresh and not resume else []
     )
     t0 = time.monotonic()
-    with (work / "run.log").open("w") as f:
+    run_log = work / f"run{suffix}.log"
+    with run_log.open("w") as f:
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{task.name}: kuberlhf run failed ({proc.returncode}); see {work / 'run.log'}")
-    log(f"[{task.name}] kuberlhf run finished in {wall:.0f} s ({work / 'run.log'})")
+        raise RuntimeError(f"{task.name}: kuberlhf run ({algorithm}) failed ({proc.returncode}); see {run_log}")
+    log(f"[{task.name}] kuberlhf run ({algorithm}) finished in {wall:.0f} s ({run_log})")
+    if not fresh:  # the shared SFT (and reward) model were not trained again: count them as their first run did
+        state = json.loads((out / "run.json").read_text())
+        wall = float(sum(state["stageSeconds"].get(s, 0.0) for s in qa.graph(doc)))
     return out, doc, wall
 
 
@@ -206,39 +230,45 @@ def evaluate(task: qt.Task, out: Path, doc: dict[str, Any], wall: float, n_eval:
     from kuberlhf.runner.metrics import parse_jsonl, series
     from kuberlhf.runner.samples import reward_scores
 
-    ppo = doc["spec"]["stages"]["ppo"]
+    final = qa.final_stage(doc)
+    has_rm = "reward" in qa.graph(doc)
+    # the generation settings of step 3 (dpo has none: ppo's, i.e. the example's, as for every other algorithm)
+    stages = doc["spec"]["stages"]
+    gen = stages[final] if final != "dpo" else yaml.safe_load(EXAMPLE.read_text())["spec"]["stages"]["ppo"]
     kw = {
-        "temperature": ppo.get("temperature", 1.0),
-        "max_new_tokens": ppo["maxAnswerLen"],
-        "max_prompt_len": ppo["maxPromptLen"],
+        "temperature": gen.get("temperature", 1.0),
+        "max_new_tokens": gen["maxAnswerLen"],
+        "max_prompt_len": gen["maxPromptLen"],
         "seed": 4321,
     }
     triples = qt.eval_examples(task, n_eval)
     prompts = [p for p, _, _ in triples]
-    ev = {
-        name: policy_eval(path, out / "sft", prompts, task, **kw)
-        for name, path in (("sft", out / "sft"), ("ppo", out / "ppo" / "model"), ("ema", out / "ppo" / "ema"))
-    }
+    policies = [("sft", out / "sft"), ("ppo", out / final / "model")]
+    if (out / final / "ema").exists():
+        policies.append(("ema", out / final / "ema"))
+    ev = {name: policy_eval(path, out / "sft", prompts, task, **kw) for name, path in policies}
     records = parse_jsonl((out / "metrics.jsonl").read_text())
     _, acc = series(records, "reward", "accuracy", "eval")
     state = json.loads((out / "run.json").read_text())
     rm = {
-        name: sum(s := reward_scores(out / "reward", prompts, ev[name]["answers"])) / len(s) for name in ("sft", "ppo")
+        name: sum(s := reward_scores(out / "reward", prompts, ev[name]["answers"])) / len(s) if has_rm else None
+        for name in ("sft", "ppo")
     }
     res = TaskResult(
         task=task.name,
-        rm_acc=rm_accuracy(out / "reward", triples),
-        rm_acc_stage=acc[-1] if acc else None,
+        rm_acc=rm_accuracy(out / "reward", triples) if has_rm else None,
+        rm_acc_stage=acc[-1] if acc and has_rm else None,
         sft=ev["sft"]["true_reward"],
         ppo=ev["ppo"]["true_reward"],
-        ema=ev["ema"]["true_reward"],
+        ema=ev["ema"]["true_reward"] if "ema" in ev else None,
         kl_ppo=ev["ppo"]["kl"],
-        kl_ema=ev["ema"]["kl"],
+        kl_ema=ev["ema"]["kl"] if "ema" in ev else None,
         rm_score_sft=rm["sft"],
         rm_score_ppo=rm["ppo"],
         wall_s=wall,
-        stage_s=state.get("stageSeconds", {}),
+        stage_s={s: v for s, v in state.get("stageSeconds", {}).items() if s in qa.graph(doc)},
         eval_prompts=len(prompts),
+        algorithm="grpo-code" if final == "grpo" and not has_rm else final,
     )
     samples = {name: list(zip(prompts[:4], e["answers"][:4], strict=True)) for name, e in ev.items()}
     return res, samples
@@ -280,19 +310,23 @@ def plot_curves(root: Path, tasks: list[str], path: Path) -> Path:
     return path
 
 
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(results: list[TaskResult]) -> str:
+    """One row per task and algorithm; "PPO actor" is the final stage's model (ppo, dpo or grpo)."""
     head = (
-        "| task | RM acc (fresh / stage eval) | true reward SFT | PPO actor | EMA | KL/answer PPO / EMA (nats) "
-        "| wall | goals |\n|---|---|---|---|---|---|---|---|\n"
+        "| task | algorithm | RM acc (fresh / stage eval) | true reward SFT | final actor | EMA "
+        "| KL/answer actor / EMA (nats) | wall | goals |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
         g = r.goals()
         missed = [k for k, ok in g.items() if not ok]
-        stage = f"{r.rm_acc_stage:.3f}" if r.rm_acc_stage is not None else "-"
         rows.append(
-            f"| {r.task} | {r.rm_acc:.3f} / {stage} | {r.sft:.3f} | {r.ppo:.3f} | {r.ema:.3f} | "
-            f"{r.kl_ppo:.2f} / {r.kl_ema:.2f} | {r.wall_s / 60:.1f} min | "
+            f"| {r.task} | {r.algorithm} | {_f(r.rm_acc)} / {_f(r.rm_acc_stage)} | {r.sft:.3f} | {r.ppo:.3f} | "
+            f"{_f(r.ema)} | {r.kl_ppo:.2f} / {_f(r.kl_ema, 2)} | {r.wall_s / 60:.1f} min | "
             f"{'all met' if not missed else 'missed: ' + ', '.join(missed)} |"
         )
     return head + "\n".join(rows)
@@ -302,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=list(qt.TASKS), choices=list(qt.TASKS))
     ap.add_argument("--out", type=Path, default=BENCH / "out" / "quality")
+    ap.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=["ppo"],
+        choices=list(qa.ALGORITHMS),
+        help="step-3 algorithms to run on each task, in this order, sharing its SFT model",
+    )
     ap.add_argument("--quick", action="store_true", help="shorter stages (the lean test)")
     ap.add_argument("--eval-prompts", type=int, default=256)
     ap.add_argument("--reuse", action="store_true", help="evaluate finished runs in OUT again instead of re-running")
@@ -322,15 +363,26 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks:
         task = qt.TASKS[name]
         print(f"[{name}] {task.what}", flush=True)
-        out, doc, wall = run_task(task, args.out, args.quick, lambda s: print(s, flush=True), args.reuse, args.resume)
-        res, samples = evaluate(task, out, doc, wall, args.eval_prompts)
-        results.append(res)
-        details[name] = {"result": asdict(res), "goals": res.goals(), "samples": samples}
-        print(
-            f"[{name}] RM acc {res.rm_acc:.3f}; true reward SFT {res.sft:.3f} -> PPO {res.ppo:.3f}, EMA "
-            f"{res.ema:.3f}; KL {res.kl_ppo:.2f}/{res.kl_ema:.2f}; goals {res.goals()}",
-            flush=True,
-        )
+        for i, algorithm in enumerate(args.algorithms):
+            out, doc, wall = run_task(
+                task,
+                args.out,
+                args.quick,
+                lambda s: print(s, flush=True),
+                args.reuse,
+                args.resume,
+                algorithm=algorithm,
+                fresh=i == 0,
+            )
+            res, samples = evaluate(task, out, doc, wall, args.eval_prompts)
+            results.append(res)
+            key = name if algorithm == "ppo" else f"{name}/{algorithm}"
+            details[key] = {"result": asdict(res), "goals": res.goals(), "samples": samples}
+            print(
+                f"[{key}] RM acc {_f(res.rm_acc)}; true reward SFT {res.sft:.3f} -> {res.algorithm} {res.ppo:.3f}, "
+                f"EMA {_f(res.ema)}; KL {res.kl_ppo:.2f}/{_f(res.kl_ema, 2)}; goals {res.goals()}",
+                flush=True,
+            )
     total = time.monotonic() - t_all
     print(f"curves: {plot_curves(args.out, args.tasks, args.out / 'curves.png')}")
     print("\n" + table(results))

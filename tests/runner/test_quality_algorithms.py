@@ -1,0 +1,52 @@
+"""bench/quality_algorithms.py: each algorithm's quality-suite manifest is a valid pipeline of that algorithm's
+graph that passes the preflight, and all of them share the ppo manifest's SFT stage (the same fingerprint, so
+`kuberlhf run` in the task's output directory reuses the SFT model instead of training it again); grpo samples
+as many answers per step as ppo. Pure: no stage runs."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from kuberlhf.contract.preflight import preflight
+from kuberlhf.contract.spec import parse_pipeline
+from kuberlhf.runner.local import stage_fingerprints
+
+
+@pytest.fixture(scope="module")
+def bench(repo_root):
+    sys.path.insert(0, str(repo_root / "bench"))
+    try:
+        import quality_algorithms
+        import quality_tasks
+        import rlhf_quality
+
+        yield quality_algorithms, quality_tasks, rlhf_quality
+    finally:
+        sys.path.remove(str(repo_root / "bench"))
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_algorithm_shares_the_sft_stage_and_runs_its_own_graph(bench, tmp_path, quick):
+    qa, qt, rq = bench
+    task = qt.TASKS["style"]
+    base = rq.manifest_for(task, qt.write_task_data(task, tmp_path), quick)
+    graphs = {"ppo": ["sft", "reward", "ppo"], "dpo": ["sft", "dpo"], "grpo": ["sft", "reward", "grpo"],
+              "grpo-code": ["sft", "grpo"]}
+    prints = {}
+    for algorithm in qa.ALGORITHMS:
+        doc = qa.manifest_for_algorithm(base, algorithm, task.true_reward_ref)
+        pipeline = parse_pipeline(doc)
+        assert [s.value for s in pipeline.spec.stage_graph] == qa.graph(doc) == graphs[algorithm]
+        assert not preflight(pipeline.spec), algorithm
+        prints[algorithm] = stage_fingerprints(pipeline)
+    assert len({p["sft"] for p in prints.values()}) == 1, prints
+    assert prints["grpo"]["reward"] == prints["ppo"]["reward"]  # grpo is scored by ppo's reward model
+    ppo = base["spec"]["stages"]["ppo"]
+    for algorithm in ("grpo", "grpo-code"):
+        grpo = qa.manifest_for_algorithm(base, algorithm, task.true_reward_ref)["spec"]["stages"]["grpo"]
+        assert grpo["generationBatchSize"] * grpo["groupSize"] == ppo["generationBatchSize"]
+        assert grpo["maxSteps"] == ppo["maxSteps"]
+    code = qa.manifest_for_algorithm(base, "grpo-code", task.true_reward_ref)["spec"]
+    assert code["stages"]["grpo"]["rewardFunction"] == "quality_tasks:style_reward" and "reward" not in code
