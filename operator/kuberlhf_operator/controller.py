@@ -68,6 +68,7 @@ from kuberlhf_operator.writes import (
 ERROR_RETRY_SECONDS = 10.0
 STATUS_CONFLICT_RETRIES = 4
 JOB_SUSPEND_SINCE = (1, 22)
+POD_FAILURE_POLICY_SINCE = (1, 26)  # beta, on by default (alpha and off in 1.25)
 PDB_V1_SINCE = (1, 21)
 Key = tuple[str, str]
 
@@ -147,23 +148,30 @@ class Operator:
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.execution.max_workers = int(os.environ.get("KUBERLHF_OPERATOR_WORKERS", "8"))
-        override = os.environ.get("KUBERLHF_JOB_SUSPEND", "auto").lower()
-        if override in ("true", "false"):
-            supported = override == "true"
-        else:
-            try:
-                supported = self.kube.server_version() >= JOB_SUSPEND_SINCE
-            except Exception as e:  # noqa: BLE001
-                logger.warning("cannot read the server version (%s); assuming Job suspend works", e)
-                supported = True
+        supported = self._server_has("KUBERLHF_JOB_SUSPEND", JOB_SUSPEND_SINCE, logger)
+        failure_policy = self._server_has("KUBERLHF_POD_FAILURE_POLICY", POD_FAILURE_POLICY_SINCE, logger)
         try:
             pdb = "policy/v1" if self.kube.server_version() >= PDB_V1_SINCE else "policy/v1beta1"
-        except Exception:  # noqa: BLE001 - as above
+        except Exception:  # noqa: BLE001 - as in _server_has
             pdb = "policy/v1"
-        self.config = dataclasses.replace(self.config, job_suspend_supported=supported, pdb_api_version=pdb)
-        logger.info("kuberlhf operator: default image %s, Job suspend %s, strict field validation %s",
-                    self.config.default_image, "native" if supported else "by deleting the Job (server < 1.22)",
+        self.config = dataclasses.replace(self.config, job_suspend_supported=supported, pdb_api_version=pdb,
+                                          pod_failure_policy_supported=failure_policy)
+        logger.info("kuberlhf operator: default image %s, Job suspend %s, Job podFailurePolicy %s, strict field "
+                    "validation %s", self.config.default_image,
+                    "native" if supported else "by deleting the Job, queued Jobs held at parallelism 0 (server < 1.22)",
+                    "on" if failure_policy else "off (server < 1.26: the operator classifies failed pods itself)",
                     "on" if self._strict() else "off (server < 1.25)")
+
+    def _server_has(self, env: str, since: tuple[int, int], logger: logging.Logger | logging.LoggerAdapter) -> bool:
+        """Whether the server's version has a Job feature: ``env`` (true/false) overrides, ``auto`` asks."""
+        override = os.environ.get(env, "auto").lower()
+        if override in ("true", "false"):
+            return override == "true"
+        try:
+            return self.kube.server_version() >= since
+        except Exception as e:  # noqa: BLE001
+            logger.warning("cannot read the server version (%s); assuming it is >= %s.%s (%s)", e, *since, env)
+            return True
 
     def _strict(self) -> bool:
         try:

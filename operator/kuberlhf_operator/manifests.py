@@ -264,10 +264,17 @@ def build_stage_job(
     suspend: bool = False,
     extra_labels: Mapping[str, str] | None = None,
     hardened: bool = True,
+    job_suspend: bool = True,
+    failure_policy: bool = True,
 ) -> dict[str, Any]:
     """The Indexed Job running every node of one stage attempt. ``pipeline`` is the spec the stage started with;
     ``extra_labels`` (:func:`propagated_labels`) go on the Job only, where a queue manager looks for them;
-    ``hardened`` false leaves out the restricted-profile securityContext (the install's opt-out)."""
+    ``hardened`` false leaves out the restricted-profile securityContext (the install's opt-out).
+
+    What the server's Job API has (the operator reads its version at startup): ``job_suspend`` false (before 1.22,
+    no ``spec.suspend``) holds a suspended Job at ``parallelism: 0`` instead, which the Job controller of every
+    version honours (no pod is created) and the queue admits by setting ``parallelism`` to ``completions`` (:func:`job_held`);
+    ``failure_policy`` false (before 1.26: no ``podFailurePolicy``) leaves the field out rather than have the server drop it."""
     stage = Stage(stage)
     name = job_name(owner.name, stage, attempt)
     st = pipeline.spec.stages.get(stage)
@@ -312,14 +319,20 @@ def build_stage_job(
         "spec": {
             "completionMode": "Indexed",
             "completions": nodes,
-            "parallelism": nodes,
+            "parallelism": 0 if suspend and not job_suspend else nodes,
             # Retries are operator-managed attempts (new Job, resume from checkpoint), never pod restarts.
             "backoffLimit": 0,
-            "podFailurePolicy": pod_failure_policy(),
-            "suspend": bool(suspend),
+            **({"podFailurePolicy": pod_failure_policy()} if failure_policy else {}),
+            **({"suspend": bool(suspend)} if job_suspend else {}),
             "template": _pod_template(pipeline, labels, pod_spec, st.pod_template, home, hardened),
         },
     }
+
+
+def job_held(job_spec: Mapping[str, Any]) -> bool:
+    """A Job not admitted to run: ``spec.suspend``, or (servers without it) the ``parallelism: 0`` hold of
+    :func:`build_stage_job`; the operator never builds a Job of parallelism 0 otherwise."""
+    return bool(job_spec.get("suspend")) or job_spec.get("parallelism") == 0
 
 
 def serving_model_uri(pipeline: RLHFPipeline, owner: Owner) -> str:

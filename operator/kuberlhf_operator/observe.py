@@ -12,6 +12,7 @@ from typing import Any, Literal
 from kuberlhf.contract.pod import TRAINER_CONTAINER
 from kuberlhf.contract.stage import ENV_PIPELINE, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from kuberlhf_operator import LABEL_ATTEMPT, LABEL_STAGE
+from kuberlhf_operator.manifests import job_held
 
 JobPhase = Literal["Running", "Succeeded", "Failed"]
 # Why a stage Job failed, from its failed pods (classify_failure): the user's configuration (never retried), a
@@ -130,7 +131,7 @@ def summarize_job(job: dict[str, Any]) -> JobState | None:
         stage=stage,
         attempt=attempt,
         phase=phase,
-        suspended=bool(spec.get("suspend")),
+        suspended=job_held(spec),
         deleting=bool(meta.get("deletionTimestamp")),
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),

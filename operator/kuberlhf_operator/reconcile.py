@@ -104,8 +104,12 @@ class ProbeResult:
 class OperatorConfig:
     default_image: str | None = None
     # Job.spec.suspend exists from Kubernetes 1.22 (beta, on by default). Older servers drop the field, so there
-    # suspending deletes the running Job instead (the next attempt resumes from its checkpoint).
+    # spec.suspend deletes the running Job instead (the next attempt resumes from its checkpoint), and a queued
+    # stage's Job is held at parallelism 0 until admitted (manifests.build_stage_job).
     job_suspend_supported: bool = True
+    # Job.spec.podFailurePolicy: beta and on by default from 1.26; older servers get no such field (the operator
+    # classifies failed pods itself either way, observe.classify_failure).
+    pod_failure_policy_supported: bool = True
     # The operator's own ServiceAccount (namespace, name): no pipeline's pods may run as it.
     operator_service_account: tuple[str, str] | None = None
     # Install-wide policy (the chart's policy.*): image globs and ServiceAccount names pods may use; empty = any.
@@ -131,8 +135,37 @@ def config_from_env(env: Mapping[str, str]) -> OperatorConfig:
                           hardened_pods=(env.get("KUBERLHF_HARDENED_PODS") or "true").lower() != "false")
 
 
+def secret_references(node: Any, at: str = "spec") -> list[tuple[str, str]]:
+    """(field, Secret name) of every Secret a spec refers to: ``*secretRef`` / ``secretKeyRef`` objects (storage,
+    HF token, API key, env, envFrom), volumes' ``secret.secretName`` and projected ``secret`` sources."""
+    out: list[tuple[str, str]] = []
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            out += secret_references(item, f"{at}[{i}]")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{at}.{key}"
+            if key == "secretName" and isinstance(value, str):
+                out.append((path, value))
+            elif (key == "secret" or key.lower().endswith(("secretref", "secretkeyref"))) and isinstance(value, dict):
+                if isinstance(value.get("name"), str):
+                    out.append((f"{path}.name", value["name"]))
+                out += secret_references({k: v for k, v in value.items() if k != "name"}, path)
+            else:
+                out += secret_references(value, path)
+    return out
+
+
 def pod_policy_problem(namespace: str, spec: PipelineSpec, config: OperatorConfig) -> str | None:
-    """The first template field that would run a pod as the operator, or outside the install's allowlists."""
+    """The first field that would run a pod as the operator (its ServiceAccount, or in the operator's own namespace
+    the token Secret the token controller made for it), or outside the install's allowlists."""
+    if config.operator_service_account and config.operator_service_account[0] == namespace:
+        sa = config.operator_service_account[1]
+        for at, name in secret_references(spec.to_wire()):
+            # <1.24 (and any cluster that still has them): the ServiceAccount's token Secret is <sa>-token-<5 chars>
+            if name.startswith(f"{sa}-token-"):
+                return (f"{at}: Secret {name!r} holds the kuberlhf operator's ServiceAccount token; a pipeline's pods "
+                        "may not read it (run pipelines in a namespace other than the operator's)")
     layers: list[tuple[str, Any]] = [("spec.podTemplate", spec.pod_template)]
     layers += [(f"spec.stages.{st.value}.podTemplate", spec.stages.get(st).pod_template) for st in ALL_STAGES]
     layers.append(("spec.serving.podTemplate", spec.serving.pod_template))
@@ -574,7 +607,8 @@ class _Run:
             self.create(build_stage_network_policy(pipeline, self.owner, stage, attempt))
         self.create(build_stage_service(self.owner, stage, attempt))
         self.create(build_stage_job(pipeline, self.owner, stage, attempt, default_image=self.config.default_image,
-                                    suspend=bool(self.queue) and self.config.job_suspend_supported,
+                                    suspend=bool(self.queue), job_suspend=self.config.job_suspend_supported,
+                                    failure_policy=self.config.pod_failure_policy_supported,
                                     extra_labels=self.workload_labels, hardened=self.config.hardened_pods))
 
     def resumed(self, stage: str) -> None:
@@ -652,6 +686,10 @@ class _Run:
         s = self.status["stages"][stage]
         by = f"LocalQueue {self.queue!r}" if self.queue else "a queue (e.g. Kueue)"
         msg = f"stage {stage}: Job {job.name} is suspended, waiting for quota: {by} has not admitted it yet"
+        if not self.config.job_suspend_supported:
+            msg = (f"stage {stage}: Job {job.name} is held at parallelism 0, waiting for quota: {by} has not admitted "
+                   "it yet (this server has no Job.spec.suspend, Kubernetes < 1.22, so Kueue cannot run here: "
+                   "admit it by setting the Job's spec.parallelism to its completions, or remove the queue label)")
         s["phase"] = "Queued"
         self.status.update(phase="Queued", stage=stage, reason="WaitingForQuota", message=msg)
 

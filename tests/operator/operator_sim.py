@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from kuberlhf_operator.manifests import job_held
 from kuberlhf_operator.observe import DeploymentState, JobState, Observed, PodsState, job_pipeline
 from kuberlhf_operator.reconcile import Decision, OperatorConfig, PipelineMeta, ProbeResult, reconcile
 
@@ -61,7 +62,7 @@ class Cluster:
                     assert a.name not in self.jobs, f"duplicate Job {a.name}"
                     self.jobs[a.name] = JobState(a.name, labels["kuberlhf.io/stage"],
                                                  int(labels["kuberlhf.io/attempt"]),
-                                                 suspended=a.body["spec"]["suspend"], pipeline=job_pipeline(a.body))
+                                                 suspended=job_held(a.body["spec"]), pipeline=job_pipeline(a.body))
                 elif a.kind == "Service":
                     self.services.add(a.name)
                 elif a.kind == "NetworkPolicy":
@@ -69,7 +70,7 @@ class Cluster:
                 elif a.kind == "Deployment":
                     self.deployments[a.name] = DeploymentState(a.name, a.body["spec"]["replicas"], 0)
             elif a.verb == "patch":
-                self.jobs[a.name] = replace(self.jobs[a.name], suspended=a.body["spec"]["suspend"])
+                self.jobs[a.name] = replace(self.jobs[a.name], suspended=job_held(a.body["spec"]))
             elif a.verb == "delete":
                 self.jobs.pop(a.name)
         self.status = copy.deepcopy(d.status)

@@ -4,8 +4,10 @@ as a podFailurePolicy for servers that have it, and a Job whose pods the API ser
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 from operator_sim import Cluster, FakeKube
 
 from kuberlhf.contract.stage import EXIT_INTERRUPTED, EXIT_STORAGE_UNAVAILABLE, EXIT_USER_ERROR
@@ -103,6 +105,69 @@ def test_the_job_tells_the_job_controller_the_same_rules(cluster: Cluster) -> No
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"] == {
         "containerName": "trainer", "operator": "In", "values": [EXIT_USER_ERROR]}
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+class _VersionedKube:
+    """What configure_kopf asks of the API client: the server's version (and whether writes can be strict)."""
+
+    def __init__(self, minor: int) -> None:
+        self.minor = minor
+
+    def server_version(self) -> tuple[int, int]:
+        return 1, self.minor
+
+    def strict_writes(self) -> bool:
+        return self.minor >= 25
+
+
+@pytest.mark.parametrize("minor, sent", [(20, False), (25, False), (26, True), (31, True)])
+def test_the_pod_failure_policy_goes_only_to_servers_that_have_it(spec, meta, minor: int, sent: bool,
+                                                                   monkeypatch) -> None:
+    """The operator reads the server's version at startup: podFailurePolicy is beta and on by default from 1.26
+    (alpha, off, in 1.25; absent before), so older servers get a Job without the field (the e2e tier's 1.20 shows
+    the operator's own classification doing the job) and 1.26+ get one that validates, strictly, against the
+    published schema of 1.26 and of the newest version kubernetes-validate has. No 1.26+ Job controller runs here
+    (the e2e server is 1.20; the 1.36 apiextensions-apiserver serves CRDs only), so what the Job controller does
+    with the rules is not exercised; the server-side rules of the field that a schema cannot express
+    (k8s.io/kubernetes pkg/apis/batch/validation) are checked by hand below."""
+    import kopf
+    import kubernetes_validate
+
+    from kuberlhf_operator.controller import Operator
+
+    monkeypatch.delenv("KUBERLHF_POD_FAILURE_POLICY", raising=False)
+    op = Operator(_VersionedKube(minor), emit=lambda body, ev: None)
+    op.configure_kopf(kopf.OperatorSettings(), logging.getLogger("test"))
+    assert op.config.pod_failure_policy_supported is sent and op.config.job_suspend_supported is (minor >= 22)
+    cluster = Cluster(meta, spec, op.config)
+    cluster.step()
+    job = cluster.bodies[("Job", "tiny-sft-1")]
+    assert ("podFailurePolicy" in job["spec"]) is sent
+    assert ("suspend" in job["spec"]) is (minor >= 22)
+    if not sent:
+        return
+    newest = ".".join(kubernetes_validate.utils.latest_version().split(".")[:2])
+    for version in ("1.26", newest):
+        assert kubernetes_validate.validate(job, version, strict=True) == version
+    pod_spec = job["spec"]["template"]["spec"]
+    containers = {c["name"] for c in pod_spec["containers"]}
+    assert pod_spec["restartPolicy"] == "Never"  # a podFailurePolicy needs it
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        codes, conds = rule.get("onExitCodes"), rule.get("onPodConditions")
+        assert bool(codes) != bool(conds), rule  # exactly one of the two non-empty
+        if codes:
+            assert codes["containerName"] in containers and 0 not in codes["values"], rule
+
+
+def test_the_operator_override_forces_the_pod_failure_policy(spec, meta, monkeypatch) -> None:
+    import kopf
+
+    from kuberlhf_operator.controller import Operator
+
+    monkeypatch.setenv("KUBERLHF_POD_FAILURE_POLICY", "true")  # e.g. a 1.25 server with the alpha gate on
+    op = Operator(_VersionedKube(25), emit=lambda body, ev: None)
+    op.configure_kopf(kopf.OperatorSettings(), logging.getLogger("test"))
+    assert op.config.pod_failure_policy_supported is True
 
 
 def test_a_job_whose_pods_are_refused_says_why(cluster: Cluster) -> None:

@@ -5,7 +5,8 @@ quota.
 Kueue's controller cannot run here (it needs a 1.22+ server with its own CRDs and webhooks; the e2e tier's server
 is 1.20, where Job.spec.suspend does not exist). So these tests play the queue in the simulated cluster
 (``operator_sim``): the test itself unsuspends a Job to admit it, as Kueue does when the LocalQueue's
-ClusterQueue has quota, and suspends it again to preempt it."""
+ClusterQueue has quota, and suspends it again to preempt it. The 1.20 fallback (a queued Job held at parallelism
+0) runs against the real API server and Job controller in tests/e2e/test_security.py."""
 
 from __future__ import annotations
 
@@ -100,8 +101,27 @@ def test_the_chat_deployment_and_its_pods_carry_the_queue_labels(queued: Cluster
     assert QUEUE_NAME_LABEL not in dep["spec"]["selector"]["matchLabels"]  # the selector stays the operator's
 
 
-def test_a_server_without_job_suspend_creates_the_job_unsuspended(meta: PipelineMeta, spec: dict) -> None:
+def test_a_server_without_job_suspend_holds_a_queued_job_at_parallelism_zero(meta: PipelineMeta, spec: dict) -> None:
+    """Before 1.22 (the e2e tier's 1.20) there is no Job.spec.suspend, and so no Kueue: a queued stage's Job is held
+    at parallelism 0 (the Job controller creates no pod; tests/e2e/test_security.py shows it on the real server)
+    instead of running past the queue's quota; setting parallelism admits it and the operator never undoes that."""
     cluster = Cluster(replace(meta, labels=QUEUE), spec, OperatorConfig(job_suspend_supported=False))
     cluster.step()
     job = cluster.bodies[("Job", "tiny-sft-1")]
-    assert job["spec"]["suspend"] is False and job["metadata"]["labels"][QUEUE_NAME_LABEL] == "team-a-gpus"
+    assert "suspend" not in job["spec"] and job["spec"]["parallelism"] == 0 and job["spec"]["completions"] == 1
+    assert job["metadata"]["labels"][QUEUE_NAME_LABEL] == "team-a-gpus"
+    d = cluster.step()
+    assert (cluster.status["phase"], cluster.status["reason"]) == ("Queued", "WaitingForQuota")
+    assert "parallelism 0" in cluster.status["message"] and "spec.parallelism" in cluster.status["message"]
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", "Queued")]
+    admit(cluster, "tiny-sft-1")  # what the admitting party does here: spec.parallelism = completions
+    cluster.run_pods("tiny-sft-1")
+    d = cluster.step()
+    assert d.actions == [] and cluster.status["phase"] == "Running"
+
+
+def test_without_a_queue_an_old_server_gets_a_runnable_job(meta: PipelineMeta, spec: dict) -> None:
+    cluster = Cluster(meta, spec, OperatorConfig(job_suspend_supported=False))
+    cluster.step()
+    job = cluster.bodies[("Job", "tiny-sft-1")]
+    assert "suspend" not in job["spec"] and job["spec"]["parallelism"] == job["spec"]["completions"] == 1

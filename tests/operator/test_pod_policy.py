@@ -53,6 +53,31 @@ def test_the_operators_own_service_account_is_refused(path, field) -> None:
     assert other.status.get("reason") != "InvalidSpec" and other.actions
 
 
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        ({"podTemplate": {"spec": {"volumes": [{"name": "t", "secret": {"secretName": "kuberlhf-token-x7k2q"}}]}}},
+         "spec.podTemplate.spec.volumes[0].secret.secretName"),
+        ({"podTemplate": {"spec": {"volumes": [{"name": "t", "projected": {"sources": [
+            {"secret": {"name": "kuberlhf-token-x7k2q"}}]}}]}}},
+         "spec.podTemplate.spec.volumes[0].projected.sources[0].secret.name"),
+        ({"podTemplate": {"spec": {"containers": [{"name": "trainer", "env": [{"name": "T", "valueFrom": {
+            "secretKeyRef": {"name": "kuberlhf-token-x7k2q", "key": "token"}}}]}]}}},
+         "spec.podTemplate.spec.containers[0].env[0].valueFrom.secretKeyRef.name"),
+        ({"hfTokenSecretRef": {"name": "kuberlhf-token-x7k2q", "key": "token"}}, "spec.hfTokenSecretRef.name"),
+    ],
+)
+def test_the_operators_token_secret_is_refused_in_its_own_namespace(where, field) -> None:
+    """Before 1.24 the token controller keeps the operator's token in Secret <sa>-token-<x> of its namespace: a
+    pipeline there that mounts or reads it would act as the operator just as with its ServiceAccount."""
+    spec = {**copy.deepcopy(SPEC), **where}
+    d = _decide(spec)
+    assert d.status["reason"] == "InvalidSpec" and not d.actions
+    assert d.status["message"].startswith(f"{field}: Secret 'kuberlhf-token-x7k2q' holds the kuberlhf operator's")
+    # in another namespace that name is that namespace's own Secret
+    assert _decide(spec, meta=PipelineMeta("chat", "team-a", "u")).actions
+
+
 def test_allowlists_of_images_and_service_accounts() -> None:
     policy = OperatorConfig(
         default_image="registry.example.com/kuberlhf/trainer:0.1.0",
