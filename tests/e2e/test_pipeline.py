@@ -30,7 +30,13 @@ import yaml
 from harness import KubeREST, wait_for
 
 from kuberlhf_operator import LABEL_PIPELINE
-from kuberlhf_operator.manifests import QUEUE_NAME_LABEL, chat_name, generated_api_key_secret_name, job_name
+from kuberlhf_operator.manifests import (
+    QUEUE_NAME_LABEL,
+    chat_name,
+    generated_api_key_secret_name,
+    job_held,
+    job_name,
+)
 
 try:
     from chart.helm import render_chart
@@ -46,7 +52,9 @@ GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RUN_TIMEOUT = 720
 GPU_POOL_LABEL = "kuberlhf.io/e2e-gpu-pool"
 HF_TOKEN = "hf_e2e_not_a_real_token"
-QUEUE = "e2e-queue"  # a Kueue LocalQueue name; no Kueue here (and 1.20 has no Job suspend): only its labels travel
+# A Kueue LocalQueue name. No Kueue can run here (1.20 has no Job.spec.suspend): the operator holds each queued
+# stage Job at parallelism 0 and the watcher plays the queue, admitting each Job by setting its parallelism.
+QUEUE = "e2e-queue"
 PPO_NODES = 2
 
 
@@ -94,6 +102,8 @@ class Run:
     operator_kills: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     pending_status: dict[str, Any] = field(default_factory=dict)  # status while no node matched
+    admitted: list[str] = field(default_factory=list)  # Jobs the watcher found held and admitted, as a queue would
+    planted: dict[str, str] = field(default_factory=dict)  # Secret -> value no object, log or event may hold
 
     def pipeline(self) -> dict[str, Any]:
         return self.api.get(f"{GROUP_PATH}/namespaces/{self.ns}/rlhfpipelines/{NAME}")
@@ -144,7 +154,15 @@ def _watch_status(run: Run, stop: threading.Event) -> None:
             if not run.history or run.history[-1] != key:
                 run.history.append(key)
             for j in run.jobs():
-                run.jobs_seen.setdefault(j["metadata"]["name"], j["metadata"]["uid"])
+                name = j["metadata"]["name"]
+                run.jobs_seen.setdefault(name, j["metadata"]["uid"])
+                stage = st.get("stages", {}).get(st.get("stage", ""), {})
+                # Once the operator reports the stage Queued, the queue admits it (asserted in the queue test).
+                held = job_held(j["spec"]) and name not in run.admitted
+                if held and stage.get("phase") == "Queued" and stage.get("jobName") == name:
+                    run.api.merge_patch(f"/apis/batch/v1/namespaces/{run.ns}/jobs/{name}",
+                                        {"spec": {"parallelism": j["spec"]["completions"]}})
+                    run.admitted.append(name)
         except Exception:  # noqa: BLE001 - the pipeline may not exist yet
             pass
         stop.wait(0.3)
@@ -191,6 +209,12 @@ def run(control_plane, kubelet, operator_chart, s3_server) -> Run:
                           f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
                           f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
     control_plane.kubectl("create", "secret", "generic", "hf-token", "-n", ns, f"--from-literal=token={HF_TOKEN}")
+    # Secrets the pipeline does not reference, in its namespace and in another one (test_no_secret_value_leaks)
+    planted_ns = f"planted-{uuid.uuid4().hex[:6]}"
+    control_plane.kubectl("create", "namespace", planted_ns)
+    for where, secret in ((ns, "unreferenced"), (planted_ns, "planted")):
+        r.planted[f"{where}/{secret}"] = value = f"planted-{uuid.uuid4().hex}"
+        control_plane.kubectl("create", "secret", "generic", secret, "-n", where, f"--from-literal=token={value}")
     t0 = time.monotonic()
     control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(tiny_pipeline(bucket, s3_server.endpoint)))
     stop = threading.Event()
@@ -382,11 +406,54 @@ def test_every_stage_attempt_and_the_chat_get_a_network_policy(run):
 
 
 def test_the_queue_labels_reach_the_jobs_and_the_chat(run):
+    """Every stage Job was held (1.20: parallelism 0, no suspend field) until the watcher admitted it, as a queue
+    would; each went Queued/WaitingForQuota first (tests/e2e/test_security.py checks the hold itself)."""
     deployment = run.api.get(f"/apis/apps/v1/namespaces/{run.ns}/deployments/{chat_name(NAME)}")
     for obj in [*run.jobs(), deployment]:
         assert obj["metadata"]["labels"][QUEUE_NAME_LABEL] == QUEUE, obj["metadata"]["name"]
-        assert "suspend" not in obj["spec"] or obj["spec"]["suspend"] is False  # 1.20: no Job suspend, not queued
+        assert "suspend" not in obj["spec"]  # 1.20 has no Job.spec.suspend: the operator sends none
     assert deployment["spec"]["template"]["metadata"]["labels"][QUEUE_NAME_LABEL] == QUEUE
+    assert sorted(run.admitted) == sorted(run.jobs_seen), (run.admitted, run.jobs_seen)
+    assert ("Queued", "sft") in run.history and ("Queued", "ppo") in run.history, run.history
+
+
+def test_no_secret_value_leaks_into_objects_logs_or_events(run):
+    """Finding 5 against the real API server: the values of the Secrets the pipeline references (storage keys,
+    decoded by the operator's storage probe; HF_TOKEN; the chat's generated API key), and of Secrets it does not
+    (one in its namespace, one planted in another), appear in no object of the pipeline's or the operator's
+    namespace other than their own Secret (the pipeline with its status and kopf's annotations, Jobs, Pods,
+    Deployments, ReplicaSets, Services, Endpoints, NetworkPolicies, ConfigMaps), in no Event of any namespace, and
+    in no log of the operator or of any pod, raw or base64-encoded."""
+    import base64
+
+    key = base64.b64decode(run.api.get(f"/api/v1/namespaces/{run.ns}/secrets/{generated_api_key_secret_name(NAME)}")
+                           ["data"]["API_KEY"]).decode()
+    values = {**run.planted, f"{run.ns}/s3-credentials": run.s3.secret_key, f"{run.ns}/hf-token": HF_TOKEN,
+              f"{run.ns}/{generated_api_key_secret_name(NAME)}": key}
+    texts: dict[str, str] = {"pipeline": json.dumps(run.pipeline())}
+    for ns in (run.ns, OPERATOR_NS):
+        for path in ("/api/v1/namespaces/{ns}/pods", "/apis/batch/v1/namespaces/{ns}/jobs",
+                     "/apis/apps/v1/namespaces/{ns}/deployments", "/apis/apps/v1/namespaces/{ns}/replicasets",
+                     "/api/v1/namespaces/{ns}/services", "/api/v1/namespaces/{ns}/endpoints",
+                     "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+                     "/api/v1/namespaces/{ns}/configmaps", f"{GROUP_PATH}/namespaces/{{ns}}/rlhfpipelines"):
+            for o in run.api.get(path.format(ns=ns))["items"]:
+                texts[f"{o['kind'] if 'kind' in o else path.rsplit('/', 1)[1]} {ns}/{o['metadata']['name']}"] = (
+                    json.dumps(o))
+        for p in run.api.get(f"/api/v1/namespaces/{ns}/pods")["items"]:
+            with contextlib.suppress(KeyError):
+                texts[f"log {ns}/{p['metadata']['name']}"] = run.kubelet.logs(ns, p["metadata"]["name"])
+    texts["events"] = json.dumps(run.api.get("/api/v1/events")["items"])
+    assert any(k.startswith("log ") and "tiny-sft" in k for k in texts) and len(texts) > 20, sorted(texts)
+    for secret, value in values.items():
+        for form in (value, base64.b64encode(value.encode()).decode()):
+            assert not [where for where, text in texts.items() if form in text], (secret, form[:6])
+    # and the Secrets themselves hold only their own values (no copy of another's data)
+    for ns in (run.ns, OPERATOR_NS):
+        for o in run.api.get(f"/api/v1/namespaces/{ns}/secrets")["items"]:
+            own = f"{ns}/{o['metadata']['name']}"
+            data = " ".join(base64.b64decode(v).decode(errors="replace") for v in (o.get("data") or {}).values())
+            assert not [s for s, v in values.items() if s != own and v in data], own
 
 
 def test_ppo_ran_as_two_pods_rendezvousing_at_zero3(run):
