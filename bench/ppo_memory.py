@@ -116,8 +116,10 @@ def deepspeed_ratios(n_params: int, largest: int, gpus: int, nodes: int) -> dict
     from kuberlhf.planner.estimate import model_states
 
     world = gpus * nodes
-    _, ds2 = estimate_zero2_model_states_mem_needs(n_params, gpus, nodes)
-    _, ds3, _ = estimate_zero3_model_states_mem_needs(n_params, largest, gpus, nodes)
+    _, ds2 = estimate_zero2_model_states_mem_needs(n_params, gpus, nodes, cpu_offload=False)
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(
+        n_params, largest, gpus, nodes, cpu_offload=False, cpu_offload_params=False
+    )
     return {
         "zero2": model_states(n_params, largest, world, 2, "bf16").gpu / ds2,
         "zero3": model_states(n_params, largest, world, 3, "bf16").gpu / ds3,
@@ -131,11 +133,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--answer-len", type=int, default=16)
+    p.add_argument("--no-runs", action="store_true", help="only the planner / DeepSpeed estimator ratios")
     args = p.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="ppo-memory-"))
     actor, reward = save_models(work)
     peaks: dict[int, list[int]] = {}
-    for i, zero in enumerate([0, 3] * args.repeats):
+    for i, zero in enumerate([] if args.no_runs else [0, 3] * args.repeats):
         t0 = time.time()
         reps = probe(actor, reward, zero, work / f"run{i}-zero{zero}", args)
         per_rank = [peak(r) for r in reps]
@@ -150,10 +153,11 @@ def main() -> None:
         )
         peaks.setdefault(zero, []).extend(per_rank)
     med = {z: statistics.median(v) for z, v in peaks.items()}
-    result: dict = {"zero3_over_zero0_peak": med[3] / med[0], "median_peak_mib": {z: m / MIB for z, m in med.items()}}
-    print(f"\nfive models, ZeRO-3 / ZeRO-0 per-rank peak RSS: {result['zero3_over_zero0_peak']:.2f}")
-    result["planner_over_measured"] = {}
-    for zero in (0, 3):
+    result: dict = {"median_peak_mib": {z: m / MIB for z, m in med.items()}, "planner_over_measured": {}}
+    if med:
+        result["zero3_over_zero0_peak"] = med[3] / med[0]
+        print(f"\nfive models, ZeRO-3 / ZeRO-0 per-rank peak RSS: {result['zero3_over_zero0_peak']:.2f}")
+    for zero in med:
         est = planner_stage(actor, reward, zero, args)
         ratio = est.per_gpu_bytes / med[zero]
         result["planner_over_measured"][zero] = ratio
