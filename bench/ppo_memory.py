@@ -24,10 +24,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from zero_memory import peak  # bench/, the script's own directory
 
 MIB = 2**20
 REWARD_CONFIG = {
@@ -62,37 +63,11 @@ def save_models(work: Path) -> tuple[Path, Path]:
 
 
 def probe(actor: Path, reward: Path, zero: int, out: Path, args: argparse.Namespace) -> list[dict]:
-    from kuberlhf.training.distributed import free_port
-    from kuberlhf.training.memory import probe_launch
+    from kuberlhf.training.memory import run_probe
 
-    cmd, env = probe_launch(
-        out,
-        [
-            "--actor",
-            str(actor),
-            "--reward",
-            str(reward),
-            "--zero",
-            str(zero),
-            "--batch",
-            str(args.batch),
-            "--prompt-len",
-            str(args.prompt_len),
-            "--answer-len",
-            str(args.answer_len),
-        ],
-        world=2,
-        port=free_port(),
-        module="kuberlhf.training.ppo_memory",
-    )
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-4000:])
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-def peak(rep: dict) -> int:
-    return max(p["host_peak"] for p in rep["phases"].values())
+    lengths = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--answer-len", str(args.answer_len)]
+    probe_args = ["--actor", str(actor), "--reward", str(reward), "--zero", str(zero), *lengths]
+    return run_probe(out, probe_args, world=2, module="kuberlhf.training.ppo_memory")
 
 
 def planner_stage(actor: Path, reward: Path, zero: int, args: argparse.Namespace):

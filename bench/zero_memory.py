@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -50,33 +49,11 @@ DS_DEFAULT_BUCKETS = {"reduce_bucket_size": 5e8}  # DeepSpeed's own default, whi
 
 
 def probe(model: Path, zero: int, out: Path, seq_len: int, batch: int, zero_config: dict | None = None) -> list[dict]:
-    from kuberlhf.training.distributed import free_port
-    from kuberlhf.training.memory import probe_launch
+    from kuberlhf.training.memory import run_probe
 
-    cmd, env = probe_launch(
-        out,
-        [
-            "--model",
-            str(model),
-            "--zero",
-            str(zero),
-            "--dtype",
-            "fp32",
-            "--steps",
-            "1",
-            "--batch",
-            str(batch),
-            "--seq-len",
-            str(seq_len),
-            *(["--zero-config", json.dumps(zero_config)] if zero_config else []),
-        ],
-        world=2,
-        port=free_port(),
-    )
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-4000:])
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    args = ["--model", str(model), "--zero", str(zero), "--dtype", "fp32", "--steps", "1", "--batch", str(batch)]
+    args += ["--seq-len", str(seq_len), *(["--zero-config", json.dumps(zero_config)] if zero_config else [])]
+    return run_probe(out, args, world=2)
 
 
 def peak(rep: dict) -> int:

@@ -48,6 +48,32 @@ def probe_launch(
     return cmd, env
 
 
+def run_probe(out: Path, probe_args: list[str], *, world: int, module: str = "kuberlhf.training.memory") -> list[dict]:
+    """Run the probe (:func:`probe_launch` on a free port) and return every rank's report; a failed run raises
+    with its stderr's tail."""
+    import subprocess
+
+    from kuberlhf.training.distributed import free_port
+
+    cmd, env = probe_launch(out, probe_args, world=world, port=free_port(), module=module)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def write_report(result: dict[str, Any], out_dir: str) -> None:
+    """A probe's last act on every rank: its report as ``OUT/rank<R>.json``, then leave the process group."""
+    import torch.distributed
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{key}:"):
@@ -232,15 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zero-config", help="JSON merged into the zero_optimization section (the bench compares)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    result = _probe(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=2) + "\n")
-    import torch.distributed
-
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    write_report(_probe(args), args.out)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ Peaks are the kernel's high-water mark per phase (``kuberlhf.training.memory.Pha
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -113,16 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--answer-len", type=int, default=16)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    result = _probe(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{result['rank']}.json").write_text(json.dumps(result, indent=2) + "\n")
-    import torch.distributed
+    from kuberlhf.training.memory import write_report
 
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    write_report(_probe(args), args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
