@@ -47,6 +47,13 @@ def test_the_right_answer_depends_on_the_earlier_turn() -> None:
     assert sum(on_subject(p, ans) for p, ans in swapped) / len(swapped) < 0.2
     france = "Human: What is the capital of France? Assistant: The capital of France is Paris. Human: Can you explain it to a child? Assistant:"
     assert on_subject(france, "Good question! France is a country and Paris is its big city.") == 1.0
+    # a polite closing names no subject: "Happy to help." is not about happy (the opposite of sad)
+    sad = "Human: What is the opposite of sad? Assistant: The opposite of sad is happy. Human: And what else?"
+    sad += " Assistant:"
+    assert on_subject(sad, "The opposite of happy is sad. Happy to help.") == 1.0
+    hot = sad.replace("sad", "hot").replace("happy", "cold")
+    assert on_subject(hot, "The opposite of cold is hot. Happy to help.") == 1.0
+    assert on_subject(hot, "The opposite of happy is sad. Happy to help.") == 0.0
     assert on_subject(france, "Japan is a country and Tokyo is its big city.") == 0.0
     two = "Human: What are the capitals of Peru and Kenya? Assistant: Lima and Nairobi. Human: And the second one? Assistant:"
     assert on_subject(two, "The second one is Nairobi, the capital of Kenya.") == 1.0

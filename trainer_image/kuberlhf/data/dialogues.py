@@ -191,8 +191,20 @@ def conversation_subject(prompt: str) -> Subject | None:
     return found[1] if any(t in SECOND for t in turns[1:]) and len(found) > 1 else found[0]
 
 
-# polite openers of the synthetic answers: "Good question!" is not about "good"
+# polite openers and closings of the synthetic answers: "Good question!" is not about "good", nor "Happy to
+# help." about "happy"
 OPENERS = ("Sure! Here it is:", "Sure!", "Good question!", "Thanks for asking!", "Yes, I can help.")
+CLOSINGS = ("I hope this is helpful.", "Thank you for the question!", "Happy to help.")
+
+
+def strip_politeness(answer: str) -> str:
+    """The answer without the synthetic data's polite openers and closings (any number of them)."""
+    answer = answer.strip()
+    while opener := next((o for o in OPENERS if answer.startswith(o)), None):
+        answer = answer[len(opener) :].strip()
+    while closing := next((c for c in CLOSINGS if answer.endswith(c)), None):
+        answer = answer[: -len(closing)].strip()
+    return answer
 
 
 def on_subject(prompt: str, answer: str) -> float:
@@ -200,9 +212,7 @@ def on_subject(prompt: str, answer: str) -> float:
     (0.0 too for prompts without a follow-up: there is nothing to stay on)."""
     if not is_follow_up(prompt):
         return 0.0
-    answer = answer.strip()
-    while opener := next((o for o in OPENERS if answer.startswith(o)), None):
-        answer = answer[len(opener) :].strip()
+    answer = strip_politeness(answer)
     subject = conversation_subject(prompt)
     if subject is None:
         return 0.0
