@@ -3,6 +3,7 @@
 # source package) for the e2e tests, and installs etcd from Debian. The binaries are cached outside the
 # clone (KUBERLHF_CACHE, default ~/.cache/kuberlhf) keyed by version, so only a fresh machine builds
 # (10-18 min on 2 cores). Prints the directory holding the binaries on its last line.
+#   --packages-only   install the Debian packages the build and the tests need (Go, etcd, ...), build nothing
 set -euo pipefail
 
 VERSION=1.20.2
@@ -21,6 +22,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
 fi
+[ "${1:-}" = "--packages-only" ] && exit 0
 
 if [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/kube-controller-manager" ]; then
   log "cached binaries in $OUT"

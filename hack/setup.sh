@@ -4,12 +4,17 @@
 #   hack/setup.sh --test   also the test tools and the real services the tests use (kube control plane, a current
 #                          apiextensions-apiserver, chromium)
 # Everything downloadable comes from PyPI or Debian; nothing is fetched at run or test time.
+# With --test, the three one-off builds (scanners, control plane, apiextensions-apiserver; each cached in
+# KUBERLHF_CACHE, so a warm machine finds them in seconds) run in the background while pip installs kuberlhf: on a
+# fresh machine the downloads of one overlap the compiling of another. Each prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${KUBERLHF_VENV:-$ROOT/.venv}
 CACHE=${KUBERLHF_CACHE:-$HOME/.cache/kuberlhf}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+TEST=0
+[ "${1:-}" = "--test" ] && TEST=1
 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtual environment $VENV"
@@ -17,17 +22,42 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY=$VENV/bin/python
 "$PY" -m pip install -q --upgrade pip
-# torch first, from the CPU wheel on this machine's disk (a GPU machine can pre-install its CUDA build)
-if ! "$PY" -c 'import torch' 2>/dev/null; then
-  say "installing torch 2.13.0 (CPU)"
-  "$PY" -m pip install -q torch==2.13.0
-fi
-extras="trainer,operator"
-[ "${1:-}" = "--test" ] && extras="$extras,test"
-say "installing kuberlhf[$extras] (DeepSpeed, transformers, kopf, boto3, SeaweedFS, ...)"
-"$PY" -m pip install -q -e ".[$extras]"
 
-if [ "${1:-}" = "--test" ]; then
+jobs_dir=""
+job_names=()
+job_pids=()
+start_job() {  # start_job NAME COMMAND...: in the background, its output in $jobs_dir/NAME.log
+  local name=$1
+  shift
+  say "started in the background: $name"
+  (
+    start=$(date +%s)
+    "$@" >"$jobs_dir/$name.log" 2>&1
+    echo "$(($(date +%s) - start))" >"$jobs_dir/$name.seconds"
+  ) &
+  job_names+=("$name")
+  job_pids+=($!)
+}
+# on an early exit (a failed pip install), the builds still finish: none is left running half-way
+trap '[ -n "$jobs_dir" ] && { wait; rm -rf "$jobs_dir"; }' EXIT
+wait_jobs() {
+  local failed=0 i name
+  for i in "${!job_pids[@]}"; do
+    name=${job_names[$i]}
+    if wait "${job_pids[$i]}"; then
+      say "$name: done in $(cat "$jobs_dir/$name.seconds") s"
+    else
+      say "$name FAILED; the end of its output:"
+      tail -n 60 "$jobs_dir/$name.log" >&2
+      failed=1
+    fi
+  done
+  rm -rf "$jobs_dir"
+  jobs_dir=""
+  return "$failed"
+}
+
+if [ "$TEST" = 1 ]; then
   apt_pkgs=()
   command -v chromium >/dev/null || apt_pkgs+=(chromium)
   command -v chromedriver >/dev/null || apt_pkgs+=(chromium-driver)
@@ -38,11 +68,29 @@ if [ "${1:-}" = "--test" ]; then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${apt_pkgs[@]}" >/dev/null
   fi
-  say "installing the scan tier's scanners (checkov, trivy) into their own venv (cached in $CACHE)"
-  KUBERLHF_CACHE=$CACHE bash hack/install-scanners.sh >/dev/null
-  say "building/locating the kube-apiserver + kube-controller-manager + etcd for e2e tests (cached in $CACHE)"
-  KUBERLHF_CACHE=$CACHE bash hack/build-control-plane.sh >/dev/null
-  say "building/locating the current apiextensions-apiserver for the CRD tier (cached in $CACHE)"
-  KUBERLHF_CACHE=$CACHE KUBERLHF_PYTHON=$PY bash hack/build-apiextensions.sh >/dev/null
+  # the control plane's Debian packages (Go, etcd, ...) before the builds: the apiextensions build needs etcd
+  say "installing/locating the Debian packages of the control-plane build (Go, etcd)"
+  KUBERLHF_CACHE=$CACHE bash hack/build-control-plane.sh --packages-only >/dev/null
+  jobs_dir=$(mktemp -d)
+  start_job "scanners (checkov, trivy; cached in $CACHE)" env KUBERLHF_CACHE="$CACHE" bash hack/install-scanners.sh
+  start_job "kube-apiserver + kube-controller-manager v1.20 (cached in $CACHE)" \
+    env KUBERLHF_CACHE="$CACHE" bash hack/build-control-plane.sh
+  start_job "current apiextensions-apiserver for the CRD tier (cached in $CACHE)" \
+    env KUBERLHF_CACHE="$CACHE" KUBERLHF_PYTHON="$PY" bash hack/build-apiextensions.sh
+fi
+
+# torch first, from the CPU wheel on this machine's disk (a GPU machine can pre-install its CUDA build)
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  say "installing torch 2.13.0 (CPU)"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+extras="trainer,operator"
+[ "$TEST" = 1 ] && extras="$extras,test"
+say "installing kuberlhf[$extras] (DeepSpeed, transformers, kopf, boto3, SeaweedFS, ...)"
+"$PY" -m pip install -q -e ".[$extras]"
+
+if [ "$TEST" = 1 ]; then
+  say "waiting for the background builds"
+  wait_jobs
 fi
 say "done: activate with 'source $VENV/bin/activate'"

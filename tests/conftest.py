@@ -1,4 +1,5 @@
-"""Shared test set-up: offline hub, one thread per process, and the real SeaweedFS S3 server."""
+"""Shared test set-up: offline hub, one thread per process, the real SeaweedFS S3 server, and the work units of a
+parallel run (hack/test.sh runs pytest-xdist, ``-n 2``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,54 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "kube
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_ASSETS = REPO_ROOT / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt"
+
+# Directories whose modules share session fixtures that take long to start: each is one work unit, so a parallel
+# run starts them once (the e2e tier's control plane + process kubelet, the serving tier's two servers).
+SHARED_UNITS = ("tests/e2e/", "tests/serving/")
+# Seconds per work unit in a serial CI run (ci3's --durations, rounded up): the parallel run hands out the longest
+# first, so that no long unit starts last and runs alone. A unit not listed counts as short. Only the order of
+# the work depends on these figures, never a result.
+UNIT_SECONDS = {
+    "tests/runner/test_e2e_tiny.py": 420,
+    "tests/trainer/test_stages.py": 400,
+    "tests/e2e/": 340,
+    "tests/scan/test_scan.py": 150,
+    "tests/runner/test_train_command.py": 140,
+    "tests/runner/test_rlhf_quality_quick.py": 135,
+    "tests/serving/": 130,
+    "tests/runner/test_multinode_run.py": 120,
+    "tests/trainer/test_algorithm_stages.py": 120,
+    "tests/trainer/test_zero3_partitioned.py": 80,
+    "tests/trainer/test_multinode.py": 60,
+    "tests/trainer/test_preemption.py": 50,
+    "tests/trainer/test_errors.py": 50,
+    "tests/trainer/test_gpu_check.py": 45,
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test in a parallel run: its directory if SHARED_UNITS has it, else its module."""
+    module = nodeid.split("::", 1)[0]
+    return next((d for d in SHARED_UNITS if module.startswith(d)), module)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest work unit first (UNIT_SECONDS); within a unit the collection order stays."""
+    items.sort(key=lambda item: -UNIT_SECONDS.get(work_unit(item.nodeid), 0))  # stable: ties keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: called only when it runs the tests (-n N)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist hands out whole work units (work_unit), in the collection order above. (Its own ``--dist loadgroup``
+    cannot group them: with pytest 9 it no longer renames the items it marks.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the longest-first order instead of the most-tests-first
+    return WorkUnitScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

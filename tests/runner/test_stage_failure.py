@@ -18,13 +18,17 @@ def test_failing_stage_stops_the_run_with_its_log_tail(tmp_path: Path) -> None:
     bad = tmp_path / "broken-pairs.jsonl"
     bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
     doc["spec"]["data"]["datasets"] = [str(bad)]
+    # its own name: a stage's node-local scratch is keyed by pipeline name and storage URI, and test_e2e_tiny's
+    # run of the same example (same embedded-store URI) may be running in the other pytest-xdist worker
+    doc["metadata"]["name"] = "broken-data"
     doc["spec"]["stages"]["sft"]["gpusPerNode"] = 1
     manifest = tmp_path / "broken-data.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
     exe = Path(sys.executable).parent / "kuberlhf"
-    res = subprocess.run([str(exe), "run", str(manifest), "--output-dir", str(out)], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        [str(exe), "run", str(manifest), "--output-dir", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     assert "stage sft failed on node 0 (exit code 78)" in res.stderr  # 78: the stage's user-error code
     assert "broken-pairs.jsonl' line 2 is not valid JSON" in res.stderr  # the stage's own error, from its log tail
