@@ -26,10 +26,10 @@ PY=$VENV/bin/python
 jobs_dir=""
 job_names=()
 job_pids=()
-start_job() {  # start_job NAME COMMAND...: in the background, its output in $jobs_dir/NAME.log
+start_job() {  # start_job NAME WHAT COMMAND...: in the background, its output in $jobs_dir/NAME.log
   local name=$1
-  shift
-  say "started in the background: $name"
+  say "started in the background: $name ($2)"
+  shift 2
   (
     start=$(date +%s)
     "$@" >"$jobs_dir/$name.log" 2>&1
@@ -48,7 +48,7 @@ wait_jobs() {
       say "$name: done in $(cat "$jobs_dir/$name.seconds") s"
     else
       say "$name FAILED; the end of its output:"
-      tail -n 60 "$jobs_dir/$name.log" >&2
+      tail -n 60 "$jobs_dir/$name.log" >&2 || true
       failed=1
     fi
   done
@@ -72,10 +72,11 @@ if [ "$TEST" = 1 ]; then
   say "installing/locating the Debian packages of the control-plane build (Go, etcd)"
   KUBERLHF_CACHE=$CACHE bash hack/build-control-plane.sh --packages-only >/dev/null
   jobs_dir=$(mktemp -d)
-  start_job "scanners (checkov, trivy; cached in $CACHE)" env KUBERLHF_CACHE="$CACHE" bash hack/install-scanners.sh
-  start_job "kube-apiserver + kube-controller-manager v1.20 (cached in $CACHE)" \
+  start_job scanners "checkov and trivy for the scan tier, cached in $CACHE" \
+    env KUBERLHF_CACHE="$CACHE" bash hack/install-scanners.sh
+  start_job control-plane "kube-apiserver + kube-controller-manager v1.20.2 for the e2e tier, cached in $CACHE" \
     env KUBERLHF_CACHE="$CACHE" bash hack/build-control-plane.sh
-  start_job "current apiextensions-apiserver for the CRD tier (cached in $CACHE)" \
+  start_job apiextensions "a current apiextensions-apiserver for the CRD tier, cached in $CACHE" \
     env KUBERLHF_CACHE="$CACHE" KUBERLHF_PYTHON="$PY" bash hack/build-apiextensions.sh
 fi
 
