@@ -188,7 +188,7 @@ def test_a_pipeline_acting_as_the_operator_or_outside_the_allowlists_is_refused(
     assert "not in this install's allowlist" in status_of(api, ns, "foreign-image")["message"]
 
 
-def test_a_hostile_spec_within_the_policy_gets_a_hardened_pod_without_a_token(install, control_plane):
+def test_a_hostile_spec_within_the_policy_gets_a_hardened_pod_without_a_token(install, control_plane, kubelet):
     """Its own image, in the operator's namespace (where the operator's token Secret lives): the stored Job's pod
     template and the Pod the Job controller made carry no API token and pass the restricted profile."""
     api, op_ns = install["api"], install["op_ns"]
@@ -222,6 +222,11 @@ def test_a_hostile_spec_within_the_policy_gets_a_hardened_pod_without_a_token(in
     assert all(m["mountPath"] != TOKEN_MOUNT for c in pod["spec"]["containers"] for m in c.get("volumeMounts", []))
     operator = install["operator_pod"]["spec"]
     assert any(m["mountPath"] == TOKEN_MOUNT for c in operator["containers"] for m in c.get("volumeMounts", []))
+    # the Job fields follow the real server's version (1.20): no podFailurePolicy sent, queued Jobs held instead
+    log = kubelet.logs(install["op_ns"], install["operator_pod"]["metadata"]["name"])
+    assert "Job podFailurePolicy off (server < 1.26" in log and "held at parallelism 0 (server < 1.22)" in log, log[
+        -2000:
+    ]
 
 
 def test_a_queued_stage_waits_at_parallelism_zero_until_the_queue_admits_it(install, control_plane):
@@ -258,10 +263,14 @@ def test_a_queued_stage_waits_at_parallelism_zero_until_the_queue_admits_it(inst
 
     api.merge_patch(job_path, {"spec": {"parallelism": 1}})  # the queue admits the stage
     wait_for(lambda: api.get(pods, labelSelector=f"job-name={sft1}")["items"], "the admitted Job's pod", 60, 0.3)
+    # Pending while the pod is being created, then with the (process kubelet's) scheduler's reason
     st = wait_for(
-        lambda: (s := status_of(api, ns, name)).get("phase") == "Pending" and s, "the pipeline to leave Queued", 60, 0.3
+        lambda: (s := status_of(api, ns, name)).get("reason") == "Unschedulable" and s,
+        "the admitted stage to report its unschedulable pod",
+        60,
+        0.3,
     )
-    assert st["reason"] == "Unschedulable" and st["stages"]["sft"]["phase"] == "Pending", st
+    assert st["phase"] == "Pending" and st["stages"]["sft"]["phase"] == "Pending", st
     # the reconcile that saw the admission (the status above) changed nothing back
     assert api.get(job_path)["spec"]["parallelism"] == 1
 
