@@ -291,3 +291,28 @@ def test_grpo_that_does_not_fit_is_refused_naming_its_stage_and_fields():
     # reward model with a rewardFunction: the fix names neither)
     assert "spec.stages.grpo.actorZeroStage: 3" in grpo.fix and "spec.stages.grpo.generationBatchSize: 1" in grpo.fix
     assert "criticZeroStage" not in grpo.fix and "rewardZeroStage" not in grpo.fix
+
+
+def test_rollout_batch_size_default_is_the_largest_that_fits_up_to_four_updates():
+    """rolloutBatchSize unset: the planner picks the largest multiple of generationBatchSize whose step-3
+    estimate (KV cache and logits of that many sequences) fits spec.gpuMemory, at most 4 updates per rollout;
+    the CPU accelerator keeps the coupled loop; a value in the spec wins."""
+    from kuberlhf.planner.rollout import MAX_UPDATES_PER_ROLLOUT, planned_rollout_batch_size
+
+    def ppo_fits(spec, rollout):
+        trial = spec.model_copy(deep=True)
+        trial.stages.ppo.rollout_batch_size = rollout
+        return estimate_pipeline(trial, offline_shapes(trial)).stage("ppo").fits
+
+    spec = example("opt-1.3b-single-gpu")  # 48 GiB: three generation batches fit, four do not
+    gen_bs = spec.stages.ppo.generation_batch_size
+    shapes = offline_shapes(spec)
+    planned = planned_rollout_batch_size(spec, shapes)
+    assert planned == 3 * gen_bs and ppo_fits(spec, planned) and not ppo_fits(spec, planned + gen_bs)
+    roomy = example("opt-1.3b-single-gpu", gpuMemory="80Gi")
+    assert planned_rollout_batch_size(roomy, shapes) == MAX_UPDATES_PER_ROLLOUT * gen_bs  # the cap
+    assert ppo_fits(roomy, (MAX_UPDATES_PER_ROLLOUT + 1) * gen_bs)
+    assert planned_rollout_batch_size(example("tiny-cpu"), offline_shapes(example("tiny-cpu"))) == 8
+    assert planned_rollout_batch_size(spec, None) == gen_bs  # a model the planner cannot size
+    explicit = example("opt-1.3b-single-gpu", **{"stages.ppo.rolloutBatchSize": gen_bs})
+    assert planned_rollout_batch_size(explicit, shapes) == gen_bs

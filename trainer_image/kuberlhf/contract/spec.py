@@ -376,7 +376,8 @@ class PPOStageSpec(PolicyStageSpec):
     rollout_batch_size: int | None = Field(
         default=None, ge=1, description="Prompts per rank decoded together, a multiple of generationBatchSize: "
         "the rollout is split into experience batches of generationBatchSize, each one PPO update (OpenRLHF's "
-        "rollout batch); default generationBatchSize.")
+        "rollout batch); default: the largest that fits spec.gpuMemory, at most 4 updates (CPU: "
+        "generationBatchSize).")
 
 
 # ``module:function`` importable in the stage image, or ``<file>.py:function`` with the file a path in the stage

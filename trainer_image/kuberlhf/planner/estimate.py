@@ -22,8 +22,9 @@ Recomputation in Large Transformer Models", eq. 2 without the ``5as/h`` attentio
 flash attention do not store): ``34 * s * B * h`` per layer; with gradient checkpointing only each layer's
 input (``2 * s * B * h``) plus one recomputed layer. The LM head adds its logits (16-bit), their fp32 upcast
 for the loss and its gradient: ``10 * s * B * V``. Step 3 adds the generation KV cache
-(``2 * layers * B * (prompt + answer) * h * b``), the generation logits kept for the log-probs
-(``4 * B * answer * V``) and, with the hybrid engine at ZeRO-3, the actor gathered whole for generation.
+(``2 * layers * B * (prompt + answer) * h * b``, ``B`` the rollout batch: ``rolloutBatchSize``, else
+``generationBatchSize``), the generation logits kept for the log-probs (``4 * B * answer * V``) and, with the
+hybrid engine at ZeRO-3, the actor gathered whole for generation.
 Training and generation do not overlap, so the working memory is the larger of the two.
 
 Checkpoint size on disk: weights (b) + master and Adam (12 bytes mixed, 8 fp32) per trainable parameter, per
@@ -418,7 +419,9 @@ def _policy_estimate(spec: Any, stage: str, actor: ModelShape, reward: ModelShap
     samples = (st.generation_batch_size or st.per_device_batch_size or 1) * (1 if ppo else st.group_size)
     micro = min(st.per_device_batch_size or samples, samples)
     seq = st.max_prompt_len + st.max_answer_len
-    generation = kv_cache_bytes(actor, samples, seq, dtype) + 4 * samples * st.max_answer_len * actor.vocab_size
+    # ppo: rolloutBatchSize prompts decoded together (kuberlhf.planner.rollout picks its default)
+    rollout = (getattr(st, "rollout_batch_size", None) or samples) if ppo else samples
+    generation = kv_cache_bytes(actor, rollout, seq, dtype) + 4 * rollout * st.max_answer_len * actor.vocab_size
     if st.hybrid_engine and a_zero == 3:
         # the hybrid engine gathers the actor for generation: whole, or 1/inferenceTpSize of it per GPU
         generation += max(n_actor * b // max(st.inference_tp_size, 1) - rows[0].states.weights, 0)

@@ -141,6 +141,7 @@ def policy_stage(run: StageRun, *, samples_per_prompt: int = 1, passes: int = 1,
     from kuberlhf.data import PromptDataset, stage_rows
     from kuberlhf.data.true_reward import load_true_reward
     from kuberlhf.models import load_tokenizer
+    from kuberlhf.planner.rollout import model_shapes, planned_rollout_batch_size
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
 
     spec, st, dist, stage = run.spec, run.stage_spec, run.dist, run.ctx.stage.value
@@ -191,12 +192,15 @@ def run_ppo(run: StageRun) -> None:
         step = int(state["step"])
     ptx = ps.ptx(run, step)  # one ptx batch follows every PPO micro-batch step
 
+    rollout_bs = planned_rollout_batch_size(spec, model_shapes(actor_dir, critic_dir))
+    if dist.is_main and rollout_bs != (st.rollout_batch_size or gen_bs):
+        print(f"rolloutBatchSize {rollout_bs}: the memory planner's default for spec.gpuMemory", flush=True)
     bar = progress(total_iters, step, dist.is_main, "ppo")
     while step < total_iters:
         epoch, skip = divmod(step, ps.iters_per_epoch)
         loader = make_loader(ps.prompts, gen_bs, dist.rank, dist.world_size, st.seed, epoch, skip)
         # rolloutBatchSize prompts decoded together, then one PPO update per generationBatchSize of them
-        per_rollout = (st.rollout_batch_size or gen_bs) // gen_bs
+        per_rollout = rollout_bs // gen_bs
         for exp, gen_time in rollouts(trainer.generate_experience, loader, per_rollout, trainer.pad_id):
             t0 = time.time() - gen_time
             exp.update(trainer.advantages(exp))
