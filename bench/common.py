@@ -54,16 +54,50 @@ def tiny_spec(overrides: dict[str, Any] | None = None):
     return parse_pipeline(doc).spec
 
 
-def write_tiny_models(root: Path, seed: int = 1234) -> tuple[Path, Path]:
-    """Step-1-like actor and step-2-like reward model directories of the tiny OPT (random weights)."""
-    from kuberlhf.models import RewardModel, load_tokenizer
-    from kuberlhf.models.tiny import TINY_MODEL_NAME, tiny_causal_lm
+MODEL_SIZES = ("tiny", "opt-125m")
 
-    actor_dir, critic_dir = root / "actor", root / "critic"
+
+def sized_causal_lm(size: str, seed: int):
+    """A random-weight causal LM of ``size``: the tiny OPT, or ``opt-125m``: facebook/opt-125m's published shape
+    (kuberlhf.planner.shapes.KNOWN_CONFIGS, no hub; its 50272-word embeddings and LM head kept so the arithmetic
+    is the real model's) with the tiny tokenizer's special ids, whose 768 ids all fit."""
+    import torch
+
+    from kuberlhf.models.tiny import tiny_causal_lm, tiny_config
+
+    if size == "tiny":
+        return tiny_causal_lm(seed)
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from kuberlhf.planner.shapes import KNOWN_CONFIGS
+
+    if size != "opt-125m":
+        raise ValueError(f"model size {size!r}: one of {MODEL_SIZES}")
+    tiny = tiny_config()
+    values = {k: v for k, v in KNOWN_CONFIGS["facebook/opt-125m"].items() if k != "model_type"}
+    values.update(pad_token_id=tiny.pad_token_id, bos_token_id=tiny.bos_token_id, eos_token_id=tiny.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OPTForCausalLM(OPTConfig(**values))
+
+
+def write_tiny_models(root: Path, seed: int = 1234, size: str = "tiny") -> tuple[Path, Path]:
+    """Step-1-like actor and step-2-like reward model directories of ``size`` (:func:`sized_causal_lm`, random
+    weights), both with the tiny tokenizer; the reward model's backbone is another seed's actor."""
+    from kuberlhf.models import RewardModel, load_tokenizer
+    from kuberlhf.models.tiny import TINY_MODEL_NAME
+
+    actor_dir, critic_dir = root / f"actor-{size}", root / f"critic-{size}"
     tok = load_tokenizer(TINY_MODEL_NAME)
-    tiny_causal_lm(seed).save_pretrained(actor_dir)
+    sized_causal_lm(size, seed).save_pretrained(actor_dir)
     tok.save_pretrained(actor_dir)
-    RewardModel.from_causal_lm_source(TINY_MODEL_NAME, seed=seed + 1).save_pretrained(critic_dir, tokenizer=tok)
+    if size == "tiny":
+        critic = RewardModel.from_causal_lm_source(TINY_MODEL_NAME, seed=seed + 1)
+    else:
+        backbone_dir = root / f"reward-backbone-{size}"
+        sized_causal_lm(size, seed + 1).save_pretrained(backbone_dir)
+        critic = RewardModel.from_causal_lm_source(str(backbone_dir), seed=seed + 1)
+    critic.save_pretrained(critic_dir, tokenizer=tok)
     return actor_dir, critic_dir
 
 

@@ -8,9 +8,16 @@ the same order, the same samples per PPO update, interleaved update by update:
 - ``trl-nogc``: the same with its two per-update ``gc.collect()`` calls replaced by no-ops (the best peer loop);
 - ``ours-generate``: kuberlhf with ``decoder: generate`` (transformers' generate, the path before
   kuberlhf.rlhf.decode), to show what the decode path is worth;
-- ``naive`` (``bench/naive_ppo.py``, generation without a KV cache): a reference row only.
+- ``naive`` (``bench/naive_ppo.py``, generation without a KV cache): a reference row only;
+- ``ours-rolloutN`` (``--rollout N``): kuberlhf with ``rolloutBatchSize: N``: N prompts decoded together, then
+  one PPO update per ``generationBatchSize`` of them, so the samples per PPO update are the other sides'.
 
     .venv/bin/python bench/ppo_bench.py [--rounds 8] [--answer-len 16 40] [--profile] [--no-trl] [--compile]
+        [--model tiny|opt-125m] [--sides ours trl-nogc ...] [--rollout 32]
+
+``--model opt-125m`` runs facebook/opt-125m's shape (random weights from its published config, no hub) for actor
+and critic alike; there the default sides are ``ours`` and ``trl-nogc`` only (every side holds four 125M models
+and two optimizers in memory).
 
 Prints samples/s of every side, the ratios (goal: ours >= 1.5x the best TRL loop), per-phase times of our step,
 the optimizer-step cost of ours against torch's foreach clipping + fused AdamW on the same parameters, the machine
@@ -31,9 +38,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_env, emit, goal_line, interleave, tiny_spec, write_tiny_models  # noqa: E402
+from common import MODEL_SIZES, cpu_env, emit, goal_line, interleave, tiny_spec, write_tiny_models  # noqa: E402
 
 GOAL = 1.5  # ours / the best TRL loop (TRL with its gc calls disabled)
+ALL_SIDES = ("ours", "ours-generate", "trl", "trl-nogc", "naive")
+DEFAULT_SIDES = {"tiny": ALL_SIDES, "opt-125m": ("ours", "trl-nogc")}
 TRL_VERSION, TORCH_VERSION = "1.12.0", "2.13.0"
 TRL_VENV = Path.home() / ".cache" / "kuberlhf" / f"trl-{TRL_VERSION}-torch-{TORCH_VERSION}"
 PEER = Path(__file__).resolve().parent / "trl_ppo_peer.py"
@@ -160,17 +169,28 @@ def build_ours(
 
 
 def ppo_update(trainer: Any, batch: dict[str, Any], micro: int, epochs: int, clock: PhaseClock | None = None) -> int:
+    return ppo_updates(trainer, [batch], micro, epochs, clock)
+
+
+def ppo_updates(
+    trainer: Any, batches: list[dict[str, Any]], micro: int, epochs: int, clock: PhaseClock | None = None
+) -> int:
+    """What the ppo stage does for one rollout of ``batches`` (kuberlhf.rlhf.rollout.rollouts: decoded together,
+    then one PPO update per batch); returns the generated tokens."""
+    from kuberlhf.rlhf.rollout import rollouts
     from kuberlhf.stages.ppo import split_micro
 
     gen_exp, train = trainer.generate_experience, trainer.train_rlhf
     if clock is not None:
         gen_exp, train = clock.wrap("generate_experience", gen_exp), clock.wrap("train (actor+critic)", train)
-    exp = gen_exp(batch)
-    exp.update(trainer.advantages(exp))
-    for _ in range(epochs):
-        for mb in split_micro(exp, micro):
-            train(mb)
-    return int(exp["action_mask"].sum())
+    tokens = 0
+    for exp, _seconds in rollouts(gen_exp, batches, len(batches), trainer.pad_id):
+        exp.update(trainer.advantages(exp))
+        for _ in range(epochs):
+            for mb in split_micro(exp, micro):
+                train(mb)
+        tokens += int(exp["action_mask"].sum())
+    return tokens
 
 
 def unpadded(batches: list[dict[str, Any]]) -> list[list[int]]:
@@ -190,44 +210,57 @@ def run_config(
     critic_dir: Path,
     trl_python: Path | None,
     compile_side: bool,
+    model: str = "tiny",
+    wanted: tuple[str, ...] = ALL_SIDES,
+    rollout: int | None = None,
+    batch: int | None = None,
 ) -> dict[str, Any]:
     import torch
     from naive_ppo import NaivePPO
 
     from kuberlhf.models import load_tokenizer
 
-    spec = tiny_spec({"ppo": {"maxAnswerLen": answer_len}})
+    sizes = {"generationBatchSize": batch, "perDeviceBatchSize": batch} if batch else {}
+    spec = tiny_spec({"ppo": {"maxAnswerLen": answer_len, **sizes}})
     st = spec.stages.ppo
     gen_bs = st.generation_batch_size
     micro = min(st.per_device_batch_size or gen_bs, gen_bs)
     tok = load_tokenizer(str(actor_dir), padding_side="left")
     batches = prompt_batches(spec, tok, gen_bs, tmp / "tok-cache")
-    updates = rounds + 1  # + the warm-up round
+    per_rollout = 1
+    if rollout:
+        if rollout % gen_bs:
+            raise SystemExit(f"--rollout {rollout}: a multiple of generationBatchSize ({gen_bs})")
+        per_rollout = rollout // gen_bs
     ours = build_ours(spec, actor_dir, critic_dir, tok)
-    ours_gen = build_ours(spec, actor_dir, critic_dir, tok, decoder="generate")
-    assert ours.decoder is not None and ours_gen.decoder is None
-    naive = NaivePPO(
-        str(actor_dir), str(critic_dir), tok, ours.s, actor_lr=st.actor_learning_rate, critic_lr=st.critic_learning_rate
-    )
+    assert ours.decoder is not None
     clock = PhaseClock()
     ours.generate = clock.wrap("generate", ours.generate)
     it: dict[str, int] = {}
     tokens: dict[str, int] = {}
+    samples: dict[str, int] = {}
 
-    def next_batch(side: str) -> dict[str, Any]:
+    def next_batches(side: str, n: int = 1) -> list[dict[str, Any]]:
         i = it.get(side, 0)
-        it[side] = i + 1
-        return batches[i % len(batches)]
+        it[side] = i + n
+        return [batches[(i + k) % len(batches)] for k in range(n)]
 
-    def kuberlhf_side(name: str, trainer: Any, phase_clock: PhaseClock | None = None):
+    def kuberlhf_side(name: str, trainer: Any, phase_clock: PhaseClock | None = None, n: int = 1):
         def run() -> None:
-            tokens[name] = tokens.get(name, 0) + ppo_update(
-                trainer, next_batch(name), micro, st.ppo_epochs, phase_clock
-            )
+            group = next_batches(name, n)
+            tokens[name] = tokens.get(name, 0) + ppo_updates(trainer, group, micro, st.ppo_epochs, phase_clock)
+            samples[name] = samples.get(name, 0) + sum(len(b["prompt_input_ids"]) for b in group)
 
         return run
 
-    sides = {"ours": kuberlhf_side("ours", ours, clock), "ours-generate": kuberlhf_side("ours-generate", ours_gen)}
+    sides = {"ours": kuberlhf_side("ours", ours, clock)}
+    if "ours-generate" in wanted:
+        ours_gen = build_ours(spec, actor_dir, critic_dir, tok, decoder="generate")
+        assert ours_gen.decoder is None
+        sides["ours-generate"] = kuberlhf_side("ours-generate", ours_gen)
+    if per_rollout > 1:
+        ours_r = build_ours(spec, actor_dir, critic_dir, tok)
+        sides[f"ours-rollout{rollout}"] = kuberlhf_side(f"ours-rollout{rollout}", ours_r, n=per_rollout)
     compile_s = None
     if compile_side:
         t0 = time.perf_counter()
@@ -236,7 +269,9 @@ def run_config(
         compile_s = time.perf_counter() - t0
         sides["ours-compiled"] = kuberlhf_side("ours-compiled", ours_c)
     peers: dict[str, TRLPeer] = {}
-    if trl_python is not None:
+    trl_sides = [(name, name == "trl-nogc") for name in ("trl", "trl-nogc") if name in wanted]
+    if trl_python is not None and trl_sides:
+        updates = rounds + 1  # + the warm-up round
         order = batches * ((updates + len(batches) - 1) // len(batches))
         cfg = {
             "actor_dir": str(actor_dir),
@@ -255,27 +290,41 @@ def run_config(
             "actor_lr": st.actor_learning_rate,
             "seed": st.seed,
         }
-        for name, no_gc in (("trl", False), ("trl-nogc", True)):
+        for name, no_gc in trl_sides:
             peers[name] = TRLPeer(
                 trl_python, {**cfg, "output_dir": str(tmp / name / "out")}, tmp / name / str(answer_len), no_gc
             )
             sides[name] = peers[name].step
 
-    def naive_side() -> None:
-        tokens["naive"] = tokens.get("naive", 0) + int(naive.step(next_batch("naive"))["action_mask"].sum())
+    if "naive" in wanted:
+        naive = NaivePPO(
+            str(actor_dir),
+            str(critic_dir),
+            tok,
+            ours.s,
+            actor_lr=st.actor_learning_rate,
+            critic_lr=st.critic_learning_rate,
+        )
 
-    sides["naive"] = naive_side
+        def naive_side() -> None:
+            (batch,) = next_batches("naive")
+            tokens["naive"] = tokens.get("naive", 0) + int(naive.step(batch)["action_mask"].sum())
+            samples["naive"] = samples.get("naive", 0) + len(batch["prompt_input_ids"])
+
+        sides["naive"] = naive_side
     torch.manual_seed(0)
     load_before = load()
     try:
         interleave(sides, rounds=1, warmup=0)  # warm-up round, untimed
         clock.reset()
         tokens.clear()
+        samples.clear()
         t = interleave(sides, rounds=rounds, warmup=0)
     finally:
         for peer in peers.values():
             peer.close()
     res: dict[str, Any] = {
+        "model": model,
         "answer_len": answer_len,
         "prompt_len": st.max_prompt_len,
         "batch": gen_bs,
@@ -289,7 +338,7 @@ def run_config(
     for side in sides:
         # a peer's own clock (go -> end of its update) leaves out the pipe round trip
         total = sum(peers[side].seconds[-rounds:]) if side in peers else t.total(side)
-        res["samples_per_s"][side] = gen_bs * rounds / total
+        res["samples_per_s"][side] = samples.get(side, gen_bs * rounds) / total
     sps = res["samples_per_s"]
     res["ratios"] = {f"ours/{k}": sps["ours"] / v for k, v in sps.items() if k != "ours"}
     if compile_s is not None:
@@ -307,16 +356,29 @@ def run_config(
 
 
 def optimizer_step_costs(trainer: Any, reps: int = 40) -> dict[str, float]:
-    """ms per optimizer step of the actor: our engine's step (clipping + fused AdamW + zero_grad), DeepSpeed's
-    own per-tensor clipping (what the engine ran before), and torch's foreach clipping + fused AdamW + zero_grad
-    on a copy of the same parameters, interleaved."""
+    """ms per optimizer step of the actor, interleaved: our engine's step (clipping + fused AdamW + zero_grad + LR
+    schedule), DeepSpeed's own per-tensor clipping (what the engine ran before), and a plain torch loop's step on a
+    copy of the same parameters in the same parameter groups (weight decay / none) with the same schedule: foreach
+    clipping + fused AdamW + scheduler step + zero_grad (the baseline); also torch with one group and no schedule
+    (the previous baseline, which left out work every training loop does)."""
     import torch
     from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip
 
+    from kuberlhf.training.loop import make_scheduler
+
     engine = trainer.actor
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = torch.optim.AdamW(twin, lr=1e-6, betas=(0.9, 0.95), fused=True)
+    twin_of = {id(p): torch.nn.Parameter(p.detach().clone()) for p in params}
+    twin = list(twin_of.values())
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [twin_of[id(p)] for p in g["params"]]}
+        for g in engine.optimizer.param_groups
+    ]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
+    o = trainer.rlhf.options
+    sched = make_scheduler(opt, o.lr_scheduler, o.warmup_steps, trainer.rlhf.num_total_iters)
+    twin1 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt1 = torch.optim.AdamW(twin1, lr=1e-6, betas=(0.9, 0.95), fused=True)
     grads = [torch.randn_like(p) * 1e-3 for p in params]
 
     def fill(ps: list[torch.Tensor]) -> None:
@@ -332,19 +394,28 @@ def optimizer_step_costs(trainer: Any, reps: int = 40) -> dict[str, float]:
     def torch_side() -> None:
         torch.nn.utils.clip_grad_norm_(twin, 1.0, foreach=True)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
+
+    def torch_one_group() -> None:
+        torch.nn.utils.clip_grad_norm_(twin1, 1.0, foreach=True)
+        opt1.step()
+        opt1.zero_grad(set_to_none=True)
 
     out = {
         "ours_engine_step": 0.0,
         "deepspeed_clip_only": 0.0,
         "torch_foreach_clip_fused_adamw": 0.0,
+        "torch_one_group_no_schedule": 0.0,
         "tensors": len(params),
+        "groups": len(groups),
     }
     for _ in range(reps):
         for name, fn, ps in (
             ("ours_engine_step", ours, params),
             ("deepspeed_clip_only", ds_clipping, params),
             ("torch_foreach_clip_fused_adamw", torch_side, twin),
+            ("torch_one_group_no_schedule", torch_one_group, twin1),
         ):
             fill(ps)
             t0 = time.perf_counter()
@@ -367,7 +438,7 @@ def profile_ours(step, rounds: int) -> str:
 
 def report(res: dict[str, Any]) -> None:
     print(
-        f"\n== step-3 PPO, tiny OPT, {res['batch']} prompts per update (micro-batch {res['micro_batch']}), prompt "
+        f"\n== step-3 PPO, {res['model']} OPT, {res['batch']} prompts per update (micro-batch {res['micro_batch']}), prompt "
         f"<= {res['prompt_len']}, answer {res['answer_len']} tokens, {res['rounds']} interleaved rounds =="
     )
     print(f"  load average (1, 5, 15 min) before {res['load_before']}, after {res['load_after']}")
@@ -379,14 +450,22 @@ def report(res: dict[str, Any]) -> None:
             "ours-generate": "kuberlhf with decoder=generate",
             "ours-compiled": "kuberlhf, compiled decode step",
         }.get(side, "kuberlhf (decoder=auto: static)")
+        if side.startswith("ours-rollout"):
+            note = f"kuberlhf, rolloutBatchSize {side[12:]} (decoded together, then one update per {res['batch']})"
         print(f"  {side:14s} {v:8.2f} samples/s   {note}")
     r = res["ratios"]
     if "ours/trl-nogc" in r:
         print("  " + goal_line("samples/s ours / best peer (TRL, gc off)", r["ours/trl-nogc"], GOAL))
         print(f"  samples/s ours / TRL as shipped: {r['ours/trl']:.2f}x")
-    print(
-        f"  samples/s ours / ours with generate: {r['ours/ours-generate']:.2f}x;  ours / naive: {r['ours/naive']:.2f}x"
-    )
+    for key, what in (("ours/ours-generate", "ours with generate"), ("ours/naive", "naive (reference)")):
+        if key in r:
+            print(f"  samples/s ours / {what}: {r[key]:.2f}x")
+    for key in r:
+        if key.startswith("ours/ours-rollout"):
+            print(
+                f"  samples/s {key[5:]} / ours (rolloutBatchSize = generationBatchSize): {1 / r[key]:.2f}x, at equal "
+                "samples per PPO update"
+            )
     if "compile_first_update_s" in res:
         print(f"  compiled side: first update (compile) {res['compile_first_update_s']:.1f} s")
     if res.get("unmatched"):
@@ -398,9 +477,11 @@ def report(res: dict[str, Any]) -> None:
     )
     o = res["optimizer_step"]
     print(
-        f"  actor optimizer step ({o['tensors']} tensors), ms: ours (engine.step) {o['ours_engine_step']:.3f}, "
-        f"torch foreach clip + fused AdamW + zero_grad {o['torch_foreach_clip_fused_adamw']:.3f} "
-        f"(ratio {o['ours_engine_step'] / o['torch_foreach_clip_fused_adamw']:.2f}x); DeepSpeed's clipping alone "
+        f"  actor optimizer step ({o['tensors']} tensors, {o['groups']} groups), ms: ours (engine.step) "
+        f"{o['ours_engine_step']:.3f}, torch foreach clip + fused AdamW + LR schedule + zero_grad, same groups "
+        f"{o['torch_foreach_clip_fused_adamw']:.3f} "
+        f"(ratio {o['ours_engine_step'] / o['torch_foreach_clip_fused_adamw']:.2f}x, goal 1.0x); torch with one "
+        f"group and no schedule {o['torch_one_group_no_schedule']:.3f}; DeepSpeed's clipping alone "
         f"{o['deepspeed_clip_only']:.3f}"
     )
     if "profile_top_ops" in res:
@@ -417,18 +498,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="torch.profiler top operators of our step")
     p.add_argument("--no-trl", action="store_true", help="leave the TRL peers out (no venv needed)")
     p.add_argument("--compile", action="store_true", help="add a side with the decoding step torch.compile'd")
+    p.add_argument("--model", choices=MODEL_SIZES, default="tiny", help="actor and critic size (random weights)")
+    p.add_argument("--sides", nargs="+", choices=ALL_SIDES, default=None, help="sides to run (ours always runs)")
+    p.add_argument(
+        "--rollout", type=int, default=None, help="also run ours with this rolloutBatchSize (a multiple of --batch)"
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="prompts per PPO update = micro-batch (default: the example's 8)"
+    )
     args = p.parse_args(argv)
-    trl_python = None if args.no_trl else ensure_trl_venv()
+    wanted = tuple(args.sides or DEFAULT_SIDES[args.model])
+    uses_trl = any(side.startswith("trl") for side in wanted)
+    trl_python = None if args.no_trl or not uses_trl else ensure_trl_venv()
     cpu_env()
     from kuberlhf.training.distributed import init_distributed
 
     init_distributed("cpu")
     with tempfile.TemporaryDirectory(prefix="kuberlhf-bench-ppo-") as d:
         tmp = Path(d)
-        actor_dir, critic_dir = write_tiny_models(tmp)
+        actor_dir, critic_dir = write_tiny_models(tmp, size=args.model)
         for answer_len in args.answer_len:
             res = run_config(
-                answer_len, args.rounds, args.profile, tmp, actor_dir, critic_dir, trl_python, args.compile
+                answer_len,
+                args.rounds,
+                args.profile,
+                tmp,
+                actor_dir,
+                critic_dir,
+                trl_python,
+                args.compile,
+                model=args.model,
+                wanted=wanted,
+                rollout=args.rollout,
+                batch=args.batch,
             )
             report(res)
             emit({"bench": "ppo", **{k: v for k, v in res.items() if k != "profile_top_ops"}})

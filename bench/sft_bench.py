@@ -3,7 +3,10 @@
 backward / step) against a bare PyTorch loop with the same model weights, batches, AdamW, schedule and gradient
 clipping. Same process, interleaved step by step.
 
-    .venv/bin/python bench/sft_bench.py [--steps 40] [--zero 0 2]
+    .venv/bin/python bench/sft_bench.py [--steps 40] [--zero 0 2] [--model tiny|opt-125m]
+
+``--model opt-125m``: facebook/opt-125m's shape with random weights (from its published config, no hub), the
+same tokenizer and batches.
 
 Goal: ours >= 0.9x the bare loop (DeepSpeed's overhead bounded)."""
 
@@ -17,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_env, emit, goal_line, interleave, tiny_spec  # noqa: E402
+from common import MODEL_SIZES, cpu_env, emit, goal_line, interleave, sized_causal_lm, tiny_spec  # noqa: E402
 
 GOAL = 0.9
 
@@ -28,12 +31,15 @@ def sft_batches(spec: Any, tokenizer: Any, micro: int, cache_dir: Path) -> list[
     from kuberlhf.training.loop import make_loader
 
     rows, _ = stage_rows(spec.data, Stage.sft)
-    ds = SFTDataset(rows, tokenizer, spec.data.max_seq_len, spec.stages.sft.mask_prompt, cache_dir=cache_dir,
-                    cache_key="bench")
+    ds = SFTDataset(
+        rows, tokenizer, spec.data.max_seq_len, spec.stages.sft.mask_prompt, cache_dir=cache_dir, cache_key="bench"
+    )
     return list(make_loader(ds, micro, 0, 1, spec.stages.sft.seed, 0))
 
 
-def run_config(zero: int, steps: int, tmp: Path, profile: bool = False) -> dict[str, Any]:
+def run_config(
+    zero: int, steps: int, tmp: Path, profile: bool = False, model: str = "tiny", micro: int | None = None
+) -> dict[str, Any]:
     import torch
 
     from kuberlhf.models import load_causal_lm, load_tokenizer
@@ -42,20 +48,25 @@ def run_config(zero: int, steps: int, tmp: Path, profile: bool = False) -> dict[
     from kuberlhf.training.ds_config import stage_settings, train_ds_config
     from kuberlhf.training.loop import ds_initialize, make_optimizer, make_scheduler
 
-    spec = tiny_spec({"sft": {"zeroStage": zero}})
+    spec = tiny_spec({"sft": {"zeroStage": zero, **({"perDeviceBatchSize": micro} if micro else {})}})
     st = spec.stages.sft
     s = stage_settings(spec, "sft", 1)
     tok = load_tokenizer(TINY_MODEL_NAME)
+    source = TINY_MODEL_NAME
+    if model != "tiny":  # on disk once, loaded by both sides like a step-1 input
+        source = str(tmp / f"model-{model}")
+        if not Path(source).exists():
+            sized_causal_lm(model, st.seed).save_pretrained(source)
     batches = sft_batches(spec, tok, s.micro_batch, tmp / "tok-cache")
     lr = st.learning_rate  # the example's, else the deploymentType preset's
     total = 10_000
 
     # ours: exactly the objects run_sft builds
-    model = load_causal_lm(TINY_MODEL_NAME, seed=st.seed, dropout=spec.actor.dropout)
-    opt = make_optimizer(model, lr, st.weight_decay, st.offload)
-    engine = ds_initialize(model, train_ds_config(s), opt, make_scheduler(opt, st.lr_scheduler, st.warmup_steps, total))
+    lm = load_causal_lm(source, seed=st.seed, dropout=spec.actor.dropout)
+    opt = make_optimizer(lm, lr, st.weight_decay, st.offload)
+    engine = ds_initialize(lm, train_ds_config(s), opt, make_scheduler(opt, st.lr_scheduler, st.warmup_steps, total))
     # bare: same weights (same seed), same optimizer factory and schedule, plain autograd + clipping
-    bare = load_causal_lm(TINY_MODEL_NAME, seed=st.seed, dropout=spec.actor.dropout)
+    bare = load_causal_lm(source, seed=st.seed, dropout=spec.actor.dropout)
     bare_opt = make_optimizer(bare, lr, st.weight_decay, False)
     bare_sched = make_scheduler(bare_opt, st.lr_scheduler, st.warmup_steps, total)
     engine.train()
@@ -87,10 +98,18 @@ def run_config(zero: int, steps: int, tmp: Path, profile: bool = False) -> dict[
     interleave({"ours": ours, "bare": baseline}, rounds=0, warmup=3)
     tokens.update(ours=0.0, bare=0.0)
     t = interleave({"ours": ours, "bare": baseline}, rounds=steps, warmup=0)
-    res = {"zero_stage": zero, "dtype": s.dtype, "micro_batch": s.micro_batch, "max_seq_len": spec.data.max_seq_len,
-           "steps": steps, "ours_tokens_per_s": tokens["ours"] / t.total("ours"),
-           "bare_tokens_per_s": tokens["bare"] / t.total("bare"),
-           "ours_step_ms_median": 1000 * t.median("ours"), "bare_step_ms_median": 1000 * t.median("bare")}
+    res = {
+        "model": model,
+        "zero_stage": zero,
+        "dtype": s.dtype,
+        "micro_batch": s.micro_batch,
+        "max_seq_len": spec.data.max_seq_len,
+        "steps": steps,
+        "ours_tokens_per_s": tokens["ours"] / t.total("ours"),
+        "bare_tokens_per_s": tokens["bare"] / t.total("bare"),
+        "ours_step_ms_median": 1000 * t.median("ours"),
+        "bare_step_ms_median": 1000 * t.median("bare"),
+    }
     res["ratio"] = res["ours_tokens_per_s"] / res["bare_tokens_per_s"]
     res["ratio_median_step"] = t.median("bare") / t.median("ours")
     if profile:
@@ -100,18 +119,28 @@ def run_config(zero: int, steps: int, tmp: Path, profile: bool = False) -> dict[
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(10):
                 ours()
-        res["profile_top_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
-                                                           max_name_column_width=48)
+        res["profile_top_ops"] = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48
+        )
     return res
 
 
 def report(res: dict[str, Any]) -> None:
-    print(f"\n== SFT, tiny OPT, ZeRO-{res['zero_stage']} {res['dtype']}, micro-batch {res['micro_batch']} x "
-          f"<= {res['max_seq_len']} tokens, {res['steps']} interleaved steps ==")
-    print(f"  ours (DeepSpeed): {res['ours_tokens_per_s']:9.1f} tokens/s  median step {res['ours_step_ms_median']:.1f} ms")
-    print(f"  bare PyTorch    : {res['bare_tokens_per_s']:9.1f} tokens/s  median step {res['bare_step_ms_median']:.1f} ms")
-    print("  " + goal_line("SFT tokens/s ours/bare", res["ratio"], GOAL)
-          + f"  (by median step: {res['ratio_median_step']:.2f}x)")
+    print(
+        f"\n== SFT, {res['model']} OPT, ZeRO-{res['zero_stage']} {res['dtype']}, micro-batch {res['micro_batch']} x "
+        f"<= {res['max_seq_len']} tokens, {res['steps']} interleaved steps =="
+    )
+    print(
+        f"  ours (DeepSpeed): {res['ours_tokens_per_s']:9.1f} tokens/s  median step {res['ours_step_ms_median']:.1f} ms"
+    )
+    print(
+        f"  bare PyTorch    : {res['bare_tokens_per_s']:9.1f} tokens/s  median step {res['bare_step_ms_median']:.1f} ms"
+    )
+    print(
+        "  "
+        + goal_line("SFT tokens/s ours/bare", res["ratio"], GOAL)
+        + f"  (by median step: {res['ratio_median_step']:.2f}x)"
+    )
     if "profile_top_ops" in res:
         print("  torch.profiler, 10 DeepSpeed steps, top operators by self CPU time:")
         print("\n".join("    " + line for line in res["profile_top_ops"].splitlines()))
@@ -122,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--zero", type=int, nargs="+", default=[0, 2], help="ZeRO stages to run (0 = tiny-cpu example)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top operators of the DeepSpeed step")
+    p.add_argument("--model", choices=MODEL_SIZES, default="tiny", help="model size (random weights)")
+    p.add_argument("--micro-batch", type=int, default=None, help="perDeviceBatchSize (default: the example's 16)")
     args = p.parse_args(argv)
     cpu_env()
     from kuberlhf.training.distributed import init_distributed
@@ -129,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed("cpu")
     with tempfile.TemporaryDirectory(prefix="kuberlhf-bench-sft-") as d:
         for zero in args.zero:
-            res = run_config(zero, args.steps, Path(d), args.profile)
+            res = run_config(zero, args.steps, Path(d), args.profile, args.model, args.micro_batch)
             report(res)
             emit({"bench": "sft", **{k: v for k, v in res.items() if k != "profile_top_ops"}})
     return 0
