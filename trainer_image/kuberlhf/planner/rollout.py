@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kuberlhf.planner.estimate import estimate_pipeline, gpu_memory_bytes
-from kuberlhf.planner.shapes import ModelShape, ShapeError, read_model_shape
+from kuberlhf.planner.shapes import ModelShape, ShapeError, shape_from_config
 
 # OpenRLHF's defaults: rollout_batch_size 512 prompts for train_batch_size 128, i.e. 4 updates per rollout
 MAX_UPDATES_PER_ROLLOUT = 4
@@ -36,12 +36,12 @@ def planned_rollout_batch_size(spec: Any, shapes: dict[str, ModelShape] | None) 
     return best
 
 
-def model_shapes(actor_dir: Any, reward_dir: Any) -> dict[str, ModelShape] | None:
-    """The shapes of step 3's inputs on local disk (their config.json), None when one cannot be read."""
+def model_shapes(actor: Any, reward: Any) -> dict[str, ModelShape] | None:
+    """The shapes of step 3's loaded models (their transformers config), None when one cannot be read."""
     try:
         return {
-            "actor": read_model_shape(str(actor_dir), "spec.actor.model"),
-            "reward": read_model_shape(str(reward_dir), "spec.reward.model"),
+            "actor": shape_from_config(actor.config.to_dict(), "the loaded actor's config"),
+            "reward": shape_from_config(reward.config.to_dict(), "the loaded reward model's config"),
         }
-    except ShapeError:
+    except (AttributeError, ShapeError):
         return None

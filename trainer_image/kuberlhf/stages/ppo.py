@@ -141,7 +141,6 @@ def policy_stage(run: StageRun, *, samples_per_prompt: int = 1, passes: int = 1,
     from kuberlhf.data import PromptDataset, stage_rows
     from kuberlhf.data.true_reward import load_true_reward
     from kuberlhf.models import load_tokenizer
-    from kuberlhf.planner.rollout import model_shapes, planned_rollout_batch_size
     from kuberlhf.rlhf.engine import EngineOptions, RLHFEngine
 
     spec, st, dist, stage = run.spec, run.stage_spec, run.dist, run.ctx.stage.value
@@ -176,6 +175,7 @@ def policy_stage(run: StageRun, *, samples_per_prompt: int = 1, passes: int = 1,
 
 def run_ppo(run: StageRun) -> None:
     from kuberlhf.data.true_reward import true_rewards
+    from kuberlhf.planner.rollout import model_shapes, planned_rollout_batch_size
     from kuberlhf.rlhf.rollout import rollouts
     from kuberlhf.rlhf.trainer import PPOSettings, PPOTrainer
 
@@ -192,7 +192,7 @@ def run_ppo(run: StageRun) -> None:
         step = int(state["step"])
     ptx = ps.ptx(run, step)  # one ptx batch follows every PPO micro-batch step
 
-    rollout_bs = planned_rollout_batch_size(spec, model_shapes(actor_dir, critic_dir))
+    rollout_bs = planned_rollout_batch_size(run.spec, model_shapes(engine.actor.module, engine.reward.module))
     if dist.is_main and rollout_bs != (st.rollout_batch_size or gen_bs):
         print(f"rolloutBatchSize {rollout_bs}: the memory planner's default for spec.gpuMemory", flush=True)
     bar = progress(total_iters, step, dist.is_main, "ppo")
