@@ -53,8 +53,9 @@ import quality_tasks as qt  # noqa: E402
 GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_gap": 0.05, "kl": 10.0}
 # --quick (the lean test): fewer steps everywhere, no intermediate checkpoints, and each stage on ONE rank with the
 # example's global batch (per-rank batch x its gpusPerNode), so the same updates cost one process start per stage
-# instead of two; the recipe's other settings stay the example's
-QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 2}, "ppo": {"maxSteps": 60}}
+# instead of two; the recipe's other settings stay the example's. The reward model, started from SFT, ranks
+# style's training pairs all right from its 5th step (loss 0 from the 11th): 15 steps, not 2 epochs (90).
+QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 1, "maxSteps": 15}, "ppo": {"maxSteps": 60}}
 QUICK_NO_CHECKPOINTS = 10_000
 
 

@@ -1,9 +1,10 @@
 """The quality suite reduced to one task and fewer steps (``bench/rlhf_quality.py --tasks style --quick``: SFT 4
-epochs, RM 2, PPO 60 steps, each stage on one rank with the example's global batch; about 1.6 CPU-minutes, the
-full suite's task about 4.4): the real ``kuberlhf run`` on data whose true reward the pipeline never sees. Asserts
-the direction of every goal of the full suite (bench/RESULTS.md has the full numbers): the reward model ranks
-fresh pairs well above chance, PPO raises the TRUE reward over SFT, the EMA policy is not behind the final actor,
-KL stays bounded, and the run records and plots the true-reward curve. No timings."""
+epochs, the reward model started from SFT (``stages.reward.initFromSft``, as in the full suite) for 15 steps, PPO
+60 steps, each stage on one rank with the example's global batch; 128 fresh prompts): the real ``kuberlhf run`` on
+data whose true reward the pipeline never sees. Asserts the direction of every goal of the full suite
+(bench/RESULTS.md has the full numbers): the reward model ranks fresh pairs right (>= 0.9), PPO raises the TRUE
+reward over SFT, the EMA policy is not behind the final actor, KL stays bounded, and the run records and plots the
+true-reward curve. No timings."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_quick_quality_suite_moves_the_true_reward(repo_root, tmp_path):
             "style",
             "--quick",
             "--eval-prompts",
-            "256",
+            "128",
             "--out",
             str(tmp_path),
         ],
@@ -37,7 +38,7 @@ def test_quick_quality_suite_moves_the_true_reward(repo_root, tmp_path):
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     res = json.loads((tmp_path / "results.json").read_text())["tasks"]["style"]["result"]
-    assert res["rm_acc"] >= 0.8, res
+    assert res["rm_acc"] >= 0.9, res
     assert res["ppo"] > res["sft"] + 0.1, res
     assert res["ema"] >= res["ppo"] - 0.05, res
     assert 0 < res["kl_ppo"] < 10 and 0 < res["kl_ema"] < 10, res
