@@ -456,6 +456,7 @@ def report(res: dict[str, Any]) -> None:
     r = res["ratios"]
     if "ours/trl-nogc" in r:
         print("  " + goal_line("samples/s ours / best peer (TRL, gc off)", r["ours/trl-nogc"], GOAL))
+    if "ours/trl" in r:
         print(f"  samples/s ours / TRL as shipped: {r['ours/trl']:.2f}x")
     for key, what in (("ours/ours-generate", "ours with generate"), ("ours/naive", "naive (reference)")):
         if key in r:
