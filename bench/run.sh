@@ -34,7 +34,7 @@ for b in "${todo[@]}"; do
     sft) run sft "$PY" bench/sft_bench.py --profile ;;
     transfer)
       if [ -f bench/transfer_bench.py ]; then
-        # the storage helper's benchmark: upload + download of 1 GB through SeaweedFS vs a local cp
+        # upload + download of 1 GiB through SeaweedFS vs rclone through the same server (apt-get install rclone) and cp
         run transfer "$PY" bench/transfer_bench.py --size-mb 1024
       else
         echo "=== transfer: bench/transfer_bench.py (storage helper) is not there yet: skipped ==="
