@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ControlPlane(Path(d) / "cp") as cp, SeaweedServer(Path(d) / "s3") as s3:
         res["control_plane_start_s"] = cp.start_seconds
         api = KubeREST.from_kubeconfig(cp.kubeconfig)
-        cp.kubectl("apply", "-f", str(REPO / "crds" / "rlhfpipelines.yaml"))
+        cp.kubectl("apply", "-f", str(REPO / "crds" / "rlhfpipelines-pre-1.25.yaml"))  # 1.20: no CEL rules
         wait_for(lambda: cp.kubectl("get", "crd", "rlhfpipelines.kuberlhf.io", "-o",
                                     "jsonpath={.status.conditions[?(@.type=='Established')].status}"
                                     ).stdout.strip() == "True", "CRD established", 30, 0.2)
