@@ -183,7 +183,11 @@ def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane,
         sft2 = job_name(NAME, "sft", 2)
         wait_for(lambda: api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{sft2}"), "the retry's Job", 90, 0.5,
                  describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
-        status = api.get(pipeline)["status"]
+        # the operator creates the retry's Job inside its handler and kopf patches the status after it returns:
+        # wait for the patch rather than read the status in between
+        status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("stages", {}).get("sft", {})
+                          .get("disruptions") and st, "the status to count the disruption", 30, 0.3,
+                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
         assert status["phase"] != "Failed" and status["stages"]["sft"]["disruptions"] == 1, status
         events = api.get(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={NAME}")["items"]
         assert any(e["reason"] == "StageDisrupted" for e in events), [e["reason"] for e in events]
