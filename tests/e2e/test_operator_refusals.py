@@ -8,7 +8,9 @@ v1.20.2), lean: no test waits for a stage to train. The chart's operator runs as
   collector removes its Job and Service through their ownerReferences.
 - A stage that exits with the user-error code fails the pipeline after one attempt (ConfigError).
 - A stage pod evicted with a DisruptionTarget condition is retried with backoffLimit 0 (it uses no attempt).
-- A Job the API server refuses (422: requests above limits) is InvalidSpec naming the field."""
+- A Job the API server refuses (422: requests above limits) is InvalidSpec naming the field; in the same install, a
+  pipeline whose memory plan cannot fit its GPUs (OPT-66B at ZeRO-0 on one node) is InvalidSpec (DoesNotFit) naming
+  the stage, the estimate and the fix, with a Warning Event, and gets no Job."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RELEASE = "kuberlhf-rf"
 NAME = "refused"
+TOO_BIG = "too-big"
 
 
 def _ready(api: KubeREST, ns: str) -> bool:
@@ -193,17 +196,48 @@ def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane,
         assert any(e["reason"] == "StageDisrupted" for e in events), [e["reason"] for e in events]
 
 
-def test_a_child_the_api_server_refuses_is_invalid_spec_naming_the_field(control_plane, kubelet, crd, s3_server,
-                                                                          tmp_path):
+def _does_not_fit(obj: dict) -> dict:
+    """``obj`` as OPT-66B trained at ZeRO-0 on one node of 8 x 80 GiB GPUs: the memory planner's refusal. The
+    models are hub names the planner sizes from its known configs: nothing is downloaded."""
+    big = yaml.safe_load(yaml.safe_dump(obj))
+    big["metadata"] = {"name": TOO_BIG}
+    big["spec"].update(accelerator="cuda", gpuMemory="80Gi", deploymentType="multi_node",
+                       actor={"model": "facebook/opt-66b"}, reward={"model": "facebook/opt-350m"})
+    big["spec"]["stages"] = {"sft": {"nodes": 1, "gpusPerNode": 8, "zeroStage": 0}}
+    return big
+
+
+def test_a_refused_child_and_a_plan_that_cannot_fit_are_invalid_spec_naming_the_field(control_plane, kubelet, crd,
+                                                                                      s3_server, tmp_path):
     """Requests above limits pass the spec's checks but the API server refuses the Job (422): InvalidSpec with the
-    server's field, not an endless retry."""
+    server's field, not an endless retry. A pipeline the memory planner says cannot fit its GPUs is refused by the
+    operator's preflight before it creates anything: InvalidSpec (DoesNotFit) naming the stage, the estimate and
+    the cheapest fix, in the status, the Failed condition and a Warning Event."""
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
     with _training_setup(control_plane, kubelet, s3_server, tmp_path, "invalid") as (op_ns, ns, obj, pipeline):
+        big = _does_not_fit(obj)
         obj["spec"]["stages"]["sft"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}
-        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+        control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([obj, big]))
         status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("reason") == "InvalidSpec" and st,
                           "the pipeline to report the refused Job", 60, 0.5,
                           describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
         assert status["phase"] == "Failed" and status["refusedGeneration"] == 1, status
         assert "resources.requests" in status["message"] and "spec.stages.sft" in status["message"], status
+
+        big_path = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{TOO_BIG}"
+        status = wait_for(lambda: (st := api.get(big_path).get("status") or {}).get("reason") == "InvalidSpec" and st,
+                          "the operator to refuse the pipeline that cannot fit", 60, 0.5,
+                          describe=lambda: _describe(api, kubelet, op_ns, ns, big_path))
+        fix = "fix: set spec.stages.sft.zeroStage: 3"
+        assert status["phase"] == "Failed", status
+        assert "spec.stages.sft: does not fit (DoesNotFit)" in status["message"] and fix in status["message"], status
+        assert "GiB per GPU" in status["message"] and "refusedGeneration" not in status, status
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert (failed["status"], failed["reason"]) == ("True", "InvalidSpec") and fix in failed["message"], failed
+        events = wait_for(lambda: [e for e in api.get(f"/api/v1/namespaces/{ns}/events",
+                                                      fieldSelector=f"involvedObject.name={TOO_BIG}")["items"]
+                                   if e["reason"] == "InvalidSpec" and e["type"] == "Warning"],
+                          "the pipeline's InvalidSpec Warning Event", 30, 0.5)
+        assert "DoesNotFit" in events[0]["message"] and fix in events[0]["message"], events
         assert not api.get(f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]
+        assert not api.get(f"/api/v1/namespaces/{ns}/services", labelSelector=f"{LABEL_PIPELINE}={TOO_BIG}")["items"]
