@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -57,6 +58,10 @@ GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_ga
 # style's training pairs all right from its 5th step (loss 0 from the 11th): 15 steps, not 2 epochs (90).
 QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 1, "maxSteps": 15}, "ppo": {"maxSteps": 60}}
 QUICK_NO_CHECKPOINTS = 10_000
+# DPO takes step 2's length (bench/quality_algorithms.py), but the quick reward model's 15 steps are an RM that
+# already ranks every pair right, not a DPO run: the quick DPO gets 2 epochs (90 steps), what its style figure
+# in bench/RESULTS.md was measured with.
+QUICK_DPO = {"epochs": 2}
 
 
 @dataclass
@@ -123,6 +128,22 @@ def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str,
     return doc
 
 
+def algorithm_manifest(task: qt.Task, data: dict[str, Path], quick: bool, algorithm: str) -> dict[str, Any]:
+    """``manifest_for`` as ``algorithm``'s pipeline (``bench/quality_algorithms.py``)."""
+    doc = qa.manifest_for_algorithm(manifest_for(task, data, quick), algorithm, task.true_reward_ref)
+    dpo = doc["spec"]["stages"].get("dpo")
+    if quick and dpo is not None:
+        dpo.pop("maxSteps", None)
+        dpo.update(QUICK_DPO)
+    return doc
+
+
+def metrics_copy(work: Path, algorithm: str) -> Path:
+    """Where an algorithm's step metrics are kept: the next algorithm's run in the same output directory
+    rewrites ``run/metrics.jsonl``."""
+    return work / f"metrics-{algorithm}.jsonl"
+
+
 def run_task(
     task: qt.Task,
     root: Path,
@@ -145,7 +166,7 @@ def run_task(
         log(f"[{task.name}] --reuse: evaluating the finished {algorithm} run in {out}")
         return out, doc, float(sum(state["stageSeconds"].get(s, 0.0) for s in qa.graph(doc)))
     data = qt.write_task_data(task, work / "data")
-    doc = qa.manifest_for_algorithm(manifest_for(task, data, quick), algorithm, task.true_reward_ref)
+    doc = algorithm_manifest(task, data, quick, algorithm)
     manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)}
     cli = Path(sys.executable).with_name("kuberlhf")
@@ -160,6 +181,7 @@ def run_task(
     if proc.returncode != 0:
         raise RuntimeError(f"{task.name}: kuberlhf run ({algorithm}) failed ({proc.returncode}); see {run_log}")
     log(f"[{task.name}] kuberlhf run ({algorithm}) finished in {wall:.0f} s ({run_log})")
+    shutil.copyfile(out / "metrics.jsonl", metrics_copy(work, algorithm))
     if not fresh:  # the shared SFT (and reward) model were not trained again: count them as their first run did
         state = json.loads((out / "run.json").read_text())
         wall = float(sum(state["stageSeconds"].get(s, 0.0) for s in qa.graph(doc)))
@@ -287,9 +309,10 @@ def evaluate(task: qt.Task, out: Path, doc: dict[str, Any], wall: float, n_eval:
     return res, samples
 
 
-def plot_curves(root: Path, tasks: list[str], path: Path) -> Path:
-    """One figure of every task's step-3 curves (true reward and KL of the rollouts per PPO step, from each run's
-    metrics.jsonl) next to each other: where a goal is missed, this is where it shows."""
+def plot_curves(root: Path, tasks: list[str], algorithms: list[str], path: Path) -> Path:
+    """One figure of every task's and algorithm's step-3 curves (from the metrics each run left: true reward,
+    KL and score of the rollouts per ppo/grpo step; DPO's implicit reward margin per step) next to each other:
+    where a goal is missed, this is where it shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,25 +321,32 @@ def plot_curves(root: Path, tasks: list[str], path: Path) -> Path:
     from kuberlhf.runner.metrics import parse_jsonl, series
     from kuberlhf.runner.plots import moving_average
 
-    fig, (ax_r, ax_kl, ax_rm) = plt.subplots(1, 3, figsize=(18, 4.8))
+    panels = {
+        "true_reward": "true reward of rollouts (8-step mean)",
+        "kl": "KL to SFT, nats/answer (8-step mean)",
+        "reward": "score of rollouts: reward model or code (8-step mean)",
+        "margin": "DPO: implicit reward margin chosen - rejected (8-step mean)",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8))
     for name in tasks:
-        metrics = root / name / "run" / "metrics.jsonl"
-        if not metrics.exists():
-            continue
-        records = parse_jsonl(metrics.read_text())
-        for ax, key in ((ax_r, "true_reward"), (ax_kl, "kl"), (ax_rm, "reward")):
-            steps, values = series(records, "ppo", key)
-            if values:
-                ax.plot(steps, moving_average(values, 8), label=name)
-    for ax, title in (
-        (ax_r, "true reward of rollouts (8-step mean)"),
-        (ax_kl, "KL to SFT, nats/answer (8-step mean)"),
-        (ax_rm, "reward-model score of rollouts (8-step mean)"),
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("PPO step")
+        for algorithm in algorithms:
+            metrics = metrics_copy(root / name, algorithm)
+            if not metrics.exists():  # a run from before the per-algorithm copies: its own metrics (ppo's only)
+                metrics = root / name / "run" / "metrics.jsonl"
+                if algorithm != "ppo" or not metrics.exists():
+                    continue
+            records = parse_jsonl(metrics.read_text())
+            stage = "dpo" if algorithm == "dpo" else "ppo" if algorithm == "ppo" else "grpo"
+            for ax, key in zip(axes, panels, strict=True):
+                steps, values = series(records, stage, key)
+                if values:
+                    ax.plot(steps, moving_average(values, 8), label=f"{name} {algorithm}")
+    for ax, title in zip(axes, panels.values(), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -430,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(res)
                 details[key] = {"result": asdict(res), "goals": res.goals(), "samples": samples}
     total = time.monotonic() - t_all
-    print(f"curves: {plot_curves(args.out, args.tasks, args.out / 'curves.png')}")
+    print(f"curves: {plot_curves(args.out, args.tasks, args.algorithms, args.out / 'curves.png')}")
     print("\n" + table(results))
     print(
         f"\nsuite wall time {total / 60:.1f} min ({'--quick' if args.quick else 'full'}, --jobs {args.jobs}; "

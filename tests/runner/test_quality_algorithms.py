@@ -31,12 +31,17 @@ def bench(repo_root):
 def test_every_algorithm_shares_the_sft_stage_and_runs_its_own_graph(bench, tmp_path, quick):
     qa, qt, rq = bench
     task = qt.TASKS["style"]
-    base = rq.manifest_for(task, qt.write_task_data(task, tmp_path), quick)
-    graphs = {"ppo": ["sft", "reward", "ppo"], "dpo": ["sft", "dpo"], "grpo": ["sft", "reward", "grpo"],
-              "grpo-code": ["sft", "grpo"]}
+    data = qt.write_task_data(task, tmp_path)
+    base = rq.manifest_for(task, data, quick)
+    graphs = {
+        "ppo": ["sft", "reward", "ppo"],
+        "dpo": ["sft", "dpo"],
+        "grpo": ["sft", "reward", "grpo"],
+        "grpo-code": ["sft", "grpo"],
+    }
     prints = {}
     for algorithm in qa.ALGORITHMS:
-        doc = qa.manifest_for_algorithm(base, algorithm, task.true_reward_ref)
+        doc = rq.algorithm_manifest(task, data, quick, algorithm)
         pipeline = parse_pipeline(doc)
         assert [s.value for s in pipeline.spec.stage_graph] == qa.graph(doc) == graphs[algorithm]
         assert not preflight(pipeline.spec), algorithm
@@ -50,3 +55,11 @@ def test_every_algorithm_shares_the_sft_stage_and_runs_its_own_graph(bench, tmp_
         assert grpo["maxSteps"] == ppo["maxSteps"]
     code = qa.manifest_for_algorithm(base, "grpo-code", task.true_reward_ref)["spec"]
     assert code["stages"]["grpo"]["rewardFunction"] == "quality_tasks:style_reward" and "reward" not in code
+    # DPO runs as long as step 2 would in the full suite; the quick suite's 15-step reward model does not cut
+    # the quick DPO to 15 steps
+    dpo = rq.algorithm_manifest(task, data, quick, "dpo")["spec"]["stages"]["dpo"]
+    reward = base["spec"]["stages"]["reward"]
+    if quick:
+        assert dpo["epochs"] == rq.QUICK_DPO["epochs"] and "maxSteps" not in dpo, dpo
+    else:
+        assert (dpo["epochs"], dpo.get("maxSteps")) == (reward["epochs"], reward.get("maxSteps")), dpo
