@@ -122,8 +122,8 @@ def test_hub_layout_model_is_partitioned_as_it_loads_and_no_rank_holds_it_whole(
 
 
 def test_lora_and_gradient_checkpointing_train_at_zero3_and_bf16_export_reloads(small_opt, tmp_path):
-    """LoRA adapters on partitioned base weights with gradient checkpointing train (loss falls with a large
-    LoRA rate); the bf16 export gathers module by module, merges the adapters, writes bf16 safetensors of half
+    """LoRA adapters on partitioned base weights with gradient checkpointing train (loss falls at every step on a
+    fixed batch; the adapters' init is seeded, and the rate is one Adam does not overshoot at: 3e-2 oscillated); the bf16 export gathers module by module, merges the adapters, writes bf16 safetensors of half
     the fp32 size, and plain ``AutoModelForCausalLM.from_pretrained`` gives the engine's logits."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -143,14 +143,14 @@ def test_lora_and_gradient_checkpointing_train_at_zero3_and_bf16_export_reloads(
         "--steps",
         "3",
         "--lr",
-        "3e-2",
+        "1e-2",
         "--export",
         str(export),
     )
     n_params, _ = param_stats(small_opt)
     assert_partitioned_at_load(reports, n_params)
     losses = reports[0]["losses"]
-    assert losses[-1] < losses[0], losses
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
     with safe_open(str(export / "model.safetensors"), "pt") as f:
         names = f.keys()
         dtypes = {f.get_slice(k).get_dtype() for k in names}

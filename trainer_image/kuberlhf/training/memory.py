@@ -182,6 +182,8 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         from kuberlhf.contract.spec import LoraSpec
         from kuberlhf.models.lora import apply_lora
 
+        # seeded: the adapters' random init decides whether a few large-rate steps descend (a test asserts it)
+        torch.manual_seed(args.seed)
         apply_lora(model, LoraSpec(dim=args.lora_dim, only_optimize_lora=True))
     with phases("init"):
         optimizer = make_optimizer(model, args.lr, 0.0, args.offload)
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lora-dim", type=int, default=0, help="LoRA on the decoder blocks, only LoRA trained")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA adapters' init")
     p.add_argument("--export", help="export the trained model here and keep the engine's outputs on a fixed batch")
     p.add_argument("--cpu", action="store_true", help="use the CPU accelerator even when CUDA is present")
     p.add_argument("--zero-config", help="JSON merged into the zero_optimization section (the bench compares)")
