@@ -68,6 +68,30 @@ def test_indexed_job_env_and_success(control_plane, kubelet, namespace):
     assert len({line.split()[6] for line in lines}) == 1  # both pods agree on the rendezvous port
 
 
+def test_two_single_node_jobs_at_once_get_their_own_loopback_rendezvous_port(control_plane, kubelet, namespace):
+    """The operator's single-node stages rendezvous at 127.0.0.1:29500, each pod in its own network on a cluster.
+    Here all pods share one: two such Jobs at once (two pipelines' stages) must each get their own local port;
+    sharing one, the second stage failed with EADDRINUSE."""
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    ns = namespace
+    script = ("import os, socket, time; s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['MASTER_PORT'])));"
+              " s.listen(); print('BOUND', os.environ['MASTER_PORT'], flush=True); time.sleep(float(os.environ['HOLD']))")
+    def env(hold: str) -> list[dict[str, str]]:
+        return [{"name": "MASTER_ADDR", "value": "127.0.0.1"}, {"name": "MASTER_PORT", "value": "29500"},
+                {"name": "HOLD", "value": hold}]
+
+    api.post(f"/apis/batch/v1/namespaces/{ns}/jobs", _job("first", script, env=env("60")))
+    pod = wait_for(lambda: next(iter(kubelet.active(ns, {"job-name": "first"})), None), "first running", 60)
+    wait_for(lambda: "BOUND" in kubelet.logs(ns, pod.name), "the first Job to bind its port", 60, 0.1)
+    api.post(f"/apis/batch/v1/namespaces/{ns}/jobs", _job("second", script, env=env("0")))  # while the first holds it
+    done = wait_for(lambda: (st := api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/second").get("status") or {}).get(
+        "succeeded", 0) + st.get("failed", 0) and st, "the second Job to finish", 60)
+    assert done.get("succeeded") == 1, [p["status"] for p in _pods(api, ns, "job-name=second")]
+    second = _pods(api, ns, "job-name=second")[0]["metadata"]["name"]
+    assert kubelet.logs(ns, second).split()[1] != kubelet.logs(ns, pod.name).split()[1]
+    assert kubelet.kill_pod(ns, pod.name)
+
+
 def test_killed_process_fails_the_pod_with_its_log_tail(control_plane, kubelet, namespace):
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
     ns = namespace

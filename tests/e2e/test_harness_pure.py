@@ -8,6 +8,7 @@ from harness.podspec import (
     container_argv,
     expand_vars,
     next_completion_index,
+    rendezvous_scope,
     resolve_env,
     rewrite_cluster_hosts,
     rewrite_ports,
@@ -83,6 +84,17 @@ def test_rewrite_ports():
                               {"PORT": "8000", "OTHER": "8000"}, {8000: 41000})
     assert argv == ["serve", "--port", "41000", "--port=41000", "--max-new-tokens", "8000"]
     assert env == {"PORT": "41000", "OTHER": "8000"}
+
+
+def test_rendezvous_scope_is_the_pod_for_loopback_and_the_address_for_a_service():
+    # a loopback rendezvous is each pod's own (single-node stages all write 127.0.0.1:29500) ...
+    assert rendezvous_scope("ns", "pod-a", "127.0.0.1", "29500") != rendezvous_scope("ns", "pod-b", "127.0.0.1", "29500")
+    assert rendezvous_scope("ns", "pod-a", "localhost", "29500") != rendezvous_scope("ns", "pod-b", "localhost", "29500")
+    # ... a Service address is shared by every pod of the Job that writes it, and only by them
+    job = rendezvous_scope("ns", "pod-a", "j-sft-1-0.j-sft-1", "29500")
+    assert job == rendezvous_scope("ns", "pod-b", "j-sft-1-0.j-sft-1", "29500")
+    assert job != rendezvous_scope("other", "pod-b", "j-sft-1-0.j-sft-1", "29500")
+    assert job != rendezvous_scope("ns", "pod-b", "k-sft-1-0.k-sft-1", "29500")
 
 
 def test_next_completion_index_fills_gaps():

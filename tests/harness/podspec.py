@@ -179,6 +179,16 @@ def rewrite_ports(argv: Sequence[str], env: Mapping[str, str], ports: Mapping[in
     return out, new_env
 
 
+def rendezvous_scope(namespace: str, pod_uid: str, master_addr: str, master_port: str) -> tuple[str, ...]:
+    """Which pods share one rendezvous MASTER_PORT. A Service name (``<job>-0.<svc>``) is one address for every pod
+    of the Job that writes it, so they share one port. A loopback MASTER_ADDR (the operator's single-node stages:
+    every rank in one pod) is the pod's own network namespace on a cluster: the port is that pod's alone, and two
+    single-node Jobs at once must not be handed the same one (they all write ``127.0.0.1:29500``)."""
+    if master_addr in ("localhost", "::1") or master_addr.startswith("127."):
+        return ("pod", pod_uid, master_port)
+    return ("service", namespace, master_addr, master_port)
+
+
 def next_completion_index(taken: set[int]) -> int:
     """The lowest index no live pod of the Job holds: a v1.20 Job has no completion index, so the harness gives
     each pod of a `completions = parallelism = N` Job a distinct rank in 0..N-1 (a replacement reuses the freed one)."""

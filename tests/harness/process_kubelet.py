@@ -11,8 +11,9 @@ Substitutions, because nothing real can run them here (each one documented where
   becomes 127.0.0.1, since every pod shares this machine's network.
 - Ports: each declared containerPort gets a free local port (`--port N`, `--port=N` args and `*PORT` env vars
   equal to N are rewritten; the map is in the pod annotation ``process-kubelet.kuberlhf.io/ports``), and the
-  rendezvous MASTER_PORT of a Job gets one free port shared by that Job's pods, so parallel pipelines and tests
-  never collide.
+  rendezvous MASTER_PORT gets a free port per rendezvous: one shared by the pods of a Job that meet at a Service
+  address, one per pod when MASTER_ADDR is loopback (a pod's own network on a cluster), so parallel pipelines and
+  tests never collide. No port is handed out twice.
 - v1.20 Jobs have no completion index: a Job-owned pod gets the lowest free index of its Job, written to the
   ``batch.kubernetes.io/job-completion-index`` annotation (so downward-API fieldRefs resolve as on a current
   cluster) and to env JOB_COMPLETION_INDEX (as current Kubernetes injects it).
@@ -193,10 +194,21 @@ class ProcessKubelet:
         self.runs: dict[str, PodRun] = {}  # by pod uid
         self._lock = threading.RLock()
         self._indices: dict[str, dict[str, int]] = {}  # job uid -> pod uid -> completion index
-        self._master_ports: dict[tuple[str, str, str], int] = {}
+        self._master_ports: dict[tuple[str, ...], int] = {}  # rendezvous scope -> its local port
+        self._handed_ports: set[int] = set()
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
         self.errors: list[str] = []
+
+    def _new_port(self) -> int:
+        """A free local port this kubelet has not handed out before: a pod binds its port only after its imports
+        (seconds to minutes), and until then ``bind(0)`` may return the same port again."""
+        with self._lock:
+            port = free_port()
+            while port in self._handed_ports:
+                port = free_port()
+            self._handed_ports.add(port)
+            return port
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> ProcessKubelet:
@@ -403,7 +415,7 @@ class ProcessKubelet:
         main_specs = spec.get("containers") or []
         for c in init_specs + main_specs:
             for p in c.get("ports") or []:
-                run.ports.setdefault(int(p["containerPort"]), free_port())
+                run.ports.setdefault(int(p["containerPort"]), self._new_port())
         if run.ports:
             self._patch_meta(run, {PORTS_ANNOTATION: json.dumps({str(k): v for k, v in run.ports.items()})})
         logs = self.workdir / "logs"
@@ -474,7 +486,7 @@ class ProcessKubelet:
                     env.setdefault(podspec.JOB_COMPLETION_INDEX_ENV, str(run.completion_index))
                 c.argv = [podspec.rewrite_cluster_hosts(a, ns, services) for a in c.argv]
                 c.argv, ported = podspec.rewrite_ports(c.argv, env, run.ports)
-                env = self._rewrite_network(ns, env, ported, services)
+                env = self._rewrite_network(run, env, ported, services)
                 if sa_kubeconfig is not None:
                     env.setdefault("KUBECONFIG", str(sa_kubeconfig))
                 c.env = env
@@ -514,17 +526,17 @@ class ProcessKubelet:
         path.chmod(0o600)
         return path
 
-    def _rewrite_network(self, ns: str, original: dict[str, str], env: dict[str, str],
+    def _rewrite_network(self, run: PodRun, original: dict[str, str], env: dict[str, str],
                          services: set[tuple[str, str]]) -> dict[str, str]:
-        out = {k: podspec.rewrite_cluster_hosts(v, ns, services) for k, v in env.items()}
+        out = {k: podspec.rewrite_cluster_hosts(v, run.namespace, services) for k, v in env.items()}
         addr, port = original.get("MASTER_ADDR"), original.get("MASTER_PORT")
         if addr and port:
-            # One free port per Job rendezvous (keyed by its address as written, e.g. <job>-0.<svc>), shared by
-            # all of that Job's pods: never the per-pod containerPort map, on which the pods would disagree.
-            key = (ns, addr, port)
+            # One free port per rendezvous (podspec.rendezvous_scope): shared by the Job's pods that meet at
+            # <job>-0.<svc>, never the per-pod containerPort map there, on which they would disagree.
+            key = podspec.rendezvous_scope(run.namespace, run.uid, addr, port)
             with self._lock:
                 if key not in self._master_ports:
-                    self._master_ports[key] = free_port()
+                    self._master_ports[key] = self._new_port()
                 out["MASTER_PORT"] = str(self._master_ports[key])
         return out
 

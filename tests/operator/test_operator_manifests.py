@@ -258,6 +258,9 @@ def test_cpu_single_node_job_uses_loopback_and_no_gpus(spec) -> None:
     c = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["DS_ACCELERATOR"] == "cpu"
+    # declared: on a hostNetwork pod the API server makes it a hostPort, so the scheduler keeps a second stage pod
+    # off the node instead of both binding it (docs/kubernetes.md, "The pod surface")
+    assert c["ports"] == [{"name": "rendezvous", "containerPort": int(env["MASTER_PORT"]), "protocol": "TCP"}]
     assert c["resources"] == {"requests": {"ephemeral-storage": "2Gi"}}  # the scratch, no GPUs
     assert c["image"] == "img:cpu" and job["spec"]["suspend"] is True
     assert "nodeSelector" not in job["spec"]["template"]["spec"]
