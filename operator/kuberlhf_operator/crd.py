@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kuberlhf.contract import podspec
 from kuberlhf.contract.rules import DOCS_BEGIN, DOCS_END, cel_rules_at, docs_block, rule_nodes
 from kuberlhf.contract.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, PipelineSpec, Stage
 from kuberlhf_operator import podschema
@@ -110,27 +110,12 @@ def _has_default_factory(node: dict[str, Any], prop_name: str, defs: dict[str, A
     return "$ref" in raw and "default" not in raw  # a plain $ref with no default = default_factory model
 
 
-# The stages added after the first three, slimmed in the CRD: it must stay under the 256 KiB annotation of
-# kubectl's client-side apply, and every typed copy of the upstream PodSpec schema costs ~42 KB. Their
-# podTemplate.spec is not typed by the CRD (kuberlhf still checks it: kuberlhf.contract.pod, shape and
-# operator-owned fields; the API server types the Pods made from it), and the fields they share with sft / ppo
-# carry their description there only (`kubectl explain rlhfpipeline.spec.stages.sft`; docs/kubernetes.md lists
-# every field).
-SLIM_STAGES = {"dpo": "sft", "grpo": "ppo"}
-
-
-def _loosen_pod_specs(schema: dict[str, Any]) -> None:
-    stages = schema["properties"]["stages"]["properties"]
-    for stage, like in SLIM_STAGES.items():
-        props = stages[stage]["properties"]
-        props["podTemplate"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
-                                "description": "As spec.stages.sft.podTemplate (not typed by the CRD, for its size)."}
-        twin = stages[like]["properties"]
-        for name, prop in props.items():
-            if name in twin and name != "podTemplate" and prop.get("description") == twin[name].get("description"):
-                props[name] = _without_descriptions(prop)  # described at spec.stages.<like>
-            elif "description" in prop:  # their own fields: the first clause (docs/kubernetes.md has it all)
-                prop["description"] = re.split(r" \(|: |; |\. ", prop["description"], maxsplit=1)[0].rstrip(".") + "."
+# One copy of the upstream PodSpec schema, at spec.podTemplate.spec: a CRD cannot share a schema between fields
+# (no $ref), each copy costs ~41 KB, and five copies filled kubectl's 256 KiB client-side-apply annotation. The
+# per-stage and serving podTemplate.spec are free-form here and kuberlhf checks them against the same schema
+# (kuberlhf.contract.podspec, from the asset below), so a bad one is InvalidSpec naming the field.
+POD_SPEC_UNTYPED = ("A Kubernetes PodSpec merged over spec.podTemplate.spec; the CRD types only that one (its "
+                    "size), kuberlhf checks this one against the same schema.")
 
 
 def _without_descriptions(node: Any) -> Any:
@@ -144,8 +129,9 @@ def _without_descriptions(node: Any) -> Any:
 def spec_schema() -> dict[str, Any]:
     raw = PipelineSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.get("$defs", {})
-    schema = podschema.expand(_convert(raw, defs))  # podTemplate specs: the upstream PodSpec schema
-    _loosen_pod_specs(schema)
+    schema = _convert(raw, defs)
+    podschema.expand(schema["properties"]["podTemplate"])  # the upstream PodSpec schema
+    podschema.untype(schema, POD_SPEC_UNTYPED)
     schema["description"] = ("Desired state of an RLHF pipeline (SFT -> reward model -> PPO, SFT -> DPO or SFT -> "
                              "[reward model ->] GRPO, then chat serving).")
     return schema
@@ -227,11 +213,8 @@ def status_schema() -> dict[str, Any]:
             "conditions": {"type": "array", "items": _condition_schema()},
             "stages": {
                 "type": "object",
-                # the field descriptions once, in sft's entry (the CRD's size: kubectl's 256 KiB annotation)
-                # (dpo, grpo: the same fields, untyped)
+                # the field descriptions once, in sft's entry
                 "properties": {name: copy.deepcopy(stage if name == "sft" else _without_descriptions(stage))
-                               if name not in SLIM_STAGES else {"type": "object",
-                                                                "x-kubernetes-preserve-unknown-fields": True}
                                for name in [s.value for s in Stage] + ["serving"]},
             },
         },
@@ -334,12 +317,20 @@ def _docs_with_rules(text: str) -> str:
     return text[:start] + docs_block() + text[end + len(DOCS_END):]
 
 
+# Other generated files: the PodSpec schema kuberlhf checks the untyped podTemplates with.
+ASSETS = {"trainer_image/kuberlhf/assets/" + podspec.SCHEMA_ASSET: podschema.asset_text}
+
+
+def _generated() -> dict[str, str]:
+    return {**{rel: render(cel) for rel, cel in COPIES.items()}, **{rel: make() for rel, make in ASSETS.items()}}
+
+
 def stale_copies(root: Path = REPO) -> list[str]:
-    """The committed copies (and the docs' rules list) that differ from the generator's output."""
+    """The committed copies, assets and the docs' rules list that differ from the generator's output."""
     out = []
-    for rel, cel in COPIES.items():
+    for rel, text in _generated().items():
         path = root / rel
-        if not path.is_file() or path.read_text() != render(cel):
+        if not path.is_file() or path.read_text() != text:
             out.append(rel)
     docs = (root / RULES_DOC).read_text()
     if _docs_with_rules(docs) != docs:
@@ -348,11 +339,12 @@ def stale_copies(root: Path = REPO) -> list[str]:
 
 
 def write_copies(root: Path = REPO) -> list[str]:
-    for rel, cel in COPIES.items():
-        (root / rel).write_text(render(cel))
+    generated = _generated()
+    for rel, text in generated.items():
+        (root / rel).write_text(text)
     docs = root / RULES_DOC
     docs.write_text(_docs_with_rules(docs.read_text()))
-    return [*COPIES, RULES_DOC]
+    return [*generated, RULES_DOC]
 
 
 def main(argv: list[str] | None = None) -> int:

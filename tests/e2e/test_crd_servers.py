@@ -165,6 +165,24 @@ def test_operator_client_writes_strict_on_the_current_server(current: Extensions
     assert stored is not None and stored["status"] == {"phase": "Pending", "stage": "sft"}
 
 
+def test_current_server_types_the_pipeline_pod_template_and_kuberlhf_the_stage_ones(current: ExtensionsServer) -> None:
+    """The CRD types only spec.podTemplate.spec (one PodSpec schema: the CRD's size): the server refuses a bad
+    value there; the same value in a stage's podTemplate is free-form to the server and refused by kuberlhf's own
+    check (what the operator reports as InvalidSpec before any Job), naming the field."""
+    doc = copy.deepcopy(VALID)
+    doc["metadata"]["name"] = "pod-typed"
+    doc["spec"]["podTemplate"] = {"spec": {"hostIPC": "yes"}}
+    with pytest.raises(ApiError) as err:
+        current.api.request("POST", objects(), doc, query=STRICT)
+    assert err.value.status == 422 and "spec.podTemplate.spec.hostIPC" in err.value.body["message"], err.value
+    del doc["spec"]["podTemplate"]
+    doc["metadata"]["name"] = "pod-untyped"
+    doc["spec"]["stages"] = {"ppo": {"podTemplate": {"spec": {"hostIPC": "yes"}}}}
+    stored = current.api.request("POST", objects(), doc, query=STRICT)
+    with pytest.raises(SpecError, match=r"spec\.stages\.ppo\.podTemplate\.spec\.hostIPC: must be a boolean"):
+        parse_spec(stored["spec"])
+
+
 def test_current_server_keeps_storage_once_started(current: ExtensionsServer) -> None:
     doc = copy.deepcopy(VALID)
     doc["metadata"]["name"] = "started"

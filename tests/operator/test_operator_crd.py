@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kuberlhf.contract.spec import SpecError, parse_pipeline, parse_spec
-from kuberlhf_operator.crd import COPIES, build_crd, main, render, stale_copies
+from kuberlhf_operator.crd import ASSETS, COPIES, build_crd, main, render, stale_copies, write_copies
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,16 +66,18 @@ def test_committed_crds_are_the_generator_output() -> None:
 
 
 def test_generator_check_names_a_stale_copy(tmp_path: Path) -> None:
-    for rel, cel in COPIES.items():
+    for rel in [*COPIES, *ASSETS]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(render(cel))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs/kubernetes.md").write_text((REPO / "docs/kubernetes.md").read_text())
+    write_copies(tmp_path)
     assert stale_copies(tmp_path) == []
     (tmp_path / "charts/kuberlhf/files/rlhfpipelines.yaml").write_text(render(cel=False))
+    (asset,) = ASSETS
+    (tmp_path / asset).write_text((tmp_path / asset).read_text().replace('"boolean"', '"string"', 1))
     (tmp_path / "docs/kubernetes.md").write_text(
         (REPO / "docs/kubernetes.md").read_text().replace("fp16 needs CUDA GPUs", "fp16 is fine"))
-    assert stale_copies(tmp_path) == ["charts/kuberlhf/files/rlhfpipelines.yaml", "docs/kubernetes.md"]
+    assert stale_copies(tmp_path) == ["charts/kuberlhf/files/rlhfpipelines.yaml", asset, "docs/kubernetes.md"]
 
 
 def test_crd_is_a_valid_v1_crd_with_status_and_columns() -> None:
@@ -189,16 +191,40 @@ def test_bad_specs_are_rejected_by_both(path: str, value: Any) -> None:
     assert not models_accept(doc), f"models accept {path}={value!r}"
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    ("spec.podTemplate.spec.tolerations", "all"),
-    ("spec.stages.ppo.podTemplate.spec.hostIPC", "yes"),
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("spec.podTemplate.spec.tolerations", "all", "spec.podTemplate.spec.tolerations: must be a list"),
+    ("spec.stages.ppo.podTemplate.spec.hostIPC", "yes", "spec.stages.ppo.podTemplate.spec.hostIPC: must be a boolean"),
     ("spec.serving.podTemplate.spec.containers", [{"name": "trainer", "env": [{"name": "X", "valueFrom": {
-        "secretKeyRef": {"name": "no-key"}}}]}]),
-    ("spec.podTemplate.spec.topologySpreadConstraints", [{"maxSkew": 1}]),
+        "secretKeyRef": {"name": "no-key"}}}]}],
+     "spec.serving.podTemplate.spec.containers[trainer].env[X].valueFrom.secretKeyRef.key: required field is missing"),
+    ("spec.podTemplate.spec.topologySpreadConstraints", [{"maxSkew": 1}],
+     "spec.podTemplate.spec.topologySpreadConstraints[0].topologyKey: required field is missing"),
+    ("spec.stages.sft.podTemplate.spec.containers", [{"name": "side", "imagez": "x"}],
+     "spec.stages.sft.podTemplate.spec.containers[side].imagez: unknown field"),
+    ("spec.stages.reward.podTemplate.spec.containers", [{"name": "side", "ports": [{"containerPort": "80"}]}],
+     "spec.stages.reward.podTemplate.spec.containers[side].ports[0].containerPort: must be an integer"),
 ])
-def test_the_crd_types_every_pod_spec_field(path: str, value: Any) -> None:
-    # The models check only what the merge relies on; the rest of a PodSpec is typed by the upstream schema.
-    assert not server_accepts(_mutate(path, value)), f"CRD schema accepts {path}={value!r}"
+def test_every_pod_template_is_typed_by_the_crd_or_by_kuberlhf(path: str, value: Any, message: str) -> None:
+    """spec.podTemplate.spec carries the upstream PodSpec schema in the CRD; the stage and serving overlays are
+    free-form there (the CRD's size) and the models check them against the same schema: either way a bad value
+    is refused naming the field, and by the models before any Job exists."""
+    doc = _mutate(path, value)
+    typed_by_crd = path.startswith("spec.podTemplate.")
+    assert server_accepts(doc) is not typed_by_crd, f"CRD schema on {path}={value!r}"
+    with pytest.raises(SpecError) as err:
+        parse_pipeline(doc)
+    assert message in str(err.value), str(err.value)
+
+
+def test_pod_templates_of_the_examples_and_int_or_string_pass_kuberlhfs_check() -> None:
+    good = {"containers": [{"name": "trainer", "resources": {"limits": {"memory": "1Gi", "cpu": 2}},
+                            "ports": [{"containerPort": 8000.0}], "env": [{"name": "A", "value": "1"}]}],
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}],
+            "nodeSelector": {"pool": "gpu"}, "hostIPC": None}
+    doc = _mutate("spec.stages.ppo.podTemplate", {"spec": good})
+    assert server_accepts(doc) and models_accept(doc)
+    assert not models_accept(_mutate("spec.stages.ppo.podTemplate", {"spec": {**good, "nodeSelector": {"a": 1}}}))
+    assert not models_accept(_mutate("spec.serving.podTemplate", {"spec": {"priority": True}}))
 
 
 def test_examples_validate_against_crd_and_models() -> None:

@@ -236,9 +236,10 @@ class PodTemplate(SpecModel):
     @model_validator(mode="after")
     def _not_owned(self) -> PodTemplate:
         from kuberlhf.contract.pod import owned_conflicts, shape_errors
+        from kuberlhf.contract.podspec import pod_spec_errors
 
         wire = self.to_wire()
-        for path, why in shape_errors(wire):
+        for path, why in shape_errors(wire) + pod_spec_errors(wire.get("spec") or {}):
             raise PydanticCustomError("pod_shape", "{path} {why}", {"path": path, "why": why})
         for path, why in owned_conflicts(wire):
             raise PydanticCustomError("operator_owned", "{path} is set by the operator ({why}); remove it",
