@@ -21,6 +21,7 @@ ENV_PIPELINE_UID = "KUBERLHF_PIPELINE_UID"
 ENV_STAGE = "KUBERLHF_STAGE"
 ENV_ATTEMPT = "KUBERLHF_ATTEMPT"
 ENV_OUTPUT_DIR = "KUBERLHF_LOCAL_OUTPUT"  # optional: also copy the stage's results here (local runner)
+ENV_WORK_DIR = "KUBERLHF_WORK_DIR"  # optional: root of the node-local scratch (local runner: its output dir)
 # torchrun-style rendezvous; NODE_RANK is JOB_COMPLETION_INDEX on Kubernetes
 ENV_NNODES = "NNODES"
 ENV_NODE_RANK = "NODE_RANK"

@@ -24,6 +24,7 @@ from kuberlhf.contract.spec import RLHFPipeline, Stage, StorageSpec
 from kuberlhf.contract.stage import (
     ENV_S3_ACCESS_KEY,
     ENV_S3_SECRET_KEY,
+    ENV_WORK_DIR,
     METRICS_FILE,
     StageLayout,
     nproc_per_node,
@@ -279,11 +280,11 @@ def run_pipeline(pipeline: RLHFPipeline, opts: RunOptions, console: Console | No
     console.finish(out, time.monotonic() - t_run, staged)
     return result
 
-def _run_stage(pipeline: RLHFPipeline, stage: Stage, namespace: str, run_id: str, attempt: int,
-               creds: Mapping[str, str], out: Path, opts: RunOptions, console: Console) -> float:
-    from kuberlhf.runner.launch import free_port, run_nodes, tail_text
-
-    port = free_port()
+def node_envs(pipeline: RLHFPipeline, stage: Stage, namespace: str, run_id: str, attempt: int,
+              creds: Mapping[str, str], out: Path, port: int) -> list[dict[str, str]]:
+    """The environment of each node process of a stage attempt: the contract env, the store's credentials, and
+    node scratch inside the output directory (``KUBERLHF_WORK_DIR``), so two runs never share a scratch folder
+    whatever their pipelines' names, uids and stores (a re-run into the same directory is the same run)."""
     envs = []
     for rank in range(num_nodes(pipeline, stage)):
         env = dict(os.environ)
@@ -292,7 +293,16 @@ def _run_stage(pipeline: RLHFPipeline, stage: Stage, namespace: str, run_id: str
         # KUBERLHF_LOCAL_OUTPUT stays unset: the runner downloads the committed results itself (verified), so
         # the models are not written twice
         env.update(creds)
+        env[ENV_WORK_DIR] = str(out.resolve() / ".kuberlhf" / "work")
         envs.append(env)
+    return envs
+
+
+def _run_stage(pipeline: RLHFPipeline, stage: Stage, namespace: str, run_id: str, attempt: int,
+               creds: Mapping[str, str], out: Path, opts: RunOptions, console: Console) -> float:
+    from kuberlhf.runner.launch import free_port, run_nodes, tail_text
+
+    envs = node_envs(pipeline, stage, namespace, run_id, attempt, creds, out, free_port())
     echo = sys.stdout.buffer if opts.echo_stage_output else None
     sys.stdout.flush()
     res = run_nodes(stage_command(stage), envs, out / "logs", f"{stage.value}-attempt{attempt}", echo=echo)

@@ -35,6 +35,7 @@ from kuberlhf.contract.stage import (
     DEFAULT_TERMINATION_LOG,
     ENV_STORAGE_RETRY_SECONDS,
     ENV_TERMINATION_LOG,
+    ENV_WORK_DIR,
     METRICS_FILE,
     TENSORBOARD_DIR,
     StageContext,
@@ -49,8 +50,19 @@ class StageInputError(RuntimeError):
     """An input the stage needs is missing in the object store (e.g. step 1 has not completed)."""
 
 
-def work_root() -> Path:
-    return Path(os.environ.get("KUBERLHF_CACHE", Path.home() / ".cache" / "kuberlhf")) / "work"
+def work_root(env: Mapping[str, str]) -> Path:
+    """Root of the node-local scratch: ``KUBERLHF_WORK_DIR`` (the local runner sets one inside its output directory,
+    so two runs never share scratch), else ``$KUBERLHF_CACHE/work`` (a pod's own scratch volume)."""
+    if env.get(ENV_WORK_DIR):
+        return Path(env[ENV_WORK_DIR])
+    return Path(env.get("KUBERLHF_CACHE", Path.home() / ".cache" / "kuberlhf")) / "work"
+
+
+def scratch_dir(root: Path, pipeline: str, stage: str, stage_uri: str, endpoint: str | None, node_rank: int) -> Path:
+    """A node's scratch for one stage, shared by its ranks: keyed by the store (endpoint) and the stage's URI in
+    it, so two stores that hold the same URI (two runs' embedded servers) never meet in one folder either."""
+    key = hashlib.sha256(f"{endpoint or ''}|{stage_uri}".encode()).hexdigest()[:12]
+    return root / f"{pipeline}-{stage}-{key}" / f"node{node_rank}"
 
 
 def storage_retry_seconds(env: Mapping[str, str]) -> float:
@@ -133,9 +145,9 @@ class StageRun:
         self._pending: PendingUpload | None = None  # the checkpoint uploading in the background
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        key = hashlib.sha256(self.layout.stage_uri(self.stage).encode()).hexdigest()[:12]
         # node-local scratch, shared by the ranks of this node (and distinct per node even on one machine)
-        self.workdir = work_root() / f"{ctx.pipeline.metadata.name}-{self.stage}-{key}" / f"node{self.dist.node_rank}"
+        self.workdir = scratch_dir(work_root(os.environ), ctx.pipeline.metadata.name, self.stage,
+                                   self.layout.stage_uri(self.stage), self.spec.storage.endpoint, self.dist.node_rank)
         if self.dist.is_local_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
         D.barrier()
