@@ -3,18 +3,19 @@
 An OPT-125m-sized model (facebook/opt-125m's published config, random weights, saved in hub layout with
 ``save_pretrained``) is loaded and trained one step on 2 CPU ranks (DeepSpeed's CPU accelerator, gloo, one
 thread per rank) by ``kuberlhf.training.memory`` -- the probe the tests and the GPU check use -- at ZeRO-0, 2 and 3,
-in the order 0, 3, 3 with DeepSpeed's default 5e8-element buckets, 2, then 0, 3 again per repeat (interleaved so
-that load from other processes hits every stage alike). For each run it prints every rank's peak resident memory
-over the load, ``deepspeed.initialize`` and training phases, then
+in the order 0, 3, 3 as DeepSpeed-Chat configures it, 2, then 0, 3 again per repeat (interleaved so that load from
+other processes hits every stage alike). For each run it prints every rank's peak resident memory over the load,
+``deepspeed.initialize``, forward, backward and optimizer-step phases, then
 
-- ZeRO-3 / ZeRO-0 per-rank peak (goal <= 0.6: partitioning is real), and the same with DeepSpeed's default
-  buckets (what ``kuberlhf.training.ds_config.sized_buckets`` saves),
+- ZeRO-3 / ZeRO-0 per-rank peak (goal <= 0.6: partitioning is real), and the same with DeepSpeed-Chat's
+  ``zero_optimization`` (``memory_efficient_linear: false``, DeepSpeed's 5e8-element reduce bucket and 1e9-element
+  optimizer sub-groups: what ``kuberlhf.training.ds_config`` changes),
 - the process before loading (libraries) and the model's share: peak minus that, ZeRO-3 / ZeRO-0 again, and
 - the planner's per-rank estimate (``kuberlhf.planner.estimate`` for the same stage spec, model shape read from
   the saved config.json, its CPU runtime reserve standing for the process itself) / the measured peak (goal
   within +-30 %) for each ZeRO stage.
 
-    python bench/zero_memory.py [--out DIR] [--repeats 2]
+    python bench/zero_memory.py [--out DIR] [--repeats 2] [--dtype fp32|bf16] [--stages 0,3,3ds,2]
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def save_model(path: Path) -> Path:
     return path
 
 
-DS_DEFAULT_BUCKETS = {"reduce_bucket_size": 5e8}  # DeepSpeed's own default, which sized_buckets replaces
+# DeepSpeed-Chat's get_train_ds_config: torch's linear at ZeRO-3 and DeepSpeed's default bucket and sub-group sizes
+# (which kuberlhf.training.ds_config replaces)
+DEEPSPEED_CHAT = {"memory_efficient_linear": False, "reduce_bucket_size": 5e8, "sub_group_size": 1e9}
 
 
-def probe(model: Path, zero: int, out: Path, seq_len: int, batch: int, zero_config: dict | None = None) -> list[dict]:
+def probe(
+    model: Path, zero: int, out: Path, seq_len: int, batch: int, zero_config: dict | None = None, dtype: str = "fp32"
+) -> list[dict]:
     from kuberlhf.training.memory import run_probe
 
-    args = ["--model", str(model), "--zero", str(zero), "--dtype", "fp32", "--steps", "1", "--batch", str(batch)]
+    args = ["--model", str(model), "--zero", str(zero), "--dtype", dtype, "--steps", "1", "--batch", str(batch)]
     args += ["--seq-len", str(seq_len), *(["--zero-config", json.dumps(zero_config)] if zero_config else [])]
     return run_probe(out, args, world=2)
 
@@ -65,7 +70,7 @@ def baseline(rep: dict) -> int:
     return rep["phases"]["load"]["host_before"]
 
 
-def planner_estimate(model: Path, zero: int, seq_len: int, batch: int) -> int:
+def planner_estimate(model: Path, zero: int, seq_len: int, batch: int, dtype: str = "fp32") -> int:
     from kuberlhf.contract.spec import parse_pipeline
     from kuberlhf.planner.estimate import estimate_pipeline
     from kuberlhf.planner.shapes import read_model_shape
@@ -74,7 +79,7 @@ def planner_estimate(model: Path, zero: int, seq_len: int, batch: int) -> int:
         "nodes": 1,
         "gpusPerNode": 2,
         "zeroStage": zero,
-        "dtype": "fp32",
+        "dtype": dtype,
         "perDeviceBatchSize": batch,
         "gradientAccumulationSteps": 1,
     }
@@ -102,16 +107,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: mixed precision, as on a GPU")
+    p.add_argument("--stages", default="0,3,3ds,2", help="which runs, in order: 0, 2, 3, 3ds (DeepSpeed-Chat's)")
     args = p.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="zero-memory-"))
     model = save_model(work / "opt-125m-random")
-    order = [(0, None), (3, None), (3, DS_DEFAULT_BUCKETS), (2, None)] + [(0, None), (3, None)] * (args.repeats - 1)
+    runs = {"0": (0, None), "2": (2, None), "3": (3, None), "3ds": (3, DEEPSPEED_CHAT)}
+    first = [runs[x] for x in args.stages.split(",")]
+    order = first + [(0, None), (3, None)] * (args.repeats - 1)
     peaks: dict[str, list[int]] = {}
     bases: dict[str, list[int]] = {}
     for i, (zero, zero_config) in enumerate(order):
-        label = f"{zero}" + ("-ds-default-buckets" if zero_config else "")
+        label = f"{zero}" + ("-deepspeed-chat" if zero_config else "")
         t0 = time.time()
-        reps = probe(model, zero, work / f"run{i}-zero{label}", args.seq_len, args.batch, zero_config)
+        reps = probe(model, zero, work / f"run{i}-zero{label}", args.seq_len, args.batch, zero_config, args.dtype)
         per_rank = [peak(r) for r in reps]
         phases = {name: [round(r["phases"][name]["host_peak"] / MIB) for r in reps] for name in reps[0]["phases"]}
         print(
@@ -127,20 +136,22 @@ def main() -> None:
     model_share = {z: med[z] - base[z] for z in med}
     result = {
         "zero3_over_zero0_peak": med["3"] / med["0"],
-        "zero3_ds_default_buckets_over_zero0_peak": med["3-ds-default-buckets"] / med["0"],
+        "dtype": args.dtype,
         "zero3_over_zero0_model_share": model_share["3"] / model_share["0"],
         "median_peak_mib": {z: m / MIB for z, m in med.items()},
         "median_before_loading_mib": {z: m / MIB for z, m in base.items()},
     }
     print(f"\nZeRO-3 / ZeRO-0 per-rank peak RSS: {result['zero3_over_zero0_peak']:.2f} (goal <= 0.6)")
-    print(f"  with DeepSpeed's default 5e8-element buckets: {result['zero3_ds_default_buckets_over_zero0_peak']:.2f}")
+    if "3-deepspeed-chat" in med:
+        result["zero3_deepspeed_chat_over_zero0_peak"] = med["3-deepspeed-chat"] / med["0"]
+        print(f"  with DeepSpeed-Chat's zero_optimization: {result['zero3_deepspeed_chat_over_zero0_peak']:.2f}")
     print(
         f"  peak minus the process before loading ({base['0'] / MIB:.0f} MiB of libraries): "
         f"{model_share['3'] / MIB:.0f} / {model_share['0'] / MIB:.0f} MiB = {result['zero3_over_zero0_model_share']:.2f}"
     )
     result["planner_over_measured"] = {}
-    for zero in (0, 2, 3):
-        est = planner_estimate(model, zero, args.seq_len, args.batch)
+    for zero in (z for z in (0, 2, 3) if str(z) in med):
+        est = planner_estimate(model, zero, args.seq_len, args.batch, args.dtype)
         ratio = est / med[str(zero)]
         result["planner_over_measured"][zero] = ratio
         print(

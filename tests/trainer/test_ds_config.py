@@ -52,6 +52,10 @@ def test_offload_and_gpu_only_features():
 def test_eval_config_shards_only_at_zero3():
     assert eval_ds_config(settings(zero_stage=2))["zero_optimization"]["stage"] == 0
     assert eval_ds_config(settings(zero_stage=3))["zero_optimization"]["stage"] == 3
+    # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear process-wide: the trained and the
+    # frozen models of a stage ask for the same
+    assert eval_ds_config(settings(zero_stage=3))["zero_optimization"]["memory_efficient_linear"] is True
+    assert train_ds_config(settings(zero_stage=3))["zero_optimization"]["memory_efficient_linear"] is True
 
 
 def test_frozen_model_offload_is_its_own_switch():
@@ -95,14 +99,16 @@ def test_stage_settings_have_no_fallbacks_of_their_own():
 
 
 def test_buckets_sized_to_the_model_and_explicit_values_kept():
-    from kuberlhf.training.ds_config import DEEPSPEED_DEFAULT_BUCKET, sized_buckets
+    from kuberlhf.training.ds_config import DEEPSPEED_DEFAULT_BUCKET, DEEPSPEED_DEFAULT_SUB_GROUP, sized_buckets
 
     z3 = sized_buckets(train_ds_config(settings(zero_stage=3)), 768)["zero_optimization"]
     assert z3["reduce_bucket_size"] == 768**2 and "allgather_bucket_size" not in z3
+    assert z3["sub_group_size"] == 16 * 768**2  # OPT-125m: ~9.4 M-element optimizer sub-groups
     z2 = sized_buckets(train_ds_config(settings(zero_stage=2)), 768)["zero_optimization"]
-    assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 768**2
-    assert sized_buckets(train_ds_config(settings(zero_stage=3)), 30_000)["zero_optimization"][
-        "reduce_bucket_size"] == DEEPSPEED_DEFAULT_BUCKET  # never above DeepSpeed's default
+    assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 768**2 and "sub_group_size" not in z2
+    big = sized_buckets(train_ds_config(settings(zero_stage=3)), 30_000)["zero_optimization"]
+    # never above DeepSpeed's defaults
+    assert (big["reduce_bucket_size"], big["sub_group_size"]) == (DEEPSPEED_DEFAULT_BUCKET, DEEPSPEED_DEFAULT_SUB_GROUP)
     explicit = train_ds_config(settings(zero_stage=3))
     explicit["zero_optimization"]["reduce_bucket_size"] = 123
     assert sized_buckets(explicit, 768)["zero_optimization"]["reduce_bucket_size"] == 123

@@ -70,6 +70,16 @@ def check_settings(s: TrainSettings) -> None:
         raise DSConfigError("; ".join(str(p) for p in problems))
 
 
+# ZeRO-3's memory-efficient linear (DeepSpeed's default; DeepSpeed-Chat turns it off): torch's own linear saves the
+# gathered weight for the backward, so every parameter gathered in the forward stays resident until the backward
+# (measured on OPT-125m, fp32, 2 ranks: ~470 MiB per rank, the ZeRO-3 peak; bench/RESULTS.md section 8). DeepSpeed's
+# LinearFunctionForZeroStage3 saves the parameter handle instead, which the backward gathers again. LoRA, gradient
+# checkpointing and step 3 (tests/trainer/test_zero3_partitioned.py, test_stages.py) train with it; the hybrid
+# engine is CUDA only (hack/gpu-check.sh's ppo-z3-fp16-hybrid-lora case). It replaces
+# torch.nn.functional.linear for the whole process, so the frozen models' config sets the same value.
+MEMORY_EFFICIENT_LINEAR = True
+
+
 def _precision(dtype: str) -> dict[str, Any]:
     if dtype == "bf16":
         return {"bf16": {"enabled": True}}
@@ -86,7 +96,7 @@ def train_ds_config(s: TrainSettings) -> dict[str, Any]:
         "stage3_param_persistence_threshold": 1e4,
         "stage3_max_live_parameters": 3e7,
         "stage3_prefetch_bucket_size": 3e7,
-        "memory_efficient_linear": False,
+        "memory_efficient_linear": MEMORY_EFFICIENT_LINEAR,
         # without it save_16bit_model writes nothing at ZeRO-3, and the final HF export needs the full weights
         "stage3_gather_16bit_weights_on_model_save": True,
     }
@@ -121,6 +131,10 @@ def train_ds_config(s: TrainSettings) -> dict[str, Any]:
 
 # DeepSpeed's default reduce_bucket_size and allgather_bucket_size, in elements
 DEEPSPEED_DEFAULT_BUCKET = int(5e8)
+# DeepSpeed's default ZeRO-3 sub_group_size, in elements
+DEEPSPEED_DEFAULT_SUB_GROUP = int(1e9)
+# ZeRO-3 optimizer sub-groups of about this many hidden x hidden weight matrices (a layer or two of a transformer)
+SUB_GROUP_MATRICES = 16
 
 
 def sized_buckets(config: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:
@@ -129,7 +143,12 @@ def sized_buckets(config: dict[str, Any], hidden_size: int | None) -> dict[str, 
 
     DeepSpeed's fixed 5e8-element buckets suit multi-billion-parameter models; for a small one the ZeRO-3 gradient
     bucket takes every gradient of the step before its first reduce (measured on OPT-125m, fp32, 2 ranks: +744 MiB
-    per rank, more than the partitioning saved; ``bench/zero_memory.py``)."""
+    per rank, more than the partitioning saved; ``bench/zero_memory.py``).
+
+    At ZeRO-3 the optimizer's ``sub_group_size`` is sized the same way, ``SUB_GROUP_MATRICES * hidden_size ** 2``
+    elements, never above DeepSpeed's 1e9: the step copies each sub-group's gradients into one fp32 buffer, and
+    with DeepSpeed's default a small model's whole partition is one sub-group (OPT-125m, fp32, 2 ranks: the copy
+    was 209 MiB of the step's peak; ~10 M-element sub-groups cut it to ~40)."""
     zero = dict(config.get("zero_optimization", {}))
     if not hidden_size or int(zero.get("stage", 0)) == 0:
         return config
@@ -137,6 +156,8 @@ def sized_buckets(config: dict[str, Any], hidden_size: int | None) -> dict[str, 
     zero.setdefault("reduce_bucket_size", size)
     if int(zero["stage"]) < 3:  # ZeRO-3 gathers by stage3_prefetch_bucket_size instead
         zero.setdefault("allgather_bucket_size", size)
+    else:
+        zero.setdefault("sub_group_size", min(SUB_GROUP_MATRICES * int(hidden_size) ** 2, DEEPSPEED_DEFAULT_SUB_GROUP))
     return {**config, "zero_optimization": zero}
 
 
@@ -147,7 +168,7 @@ def eval_ds_config(s: TrainSettings, offload: bool | None = None) -> dict[str, A
     check_settings(TrainSettings(**{**s.__dict__, "hybrid_engine": False}))
     offload = s.offload if offload is None else offload
     zero: dict[str, Any] = {"stage": 3 if s.zero_stage == 3 else 0, "stage3_param_persistence_threshold": 1e4,
-                            "memory_efficient_linear": False,
+                            "memory_efficient_linear": MEMORY_EFFICIENT_LINEAR,
                             # the EMA copy is exported and checkpointed from a frozen engine
                             "stage3_gather_16bit_weights_on_model_save": True}
     if offload and s.zero_stage == 3:
