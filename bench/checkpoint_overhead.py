@@ -10,10 +10,14 @@ times, so load from other processes hits each alike:
   background  checkpointEverySteps K, backgroundCheckpointUpload true (the default: upload while training)
 
 Training time is the span of the stage's own ``train`` metric rows (first to last step: start-up and the final
-export are the same in every variant and left out). Prints each variant's training seconds and the ratios
-sync / none and background / none (goal <= 1.1x), and background / sync.
+export are the same in every variant and left out). Each round runs the three variants back to back, in an order
+rotated from round to round, and the ratios are taken within a round (paired: load that drifts over minutes
+hits the three runs of a round alike); the result is the median of the per-round ratios with their range. Each
+run also records the stage process's CPU seconds (user + system, load-independent: the work a checkpoint adds,
+whether or not it overlaps training) and the load average before it. Prints each run, then sync / none and
+background / none (goal <= 1.1x), and background / sync.
 
-    python bench/checkpoint_overhead.py [--steps 12] [--every 3] [--hidden 512] [--layers 6] [--rounds 1]
+    python bench/checkpoint_overhead.py [--steps 12] [--every 3] [--hidden 512] [--layers 6] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -88,7 +93,8 @@ def manifest(model: Path, steps: int, every: int, background: bool) -> dict:
     }
 
 
-def run_sft(doc: dict, server, out: Path) -> float:
+def run_sft(doc: dict, server, out: Path) -> tuple[float, float]:
+    """(training seconds, the stage process's CPU seconds) of one ``kuberlhf stage sft`` run."""
     from kuberlhf.contract.spec import parse_pipeline
     from kuberlhf.contract.stage import ENV_OUTPUT_DIR, stage_env
     from kuberlhf.training.distributed import free_port
@@ -111,12 +117,27 @@ def run_sft(doc: dict, server, out: Path) -> float:
         "PYTHONWARNINGS": "ignore",
     }
     kuberlhf = str(Path(sys.executable).parent / "kuberlhf")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([kuberlhf, "stage", "sft"], env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     times = [r["time"] for r in rows if r["split"] == "train"]
-    return times[-1] - times[0]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return times[-1] - times[0], cpu
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: the variants rotated by ``r``, so none of them always runs first or last."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def paired(seconds: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
+    """Median and range over rounds of ``a / b`` taken within each round."""
+    ratios = [x / y for x, y in zip(seconds[a], seconds[b], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def main() -> None:
@@ -127,7 +148,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=3)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="ckpt-overhead-"))
@@ -139,42 +160,54 @@ def main() -> None:
     )
     variants = {"none": (0, True), "sync": (args.every, False), "background": (args.every, True)}
     seconds: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    loads: list[float] = []
     with SeaweedServer(work / "seaweed") as server:
         server.create_bucket("bench")
         for r in range(args.rounds):
-            for name, (every, background) in variants.items():
+            for name in rotated(list(variants), r):
+                every, background = variants[name]
+                load = os.getloadavg()[0]
+                loads.append(load)
                 t0 = time.time()
-                s = run_sft(manifest(model, args.steps, every, background), server, work / f"r{r}-{name}")
+                s, c = run_sft(manifest(model, args.steps, every, background), server, work / f"r{r}-{name}")
                 seconds[name].append(s)
-                print(f"round {r} {name}: training {s:.1f} s (stage {time.time() - t0:.0f} s)", flush=True)
-    med = {k: statistics.median(v) for k, v in seconds.items()}
+                cpu[name].append(c)
+                print(
+                    f"round {r} {name}: training {s:.1f} s, stage CPU {c:.1f} s (stage {time.time() - t0:.0f} s; "
+                    f"load average {load:.1f} before)",
+                    flush=True,
+                )
     result = {
         "bench": "checkpoint_overhead",
         "params": n,
         "steps": args.steps,
         "every": args.every,
-        "train_seconds": med,
-        "sync_over_none": med["sync"] / med["none"],
-        "background_over_none": med["background"] / med["none"],
-        "background_over_sync": med["background"] / med["sync"],
+        "rounds": args.rounds,
+        "train_seconds": seconds,
+        "stage_cpu_seconds": cpu,
+        "load_average": {"min": min(loads), "max": max(loads)},
+        "sync_over_none": paired(seconds, "sync", "none"),
+        "background_over_none": paired(seconds, "background", "none"),
+        "background_over_sync": paired(seconds, "background", "sync"),
+        "cpu_sync_over_none": paired(cpu, "sync", "none"),
+        "cpu_background_over_none": paired(cpu, "background", "none"),
     }
-    print(
-        goal_line(
-            "training time with checkpoints, synchronous upload / none",
-            result["sync_over_none"],
-            1.1,
-            higher_is_better=False,
+    for key, what in (("sync_over_none", "synchronous upload"), ("background_over_none", "background upload")):
+        r = result[key]
+        print(
+            goal_line(f"training time with checkpoints, {what} / none", r["median"], 1.1, higher_is_better=False)
+            + f" (per round {r['min']:.2f}-{r['max']:.2f})"
         )
-    )
-    print(
-        goal_line(
-            "training time with checkpoints, background upload / none",
-            result["background_over_none"],
-            1.1,
-            higher_is_better=False,
+    r = result["background_over_sync"]
+    print(f"background / synchronous: {r['median']:.2f}x (per round {r['min']:.2f}-{r['max']:.2f})")
+    for key in ("cpu_sync_over_none", "cpu_background_over_none"):
+        r = result[key]
+        print(
+            f"stage CPU seconds, {key[4:].replace('_over_', ' / ')}: {r['median']:.2f}x "
+            f"(per round {r['min']:.2f}-{r['max']:.2f})"
         )
-    )
-    print(f"background / synchronous: {result['background_over_sync']:.2f}x")
+    print(f"load average before the runs: {min(loads):.1f}-{max(loads):.1f}")
     emit(result)
 
 
