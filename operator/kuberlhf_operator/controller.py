@@ -185,12 +185,15 @@ class Operator:
         """Read the pipeline fresh, decide, apply children, write status (optimistically), emit events."""
         key = (namespace, name)
         metrics.RECONCILES.labels(trigger=trigger).inc()
-        with self.lock(key):
+        lock, t_wait = self.lock(key), time.perf_counter()
+        with lock:
+            metrics.RECONCILE_PHASE_SECONDS.labels(phase="lock").observe(time.perf_counter() - t_wait)
             # A decision whose status write loses a conflict emits nothing: the redo starts from the same stored
             # status and adopts the children it made, so it derives the same transitions' events
             # (reconcile.transition_events compares the stored status with the new one).
             for _ in range(STATUS_CONFLICT_RETRIES):
-                body = self.kube.get("RLHFPipeline", namespace, name)
+                with metrics.phase("read"):
+                    body = self.kube.get("RLHFPipeline", namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     self.forget(key)
                     return None
@@ -198,11 +201,15 @@ class Operator:
                 meta = PipelineMeta(name=m["name"], namespace=m["namespace"], uid=m["uid"],
                                     generation=int(m.get("generation") or 1), labels=dict(m.get("labels") or {}))
                 spec, status = body.get("spec") or {}, body.get("status") or {}
-                observed = gather(self.kube, meta, status)
-                probes = probe(self.kube, self.stores, meta, spec, status, observed)
-                decision = reconcile(meta, spec, status, observed, now or _now(), probes, self.config)
+                with metrics.phase("gather"):
+                    observed = gather(self.kube, meta, status)
+                with metrics.phase("probe"):
+                    probes = probe(self.kube, self.stores, meta, spec, status, observed)
+                with metrics.phase("decide"):
+                    decision = reconcile(meta, spec, status, observed, now or _now(), probes, self.config)
                 try:
-                    apply_actions(self.kube, namespace, decision)
+                    with metrics.phase("apply"):
+                        apply_actions(self.kube, namespace, decision)
                 except ActionFailed as failed:
                     if failed.action.verb != "create" or failed.error.status not in REFUSED_CODES:
                         raise failed.error from None  # not about the object: retried (guarded)
@@ -210,10 +217,12 @@ class Operator:
                                              _error_message(failed.error), now or _now())
                 if decision.status != status:
                     try:
-                        write_status(self.kube, body, decision.status)
+                        with metrics.phase("status"):
+                            write_status(self.kube, body, decision.status)
                     except ConflictError:  # someone (kopf's annotations) wrote in between: decide again
                         continue
-                emit_events(body, decision, self.emit)
+                with metrics.phase("events"):
+                    emit_events(body, decision, self.emit)
                 for stage, seconds in decision.stage_durations.items():
                     metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
                 metrics.set_phase(namespace, name, decision.status.get("phase"))

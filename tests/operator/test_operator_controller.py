@@ -51,12 +51,22 @@ def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
                          "resourceVersion": "7"}, "spec": spec}
 
 
+def phase_count(phase: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("kuberlhf_reconcile_phase_seconds_count", {"phase": phase}) or 0.0
+
+
 def test_one_reconcile_creates_the_first_stage_writes_status_once_and_emits_its_events(spec) -> None:
     kube = RecordingKube(pipeline(spec))
     events: list[tuple[str, str]] = []
     op = Operator(kube, OperatorConfig(default_image="img:1"), emit=lambda body, ev: events.append(
         (body["metadata"]["uid"], ev.reason)))
+    phases = ("lock", "read", "gather", "probe", "decide", "apply", "status", "events")
+    before = {p: phase_count(p) for p in phases}
     decision = op.reconcile_pipeline("team", "tiny", "create")
+    # each phase of the reconcile timed once (kuberlhf_reconcile_phase_seconds: the operator bench's profile)
+    assert {p: phase_count(p) - before[p] for p in phases} == dict.fromkeys(phases, 1)
     created = [(w[1], w[2]) for w in kube.writes if w[0] == "create"]
     assert created == [("NetworkPolicy", "tiny-sft-1"), ("Service", "tiny-sft-1"), ("Job", "tiny-sft-1")]
     status_writes = [w for w in kube.writes if w[1] == "RLHFPipeline/status"]
