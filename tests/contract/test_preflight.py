@@ -114,6 +114,25 @@ def test_each_check_names_the_field_and_the_fix(kwargs, field, words) -> None:
     assert field in str(err.value) and "fix:" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("ref", "words"),
+    [
+        ("no_such_module_xyz:score", "cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
+        ("posixpath:no_such_function", "'posixpath' has no function 'no_such_function'"),
+        ("/nowhere/rewards.py:score", "/nowhere/rewards.py does not exist here"),
+    ],
+)
+def test_a_reward_function_that_does_not_import_is_refused_where_it_runs(ref, words) -> None:
+    """Where the stage runs (``kuberlhf run``, the stage pod: local=True) the function must import and exist; the
+    operator (local=False) cannot import a module only the trainer image holds, so it leaves that to the stage."""
+    spec = spec_of(algorithm="grpo", reward=None, stages={"grpo": {"rewardFunction": ref}})
+    with pytest.raises(PreflightError) as err:
+        check_spec(spec, local=True)
+    assert [p.field for p in err.value.problems] == ["spec.stages.grpo.rewardFunction"], err.value
+    assert words in str(err.value) and "fix: give 'module:function' importable in the trainer image" in str(err.value)
+    assert preflight(spec, local=False) == []
+
+
 def test_examples_and_good_specs_pass() -> None:
     for path in sorted((REPO / "examples").glob("*.yaml")):
         if "kind: RLHFPipeline" in path.read_text():

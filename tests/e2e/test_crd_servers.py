@@ -18,7 +18,7 @@ from chart.helm import render_chart
 from harness.apiextensions import ExtensionsServer, find_apiextensions, operator_kube
 from harness.controlplane import ControlPlane, ControlPlaneUnavailable
 from harness.rest import ApiError, KubeREST
-from harness.rule_cases import CASES, VALID, messages_in
+from harness.rule_cases import CASES, VALID, Case, messages_in
 from harness.wait import wait_for
 
 from kuberlhf.contract.preflight import preflight
@@ -91,6 +91,14 @@ def test_current_server_takes_every_example_and_rejects_each_bad_spec_with_the_r
     for doc in examples():
         current.api.request("POST", objects(), doc, query=STRICT)
     current.api.request("POST", objects(), VALID, query=STRICT)
+    # dpo and grpo with no stage settings at all: their CEL rules hold on the server's defaults (or guard absences)
+    for name, patch in (("bare-dpo", {"algorithm": "dpo", "reward": None}), ("bare-grpo", {"algorithm": "grpo"}),
+                        ("bare-grpo-code", {"algorithm": "grpo", "reward": None,
+                                            "stages": {"grpo": {"rewardFunction": "rewards:score"}},
+                                            "data": {"split": "2,0,8"}})):
+        doc = Case(name, patch).doc()
+        assert own_messages(doc) == set(), name
+        current.api.request("POST", objects(), doc, query=STRICT)
     for case, rule in CASES:
         doc = case.doc()
         assert own_messages(doc) == {rule.text}, case.name

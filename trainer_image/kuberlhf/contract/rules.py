@@ -49,15 +49,6 @@ def _has(*path: str) -> str:
     return " && ".join(f"has(self.{'.'.join(path[: i + 1])})" for i in range(len(path)))
 
 
-# Stages whose per-field rules stay out of the CRD (its size: kubectl's 256 KiB annotation): the preflight
-# checks them, on every server.
-_PREFLIGHT_ONLY_STAGES = ("dpo", "grpo")
-
-
-def _cel(stage: str, expression: str) -> str | None:
-    return None if stage in _PREFLIGHT_ONLY_STAGES else expression
-
-
 def _fp16_rule(stage: str) -> Rule:
     field = f"spec.stages.{stage}.dtype"
     return Rule(
@@ -65,8 +56,8 @@ def _fp16_rule(stage: str) -> Rule:
         message="fp16 needs CUDA GPUs and spec.accelerator is cpu",
         fix=f"set {field} to bf16 or fp32, or spec.accelerator to cuda",
         ok=lambda s: not (s.accelerator.value == "cpu" and s.stages.get(stage).dtype.value == "fp16"),
-        cel=_cel(stage, f"self.accelerator == 'cuda' || !({_has('stages', stage, 'dtype')}) || "
-                 f"self.stages.{stage}.dtype != 'fp16'"),
+        cel=(f"self.accelerator == 'cuda' || !({_has('stages', stage, 'dtype')}) || "
+             f"self.stages.{stage}.dtype != 'fp16'"),
     )
 
 
@@ -87,8 +78,8 @@ def _hybrid_cpu_rule(stage: str) -> Rule:
         message="the DeepSpeed hybrid engine needs CUDA GPUs and spec.accelerator is cpu",
         fix=f"set {field} to false (or leave it unset), or spec.accelerator to cuda",
         ok=lambda s: not (s.accelerator.value == "cpu" and s.stages.get(stage).hybrid_engine),
-        cel=_cel(stage, f"self.accelerator == 'cuda' || !({_has('stages', stage, 'hybridEngine')}) || "
-                 f"!self.stages.{stage}.hybridEngine"),
+        cel=(f"self.accelerator == 'cuda' || !({_has('stages', stage, 'hybridEngine')}) || "
+             f"!self.stages.{stage}.hybridEngine"),
     )
 
 
@@ -137,7 +128,7 @@ def _lora_only_needs_dim(stage: str, attr: str, wire: str) -> Rule:
         fix=f"set {base}.dim > 0 (e.g. 128) or {base}.onlyOptimizeLora to false",
         ok=ok,
         at=base,
-        cel=_cel(stage, "!self.onlyOptimizeLora || self.dim > 0"),
+        cel="!self.onlyOptimizeLora || self.dim > 0",
     )
 
 
@@ -166,9 +157,21 @@ def split_shares(split: str) -> tuple[float, float, float] | None:
     return a, b, c
 
 
+def _shares_cel(*indices: int) -> str:
+    return " && ".join(f"double(self.data.split.split(',')[{i}].trim()) > 0.0" for i in indices)
+
+
 def _share_cel(*indices: int) -> str:
-    shares = " && ".join(f"double(self.data.split.split(',')[{i}].trim()) > 0.0" for i in indices)
-    return f"!self.data.split.matches('{SPLIT_PATTERN}') || ({shares})"
+    return f"!self.data.split.matches('{SPLIT_PATTERN}') || ({_shares_cel(*indices)})"
+
+
+# The shares a dpo/grpo pipeline trains on after step 1 (as _graph_shares): dpo step 2's pairs; grpo step 3's
+# prompts, and step 2's pairs too when a reward model scores it (no stages.grpo.rewardFunction).
+_GRAPH_SHARES_CEL = (
+    f"self.algorithm == 'ppo' || !self.data.split.matches('{SPLIT_PATTERN}') || "
+    f"(self.algorithm == 'dpo' ? {_shares_cel(1)} : ({_has('stages', 'grpo', 'rewardFunction')}) ? "
+    f"{_shares_cel(2)} : ({_shares_cel(1, 2)}))"
+)
 
 
 def _graph_shares(s: PipelineSpec) -> tuple[int, ...]:
@@ -202,8 +205,8 @@ def _lora_vs_checkpointing(stage: str, attr: str, wire: str) -> Rule:
         fix=f"set {base}.{wire}.onlyOptimizeLora or {base}.gradientCheckpointing to false",
         ok=ok,
         at=base,
-        cel=_cel(stage, f"!has(self.{wire}) || !self.{wire}.onlyOptimizeLora || self.{wire}.dim == 0 || "
-                 "!self.gradientCheckpointing"),
+        cel=(f"!has(self.{wire}) || !self.{wire}.onlyOptimizeLora || self.{wire}.dim == 0 || "
+             "!self.gradientCheckpointing"),
     )
 
 
@@ -215,8 +218,8 @@ def _use_ema_rule(stage: str) -> Rule:
         fix=f"set spec.stages.{stage}.ema.enabled to true, or spec.serving.useEma to false to serve {stage}/model/",
         ok=lambda s: not (s.algorithm.value == stage and s.serving.enabled and s.serving.use_ema
                           and not s.stages.get(stage).ema.enabled),
-        cel=_cel(stage, f"self.algorithm != '{stage}' || !self.serving.enabled || !self.serving.useEma || "
-                 f"self.stages.{stage}.ema.enabled"),
+        cel=(f"self.algorithm != '{stage}' || !self.serving.enabled || !self.serving.useEma || "
+             f"!({_has('stages', stage, 'ema', 'enabled')}) || self.stages.{stage}.ema.enabled"),
     )
 
 
@@ -263,8 +266,8 @@ RULES: tuple[Rule, ...] = (
         "second share, step 2's pairs, and grpo on the third, step 3's prompts",
         fix="give that stage's share of spec.data.split a value above 0, e.g. '2,8,0' for dpo, '2,0,8' for grpo "
         "with a rewardFunction, '2,4,4' for grpo with a reward model",
-        # the graph depends on rewardFunction; dpo/grpo rules stay out of the CRD (its size): preflight only
         ok=lambda s: s.algorithm.value == "ppo" or _shares_ok(s, *_graph_shares(s)),
+        cel=_GRAPH_SHARES_CEL,
     ),
     *(_use_ema_rule(stage) for stage in ("ppo", "grpo")),
     *(_stage_outside_graph(stage) for stage in ("reward", "ppo", "dpo", "grpo")),
@@ -305,7 +308,8 @@ RULES: tuple[Rule, ...] = (
         message="must be 2 or more: GRPO normalises each answer's reward within its prompt's group, and a group "
         "of one answer gives every advantage 0 (nothing is learned)",
         fix="set spec.stages.grpo.groupSize to 2 or more (DeepSeekMath samples 64; 4-16 is common)",
-        ok=lambda s: s.algorithm.value != "grpo" or s.stages.grpo.group_size >= 2,  # preflight only: CRD size
+        ok=lambda s: s.algorithm.value != "grpo" or s.stages.grpo.group_size >= 2,
+        cel=f"self.algorithm != 'grpo' || !({_has('stages', 'grpo', 'groupSize')}) || self.stages.grpo.groupSize >= 2",
     ),
 )
 SPLIT_FORMAT = next(r for r in RULES if r.cel and "matches" in r.cel and r.field == "spec.data.split")
