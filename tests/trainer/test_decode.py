@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kuberlhf.rlhf.decode import Sampling, StaticDecoder, generate_reference, pick_decoder, supports
+from kuberlhf.rlhf.decode import Sampling, StaticDecoder, _layer_plan, generate_reference, pick_decoder, supports
 
 
 def tiny_opt(seed: int, **overrides):
@@ -123,6 +123,20 @@ def test_lora_actor_samples_with_its_adapters() -> None:
         base_seq, base_logits = by_static(model, ids, mask, s, seed=3)
     _, lora_logits = by_static(model, ids, mask, s, seed=3)
     assert (lora_logits[:, 0] - base_logits[:, 0]).abs().max() > 1e-3
+    # the adapted projections are called as modules (q/k/v not fused), the plain ones through F.linear
+    lp = _layer_plan(model.get_base_model().model.decoder.layers[0])
+    attn = model.get_base_model().model.decoder.layers[0].self_attn
+    assert lp.qkv is None and lp.q is attn.q_proj and lp.v is attn.v_proj and lp.k is not attn.k_proj
+
+
+def test_plain_layers_run_fused_and_functional() -> None:
+    """What the equivalence tests above exercise on a plain OPT: q/k/v as one matmul, no Module calls."""
+    layer = tiny_opt(17).model.decoder.layers[0]
+    lp = _layer_plan(layer)
+    assert lp.qkv is not None and lp.qkv.keywords["weight"].shape[0] == 3 * layer.self_attn.q_proj.out_features
+    assert not isinstance(lp.fc1, torch.nn.Module) and not isinstance(lp.ln1, torch.nn.Module)
+    traced = _layer_plan(layer, direct=False)  # what torch.compile traces
+    assert traced.qkv is None and traced.fc1 is layer.fc1
 
 
 def test_pick_decoder_follows_the_spec() -> None:

@@ -8,7 +8,9 @@ submodules (so LoRA adapters and trained weights are the live ones) over one pre
 layer, with shapes that do not change between steps: the attention of a step covers the whole cache under a
 boolean mask, and the new key/value are written at the step's slot. That step is what ``torch.compile`` compiles
 (``compile=True``; on CUDA ``mode="reduce-overhead"`` captures it as a CUDA graph, the cache being marked as a
-static address), through the same code.
+static address), through the same code. Eager, a step calls plain ``Linear``/``LayerNorm`` layers through their
+functional forms on the live parameters and fuses q/k/v into one matmul (their weights concatenated once per
+``generate`` call); LoRA-wrapped or hooked modules are called as themselves.
 
 Sampling is ``generate``'s own arithmetic, in its order (float32 logits, temperature, top-p as transformers'
 ``TopPLogitsWarper``, softmax, ``torch.multinomial``; finished rows get the pad token; stop when every row has
@@ -21,7 +23,9 @@ to ``generate`` (or the hybrid engine) otherwise."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -70,6 +74,74 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
 
 
+def _plain(module: Any, kind: type) -> bool:
+    """Exactly ``kind`` (not a LoRA or other wrapper subclass) with no forward hooks: calling its functional form
+    on its own parameters is the same computation."""
+    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _direct(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as a callable: for a plain Linear / LayerNorm, its functional form bound to its live parameters
+    (no ``Module.__call__`` bookkeeping, a few microseconds per call that a decoding step pays ~10 times per
+    layer); anything else (LoRA layers, hooked modules) is called as itself."""
+    if _plain(module, torch.nn.Linear):
+        return partial(F.linear, weight=module.weight, bias=module.bias)
+    if _plain(module, torch.nn.LayerNorm):
+        return partial(
+            F.layer_norm,
+            normalized_shape=module.normalized_shape,
+            weight=module.weight,
+            bias=module.bias,
+            eps=module.eps,
+        )
+    return module
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """One decoder layer's callables for a generate call. ``qkv``: q, k and v projections fused into one matmul
+    (their weights concatenated once per call, as training changes them between calls), when all three are plain
+    Linear; else ``None`` and the three are called one by one."""
+
+    ln1: Callable[[torch.Tensor], torch.Tensor]
+    qkv: Callable[[torch.Tensor], torch.Tensor] | None
+    q: Callable[[torch.Tensor], torch.Tensor]
+    k: Callable[[torch.Tensor], torch.Tensor]
+    v: Callable[[torch.Tensor], torch.Tensor]
+    out: Callable[[torch.Tensor], torch.Tensor]
+    ln2: Callable[[torch.Tensor], torch.Tensor]
+    fc1: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    fc2: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+def _layer_plan(layer: Any, direct: bool = True) -> _LayerPlan:
+    """``direct``: functional forms and fused q/k/v (eager decoding); else the modules themselves (what
+    ``torch.compile`` traces, once)."""
+    a = layer.self_attn
+    wrap = _direct if direct else (lambda m: m)
+    qkv = None
+    projections = (a.q_proj, a.k_proj, a.v_proj)
+    with_bias = [m.bias is not None for m in projections]
+    if direct and all(_plain(m, torch.nn.Linear) for m in projections) and len(set(with_bias)) == 1:
+        bias = torch.cat([m.bias for m in projections]) if with_bias[0] else None
+        qkv = partial(F.linear, weight=torch.cat([m.weight for m in projections]), bias=bias)
+    return _LayerPlan(
+        ln1=wrap(layer.self_attn_layer_norm),
+        qkv=qkv,
+        q=wrap(a.q_proj),
+        k=wrap(a.k_proj),
+        v=wrap(a.v_proj),
+        out=wrap(a.out_proj),
+        ln2=wrap(layer.final_layer_norm),
+        fc1=wrap(layer.fc1),
+        act=layer.activation_fn,
+        fc2=wrap(layer.fc2),
+        scaling=a.scaling,
+    )
+
+
 class StaticDecoder:
     """Samples answers of an OPT-family causal LM. Build once per model (cheap); ``compile=True`` compiles the
     decoding step (worth it on GPU, where it also becomes a CUDA graph; on a small CPU model the compile time is
@@ -88,6 +160,9 @@ class StaticDecoder:
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.pre_ln = bool(cfg.do_layer_norm_before)
         self.compiled = compile
+        # compiled: the modules, traced once; eager: functional forms and fused q/k/v, rebuilt per generate call
+        self._module_plans = [_layer_plan(layer, direct=False) for layer in self.decoder.layers]
+        self._plans = self._module_plans
         self._step = self._decode_step
         if compile:
             mode = "reduce-overhead" if self.decoder.embed_tokens.weight.is_cuda else None
@@ -99,27 +174,31 @@ class StaticDecoder:
     ) -> torch.Tensor:
         """The decoder stack on ``h`` (B, T, E) whose tokens go to cache ``slots`` (T,); ``allowed`` (B, 1, T, L)
         says which cached positions each query sees. Same operations as transformers' OPT layers."""
-        b, t, _ = h.shape
-        for i, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
+        b, t, e = h.shape
+        nh, hd = self.n_heads, self.head_dim
+        for i, lp in enumerate(self._plans):
             residual = h
             if self.pre_ln:
-                h = layer.self_attn_layer_norm(h)
-            q = (attn.q_proj(h) * attn.scaling).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+                h = lp.ln1(h)
+            if lp.qkv is not None:
+                q, k, v = lp.qkv(h).split(e, dim=-1)
+            else:
+                q, k, v = lp.q(h), lp.k(h), lp.v(h)
+            q = (q * lp.scaling).view(b, t, nh, hd).transpose(1, 2)
+            k = k.view(b, t, nh, hd).transpose(1, 2)
+            v = v.view(b, t, nh, hd).transpose(1, 2)
             k_cache[i].index_copy_(2, slots, k)
             v_cache[i].index_copy_(2, slots, v)
             o = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=allowed, scale=1.0)
-            h = residual + attn.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+            h = residual + lp.out(o.transpose(1, 2).reshape(b, t, -1))
             if not self.pre_ln:
-                h = layer.self_attn_layer_norm(h)
+                h = lp.ln1(h)
             residual = h
             if self.pre_ln:
-                h = layer.final_layer_norm(h)
-            h = residual + layer.fc2(layer.activation_fn(layer.fc1(h)))
+                h = lp.ln2(h)
+            h = residual + lp.fc2(lp.act(lp.fc1(h)))
             if not self.pre_ln:
-                h = layer.final_layer_norm(h)
+                h = lp.ln2(h)
         return h
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -156,6 +235,18 @@ class StaticDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sequences (B, P + T), logits (B, T, V))`` for left-padded ``prompts`` (B, P), T <= max_new_tokens
         (fewer when every row has sampled EOS), as ``generate(do_sample=True, output_logits=True)`` returns."""
+        if self.compiled:
+            return self._generate(prompts, prompt_mask, s)
+        # the eager layers' callables, q/k/v fused, once per call: the weights are the live (just trained) ones
+        self._plans = [_layer_plan(layer) for layer in self.decoder.layers]
+        try:
+            return self._generate(prompts, prompt_mask, s)
+        finally:
+            self._plans = self._module_plans
+
+    def _generate(
+        self, prompts: torch.Tensor, prompt_mask: torch.Tensor, s: Sampling
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, p = prompts.shape
         n, dev = s.max_new_tokens, prompts.device
         total = p + n
