@@ -15,7 +15,9 @@ rotated from round to round, and the ratios are taken within a round (paired: lo
 hits the three runs of a round alike); the result is the median of the per-round ratios with their range. Each
 run also records the stage process's CPU seconds (user + system, load-independent: the work a checkpoint adds,
 whether or not it overlaps training) and the load average before it. Prints each run, then sync / none and
-background / none (goal <= 1.1x), and background / sync.
+background / none (goal <= 1.1x), and background / sync; and, per variant, a baseline from within the same run:
+its training time over its number of steps times its median step (:func:`within_run`; ~1.0 for none), which
+load changing between runs does not move.
 
     python bench/checkpoint_overhead.py [--steps 12] [--every 3] [--hidden 512] [--layers 6] [--rounds 3]
 """
@@ -122,10 +124,22 @@ def run_sft(doc: dict, server, out: Path) -> tuple[float, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return sum(step_seconds(out)), cpu
+
+
+def step_seconds(out: Path) -> list[float]:
+    """Seconds between consecutive ``train`` metric rows of a stage run (one per optimizer step)."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     times = [r["time"] for r in rows if r["split"] == "train"]
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return times[-1] - times[0], cpu
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def within_run(steps: list[float]) -> float:
+    """A run's training time over its own baseline, ``len(steps) x`` its median step: the steps that save or
+    overlap an upload are a minority, so the median is a step without checkpoint work, measured in the same run
+    and minutes (load that changes between runs cancels out). About 1.0 without checkpoints."""
+    return sum(steps) / (len(steps) * statistics.median(steps))
 
 
 def rotated(names: list[str], r: int) -> list[str]:
@@ -161,6 +175,7 @@ def main() -> None:
     variants = {"none": (0, True), "sync": (args.every, False), "background": (args.every, True)}
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
+    inrun: dict[str, list[float]] = {k: [] for k in variants}
     loads: list[float] = []
     with SeaweedServer(work / "seaweed") as server:
         server.create_bucket("bench")
@@ -173,6 +188,7 @@ def main() -> None:
                 s, c = run_sft(manifest(model, args.steps, every, background), server, work / f"r{r}-{name}")
                 seconds[name].append(s)
                 cpu[name].append(c)
+                inrun[name].append(within_run(step_seconds(work / f"r{r}-{name}")))
                 print(
                     f"round {r} {name}: training {s:.1f} s, stage CPU {c:.1f} s (stage {time.time() - t0:.0f} s; "
                     f"load average {load:.1f} before)",
@@ -192,6 +208,7 @@ def main() -> None:
         "background_over_sync": paired(seconds, "background", "sync"),
         "cpu_sync_over_none": paired(cpu, "sync", "none"),
         "cpu_background_over_none": paired(cpu, "background", "none"),
+        "within_run": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in inrun.items()},
     }
     for key, what in (("sync_over_none", "synchronous upload"), ("background_over_none", "background upload")):
         r = result[key]
@@ -205,6 +222,11 @@ def main() -> None:
         r = result[key]
         print(
             f"stage CPU seconds, {key[4:].replace('_over_', ' / ')}: {r['median']:.2f}x "
+            f"(per round {r['min']:.2f}-{r['max']:.2f})"
+        )
+    for name, r in result["within_run"].items():
+        print(
+            f"within-run, {name}: training time / (steps x the run's median step) {r['median']:.2f}x "
             f"(per round {r['min']:.2f}-{r['max']:.2f})"
         )
     print(f"load average before the runs: {min(loads):.1f}-{max(loads):.1f}")
