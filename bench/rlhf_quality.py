@@ -182,7 +182,7 @@ def run_task(
         raise RuntimeError(f"{task.name}: kuberlhf run ({algorithm}) failed ({proc.returncode}); see {run_log}")
     log(f"[{task.name}] kuberlhf run ({algorithm}) finished in {wall:.0f} s ({run_log})")
     shutil.copyfile(out / "metrics.jsonl", metrics_copy(work, algorithm))
-    if not fresh:  # the shared SFT (and reward) model were not trained again: count them as their first run did
+    if not fresh or resume:  # stages found committed were not run again: count them as their first run did
         state = json.loads((out / "run.json").read_text())
         wall = float(sum(state["stageSeconds"].get(s, 0.0) for s in qa.graph(doc)))
     return out, doc, wall
@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_all = time.monotonic()
     results, details = [], {}
+    eval_lock = threading.Lock()
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -441,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             out, doc, wall = run_task(
                 task, args.out, args.quick, log, args.reuse, args.resume, algorithm=algorithm, fresh=i == 0
             )
-            # now: the next algorithm's run rewrites the directory's run.json and metrics
-            res, samples = evaluate(task, out, doc, wall, args.eval_prompts)
+            # now: the next algorithm's run rewrites the directory's run.json and metrics. One evaluation at a
+            # time: two from_pretrained calls in two threads at once gave models with garbage weights (true
+            # reward 0.5, KL 1e28 between two loads of one SFT model with --jobs 3)
+            with eval_lock:
+                res, samples = evaluate(task, out, doc, wall, args.eval_prompts)
             key = name if algorithm == "ppo" else f"{name}/{algorithm}"
             print(
                 f"[{key}] RM acc {_f(res.rm_acc)}; true reward SFT {res.sft:.3f} -> {res.algorithm} {res.ppo:.3f}, "
