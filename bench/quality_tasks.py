@@ -93,10 +93,18 @@ def style_reward(prompt: str, answer: str) -> float:
 
 # --- length: lists of exactly three items are preferred ---------------------------------------------------------
 def length_example(rng: random.Random) -> tuple[str, str, str]:
+    """The rejected list has 1, 5 or 6 items, or three entries with one item twice ("Red, blue, red."): a list
+    of three that repeats an item is two items to the true reward, and without such pairs the reward model
+    scores it like three (it counts entries) and PPO's rollouts keep the tiny policy's repeats (bench/RESULTS.md)."""
     kind = rng.choice(sorted(ITEMS))
     prompt = rng.choice([f"Name some {kind}.", f"List a few {kind}.", f"Give me some {kind}."])
     good = rng.sample(ITEMS[kind], 3)
-    bad = rng.sample(ITEMS[kind], rng.choice([1, 5, 6]))
+    n_bad = rng.choice([1, 5, 6, 0])
+    if n_bad:
+        bad = rng.sample(ITEMS[kind], n_bad)
+    else:
+        a, b = rng.sample(ITEMS[kind], 2)
+        bad = rng.choice([[a, b, a], [a, a, b], [a, b, b]])
     return prompt, ", ".join(good).capitalize() + ".", ", ".join(bad).capitalize() + "."
 
 
@@ -152,6 +160,9 @@ class Task:
     example: Callable[[random.Random], tuple[str, str, str]]
     reward: Callable[[str, str], float]
     what: str
+    # rows of the ambiguous SFT file: copy's 800 (22 SFT steps per epoch, 264 in the example's 12 epochs) end
+    # step 1 still at chance (the copy forms after ~400 steps, bench/RESULTS.md), so only its file is longer
+    sft_rows: int = 800
 
     @property
     def true_reward_ref(self) -> str:
@@ -162,15 +173,22 @@ TASKS = {
     t.name: t
     for t in (
         Task("style", style_example, style_reward, "a cheerful opener preferred to a grumpy one (same content)"),
-        Task("length", length_example, length_reward, "lists of exactly three items preferred (1, 5 or 6 rejected)"),
-        Task("copy", copy_example, copy_reward, "the number named in the prompt repeated, not another one"),
+        Task(
+            "length",
+            length_example,
+            length_reward,
+            "lists of exactly three items preferred (1, 5 or 6 items, or three with a repeat, rejected)",
+        ),
+        Task("copy", copy_example, copy_reward, "the number named in the prompt repeated, not another one", 2400),
         Task("topic", topic_example, topic_reward, "a fact about the prompt's subject, not another subject"),
     )
 }
 
 
-def write_task_data(task: Task, out: Path, n_sft: int = 800, n_pairs: int = 3200, seed: int = 1234) -> dict[str, Path]:
-    """sft.jsonl (good or bad answer, half each) and pairs.jsonl (chosen good, rejected bad) under ``out``."""
+def write_task_data(task: Task, out: Path, n_pairs: int = 3200, seed: int = 1234) -> dict[str, Path]:
+    """sft.jsonl (``task.sft_rows`` rows, good or bad answer, half each) and pairs.jsonl (chosen good, rejected
+    bad) under ``out``."""
+    n_sft = task.sft_rows
     rng = random.Random(f"{seed}:{task.name}")
     out.mkdir(parents=True, exist_ok=True)
     paths = {"sft": out / "sft.jsonl", "pairs": out / "pairs.jsonl"}
