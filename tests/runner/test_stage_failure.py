@@ -18,11 +18,10 @@ def test_failing_stage_stops_the_run_with_its_log_tail(tmp_path: Path) -> None:
     bad = tmp_path / "broken-pairs.jsonl"
     bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
     doc["spec"]["data"]["datasets"] = [str(bad)]
-    # its own name: a stage's node-local scratch is keyed by pipeline name and storage URI, and test_e2e_tiny's
-    # run of the same example (same embedded-store URI) may be running in the other pytest-xdist worker
-    doc["metadata"]["name"] = "broken-data"
+    # test_e2e_tiny may run the same example in the other pytest-xdist worker: each run keeps its node scratch in
+    # its own output directory (tests/runner/test_scratch.py)
     doc["spec"]["stages"]["sft"]["gpusPerNode"] = 1
-    manifest = tmp_path / "broken-data.yaml"
+    manifest = tmp_path / "tiny-cpu.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
     exe = Path(sys.executable).parent / "kuberlhf"
