@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from harness.controlplane import ControlPlane
 from harness.fixtures import control_plane, kubelet, namespace  # noqa: F401,F811 - fixtures for this directory
+from harness.process_kubelet import ProcessKubelet
+from harness.rest import KubeREST
 from harness.wait import wait_for
+
+try:
+    from chart.helm import render_chart
+except ImportError:  # run with the repository root on sys.path
+    from tests.chart.helm import render_chart
 
 REPO = Path(__file__).resolve().parents[2]
 # v1.20 takes the variant without CEL rules (kubectl's schema check rejects x-kubernetes-validations there)
@@ -27,9 +40,97 @@ def crd(control_plane: ControlPlane) -> str:  # noqa: F811
     control_plane.kubectl("apply", "-f", str(CRD_FILE))
 
     def established() -> bool:
-        out = control_plane.kubectl("get", "crd", CRD_NAME, "-o",
-                                    "jsonpath={.status.conditions[?(@.type=='Established')].status}").stdout
+        out = control_plane.kubectl(
+            "get", "crd", CRD_NAME, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+        ).stdout
         return out.strip() == "True"
 
     wait_for(established, f"CRD {CRD_NAME} to be Established", timeout=30, interval=0.2)
     return CRD_NAME
+
+
+# The operator's declared ports as env, so the process kubelet can move them to free local ports.
+OPERATOR_PORTS_ENV = [
+    {"name": "KUBERLHF_LIVENESS_PORT", "value": "8080"},
+    {"name": "KUBERLHF_METRICS_PORT", "value": "9090"},
+]
+
+
+@dataclass
+class Install:
+    api: KubeREST
+    namespace: str  # the release's namespace, where the operator runs
+    objects: list[dict[str, Any]]  # what the chart rendered and the test applied
+    pod: dict[str, Any]  # the operator's pod, once Ready
+
+
+def operator_pod(api: KubeREST, op_ns: str) -> dict[str, Any] | None:
+    """The operator's Ready pod in ``op_ns`` (not one being deleted), else None."""
+    for p in api.get(f"/api/v1/namespaces/{op_ns}/pods", labelSelector="app.kubernetes.io/name=kuberlhf")["items"]:
+        conditions = (p.get("status") or {}).get("conditions") or []
+        if not p["metadata"].get("deletionTimestamp") and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in conditions
+        ):
+            return p
+    return None
+
+
+@contextlib.contextmanager
+def _install(
+    control_plane: ControlPlane,  # noqa: F811
+    kubelet: ProcessKubelet,  # noqa: F811
+    op_ns: str,
+    values: dict[str, Any],
+    *,
+    release: str = "kuberlhf",
+    namespaces: Sequence[str] = (),
+    reconcile_interval: int | None = None,
+) -> Iterator[Install]:
+    values = {
+        **values,
+        "crds": {"install": False},  # the crd fixture applied crds/rlhfpipelines-pre-1.25.yaml
+        "extraEnv": [*OPERATOR_PORTS_ENV, *values.get("extraEnv", [])],
+    }
+    if reconcile_interval is not None:
+        values["extraEnv"].append({"name": "KUBERLHF_RECONCILE_INTERVAL", "value": str(reconcile_interval)})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "values.yaml").write_text(yaml.safe_dump(values))
+        # `helm install` would run hook objects (the `helm test` pod) only on `helm test`: leave them out.
+        objs = [
+            o
+            for o in render_chart(release=release, namespace=op_ns, values_files=[Path(tmp) / "values.yaml"])
+            if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})
+        ]
+    manifest = yaml.safe_dump_all(objs)
+    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+    created = [op_ns, *namespaces]
+    try:
+        for name in created:
+            control_plane.kubectl("create", "namespace", name)
+        control_plane.kubectl("apply", "-f", "-", input=manifest)
+        pod = wait_for(lambda: operator_pod(api, op_ns), "the chart's operator pod to be Ready", 90, 0.5)
+        yield Install(api=api, namespace=op_ns, objects=objs, pod=pod)
+    finally:
+        for name in reversed(created):
+            with contextlib.suppress(Exception):
+                control_plane.kubectl("delete", "namespace", name, "--wait=false")
+        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
+        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
+
+
+@pytest.fixture(scope="session")
+def operator_install(
+    control_plane: ControlPlane,  # noqa: F811
+    kubelet: ProcessKubelet,  # noqa: F811
+    crd: str,
+) -> Callable[..., contextlib.AbstractContextManager[Install]]:
+    """``with operator_install(op_ns, values, release=..., namespaces=[...], reconcile_interval=N) as inst:`` the
+    chart rendered with ``values`` (its CRD and hook objects left out) and applied for real: its operator
+    Deployment runs as a pod (the process kubelet) under the chart's ServiceAccount token and RBAC. Creates
+    ``op_ns`` and ``namespaces`` first, yields once the operator pod is Ready, then deletes the namespaces and
+    the chart's objects and waits for the operator process to stop."""
+
+    def install(op_ns: str, values: dict[str, Any], **kwargs: Any) -> contextlib.AbstractContextManager[Install]:
+        return _install(control_plane, kubelet, op_ns, values, **kwargs)
+
+    return install

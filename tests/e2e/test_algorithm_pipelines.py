@@ -48,12 +48,12 @@ def _example(algorithm: str, storage: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def test_dpo_and_grpo_pipelines_run_through_the_operator_to_a_serving_chat(control_plane, kubelet, crd, s3_server,
-                                                                           tmp_path):
+def test_dpo_and_grpo_pipelines_run_through_the_operator_to_a_serving_chat(control_plane, kubelet, operator_install,
+                                                                           s3_server):
     from openai import OpenAI
 
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "alg") as (op_ns, ns, tiny, _):
+    with _training_setup(operator_install, control_plane, s3_server, "alg") as (op_ns, ns, tiny, _):
         paths = {a: f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{a}" for a in ALGORITHMS}
         docs = [_example(a, tiny["spec"]["storage"]) for a in ALGORITHMS]
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))

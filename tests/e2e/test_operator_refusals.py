@@ -25,11 +25,6 @@ from harness import KubeREST, wait_for
 from kuberlhf_operator import LABEL_PIPELINE
 from kuberlhf_operator.manifests import job_name
 
-try:
-    from chart.helm import render_chart
-except ImportError:  # run with the repository root on sys.path
-    from tests.chart.helm import render_chart
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,12 +32,6 @@ GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RELEASE = "kuberlhf-rf"
 NAME = "refused"
 TOO_BIG = "too-big"
-
-
-def _ready(api: KubeREST, ns: str) -> bool:
-    pods = api.get(f"/api/v1/namespaces/{ns}/pods")["items"]
-    return any(c["type"] == "Ready" and c["status"] == "True" and not p["metadata"].get("deletionTimestamp")
-               for p in pods for c in (p.get("status") or {}).get("conditions") or [])
 
 
 def _describe(api: KubeREST, kubelet, op_ns: str, ns: str, pipeline: str) -> str:
@@ -55,41 +44,25 @@ def _describe(api: KubeREST, kubelet, op_ns: str, ns: str, pipeline: str) -> str
     return "\n".join(out)
 
 
-def _chart(op_ns: str, ns: str, tmp_path: Path) -> str:
-    values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({
-        "watch": {"namespaces": [ns]}, "crds": {"install": False},
-        "extraEnv": [{"name": "KUBERLHF_LIVENESS_PORT", "value": "8080"},
-                     {"name": "KUBERLHF_METRICS_PORT", "value": "9090"},
-                     {"name": "KUBERLHF_RECONCILE_INTERVAL", "value": "3"}]}))
-    objs = [o for o in render_chart(release=RELEASE, namespace=op_ns, values_files=[values])
-            if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
-    return yaml.safe_dump_all(objs)
-
-
-def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_plane, kubelet, crd, tmp_path):
-    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_plane, kubelet, operator_install):
     suffix = uuid.uuid4().hex[:5]
     op_ns, ns = f"kuberlhf-rf-{suffix}", f"quota-{suffix}"
-    manifest = _chart(op_ns, ns, tmp_path)
-    for name in (op_ns, ns):
-        control_plane.kubectl("create", "namespace", name)
-    control_plane.kubectl("create", "quota", "no-pods", "-n", ns, "--hard=pods=0")
-    wait_for(lambda: (api.get(f"/api/v1/namespaces/{ns}/resourcequotas/no-pods").get("status") or {}).get("hard"),
-             "the quota controller to fill the quota's status", 60, 0.5)
     pipeline = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
+    with operator_install(op_ns, {"watch": {"namespaces": [ns]}}, release=RELEASE, namespaces=[ns],
+                          reconcile_interval=3) as inst:
+        api = inst.api
 
-    def children() -> list[str]:
-        out = []
-        for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
-                     "/api/v1/namespaces/{ns}/pods"):
-            items = api.get(path.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
-            out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
-        return out
+        def children() -> list[str]:
+            out = []
+            for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                         "/api/v1/namespaces/{ns}/pods"):
+                items = api.get(path.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
+                out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
+            return out
 
-    try:
-        control_plane.kubectl("apply", "-f", "-", input=manifest)
-        wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
+        control_plane.kubectl("create", "quota", "no-pods", "-n", ns, "--hard=pods=0")
+        wait_for(lambda: (api.get(f"/api/v1/namespaces/{ns}/resourcequotas/no-pods").get("status") or {}).get("hard"),
+                 "the quota controller to fill the quota's status", 60, 0.5)
         obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
         obj["metadata"] = {"name": NAME}
         obj["spec"]["storage"] = {"uri": "s3://nowhere/pipelines", "endpoint": "http://127.0.0.1:9",
@@ -118,51 +91,37 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
                  "the pipeline to be deleted with the operator stopped", 30, 0.5)
         wait_for(lambda: not children(), "the garbage collector to delete the pipeline's children", 90, 1.0,
                  describe=lambda: str(children()))
-    finally:
-        with contextlib.suppress(Exception):
-            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
-        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
-        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
 
 
 @contextlib.contextmanager
-def _training_setup(control_plane, kubelet, s3_server, tmp_path: Path, prefix: str):
+def _training_setup(operator_install, control_plane, s3_server, prefix: str):
     """An operator install watching a fresh namespace that holds Secret ``s3`` (the session's SeaweedFS keys); yields
     (operator namespace, namespace, a pipeline of examples/tiny-cpu.yaml writing to a fresh bucket, its API path),
     and removes everything afterwards."""
-    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
     suffix = uuid.uuid4().hex[:5]
     op_ns, ns = f"kuberlhf-{prefix}-{suffix}", f"{prefix}-{suffix}"
-    manifest = _chart(op_ns, ns, tmp_path)
     s3_server.create_bucket(f"{prefix}-{suffix}")
-    try:
-        for name in (op_ns, ns):
-            control_plane.kubectl("create", "namespace", name)
+    with operator_install(op_ns, {"watch": {"namespaces": [ns]}}, release=RELEASE, namespaces=[ns],
+                          reconcile_interval=3):
         control_plane.kubectl("create", "secret", "generic", "s3", "-n", ns,
                               f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
                               f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
-        control_plane.kubectl("apply", "-f", "-", input=manifest)
-        wait_for(lambda: _ready(api, op_ns), "the operator pod to be Ready", 90, 0.5)
         obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
         obj["metadata"] = {"name": NAME}
         obj["spec"]["storage"] = {"uri": f"s3://{prefix}-{suffix}/p", "endpoint": s3_server.endpoint,
                                   "secretRef": {"name": "s3"}}
         obj["spec"]["stages"]["sft"].update(gpusPerNode=1, resources={})
         yield op_ns, ns, obj, f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
-    finally:
-        with contextlib.suppress(Exception):
-            control_plane.kubectl("delete", "namespace", ns, "--wait=false")
-        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
-        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
 
 
-def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, crd, s3_server, tmp_path):
+def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, operator_install, s3_server,
+                                                              tmp_path):
     """A real `kuberlhf stage sft` process reads a dataset whose second line is not JSON and exits with the
     user-error code (78): the pipeline is Failed (ConfigError) after one attempt, though backoffLimit is 2."""
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
     bad = tmp_path / "broken-pairs.jsonl"
     bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
-    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "usererr") as (op_ns, ns, obj, pipeline):
+    with _training_setup(operator_install, control_plane, s3_server, "usererr") as (op_ns, ns, obj, pipeline):
         obj["spec"]["data"]["datasets"] = [str(bad)]
         obj["spec"]["stages"]["sft"]["backoffLimit"] = 2
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
@@ -175,9 +134,9 @@ def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kub
         assert [j["metadata"]["name"] for j in jobs] == [job_name(NAME, "sft", 1)]
 
 
-def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane, kubelet, crd, s3_server, tmp_path):
+def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane, kubelet, operator_install, s3_server):
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "evict") as (op_ns, ns, obj, pipeline):
+    with _training_setup(operator_install, control_plane, s3_server, "evict") as (op_ns, ns, obj, pipeline):
         obj["spec"]["stages"]["sft"]["backoffLimit"] = 0
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
         sft1 = job_name(NAME, "sft", 1)
@@ -207,14 +166,14 @@ def _does_not_fit(obj: dict) -> dict:
     return big
 
 
-def test_a_refused_child_and_a_plan_that_cannot_fit_are_invalid_spec_naming_the_field(control_plane, kubelet, crd,
-                                                                                      s3_server, tmp_path):
+def test_a_refused_child_and_a_plan_that_cannot_fit_are_invalid_spec_naming_the_field(control_plane, kubelet,
+                                                                                      operator_install, s3_server):
     """Requests above limits pass the spec's checks but the API server refuses the Job (422): InvalidSpec with the
     server's field, not an endless retry. A pipeline the memory planner says cannot fit its GPUs is refused by the
     operator's preflight before it creates anything: InvalidSpec (DoesNotFit) naming the stage, the estimate and
     the cheapest fix, in the status, the Failed condition and a Warning Event."""
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    with _training_setup(control_plane, kubelet, s3_server, tmp_path, "invalid") as (op_ns, ns, obj, pipeline):
+    with _training_setup(operator_install, control_plane, s3_server, "invalid") as (op_ns, ns, obj, pipeline):
         big = _does_not_fit(obj)
         obj["spec"]["stages"]["sft"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([obj, big]))

@@ -38,11 +38,6 @@ from kuberlhf_operator.manifests import (
     job_name,
 )
 
-try:
-    from chart.helm import render_chart
-except ImportError:  # run with the repository root on sys.path
-    from tests.chart.helm import render_chart
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,33 +164,11 @@ def _watch_status(run: Run, stop: threading.Event) -> None:
 
 
 @pytest.fixture(scope="module")
-def operator_chart(control_plane, kubelet, crd, tmp_path_factory):
+def operator_chart(operator_install):
     """The chart rendered for namespaced mode and applied for real; its operator Deployment runs as a pod."""
     ns = f"rlhf-{uuid.uuid4().hex[:6]}"
-    values = tmp_path_factory.mktemp("values") / "e2e-values.yaml"
-    values.write_text(yaml.safe_dump({
-        "watch": {"namespaces": [ns]},
-        "crds": {"install": False},  # the crd fixture applied crds/rlhfpipelines.yaml
-        # The declared ports as env, so the process kubelet can move them to free local ports.
-        "extraEnv": [{"name": "KUBERLHF_LIVENESS_PORT", "value": "8080"},
-                     {"name": "KUBERLHF_METRICS_PORT", "value": "9090"},
-                     {"name": "KUBERLHF_RECONCILE_INTERVAL", "value": "5"}],
-    }))
-    # `helm install` would run hook objects (the `helm test` pod) only on `helm test`: leave them out.
-    objs = [o for o in render_chart(namespace=OPERATOR_NS, values_files=[values])
-            if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
-    for name in (OPERATOR_NS, ns):
-        control_plane.kubectl("create", "namespace", name, check=False)
-    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
-    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-
-    def operator_ready() -> bool:
-        pods = api.get(f"/api/v1/namespaces/{OPERATOR_NS}/pods", labelSelector="app.kubernetes.io/name=kuberlhf")
-        return any(c["type"] == "Ready" and c["status"] == "True"
-                   for p in pods["items"] for c in (p.get("status") or {}).get("conditions") or [])
-
-    wait_for(operator_ready, "the chart's operator pod to be Ready", 90, 0.5)
-    return {"namespace": ns, "objects": objs}
+    with operator_install(OPERATOR_NS, {"watch": {"namespaces": [ns]}}, namespaces=[ns], reconcile_interval=5) as inst:
+        yield {"namespace": ns, "objects": inst.objects}
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ Pod the real Job controller made and the real ServiceAccount admission plugin ad
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,8 @@ from kuberlhf_operator import LABEL_PIPELINE
 from kuberlhf_operator.manifests import QUEUE_NAME_LABEL, job_name
 
 try:
-    from chart.helm import render_chart
     from scan.pss import violations
 except ImportError:  # run with the repository root on sys.path
-    from tests.chart.helm import render_chart
     from tests.scan.pss import violations
 
 pytestmark = pytest.mark.slow
@@ -46,60 +44,23 @@ TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @pytest.fixture(scope="module")
-def install(control_plane, kubelet, crd, tmp_path_factory) -> dict[str, Any]:
-    api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
+def install(operator_install) -> Iterator[dict[str, Any]]:
     suffix = uuid.uuid4().hex[:5]
     op_ns, ns = f"kuberlhf-sec-{suffix}", f"tenant-{suffix}"
-    values = tmp_path_factory.mktemp("sec") / "values.yaml"
-    values.write_text(
-        yaml.safe_dump(
-            {
-                "watch": {"namespaces": [op_ns, ns]},
-                "crds": {"install": False},
-                "policy": {"allowedImages": [TEAM_IMAGES, "ghcr.io/kuberlhf/*"], "allowedServiceAccounts": ["trainer"]},
-                "extraEnv": [
-                    {"name": "KUBERLHF_LIVENESS_PORT", "value": "8080"},
-                    {"name": "KUBERLHF_METRICS_PORT", "value": "9090"},
-                    {"name": "KUBERLHF_RECONCILE_INTERVAL", "value": "3"},
-                ],
-            }
-        )
-    )
-    objs = [
-        o
-        for o in render_chart(release=RELEASE, namespace=op_ns, values_files=[values])
-        if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})
-    ]
-    manifest = yaml.safe_dump_all(objs)
-    sa = next(o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount")
-    try:
-        for name in (op_ns, ns):
-            control_plane.kubectl("create", "namespace", name)
-        control_plane.kubectl("apply", "-f", "-", input=manifest)
-
-        def operator_pod() -> dict[str, Any] | None:
-            for p in api.get(f"/api/v1/namespaces/{op_ns}/pods")["items"]:
-                if any(
-                    c["type"] == "Ready" and c["status"] == "True"
-                    for c in (p.get("status") or {}).get("conditions") or []
-                ):
-                    return p
-            return None
-
-        pod = wait_for(operator_pod, "the operator pod to be Ready", 90, 0.5)
+    values = {
+        "watch": {"namespaces": [op_ns, ns]},
+        "policy": {"allowedImages": [TEAM_IMAGES, "ghcr.io/kuberlhf/*"], "allowedServiceAccounts": ["trainer"]},
+    }
+    with operator_install(op_ns, values, release=RELEASE, namespaces=[ns], reconcile_interval=3) as inst:
+        sa = next(o["metadata"]["name"] for o in inst.objects if o["kind"] == "ServiceAccount")
         token_secret = next(
             s["metadata"]["name"]
-            for s in api.get(f"/api/v1/namespaces/{op_ns}/secrets")["items"]
+            for s in inst.api.get(f"/api/v1/namespaces/{op_ns}/secrets")["items"]
             if s["type"] == "kubernetes.io/service-account-token"
             and s["metadata"]["annotations"]["kubernetes.io/service-account.name"] == sa
         )
-        yield {"api": api, "op_ns": op_ns, "ns": ns, "sa": sa, "token_secret": token_secret, "operator_pod": pod}
-    finally:
-        for name in (ns, op_ns):
-            with contextlib.suppress(Exception):
-                control_plane.kubectl("delete", "namespace", name, "--wait=false")
-        control_plane.kubectl("delete", "-f", "-", "--wait=false", input=manifest, check=False)
-        wait_for(lambda: not kubelet.active(op_ns), "the operator process to stop", 30, 0.3)
+        yield {"api": inst.api, "op_ns": op_ns, "ns": ns, "sa": sa, "token_secret": token_secret,
+               "operator_pod": inst.pod}
 
 
 def pipeline(name: str, *, labels: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
