@@ -21,7 +21,7 @@ of JSON, without them 41 KB, so descriptions are dropped (``kubectl explain rlhf
 still lists every field and its type; the upstream API reference describes them), and only
 ``spec.podTemplate.spec`` is typed (:func:`expand`): the stage and serving overlays are free-form in the CRD
 (:func:`untype`) and kuberlhf checks them against the same schema, shipped as ``kuberlhf/assets/pod-spec-schema.json``
-(:func:`asset_text`, read by ``kuberlhf.contract.podspec``). The CRD is then about 98 KB, well under the 248 KiB
+(:func:`asset_text`, read by ``kuberlhf.contract.podspec``). The CRD is then about 100 KB, well under the 248 KiB
 that ``kubectl apply``'s client-side ``last-applied-configuration`` annotation leaves (tests/operator check the
 bound; helm and ``kubectl apply --server-side`` store no such annotation); five typed copies had filled it.
 """
