@@ -38,7 +38,7 @@ def main() -> None:
         if time.monotonic() > deadline:
             raise SystemExit("no go file")
         time.sleep(0.01)
-    ds = cache.tokenize_cached(rows, tok, "sft", 48, cache_dir=cache_dir, key=key, options={"mask_prompt": True})
+    ds = cache.tokenize_cached(rows, tok, "sft", 48, cache_dir=cache_dir, key=key, options={"mask": "human_turns"})
     digest = hashlib.sha256(json.dumps(ds[:]["labels"]).encode()).hexdigest()
     print(json.dumps({"pid": os.getpid(), "n": len(ds), "digest": digest}))
 

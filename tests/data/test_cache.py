@@ -65,7 +65,7 @@ def test_ranks_starting_at_once_tokenise_once(tmp_path: Path, repo_root: Path, m
     rows, _ = stage_rows(DataSpec(datasets=["kuberlhf/synthetic-pairs"], max_samples=400), Stage.sft)
     tok = AutoTokenizer.from_pretrained(assets)
     again = tokenize_cached(rows, tok, "sft", 48, cache_dir=cache_dir, key="spec123:sft:train",
-                            options={"mask_prompt": True})
+                            options={"mask": "human_turns"})
     assert hashlib.sha256(json.dumps(again[:]["labels"]).encode()).hexdigest() == results[0]["digest"]
 
 
@@ -75,13 +75,13 @@ def test_key_covers_tokenizer_rows_options(words_tok, repo_root: Path) -> None:
     tiny = AutoTokenizer.from_pretrained(repo_root / "trainer_image" / "kuberlhf" / "assets" / "tiny-opt")
     rows = datasets.Dataset.from_dict({"prompt": [" Human: hi Assistant:"], "chosen": [" yes"], "rejected": [""]})
     other = datasets.Dataset.from_dict({"prompt": [" Human: hi Assistant:"], "chosen": [" no"], "rejected": [""]})
-    base = cache_key(rows, words_tok, "sft", 16, "k", {"mask_prompt": True})
-    assert base == cache_key(rows, words_tok, "sft", 16, "k", {"mask_prompt": True})
-    assert base != cache_key(rows, tiny, "sft", 16, "k", {"mask_prompt": True})
-    assert base != cache_key(other, words_tok, "sft", 16, "k", {"mask_prompt": True})
-    assert base != cache_key(rows, words_tok, "sft", 17, "k", {"mask_prompt": True})
-    assert base != cache_key(rows, words_tok, "sft", 16, "k2", {"mask_prompt": True})
-    assert base != cache_key(rows, words_tok, "sft", 16, "k", {"mask_prompt": False})
+    base = cache_key(rows, words_tok, "sft", 16, "k", {"mask": "human_turns"})
+    assert base == cache_key(rows, words_tok, "sft", 16, "k", {"mask": "human_turns"})
+    assert base != cache_key(rows, tiny, "sft", 16, "k", {"mask": "human_turns"})
+    assert base != cache_key(other, words_tok, "sft", 16, "k", {"mask": "human_turns"})
+    assert base != cache_key(rows, words_tok, "sft", 17, "k", {"mask": "human_turns"})
+    assert base != cache_key(rows, words_tok, "sft", 16, "k2", {"mask": "human_turns"})
+    assert base != cache_key(rows, words_tok, "sft", 16, "k", {"mask": "none"})
     assert tokenizer_hash(words_tok) != tokenizer_hash(tiny)
     assert rows_hash(rows) != rows_hash(other)
 

@@ -68,7 +68,8 @@ def test_every_dialogue_fits_the_tiny_example_whole() -> None:
 def test_small_short_and_preference_is_clear() -> None:
     from tokenizers import Tokenizer
 
-    assert sum(p.stat().st_size for p in BUILTINS.values()) < 2 * 1024 * 1024
+    # 2.1 MiB since both sides of a pair wear the same closing; shipped in the package, so kept small
+    assert sum(p.stat().st_size for p in BUILTINS.values()) < 2.5 * 1024 * 1024
     tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
     rows = [json.loads(line) for line in BUILTINS["kuberlhf/synthetic-pairs"].read_text().splitlines()]
     assert len(rows) == 4000
@@ -85,3 +86,25 @@ def test_small_short_and_preference_is_clear() -> None:
         assert word in prompts, word
     corpus = [json.loads(line)["text"] for line in BUILTINS["kuberlhf/synthetic-corpus"].read_text().splitlines()]
     assert len(corpus) == 2000 and all(corpus)
+
+
+def _dress(text: str) -> tuple[str, str]:
+    """(opener, closing) of an answer: what is left around its core once the polite words are stripped."""
+    from kuberlhf.data.dialogues import strip_politeness
+
+    core = strip_politeness(text)
+    start = text.index(core)
+    return text[:start].strip(), text[start + len(core) :].strip()
+
+
+def test_politeness_carries_no_preference() -> None:
+    """Both sides of every pair wear the same opener and closing (or none), so step 2 cannot learn that a closing
+    is good and step 3 cannot reward-hack one ("The opposite of big is. I hope this is helpful." scored +12.7 when
+    only chosen answers had closings); the dialogue pairs are never rude, so only the subject tells them apart."""
+    for name in ("kuberlhf/synthetic-pairs", "kuberlhf/synthetic-dialogues"):
+        rows = [json.loads(line) for line in BUILTINS[name].read_text().splitlines()]
+        assert all(_dress(r["chosen"]) == _dress(r["rejected"]) for r in rows), name
+        closed = sum(bool(_dress(r["chosen"])[1]) for r in rows) / len(rows)
+        assert 0.4 < closed < 0.8, (name, closed)  # closings are common: SFT still learns to say them
+    dialogues = [json.loads(line) for line in BUILTINS["kuberlhf/synthetic-dialogues"].read_text().splitlines()]
+    assert not any(m in r["rejected"] for r in dialogues for m in RUDE_MARKERS)

@@ -65,6 +65,19 @@ def test_sft_truncation_keeps_prompt_end_and_answer(words_tok) -> None:
     assert fit([1], [2, 3, 4, 5, 6, 7], 4) == ([1], [2, 3, 4])  # short prompt kept whole
 
 
+def test_sft_mask_keeps_the_assistants_earlier_turns(words_tok) -> None:
+    """A multi-turn prompt: the loss covers every assistant turn (the earlier answers and the last), never the
+    human's words or the markers; truncation from the left keeps the labels aligned."""
+    ds = SFTDataset(rows(("Human: hi Assistant: yes no Human: hello Assistant:", "a b", "")), words_tok, 16,
+                    mask_prompt=True)
+    assert ds[0]["input_ids"].tolist() == [2, 4, 3, 6, 7, 2, 5, 3, 8, 9, 1]
+    assert ds[0]["labels"].tolist() == [M, M, M, 6, 7, M, M, M, 8, 9, 1]
+    cut = SFTDataset(rows(("Human: hi Assistant: yes no Human: hello Assistant:", "a b", "")), words_tok, 8,
+                     mask_prompt=True)
+    assert cut[0]["input_ids"].tolist() == [6, 7, 2, 5, 3, 8, 9, 1]
+    assert cut[0]["labels"].tolist() == [6, 7, M, M, M, 8, 9, 1]
+
+
 def test_pair_items_and_collate_layout(words_tok) -> None:
     ds = PairDataset(rows(("hi", "yes", "no"), ("hello", "a b c", "d")), words_tok, 16)
     assert ds[0]["chosen_input_ids"].tolist() == [2, 4, 3, 6, 1]

@@ -32,7 +32,8 @@ def bump(section: dict, key: str) -> None:
 
 def test_fingerprints_rerun_only_affected_stages() -> None:
     assert changed(lambda d: bump(d["spec"]["stages"]["ppo"], "klCoef")) == {"ppo"}
-    assert changed(lambda d: bump(d["spec"]["stages"]["sft"], "epochs")) == {"sft", "ppo"}
+    # the example's reward model starts from SFT's model (initFromSft): a changed SFT setting re-runs it too
+    assert changed(lambda d: bump(d["spec"]["stages"]["sft"], "epochs")) == {"sft", "reward", "ppo"}
     assert changed(lambda d: bump(d["spec"]["stages"]["reward"], "learningRate")) == {"reward", "ppo"}
     assert changed(lambda d: d["spec"]["data"].update(seed=1)) == {"sft", "reward", "ppo"}
     # where and how a stage runs does not change its result
@@ -51,6 +52,19 @@ def test_a_reward_model_started_from_sft_reruns_with_sft() -> None:
 
     before, after = stage_fingerprints(tiny(from_sft)), stage_fingerprints(tiny(both))
     assert {k for k in before if before[k] != after[k]} == {"sft", "reward", "ppo"}
+
+
+def test_a_reward_model_of_its_own_does_not_rerun_with_sft() -> None:
+    def own(d):
+        d["spec"]["reward"] = {"model": "kuberlhf/tiny-opt"}
+        d["spec"]["stages"]["reward"]["initFromSft"] = False
+
+    def both(d):
+        own(d)
+        bump(d["spec"]["stages"]["sft"], "epochs")
+
+    before, after = stage_fingerprints(tiny(own)), stage_fingerprints(tiny(both))
+    assert {k for k in before if before[k] != after[k]} == {"sft", "ppo"}
 
 
 def test_stage_selection() -> None:
@@ -85,7 +99,9 @@ def test_each_algorithm_runs_its_own_graph() -> None:
         def mutate(d):
             d["spec"]["algorithm"] = name
             if name == "dpo" or grpo:
-                d["spec"].pop("reward")
+                d["spec"].pop("reward", None)
+            else:  # the example's reward model starts from SFT's (stages.reward, dropped here): one of its own
+                d["spec"]["reward"] = {"model": "kuberlhf/tiny-opt"}
             d["spec"]["stages"] = {k: v for k, v in d["spec"]["stages"].items() if k == "sft"}
             if grpo:
                 d["spec"]["stages"]["grpo"] = grpo

@@ -296,7 +296,7 @@ class CommonStageSpec(SpecModel):
 class SFTStageSpec(CommonStageSpec):
     zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
     lora: LoraSpec | None = Field(default=None, description="LoRA of the trained model (dim 0 = off).")
-    mask_prompt: bool = Field(default=False, description="Exclude prompt tokens from the SFT loss.")
+    mask_prompt: bool = Field(default=False, description="SFT loss on the assistant's turns only, not the human's.")
 
 
 class RewardStageSpec(CommonStageSpec):

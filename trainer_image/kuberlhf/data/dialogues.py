@@ -103,6 +103,9 @@ def subjects_of_kind(kind: str) -> list[Subject]:
 
 
 KINDS = ("capital", "opposite", "colour", "word")
+# capital follow-ups name two words of an earlier turn (country and city) where the others copy one: twice the
+# dialogues (the tiny SFT model was right on 4 of 18 held-out capital follow-ups at equal shares)
+KIND_WEIGHTS = (2, 1, 1, 1)
 ALL_SUBJECTS = [s for k in KINDS for s in subjects_of_kind(k)]
 
 
@@ -121,7 +124,7 @@ class Dialogue:
 
 def make_dialogue(rng: random.Random, turns: int) -> Dialogue:
     """A dialogue of ``turns`` (2..4) human turns; the last is a follow-up whose answer depends on the first."""
-    kind = rng.choice(KINDS)
+    kind = rng.choices(KINDS, KIND_WEIGHTS)[0]
     pool = subjects_of_kind(kind)
     first = rng.choice(pool)
     history: list[tuple[str, str]]

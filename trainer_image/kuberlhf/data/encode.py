@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from kuberlhf.data.format import ASSISTANT, HUMAN
+
 IGNORE_INDEX = -100
 
 
@@ -42,16 +44,50 @@ def fit(prompt: list[int], answer: list[int], max_len: int) -> tuple[list[int], 
     return (prompt[len(prompt) - keep:] if keep > 0 else []), answer
 
 
+def assistant_spans(prompt: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant's earlier answers in a multi-turn prompt: from each 'Assistant:' to the
+    next 'Human:' (the prompt's final 'Assistant:' opens the answer, so its span is empty)."""
+    spans = []
+    start = prompt.find(ASSISTANT)
+    while start >= 0:
+        begin = start + len(ASSISTANT)
+        end = prompt.find(HUMAN, begin)
+        end = len(prompt) if end < 0 else end
+        if prompt[begin:end].strip():
+            spans.append((begin, end))
+        start = prompt.find(ASSISTANT, end)
+    return spans
+
+
+def _prompt_labels(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt token ids as labels where they spell an earlier assistant answer, -100 elsewhere (the human turns,
+    the markers, BOS). A tokenizer without offsets (not a fast one) masks the whole prompt."""
+    if not prompts:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [[IGNORE_INDEX] * len(ids) for ids in _ids(tokenizer, prompts, True)]
+    enc = tokenizer(list(prompts), add_special_tokens=True, return_offsets_mapping=True)
+    labels = []
+    for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        spans = assistant_spans(prompt)
+        labels.append([t if e > s and any(b <= s and e <= f for b, f in spans) else IGNORE_INDEX
+                       for t, (s, e) in zip(ids, offsets, strict=True)])
+    return labels
+
+
 def encode_sft(prompts: Sequence[str], answers: Sequence[str], tokenizer: Any, max_seq_len: int,
                mask_prompt: bool) -> dict[str, list[list[int]]]:
-    """input_ids = prompt + answer + EOS (fitted to max_seq_len); labels = input_ids with the prompt positions
-    set to -100 when mask_prompt."""
+    """input_ids = prompt + answer + EOS (fitted to max_seq_len); labels = input_ids, except, when mask_prompt,
+    the prompt's positions are -100 but for the assistant's earlier answers of a multi-turn prompt (the loss is on
+    everything the assistant says, as in multi-turn chat fine-tuning, and never on the human's words)."""
     eos = eos_id(tokenizer)
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for p, a in zip(_ids(tokenizer, prompts, True), _ids(tokenizer, answers, False), strict=True):
-        p, a = fit(p, a + [eos], max_seq_len)
+    p_ids = _ids(tokenizer, prompts, True)
+    p_labels = _prompt_labels(tokenizer, prompts) if mask_prompt else p_ids
+    for full, full_labels, a in zip(p_ids, p_labels, _ids(tokenizer, answers, False), strict=True):
+        p, a = fit(full, a + [eos], max_seq_len)
         out["input_ids"].append(p + a)
-        out["labels"].append(([IGNORE_INDEX] * len(p) if mask_prompt else list(p)) + a)
+        out["labels"].append(list(full_labels[len(full) - len(p):]) + a)
     return out
 
 
@@ -88,7 +124,7 @@ def encode_blocks(texts: Sequence[str], tokenizer: Any, block_len: int) -> dict[
 
 
 ENCODERS = {
-    "sft": lambda b, tok, n, o: encode_sft(b["prompt"], b["chosen"], tok, n, bool(o.get("mask_prompt"))),
+    "sft": lambda b, tok, n, o: encode_sft(b["prompt"], b["chosen"], tok, n, o.get("mask") == "human_turns"),
     "pair": lambda b, tok, n, o: encode_pairs(b["prompt"], b["chosen"], b["rejected"], tok, n),
     "prompt": lambda b, tok, n, o: encode_prompts(b["prompt"], tok, n),
     "ptx": lambda b, tok, n, o: encode_blocks(b["text"], tok, n),

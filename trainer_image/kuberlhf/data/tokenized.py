@@ -87,15 +87,15 @@ class _Encoded(torch.utils.data.Dataset):
 
 
 class SFTDataset(_Encoded):
-    """Step 1: prompt + chosen + EOS. Items input_ids / attention_mask / labels (labels -100 on the prompt when
-    mask_prompt, and on padding)."""
+    """Step 1: prompt + chosen + EOS. Items input_ids / attention_mask / labels (labels -100 on padding and, when
+    mask_prompt, on the prompt's human turns: ``encode.encode_sft``)."""
 
     kind = "sft"
 
     def __init__(self, rows: datasets.Dataset, tokenizer: Any, max_seq_len: int, mask_prompt: bool = False, *,
                  cache_dir: str | Path | None = None, cache_key: str = "", pad_to_max_len: bool = False) -> None:
         super().__init__(rows, tokenizer, max_seq_len, cache_dir=cache_dir, cache_key=cache_key,
-                         options={"mask_prompt": bool(mask_prompt)}, pad_to_max_len=pad_to_max_len)
+                         options={"mask": "human_turns" if mask_prompt else "none"}, pad_to_max_len=pad_to_max_len)
 
     def __getitem__(self, i: int) -> Batch:
         r = self._row(i)
