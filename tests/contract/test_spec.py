@@ -99,3 +99,15 @@ def test_removed_extra_args_says_what_to_do_instead():
                                                "storage": {"uri": "s3://b/p"}, "stages": {"sft": {"extraArgs": []}}}}
     with pytest.raises(SpecError, match=r"spec.stages.sft.extraArgs: removed: it never reached the stage"):
         parse_pipeline(doc)
+
+
+def test_a_json_manifest_parses_as_its_yaml_does() -> None:
+    """parse_pipeline reads JSON text with the json module (the stage Jobs' KUBERLHF_PIPELINE), YAML otherwise."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "tiny-cpu.yaml").read_text()
+    as_json = json.dumps(yaml.safe_load(text))
+    assert parse_pipeline(as_json) == parse_pipeline(text)
