@@ -289,12 +289,16 @@ def scrape_metrics(port: int) -> str:
 
 
 def labelled(text: str, metric: str, label: str) -> dict[str, float]:
-    """``metric{label="x",...} value`` lines of a Prometheus text page, as {x: value}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(metric + "{"):
-            out[line.split(f'{label}="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-    return out
+    """The samples named ``metric`` of a Prometheus text page (prometheus_client's parser), as {their ``label``:
+    value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.labels[label]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric and label in sample.labels
+    }
 
 
 def reconcile_phases(text: str) -> dict[str, dict[str, float]]:
