@@ -53,12 +53,8 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
         api = inst.api
 
         def children() -> list[str]:
-            out = []
-            for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
-                         "/api/v1/namespaces/{ns}/pods"):
-                items = api.get(path.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
-                out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
-            return out
+            return api.names(ns, ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                                  "/api/v1/namespaces/{ns}/pods"), labelSelector=f"{LABEL_PIPELINE}={NAME}")
 
         control_plane.kubectl("create", "quota", "no-pods", "-n", ns, "--hard=pods=0")
         wait_for(lambda: (api.get(f"/api/v1/namespaces/{ns}/resourcequotas/no-pods").get("status") or {}).get("hard"),

@@ -477,13 +477,11 @@ def test_deleting_the_pipeline_garbage_collects_its_children(run):
     assert meta.get("deletionTimestamp") and "foregroundDeletion" in meta.get("finalizers", []), meta
 
     def leftovers() -> list[str]:
-        out = []
-        for path in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
-                     "/apis/apps/v1/namespaces/{ns}/deployments", "/apis/apps/v1/namespaces/{ns}/replicasets",
-                     "/api/v1/namespaces/{ns}/pods", "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"):
-            out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in run.api.get(path.format(ns=run.ns))["items"]]
-        secrets = run.api.get(f"/api/v1/namespaces/{run.ns}/secrets", labelSelector=f"{LABEL_PIPELINE}={NAME}")
-        return out + [f"secrets/{o['metadata']['name']}" for o in secrets["items"]]
+        out = run.api.names(run.ns, ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                                     "/apis/apps/v1/namespaces/{ns}/deployments",
+                                     "/apis/apps/v1/namespaces/{ns}/replicasets", "/api/v1/namespaces/{ns}/pods",
+                                     "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"))
+        return out + run.api.names(run.ns, ("/api/v1/namespaces/{ns}/secrets",), labelSelector=f"{LABEL_PIPELINE}={NAME}")
 
     wait_for(lambda: not leftovers(), "the garbage collector to delete every child of the pipeline", 120, 1.0,
              describe=lambda: str(leftovers()))
@@ -508,12 +506,8 @@ def test_a_spec_that_cannot_run_is_invalid_before_any_child_exists(control_plane
     path = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{name}"
 
     def children() -> list[str]:
-        out = []
-        for kind in ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
-                     "/apis/apps/v1/namespaces/{ns}/deployments"):
-            items = api.get(kind.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={name}")["items"]
-            out += [f"{kind.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
-        return out
+        return api.names(ns, ("/apis/batch/v1/namespaces/{ns}/jobs", "/api/v1/namespaces/{ns}/services",
+                              "/apis/apps/v1/namespaces/{ns}/deployments"), labelSelector=f"{LABEL_PIPELINE}={name}")
 
     control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
     try:

@@ -79,16 +79,13 @@ def pipeline(name: str, *, labels: dict[str, str] | None = None, **spec: Any) ->
 
 
 def children(api: KubeREST, ns: str, name: str) -> list[str]:
-    out = []
-    for path in (
+    paths = (
         "/apis/batch/v1/namespaces/{ns}/jobs",
         "/api/v1/namespaces/{ns}/services",
         "/api/v1/namespaces/{ns}/pods",
         "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
-    ):
-        items = api.get(path.format(ns=ns), labelSelector=f"{LABEL_PIPELINE}={name}")["items"]
-        out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
-    return out
+    )
+    return api.names(ns, paths, labelSelector=f"{LABEL_PIPELINE}={name}")
 
 
 def status_of(api: KubeREST, ns: str, name: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,15 @@ class KubeREST:
 
     def get(self, path: str, **query: Any) -> dict[str, Any]:
         return self.request("GET", path, query=query or None)
+
+    def names(self, ns: str, paths: Sequence[str], **query: Any) -> list[str]:
+        """``<resource>/<name>`` of every object each list path in ``paths`` (a template with ``{ns}``) returns,
+        e.g. a pipeline's children by its label."""
+        out: list[str] = []
+        for path in paths:
+            items = self.get(path.format(ns=ns), **query)["items"]
+            out += [f"{path.rsplit('/', 1)[1]}/{o['metadata']['name']}" for o in items]
+        return out
 
     def post(self, path: str, body: Any) -> dict[str, Any]:
         return self.request("POST", path, body)
