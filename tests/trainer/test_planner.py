@@ -316,3 +316,11 @@ def test_rollout_batch_size_default_is_the_largest_that_fits_up_to_four_updates(
     assert planned_rollout_batch_size(spec, None) == gen_bs  # a model the planner cannot size
     explicit = example("opt-1.3b-single-gpu", **{"stages.ppo.rolloutBatchSize": gen_bs})
     assert planned_rollout_batch_size(explicit, shapes) == gen_bs
+
+
+def test_parameter_counts_read_as_people_write_them():
+    """The plan table's params column: a tiny model is thousands of parameters, not "0.00B"."""
+    from kuberlhf.planner.table import params_text
+
+    assert [params_text(n) for n in (1_315_758_080, 331_196_416, 125_239_296, 41_024, 512)] == [
+        "1.32B", "331.2M", "125.2M", "41.0K", "512"]

@@ -10,6 +10,14 @@ def _g(n: int) -> str:
     return f"{n / GiB:.1f}"
 
 
+def params_text(n: int) -> str:
+    """A parameter count as people write it: 1.32B, 125.2M, 41.0K (a tiny model is not "0.00B")."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.{2 if suffix == 'B' else 1}f}{suffix}"
+    return str(n)
+
+
 def render(plan: PipelinePlan, shapes_note: str = "") -> str:
     head = ("stage", "model", "ZeRO", "params", "weights", "grads", "optim", "gathered", "GiB/GPU", "fits?")
     rows: list[tuple[str, ...]] = []
@@ -22,7 +30,7 @@ def render(plan: PipelinePlan, shapes_note: str = "") -> str:
                     est.stage,
                     f"{m.role} ({kind}{extra})",
                     str(m.zero),
-                    f"{m.params / 1e9:.2f}B",
+                    params_text(m.params),
                     _g(m.states.weights),
                     _g(m.states.gradients),
                     _g(m.states.optimizer),
