@@ -4,6 +4,7 @@ status."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,30 @@ def test_other_architectures_count_what_transformers_builds(arch, tmp_path):
 def test_an_unreadable_hub_name_that_is_not_known_is_an_error_naming_the_field():
     with pytest.raises(ShapeError, match="spec.actor.model=someorg/unknown-7b"):
         read_model_shape("someorg/unknown-7b", "spec.actor.model")
+
+
+def test_a_hub_name_is_read_from_the_local_hub_cache_and_an_unresolvable_hub_costs_no_retries(tmp_path, monkeypatch):
+    """A config.json in the hub cache (the hub's own layout) is read offline; with the cache empty and the hub's
+    host unresolvable, the planner falls back to its known configs at once instead of huggingface_hub's five
+    retries with backoff (~31 s per model, measured)."""
+    import time
+
+    from huggingface_hub import constants
+
+    config = dict(KNOWN_CONFIGS["facebook/opt-1.3b"], num_hidden_layers=3)
+    snapshot = tmp_path / "models--someorg--opt-3l" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(config))
+    (tmp_path / "models--someorg--opt-3l" / "refs").mkdir()
+    (tmp_path / "models--someorg--opt-3l" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert read_model_shape("someorg/opt-3l", "spec.actor.model").num_layers == 3
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://no-such-hub.invalid")
+    t0 = time.monotonic()
+    assert read_model_shape("facebook/opt-13b", "spec.actor.model").source == "known OPT config"
+    assert time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize("n_params", [125_000_000, 1_300_000_000, 13_000_000_000, 66_000_000_000])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,12 +162,31 @@ def _read_config_json(source: str, storage: Any) -> dict[str, Any] | None:
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         return json.loads(open(os.path.join(expanded, "config.json"), encoding="utf-8").read())
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        return json.loads(open(hf_hub_download(source, "config.json"), encoding="utf-8").read())
-    except Exception:  # offline, unknown or gated: the known table (or an error) decides
-        return None
+    for local_only in (True, False):  # the local hub cache first: it answers offline
+        if not local_only and not _hub_resolves():
+            return None
+        try:
+            return json.loads(open(hf_hub_download(source, "config.json", local_files_only=local_only),
+                                   encoding="utf-8").read())
+        except Exception:  # not cached / offline, unknown or gated: the known table (or an error) decides
+            continue
+    return None
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves: huggingface_hub retries a failed name lookup five times with backoff
+    (~31 s per file), which a machine without DNS for it would pay for every model of every plan."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "", 443)
+    except OSError:
+        return False
+    return True
 
 
 def read_model_shape(source: str, field: str, storage: Any = None) -> ModelShape:
