@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +135,34 @@ def operator_install(
         return _install(control_plane, kubelet, op_ns, values, **kwargs)
 
     return install
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_setup(
+    operator_install: Callable[..., contextlib.AbstractContextManager[Install]],
+    control_plane: ControlPlane,  # noqa: F811
+    s3_server: Any,
+) -> Callable[..., contextlib.AbstractContextManager[tuple[str, str, dict[str, Any], str]]]:
+    """``with tiny_pipeline_setup(prefix, name="tiny") as (op_ns, ns, obj, path):`` an operator install watching a
+    fresh namespace ``<prefix>-<random>`` that holds Secret ``s3`` (the session's SeaweedFS keys); ``obj`` is
+    examples/tiny-cpu.yaml named ``name``, writing to a fresh bucket, its sft stage on one rank; ``path`` its API
+    path once applied. Everything is removed afterwards."""
+
+    @contextlib.contextmanager
+    def setup(prefix: str, name: str = "tiny") -> Iterator[tuple[str, str, dict[str, Any], str]]:
+        suffix = uuid.uuid4().hex[:5]
+        op_ns, ns = f"kuberlhf-{prefix}-{suffix}", f"{prefix}-{suffix}"
+        s3_server.create_bucket(f"{prefix}-{suffix}")
+        with operator_install(op_ns, {"watch": {"namespaces": [ns]}}, release="kuberlhf-tiny", namespaces=[ns],
+                              reconcile_interval=3):
+            control_plane.kubectl("create", "secret", "generic", "s3", "-n", ns,
+                                  f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+                                  f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
+            obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+            obj["metadata"] = {"name": name}
+            obj["spec"]["storage"] = {"uri": f"s3://{prefix}-{suffix}/p", "endpoint": s3_server.endpoint,
+                                      "secretRef": {"name": "s3"}}
+            obj["spec"]["stages"]["sft"].update(gpusPerNode=1, resources={})
+            yield op_ns, ns, obj, f"/apis/kuberlhf.io/v1alpha1/namespaces/{ns}/rlhfpipelines/{name}"
+
+    return setup

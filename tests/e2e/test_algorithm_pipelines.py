@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import KubeREST, wait_for
-from test_operator_refusals import _describe, _training_setup
+from harness import KubeREST, pipeline_report, wait_for
 
 from kuberlhf_operator.manifests import chat_name, job_name
 
@@ -48,19 +47,19 @@ def _example(algorithm: str, storage: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def test_dpo_and_grpo_pipelines_run_through_the_operator_to_a_serving_chat(control_plane, kubelet, operator_install,
-                                                                           s3_server):
+def test_dpo_and_grpo_pipelines_run_through_the_operator_to_a_serving_chat(control_plane, kubelet,
+                                                                           tiny_pipeline_setup):
     from openai import OpenAI
 
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    with _training_setup(operator_install, control_plane, s3_server, "alg") as (op_ns, ns, tiny, _):
+    with tiny_pipeline_setup("alg") as (op_ns, ns, tiny, _):
         paths = {a: f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{a}" for a in ALGORITHMS}
         docs = [_example(a, tiny["spec"]["storage"]) for a in ALGORITHMS]
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
         for algorithm, path in paths.items():
             wait_for(lambda p=path: (api.get(p).get("status") or {}).get("phase") in ("Succeeded", "Failed"),
                      f"the {algorithm} pipeline to finish", 600, 1.0,
-                     describe=lambda p=path: _describe(api, kubelet, op_ns, ns, p))
+                     describe=lambda p=path: pipeline_report(api, kubelet, op_ns, ns, p))
         status = {a: api.get(p)["status"] for a, p in paths.items()}
         assert {a: (s["phase"], s["stage"]) for a, s in status.items()} == {
             "dpo": ("Succeeded", "done"), "grpo": ("Succeeded", "done")}, status

@@ -14,13 +14,12 @@ v1.20.2), lean: no test waits for a stage to train. The chart's operator runs as
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from harness import KubeREST, wait_for
+from harness import KubeREST, pipeline_report, wait_for
 
 from kuberlhf_operator import LABEL_PIPELINE
 from kuberlhf_operator.manifests import job_name
@@ -32,16 +31,6 @@ GROUP_PATH = "/apis/kuberlhf.io/v1alpha1"
 RELEASE = "kuberlhf-rf"
 NAME = "refused"
 TOO_BIG = "too-big"
-
-
-def _describe(api: KubeREST, kubelet, op_ns: str, ns: str, pipeline: str) -> str:
-    out = [f"status: {(api.get(pipeline).get('status') or {})}"]
-    out += [f"event {e['involvedObject']['kind']}/{e['involvedObject']['name']} {e['reason']}: {e['message']}"
-            for e in api.get(f"/api/v1/namespaces/{ns}/events")["items"]]
-    for p in api.get(f"/api/v1/namespaces/{op_ns}/pods")["items"]:
-        with contextlib.suppress(KeyError):
-            out.append(kubelet.logs(op_ns, p["metadata"]["name"])[-2500:])
-    return "\n".join(out)
 
 
 def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_plane, kubelet, operator_install):
@@ -66,7 +55,7 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
         status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("reason") == "FailedCreate" and st,
                           "the pipeline to report the refused pod creation", 90, 0.5,
-                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+                          describe=lambda: pipeline_report(api, kubelet, op_ns, ns, pipeline))
         assert (status["phase"], status["stage"]) == ("Pending", "sft"), status
         assert "exceeded quota: no-pods" in status["message"] and job_name(NAME, "sft", 1) in status["message"]
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -89,50 +78,28 @@ def test_a_quota_refused_stage_shows_why_and_deletion_needs_no_operator(control_
                  describe=lambda: str(children()))
 
 
-@contextlib.contextmanager
-def _training_setup(operator_install, control_plane, s3_server, prefix: str):
-    """An operator install watching a fresh namespace that holds Secret ``s3`` (the session's SeaweedFS keys); yields
-    (operator namespace, namespace, a pipeline of examples/tiny-cpu.yaml writing to a fresh bucket, its API path),
-    and removes everything afterwards."""
-    suffix = uuid.uuid4().hex[:5]
-    op_ns, ns = f"kuberlhf-{prefix}-{suffix}", f"{prefix}-{suffix}"
-    s3_server.create_bucket(f"{prefix}-{suffix}")
-    with operator_install(op_ns, {"watch": {"namespaces": [ns]}}, release=RELEASE, namespaces=[ns],
-                          reconcile_interval=3):
-        control_plane.kubectl("create", "secret", "generic", "s3", "-n", ns,
-                              f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-                              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
-        obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
-        obj["metadata"] = {"name": NAME}
-        obj["spec"]["storage"] = {"uri": f"s3://{prefix}-{suffix}/p", "endpoint": s3_server.endpoint,
-                                  "secretRef": {"name": "s3"}}
-        obj["spec"]["stages"]["sft"].update(gpusPerNode=1, resources={})
-        yield op_ns, ns, obj, f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{NAME}"
-
-
-def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, operator_install, s3_server,
-                                                              tmp_path):
+def test_a_user_error_exit_fails_the_pipeline_without_a_retry(control_plane, kubelet, tiny_pipeline_setup, tmp_path):
     """A real `kuberlhf stage sft` process reads a dataset whose second line is not JSON and exits with the
     user-error code (78): the pipeline is Failed (ConfigError) after one attempt, though backoffLimit is 2."""
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
     bad = tmp_path / "broken-pairs.jsonl"
     bad.write_text('{"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}\nnot json\n')
-    with _training_setup(operator_install, control_plane, s3_server, "usererr") as (op_ns, ns, obj, pipeline):
+    with tiny_pipeline_setup("usererr", name=NAME) as (op_ns, ns, obj, pipeline):
         obj["spec"]["data"]["datasets"] = [str(bad)]
         obj["spec"]["stages"]["sft"]["backoffLimit"] = 2
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
         status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("phase") == "Failed" and st,
                           "the pipeline to fail on the stage's user error", 240, 1.0,
-                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+                          describe=lambda: pipeline_report(api, kubelet, op_ns, ns, pipeline))
         assert status["reason"] == "ConfigError" and status["attempts"] == 1, status
         assert "exit code 78" in status["message"] and "line 2 is not valid JSON" in status["message"], status
         jobs = api.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"{LABEL_PIPELINE}={NAME}")["items"]
         assert [j["metadata"]["name"] for j in jobs] == [job_name(NAME, "sft", 1)]
 
 
-def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane, kubelet, operator_install, s3_server):
+def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane, kubelet, tiny_pipeline_setup):
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    with _training_setup(operator_install, control_plane, s3_server, "evict") as (op_ns, ns, obj, pipeline):
+    with tiny_pipeline_setup("evict", name=NAME) as (op_ns, ns, obj, pipeline):
         obj["spec"]["stages"]["sft"]["backoffLimit"] = 0
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
         sft1 = job_name(NAME, "sft", 1)
@@ -140,12 +107,12 @@ def test_an_evicted_stage_pod_is_retried_without_using_an_attempt(control_plane,
         assert kubelet.evict_pod(ns, pods[0].name)
         sft2 = job_name(NAME, "sft", 2)
         wait_for(lambda: api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{sft2}"), "the retry's Job", 90, 0.5,
-                 describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+                 describe=lambda: pipeline_report(api, kubelet, op_ns, ns, pipeline))
         # the operator creates the retry's Job inside its handler and kopf patches the status after it returns:
         # wait for the patch rather than read the status in between
         status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("stages", {}).get("sft", {})
                           .get("disruptions") and st, "the status to count the disruption", 30, 0.3,
-                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+                          describe=lambda: pipeline_report(api, kubelet, op_ns, ns, pipeline))
         assert status["phase"] != "Failed" and status["stages"]["sft"]["disruptions"] == 1, status
         events = api.get(f"/api/v1/namespaces/{ns}/events", fieldSelector=f"involvedObject.name={NAME}")["items"]
         assert any(e["reason"] == "StageDisrupted" for e in events), [e["reason"] for e in events]
@@ -163,26 +130,26 @@ def _does_not_fit(obj: dict) -> dict:
 
 
 def test_a_refused_child_and_a_plan_that_cannot_fit_are_invalid_spec_naming_the_field(control_plane, kubelet,
-                                                                                      operator_install, s3_server):
+                                                                                      tiny_pipeline_setup):
     """Requests above limits pass the spec's checks but the API server refuses the Job (422): InvalidSpec with the
     server's field, not an endless retry. A pipeline the memory planner says cannot fit its GPUs is refused by the
     operator's preflight before it creates anything: InvalidSpec (DoesNotFit) naming the stage, the estimate and
     the cheapest fix, in the status, the Failed condition and a Warning Event."""
     api = KubeREST.from_kubeconfig(control_plane.kubeconfig)
-    with _training_setup(operator_install, control_plane, s3_server, "invalid") as (op_ns, ns, obj, pipeline):
+    with tiny_pipeline_setup("invalid", name=NAME) as (op_ns, ns, obj, pipeline):
         big = _does_not_fit(obj)
         obj["spec"]["stages"]["sft"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}
         control_plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([obj, big]))
         status = wait_for(lambda: (st := api.get(pipeline).get("status") or {}).get("reason") == "InvalidSpec" and st,
                           "the pipeline to report the refused Job", 60, 0.5,
-                          describe=lambda: _describe(api, kubelet, op_ns, ns, pipeline))
+                          describe=lambda: pipeline_report(api, kubelet, op_ns, ns, pipeline))
         assert status["phase"] == "Failed" and status["refusedGeneration"] == 1, status
         assert "resources.requests" in status["message"] and "spec.stages.sft" in status["message"], status
 
         big_path = f"{GROUP_PATH}/namespaces/{ns}/rlhfpipelines/{TOO_BIG}"
         status = wait_for(lambda: (st := api.get(big_path).get("status") or {}).get("reason") == "InvalidSpec" and st,
                           "the operator to refuse the pipeline that cannot fit", 60, 0.5,
-                          describe=lambda: _describe(api, kubelet, op_ns, ns, big_path))
+                          describe=lambda: pipeline_report(api, kubelet, op_ns, ns, big_path))
         fix = "fix: set spec.stages.sft.zeroStage: 3"
         assert status["phase"] == "Failed", status
         assert "spec.stages.sft: does not fit (DoesNotFit)" in status["message"] and fix in status["message"], status

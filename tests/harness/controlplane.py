@@ -210,7 +210,8 @@ class ControlPlane(Components):
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     # --- lifecycle -----------------------------------------------------------------------------------
-    def start(self, timeout: float = 90.0) -> ControlPlane:
+    # A deadline only: at load 20 (niced tests beside benchmarks) etcd + kube-apiserver took over 90 s to be ready.
+    def start(self, timeout: float = 180.0) -> ControlPlane:
         t0 = time.monotonic()
         self.bins = find_binaries(self.bin_dir)
         self.workdir = Path(self.workdir)
