@@ -87,3 +87,24 @@ def test_policy_equal_to_reference_starts_at_log_two_and_learns_the_preference()
         opt.step()
     loss, stats = trainer.loss(batch)
     assert float(loss.detach()) < math.log(2) - 0.01 and stats["margin"] > 0 and stats["reward_accuracy"] == 1.0
+
+
+def test_rpo_adds_the_chosen_answers_nll_per_scored_token() -> None:
+    """RPO (Pang et al. 2024): loss = DPO + alpha * (-sum of the chosen row's scored log-probs / their count),
+    computed here from the model's own logits by hand; alpha 0 is plain DPO."""
+    import torch.nn.functional as F
+
+    from kuberlhf.models.tiny import tiny_causal_lm
+
+    policy = tiny_causal_lm(seed=0, dropout=0.0)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    ids = torch.tensor([[4, 5, 6, 7, 8], [4, 5, 9, 10, 0]])  # chosen: 3 tokens after the shared prefix 4 5
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    batch = {"input_ids": ids, "attention_mask": attn}
+    plain, _ = DPOTrainer(policy, reference, DPOSettings(beta=0.5)).loss(batch)
+    loss, stats = DPOTrainer(policy, reference, DPOSettings(beta=0.5, rpo_alpha=2.0)).loss(batch)
+    logp = F.log_softmax(policy(input_ids=ids[:1]).logits[0].double(), dim=-1)
+    nll = -sum(float(logp[pos - 1, ids[0, pos]]) for pos in (2, 3, 4)) / 3  # tokens 6, 7, 8
+    assert stats["chosen_nll"] == pytest.approx(nll, abs=1e-5)
+    assert float(loss) == pytest.approx(float(plain) + 2.0 * nll, abs=1e-5)
+    assert "chosen_nll" not in DPOTrainer(policy, reference, DPOSettings(beta=0.5)).loss(batch)[1]

@@ -25,6 +25,26 @@ def test_group_normalisation_hand_computed_ties_and_single_samples() -> None:
         group_advantages(torch.zeros(6), 4)
 
 
+def test_batch_and_no_scaling_keep_a_noise_only_group_small() -> None:
+    # group A (-5, -5, -5, -2.3): three wrong answers at the clip, one the reward model scores higher (noise);
+    # group B (-5, 4, -5, 4): two right answers. Per-group scaling gives A's outlier the same +sqrt(3) as a
+    # right answer of a 1-in-4 group; batch scaling divides both groups by the one spread of all 8 rewards.
+    r = torch.tensor([-5.0, -5.0, -5.0, -2.3, -5.0, 4.0, -5.0, 4.0])
+    group = group_advantages(r, 4)
+    assert float(group[3]) == pytest.approx(math.sqrt(3), abs=1e-3) and float(group[5]) == pytest.approx(1, abs=1e-3)
+    centred = [-0.675, -0.675, -0.675, 2.025, -4.5, 4.5, -4.5, 4.5]  # minus each group's mean (-4.325, -0.5)
+    mean = sum(r.tolist()) / 8
+    std = math.sqrt(sum((x - mean) ** 2 for x in r.tolist()) / 8)
+    batch = group_advantages(r, 4, scale="batch")
+    assert batch.tolist() == pytest.approx([c / (std + 1e-4) for c in centred], abs=1e-5)
+    assert group_advantages(r, 4, scale="none").tolist() == pytest.approx(centred, abs=1e-6)
+    # ties stay 0 under every scale; an unknown one is refused
+    for scale in ("group", "batch", "none"):
+        assert group_advantages(torch.tensor([2.0, 2.0, 7.0, 7.0]), 2, scale=scale).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="group, batch or none"):
+        group_advantages(r, 4, scale="global")
+
+
 def test_k3_estimator() -> None:
     logp = torch.log(torch.tensor([0.5, 0.5, 0.25]))
     ref = torch.log(torch.tensor([0.5, 1.0, 0.125]))

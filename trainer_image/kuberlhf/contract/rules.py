@@ -23,7 +23,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from kuberlhf.contract.spec import LoraSpec, PipelineSpec
@@ -89,10 +92,65 @@ def _graph(s: PipelineSpec) -> str:
     return graph_text(s.stage_graph)
 
 
+def _cel_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # always with a '.' or an exponent: a CEL double
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value + "'"
+    raise TypeError(f"no CEL literal for {value!r}")
+
+
+def untouched_cel(model: type[BaseModel], path: str) -> list[str]:
+    """CEL conditions, true when the object at ``self.<path>`` holds only what the server's defaults put there (the
+    CRD's defaults are the model's): a field without a schema default is absent (or, for a list or map, empty),
+    a scalar with one equals it, a nested model with a default factory (schema default ``{}``) is untouched in
+    turn. Mirrors ``model == type(model)()`` of the preflight, except that an explicitly empty free-form map
+    (``resources: {}``) counts as written on the server."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, f in model.model_fields.items():
+        ref = f"self.{path}.{f.alias or name}"
+        if f.default is PydanticUndefined:
+            made = f.default_factory()  # type: ignore[misc]
+            if isinstance(made, BaseModel):
+                out.extend(untouched_cel(type(made), f"{path}.{f.alias or name}"))
+            elif isinstance(made, list):  # no schema default
+                out.append(f"(!has({ref}) || size({ref}) == 0)")
+            else:  # a free-form map (resources): CEL has no size() of it, so an explicit {} counts as written
+                out.append(f"!has({ref})")
+        elif f.default is None:
+            out.append(f"!has({ref})")
+        elif f.default == "":
+            out.append(f"(!has({ref}) || {ref} == '')")  # the CRD drops an empty-string default
+        else:
+            default = f.default.value if isinstance(f.default, Enum) else f.default
+            out.append(f"{ref} == {_cel_literal(default)}")
+    return out
+
+
+# When each stage outside ppo's graph runs (CEL over spec): the graph of algorithm ppo | dpo | grpo
+_IN_GRAPH_CEL = {
+    "reward": "self.algorithm == 'ppo' || (self.algorithm == 'grpo' && !(" + _has("stages", "grpo", "rewardFunction")
+              + "))",
+    "ppo": "self.algorithm == 'ppo'",
+    "dpo": "self.algorithm == 'dpo'",
+    "grpo": "self.algorithm == 'grpo'",
+}
+
+
 def _stage_outside_graph(stage: str) -> Rule:
     """Settings of a stage the algorithm does not run (``dpo`` with reward-stage settings, ``ppo`` with grpo
     settings...) would be silently ignored: refuse them. The presets fill only the pipeline's own stages, so a
-    stage outside the graph differs from its defaults only where the user wrote something."""
+    stage outside the graph differs from its defaults only where the user wrote something; on the server, the
+    CRD's defaults (the models' own) are all a stage outside the graph may hold, so CEL can tell what the user
+    wrote apart from them field by field (``untouched_cel``; writing a default's own value passes both halves)."""
+    from kuberlhf.contract.spec import StagesSpec
+
     field = f"spec.stages.{stage}"
     runs = {"reward": "ppo, or grpo without stages.grpo.rewardFunction", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
 
@@ -102,12 +160,15 @@ def _stage_outside_graph(stage: str) -> Rule:
         st = s.stages.get(stage)
         return Stage(stage) in s.stage_graph or st == type(st)()
 
+    model = StagesSpec.model_fields[stage].annotation
+    untouched = " && ".join(untouched_cel(model, f"stages.{stage}"))  # type: ignore[arg-type]
     return Rule(
         field=field,
         message=f"is set, but spec.algorithm's pipeline has no {stage} stage (only algorithm {runs[stage]} runs "
         "one), so these settings would be ignored",
         fix=f"remove {field}, or set spec.algorithm to the algorithm they are for",
-        ok=ok,  # the graph depends on rewardFunction and the presets: preflight only
+        ok=ok,
+        cel=f"{_IN_GRAPH_CEL[stage]} || !({_has('stages', stage)}) || ({untouched})",
     )
 
 

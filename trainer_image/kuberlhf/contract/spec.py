@@ -396,6 +396,10 @@ class GRPOStageSpec(PolicyStageSpec):
                             "within each group (2 or more).")
     kl_coef: float = Field(default=0.04, ge=0, description="Coefficient of the k3 KL estimate to the reference "
                            "policy in the loss (DeepSeekMath's beta, 0.04).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="What each answer's reward minus its group's mean is divided by: the group's "
+        "standard deviation (DeepSeekMath), the rank's whole batch's (a group whose answers differ only by "
+        "reward-model noise is not scaled up to unit advantages), or nothing (Dr. GRPO).")
     reward_zero_stage: int | None = Field(default=None, ge=0, le=3, description="ZeRO stage of the frozen reward "
                                           "model (when no rewardFunction is set).")
     reward_function: str | None = Field(
@@ -421,6 +425,10 @@ class DPOStageSpec(CommonStageSpec):
                                    "(conservative DPO); 0 = plain DPO.")
     offload_reference_model: bool = Field(default=False, description="Keep the frozen reference model's ZeRO-3 "
                                           "partitions in CPU memory (DeepSpeed-Chat's --offload_reference_model).")
+    rpo_alpha: float = Field(default=0.0, ge=0, description="Weight of a negative log-likelihood term on the chosen "
+                             "answers, per token, added to the DPO loss (RPO, Pang et al. 2024; TRL's rpo_alpha): "
+                             "keeps DPO from lowering the chosen answers with the rejected ones. 0 = DeepSpeed-Chat's "
+                             "plain DPO.")
 
 
 class StagesSpec(SpecModel):

@@ -3,9 +3,10 @@
 - every prompt is answered ``groupSize`` times (sampled from the actor as PPO samples its experience);
 - each answer's reward (the step-2 reward model's score clipped to ``±rewardClip``, or a reward function's value:
   :mod:`kuberlhf.rlhf.code_reward`) becomes its advantage after normalising within its group,
-  ``A_i = (r_i - mean(r)) / (std(r) + eps)``, the same for each of its tokens; ``std`` is the population standard
-  deviation, so a group whose answers all got the same reward (ties, and a group of one) has advantage 0 for every
-  answer rather than a division by zero; there is no critic;
+  ``A_i = (r_i - mean(r)) / (std(r) + eps)``, the same for each of its tokens (``scaleRewards``: the group's
+  ``std``, DeepSeekMath's; or the rank's batch's; or none); ``std`` is the population standard deviation, so a
+  group whose answers all got the same reward (ties, and a group of one) has advantage 0 for every answer rather
+  than a division by zero; there is no critic;
 - the loss per token is PPO's clipped surrogate of the ratio ``pi / pi_old`` plus ``klCoef`` times the k3
   estimator of KL(pi || pi_ref) (Schulman, "Approximating KL divergence", 2020):
   ``exp(ref - logp) - (ref - logp) - 1``, unbiased and never negative; averaged over each answer's tokens, then over
@@ -28,15 +29,26 @@ from kuberlhf.rlhf.trainer import PPOTrainer
 GROUP_EPS = 1e-4  # added to the group's standard deviation (TRL's GRPO uses the same)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = GROUP_EPS) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = GROUP_EPS, scale: str = "group"
+                     ) -> torch.Tensor:
     """Rewards (N,) of N / group_size consecutive groups -> advantages (N,): each reward minus its group's mean,
-    over the group's population standard deviation plus ``eps``. Ties (and groups of one) give 0."""
+    over a population standard deviation plus ``eps``: the group's (``scale="group"``, DeepSeekMath), all N
+    rewards' (``"batch"``), or not divided (``"none"``, Dr. GRPO: Liu et al. 2025). Ties (and groups of one) give
+    0. Per-group scaling lifts a group whose answers differ only by a reward model's noise to unit advantages,
+    like a group with one right answer; the batch's spread keeps their sizes apart (bench/RESULTS.md section 7)."""
     if rewards.shape[0] % group_size:
         raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
     groups = rewards.float().view(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, unbiased=False, keepdim=True)
-    return ((groups - mean) / (std + eps)).view(-1)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred.view(-1)
+    if scale == "batch":
+        std = rewards.float().std(unbiased=False)
+    elif scale == "group":
+        std = groups.std(dim=1, unbiased=False, keepdim=True)
+    else:
+        raise ValueError(f"scale must be group, batch or none, not {scale!r}")
+    return (centred / (std + eps)).view(-1)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -73,6 +85,7 @@ class GRPOSettings:
 
     group_size: int = spec_default(GRPOStageSpec, "group_size")
     kl_coef: float = spec_default(GRPOStageSpec, "kl_coef")
+    scale_rewards: str = spec_default(GRPOStageSpec, "scale_rewards")
     clip_range: float = spec_default(GRPOStageSpec, "clip_range")
     reward_clip: float = spec_default(GRPOStageSpec, "reward_clip")
     max_answer_len: int = spec_default(GRPOStageSpec, "max_answer_len")
@@ -86,9 +99,10 @@ class GRPOSettings:
 
     @classmethod
     def from_spec(cls, st: Any) -> GRPOSettings:
-        return cls(group_size=st.group_size, kl_coef=st.kl_coef, clip_range=st.clip_range, reward_clip=st.reward_clip,
-                   max_answer_len=st.max_answer_len, temperature=st.temperature, top_p=st.top_p,
-                   ptx_coef=st.ptx_coef, decoder=st.decoder, compile_decoder=st.compile_decoder)
+        return cls(group_size=st.group_size, kl_coef=st.kl_coef, scale_rewards=st.scale_rewards,
+                   clip_range=st.clip_range, reward_clip=st.reward_clip, max_answer_len=st.max_answer_len,
+                   temperature=st.temperature, top_p=st.top_p, ptx_coef=st.ptx_coef, decoder=st.decoder,
+                   compile_decoder=st.compile_decoder)
 
 
 class GRPOTrainer(PPOTrainer):
@@ -119,7 +133,7 @@ class GRPOTrainer(PPOTrainer):
         exp = self.rollout(groups)
         scores = self.score(exp, exp.pop("position_ids"))
         self.actor.train()
-        return {**exp, "scores": scores, "advantages": group_advantages(scores, g)}
+        return {**exp, "scores": scores, "advantages": group_advantages(scores, g, scale=self.s.scale_rewards)}
 
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One actor step on ``exp`` (any subset of whole sequences: the advantages were normalised over whole
