@@ -3,10 +3,14 @@ ppo manifest of the same task so every algorithm gets the same SFT model, data a
 
 - ``ppo``: the manifest as it is (``examples/tiny-cpu.yaml``'s recipe);
 - ``dpo``: ``sft -> dpo`` on step 2's pairs (the same datasets and ``data.split`` share the reward model trains
-  on: DeepSpeed-Chat's step2_dpo), with step 2's batch, epochs and ranks, DeepSpeed-Chat's ``beta`` 0.1;
+  on: DeepSpeed-Chat's step2_dpo), with step 2's batch, epochs and ranks, DeepSpeed-Chat's ``beta`` 0.1, and
+  RPO's NLL term on the chosen answers (``rpoAlpha`` 1, Pang et al. 2024's value): plain DPO lowered copy's chosen
+  answers with the rejected ones and drifted 53 nats per answer from SFT (bench/RESULTS.md section 7);
 - ``grpo``: ``sft -> reward -> grpo``, scored by the same reward model as ppo, with ppo's rollout budget (the
   same number of answers sampled per step: ``generationBatchSize / groupSize`` prompts x ``groupSize``), steps,
-  actor rate, EMA, temperature and lengths, and DeepSeekMath's ``klCoef`` 0.04;
+  actor rate, EMA, temperature and lengths, DeepSeekMath's ``klCoef`` 0.04, and advantages scaled by the batch's
+  reward spread (``scaleRewards: batch``), not each group's: on copy a quarter of the groups are four wrong answers
+  tied at the reward clip but one, which per-group scaling lifted to a right answer's advantage;
 - ``grpo-code``: the same GRPO stage scored by code instead of a reward model (``rewardFunction``): the task's
   programmatic reward, as a verifiable task (an exact answer, a format) would score its answers; no reward stage.
 
@@ -21,8 +25,9 @@ from typing import Any
 
 ALGORITHMS = ("ppo", "dpo", "grpo", "grpo-code")
 GROUP_SIZE = 4
-DPO = {"beta": 0.1, "learningRate": 1.0e-4}  # DeepSpeed-Chat's beta; the rate of ppo's actor
+DPO = {"beta": 0.1, "learningRate": 1.0e-4, "rpoAlpha": 1.0}  # DeepSpeed-Chat's beta; ppo's actor rate; RPO
 GRPO_KL = 0.04  # DeepSeekMath's beta, on the k3 estimate (docs/algorithms.md)
+GRPO_SCALE = "batch"
 _SHARED = ("nodes", "gpusPerNode", "dtype", "checkpointEverySteps", "resources")
 
 
@@ -76,6 +81,7 @@ def manifest_for_algorithm(ppo_doc: dict[str, Any], algorithm: str, reward_funct
             generationBatchSize=max(1, per_rank // GROUP_SIZE),
             perDeviceBatchSize=ppo["perDeviceBatchSize"],
             klCoef=GRPO_KL,
+            scaleRewards=GRPO_SCALE,
             ptxCoef=ppo.get("ptxCoef", 0),
         )
         if algorithm == "grpo-code":
