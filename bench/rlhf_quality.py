@@ -16,19 +16,28 @@ on fresh prompts:
 
     .venv/bin/python bench/rlhf_quality.py [--tasks style length copy topic] [--out bench/out/quality]
                                            [--algorithms ppo dpo grpo grpo-code] [--quick] [--jobs N]
-                                           [--json FILE]
+                                           [--set PATH=VALUE ...] [--json FILE]
+
+What the suite does not need, it skips: each stage runs on ONE rank with the example's global batch (per-rank
+batch x ranks: the same updates, one process start less per stage and no all-reduce; ``--example-ranks`` keeps
+the example's two), ``--jobs N`` tasks run side by side instead (default: one per core, the longest first), and
+``kuberlhf run`` runs with ``--samples 0`` (its own end-of-run samples and scores: the suite evaluates every
+policy itself; ``--runner-samples N`` keeps them).
 
 ``--algorithms`` runs each task's pipeline as each step-3 algorithm (``bench/quality_algorithms.py``: dpo, grpo
 with the reward model, grpo with the task's reward as code), one after the other in the task's output directory,
-so they share its SFT model (and reward model); each is measured like ppo (its final model and EMA). ``--jobs N``
-runs N tasks at once (each task's algorithms still one after the other).
+so they share its SFT model (and reward model); each is measured like ppo (its final model and EMA).
 
-``--quick`` (the lean test's size) shortens every stage and runs it on one rank with the example's global batch;
-goals are then checked for direction only."""
+``--set stages.ppo.actorLearningRate=3e-4 ...`` changes the recipe for every task at once (to try a recipe
+before it goes into the example; never per task). A changed step-3 setting re-runs only step 3 in an existing
+``--out``: the SFT and reward models are found by their fingerprints.
+
+``--quick`` (the lean test's size) shortens every stage; goals are then checked for direction only."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,9 +61,8 @@ import quality_algorithms as qa  # noqa: E402
 import quality_tasks as qt  # noqa: E402
 
 GOALS = {"rm_acc": 0.9, "gain": 0.2, "high_sft": 0.75, "high_abs": 0.95, "ema_gap": 0.05, "kl": 10.0}
-# --quick (the lean test): fewer steps everywhere, no intermediate checkpoints, and each stage on ONE rank with the
-# example's global batch (per-rank batch x its gpusPerNode), so the same updates cost one process start per stage
-# instead of two; the recipe's other settings stay the example's. The reward model, started from SFT, ranks
+# --quick (the lean test): fewer steps everywhere and no intermediate checkpoints (each stage on one rank, as in the
+# full suite); the recipe's other settings stay the example's. The reward model, started from SFT, ranks
 # style's training pairs all right from its 5th step (loss 0 from the 11th): 15 steps, not 2 epochs (90).
 QUICK = {"sft": {"epochs": 4}, "reward": {"epochs": 1, "maxSteps": 15}, "ppo": {"maxSteps": 60}}
 QUICK_NO_CHECKPOINTS = 10_000
@@ -95,10 +103,18 @@ class TaskResult:
         return out
 
 
-def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str, Any]:
+def manifest_for(
+    task: qt.Task,
+    data: dict[str, Path],
+    quick: bool,
+    overrides: dict[str, Any] | None = None,
+    one_rank: bool = True,
+) -> dict[str, Any]:
     """The tiny example with this task's data (and without the built-in data's ptx corpus), its reward model
-    started from step 1's model; no other stage setting changes (except stage lengths and ranks with
-    ``quick``)."""
+    started from step 1's model; no other stage setting changes (except stage lengths with ``quick``, and the
+    ``--set`` overrides, the same for every task). ``one_rank``: every stage on one rank with the example's
+    global batch (per-rank batch x its ranks): the same updates for one process start less per stage and no
+    all-reduce, and the suite runs tasks side by side instead to fill the cores."""
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"]["name"] = f"quality-{task.name}"
     d = doc["spec"]["data"]
@@ -117,20 +133,59 @@ def manifest_for(task: qt.Task, data: dict[str, Path], quick: bool) -> dict[str,
     # (bench/RESULTS.md). One setting for every task, like the rest of the recipe.
     doc["spec"].pop("reward", None)
     doc["spec"]["stages"]["reward"]["initFromSft"] = True
-    if quick:
-        for stage, values in QUICK.items():
-            st = doc["spec"]["stages"][stage]
+    for path, value in (overrides or {}).items():
+        apply_override(doc["spec"], path, value)
+    if one_rank:
+        for st in doc["spec"]["stages"].values():
             ranks = st.get("gpusPerNode", 1) * st.get("nodes", 1)
             for key in ("perDeviceBatchSize", "generationBatchSize"):
                 if key in st:
                     st[key] *= ranks
-            st.update(values, nodes=1, gpusPerNode=1, checkpointEverySteps=QUICK_NO_CHECKPOINTS)
+            st.update(nodes=1, gpusPerNode=1)
+    if quick:
+        for stage, values in QUICK.items():
+            doc["spec"]["stages"][stage].update(values, checkpointEverySteps=QUICK_NO_CHECKPOINTS)
     return doc
 
 
-def algorithm_manifest(task: qt.Task, data: dict[str, Path], quick: bool, algorithm: str) -> dict[str, Any]:
+def apply_override(spec: dict[str, Any], path: str, value: Any) -> None:
+    """``--set stages.ppo.actorLearningRate=3e-4``: one value in the spec, for every task (a recipe change, never a
+    per-task one)."""
+    *parents, leaf = path.split(".")
+    node = spec
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set {path}: spec.{key} is not a mapping")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (VALUE read as YAML: 3e-4, true, {enabled: true})."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected spec.path=value, e.g. stages.ppo.actorLearningRate=3e-4")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out[key] = parsed
+    return out
+
+
+def algorithm_manifest(
+    task: qt.Task,
+    data: dict[str, Path],
+    quick: bool,
+    algorithm: str,
+    overrides: dict[str, Any] | None = None,
+    one_rank: bool = True,
+) -> dict[str, Any]:
     """``manifest_for`` as ``algorithm``'s pipeline (``bench/quality_algorithms.py``)."""
-    doc = qa.manifest_for_algorithm(manifest_for(task, data, quick), algorithm, task.true_reward_ref)
+    base = manifest_for(task, data, quick, overrides, one_rank)
+    doc = qa.manifest_for_algorithm(base, algorithm, task.true_reward_ref)
     dpo = doc["spec"]["stages"].get("dpo")
     if quick and dpo is not None:
         dpo.pop("maxSteps", None)
@@ -153,6 +208,9 @@ def run_task(
     resume: bool = False,
     algorithm: str = "ppo",
     fresh: bool = True,
+    overrides: dict[str, Any] | None = None,
+    one_rank: bool = True,
+    runner_samples: int = 0,
 ) -> tuple[Path, dict[str, Any], float]:
     """``fresh``: start from an empty output directory (the task's first algorithm); the later ones reuse its
     SFT (and reward) model."""
@@ -166,13 +224,15 @@ def run_task(
         log(f"[{task.name}] --reuse: evaluating the finished {algorithm} run in {out}")
         return out, doc, float(sum(state["stageSeconds"].get(s, 0.0) for s in qa.graph(doc)))
     data = qt.write_task_data(task, work / "data")
-    doc = algorithm_manifest(task, data, quick, algorithm)
+    doc = algorithm_manifest(task, data, quick, algorithm, overrides, one_rank)
     manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)}
     cli = Path(sys.executable).with_name("kuberlhf")
-    cmd = [str(cli) if cli.exists() else "kuberlhf", "run", str(manifest), "--output-dir", str(out)] + (
-        ["--fresh"] if fresh and not resume else []
-    )
+    # runner_samples 0 (the default): no end-of-run evaluation of the runner's own (samples, held-out scores and
+    # true reward: minutes per run at load), which the suite does itself below on more prompts
+    cmd = [str(cli) if cli.exists() else "kuberlhf", "run", str(manifest), "--output-dir", str(out)]
+    cmd += ["--samples", str(runner_samples)]
+    cmd += ["--fresh"] if fresh and not resume else []
     t0 = time.monotonic()
     run_log = work / f"run{suffix}.log"
     with run_log.open("w") as f:
@@ -417,8 +477,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="evaluate finished runs in OUT again instead of re-running")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs in OUT (no --fresh)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here (default OUT/results.json)")
-    ap.add_argument("--jobs", type=int, default=1, help="tasks run at once (default 1: one after another)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tasks run at once, longest first (default: one per core; each stage runs on one rank)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="PATH=VALUE",
+        help="change the recipe for EVERY task, e.g. stages.ppo.actorLearningRate=3e-4 (spec paths, YAML values)",
+    )
+    ap.add_argument(
+        "--example-ranks", action="store_true", help="run each stage on the example's ranks (default: one rank)"
+    )
+    ap.add_argument(
+        "--runner-samples",
+        type=int,
+        default=0,
+        help="kuberlhf run's own end-of-run samples and scores (its --samples; default 0: the suite evaluates)",
+    )
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -440,7 +523,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {task.what}", flush=True)
         for i, algorithm in enumerate(args.algorithms):  # in turn: they share the task's SFT (and reward) model
             out, doc, wall = run_task(
-                task, args.out, args.quick, log, args.reuse, args.resume, algorithm=algorithm, fresh=i == 0
+                task,
+                args.out,
+                args.quick,
+                log,
+                args.reuse,
+                args.resume,
+                algorithm=algorithm,
+                fresh=i == 0,
+                overrides=overrides,
+                one_rank=not args.example_ranks,
+                runner_samples=args.runner_samples,
             )
             # now: the next algorithm's run rewrites the directory's run.json and metrics. One evaluation at a
             # time: two from_pretrained calls in two threads at once gave models with garbage weights (true
@@ -458,21 +551,32 @@ def main(argv: list[str] | None = None) -> int:
 
     # --jobs N: N tasks at once (their `kuberlhf run`s are process trees of their own), for a machine whose cores
     # one run cannot fill
+    # longest task first (copy's SFT file is 3x the others'), so the last one to start is not the longest
+    order = sorted(args.tasks, key=lambda t: -qt.TASKS[t].sft_rows)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool, LoadSampler() as load:
-        for rows in pool.map(run_and_evaluate, args.tasks):
-            for key, res, samples in rows:
+        futures = {name: pool.submit(run_and_evaluate, name) for name in order}
+        for name in args.tasks:
+            for key, res, samples in futures[name].result():
                 results.append(res)
                 details[key] = {"result": asdict(res), "goals": res.goals(), "samples": samples}
     total = time.monotonic() - t_all
     print(f"curves: {plot_curves(args.out, args.tasks, args.algorithms, args.out / 'curves.png')}")
     print("\n" + table(results))
     print(
-        f"\nsuite wall time {total / 60:.1f} min ({'--quick' if args.quick else 'full'}, --jobs {args.jobs}; "
+        f"\nsuite wall time {total / 60:.1f} min ({'--quick' if args.quick else 'full'}, --jobs {args.jobs}"
+        f"{', --set ' + ' '.join(args.overrides) if args.overrides else ''}; "
         f"{os.cpu_count()} cores, 1-minute load average during the run {load.summary()})"
     )
     (args.json or args.out / "results.json").write_text(
         json.dumps(
-            {"quick": args.quick, "jobs": args.jobs, "wall_s": total, "load_avg": load.samples, "tasks": details},
+            {
+                "quick": args.quick,
+                "jobs": args.jobs,
+                "overrides": overrides,
+                "wall_s": total,
+                "load_avg": load.samples,
+                "tasks": details,
+            },
             indent=2,
         )
     )

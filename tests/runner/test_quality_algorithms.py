@@ -63,3 +63,28 @@ def test_every_algorithm_shares_the_sft_stage_and_runs_its_own_graph(bench, tmp_
         assert dpo["epochs"] == rq.QUICK_DPO["epochs"] and "maxSteps" not in dpo, dpo
     else:
         assert (dpo["epochs"], dpo.get("maxSteps")) == (reward["epochs"], reward.get("maxSteps")), dpo
+
+
+def test_one_rank_keeps_the_global_batch_and_set_changes_every_task_alike(bench, tmp_path):
+    """The suite's stages run on one rank with the example's global batch (the same updates), and ``--set`` is
+    one recipe change applied to every task's manifest, never a per-task one."""
+    _, qt, rq = bench
+    overrides = rq.parse_overrides(["stages.ppo.actorLearningRate=3e-4", "stages.ppo.ema={enabled: true}"])
+    assert overrides == {"stages.ppo.actorLearningRate": 3e-4, "stages.ppo.ema": {"enabled": True}}
+    example = rq.yaml.safe_load(rq.EXAMPLE.read_text())["spec"]["stages"]
+    ppo_of = {}
+    for name, task in qt.TASKS.items():
+        data = qt.write_task_data(task, tmp_path / name, n_pairs=4)
+        two = rq.manifest_for(task, data, False, overrides, one_rank=False)["spec"]["stages"]
+        one = rq.manifest_for(task, data, False, overrides)["spec"]["stages"]
+        for stage, st in one.items():
+            ranks = example[stage]["nodes"] * example[stage]["gpusPerNode"]
+            assert (st["nodes"], st["gpusPerNode"]) == (1, 1) and two[stage]["gpusPerNode"] == ranks
+            for key in ("perDeviceBatchSize", "generationBatchSize"):
+                if key in example[stage]:
+                    assert st[key] == two[stage][key] * ranks == example[stage][key] * ranks, (stage, key)
+        assert one["ppo"]["actorLearningRate"] == 3e-4 and one["ppo"]["ema"] == {"enabled": True}
+        ppo_of[name] = one["ppo"]
+    assert all(p == ppo_of["style"] for p in ppo_of.values())  # one step-3 recipe for every task
+    with pytest.raises(SystemExit, match="spec.path=value"):
+        rq.parse_overrides(["stages.ppo.actorLearningRate"])

@@ -28,6 +28,10 @@ def test_quick_quality_suite_moves_the_true_reward(repo_root, tmp_path):
             "--quick",
             "--eval-prompts",
             "128",
+            # the runner's own end-of-run evaluation (the suite skips it by default): the run must print the
+            # true reward next to the reward-model score
+            "--runner-samples",
+            "1",
             "--out",
             str(tmp_path),
         ],
