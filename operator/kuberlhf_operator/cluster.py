@@ -23,27 +23,34 @@ from kuberlhf_operator.observe import (
     summarize_pods,
 )
 from kuberlhf_operator.reconcile import PipelineMeta
+from kuberlhf_operator.watch_cache import WatchCache
 
 
 def _owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
-def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
+def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any], cache: WatchCache | None = None) -> Observed:
     """Everything the pipeline owns (by label, then by ownerReference uid so a re-created pipeline of the same
-    name never adopts the old one's children), plus failure text of failed current-attempt Jobs."""
+    name never adopts the old one's children), plus failure text of failed current-attempt Jobs.
+
+    With ``cache`` (the operator's kopf indexes) the children come from the watch streams instead of one list per
+    kind (watch_cache says why a lagging view is safe); the pods of a current attempt whose Job failed are listed
+    fresh all the same, since what they say decides whether the attempt is retried."""
     selector = f"{LABEL_PIPELINE}={meta.name}"
+
+    def owned(kind: str) -> list[dict[str, Any]]:
+        found = cache.list(kind, meta.namespace, meta.name) if cache else kube.list(kind, meta.namespace, selector)
+        return [o for o in found if _owned_by(o, meta.uid)]
+
     jobs = {}
-    for raw in kube.list("Job", meta.namespace, selector):
-        state = summarize_job(raw) if _owned_by(raw, meta.uid) else None
+    for raw in owned("Job"):
+        state = summarize_job(raw)
         if state is not None:
             jobs[state.name] = state
-    services = frozenset(s["metadata"]["name"] for s in kube.list("Service", meta.namespace, selector)
-                         if _owned_by(s, meta.uid))
-    deployments = {d["metadata"]["name"]: summarize_deployment(d)
-                   for d in kube.list("Deployment", meta.namespace, selector) if _owned_by(d, meta.uid)}
-    policies = frozenset(p["metadata"]["name"] for p in kube.list("NetworkPolicy", meta.namespace, selector)
-                         if _owned_by(p, meta.uid))
+    services = frozenset(s["metadata"]["name"] for s in owned("Service"))
+    deployments = {d["metadata"]["name"]: summarize_deployment(d) for d in owned("Deployment")}
+    policies = frozenset(p["metadata"]["name"] for p in owned("NetworkPolicy"))
     stages_st = status.get("stages") or {}
 
     def current(job: JobState) -> bool:
@@ -57,7 +64,10 @@ def gather(kube: Kube, meta: PipelineMeta, status: dict[str, Any]) -> Observed:
                and (stages_st.get(j.stage) or {}).get("phase") not in ("Failed", "Succeeded")]
     by_job: dict[str, list[dict[str, Any]]] = {j.name: [] for j in wanted + earlier}
     if wanted:
-        for pod in stage_pods(kube, meta):
+        failed = any(j.phase == "Failed" for j in wanted)
+        pods_found = (cache.list("Pod", meta.namespace, meta.name) if cache is not None and not failed
+                      else stage_pods(kube, meta))
+        for pod in pods_found:
             labels = pod["metadata"].get("labels") or {}
             try:
                 name = job_name(meta.name, labels[LABEL_STAGE], int(labels[LABEL_ATTEMPT]))

@@ -36,6 +36,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -56,6 +58,7 @@ from kuberlhf_operator.reconcile import (
     reconcile,
 )
 from kuberlhf_operator.storage_probe import probe
+from kuberlhf_operator.watch_cache import WatchCache
 from kuberlhf_operator.writes import (
     ActionFailed,
     EmitEvent,
@@ -76,6 +79,11 @@ Key = tuple[str, str]
 # A create the API server answers with one of these is about the object: bad request (it does not decode, e.g. a
 # bad quantity), forbidden (admission, quota, RBAC), invalid, too many requests (reconcile.child_refused sorts them).
 REFUSED_CODES = (400, 403, 422, 429)
+
+
+def workers() -> int:
+    """Concurrent reconciles (kopf's handler threads), and threads for their concurrent creates."""
+    return int(os.environ.get("KUBERLHF_OPERATOR_WORKERS", "8"))
 
 
 def _now() -> datetime:
@@ -99,7 +107,7 @@ def terminal(status: dict[str, Any]) -> bool:
 
 class Operator:
     def __init__(self, kube: Kube | None = None, config: OperatorConfig | None = None, *, namespaced: bool = False,
-                 safety_interval: float = 60.0, emit: EmitEvent = kopf_event) -> None:
+                 safety_interval: float = 60.0, emit: EmitEvent = kopf_event, apply_workers: int = 0) -> None:
         self.kube = kube or Kube()
         self.config = config or OperatorConfig()
         self.namespaced = namespaced  # namespaced operators skip kopf's namespace scanning
@@ -114,11 +122,24 @@ class Operator:
         self._locks_guard = threading.Lock()
         self._handler_context: contextvars.Context | None = None  # see remember_handler_context
         self._stop = threading.Event()
+        # Threads for a decision's concurrent creates (writes.apply_actions); 0: every action in order.
+        self._apply_pool = ThreadPoolExecutor(apply_workers, thread_name_prefix="kuberlhf-apply") if apply_workers \
+            else None
+        # The children as kopf's watch streams show them (watch_cache), once a handler has handed over the kopf
+        # indexes; None until then, and always None when KUBERLHF_WATCH_CACHE=false: gather lists each kind.
+        self.cache: WatchCache | None = None
+        self.watch_cache_enabled = os.environ.get("KUBERLHF_WATCH_CACHE", "true").lower() != "false"
 
     # --- state between reconciles ------------------------------------------------------------------------------
     def lock(self, key: Key) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
+
+    def use_watch_cache(self, indices: Mapping[str, Any]) -> None:
+        """Read children from kopf's indexes (a resource handler's kwargs) from now on, unless switched off (or
+        called without them: a handler invoked by hand)."""
+        if self.cache is None and self.watch_cache_enabled and WatchCache.holds_all(indices):
+            self.cache = WatchCache(indices)
 
     def forget(self, key: Key) -> None:
         """The pipeline is gone: drop everything kept for it."""
@@ -147,7 +168,7 @@ class Operator:
         settings.posting.reporting_component = "kuberlhf-operator"
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        settings.execution.max_workers = int(os.environ.get("KUBERLHF_OPERATOR_WORKERS", "8"))
+        settings.execution.max_workers = workers()
         supported = self._server_has("KUBERLHF_JOB_SUSPEND", JOB_SUSPEND_SINCE, logger)
         failure_policy = self._server_has("KUBERLHF_POD_FAILURE_POLICY", POD_FAILURE_POLICY_SINCE, logger)
         try:
@@ -202,14 +223,14 @@ class Operator:
                                     generation=int(m.get("generation") or 1), labels=dict(m.get("labels") or {}))
                 spec, status = body.get("spec") or {}, body.get("status") or {}
                 with metrics.phase("gather"):
-                    observed = gather(self.kube, meta, status)
+                    observed = gather(self.kube, meta, status, self.cache)
                 with metrics.phase("probe"):
                     probes = probe(self.kube, self.stores, meta, spec, status, observed)
                 with metrics.phase("decide"):
                     decision = reconcile(meta, spec, status, observed, now or _now(), probes, self.config)
                 try:
                     with metrics.phase("apply"):
-                        apply_actions(self.kube, namespace, decision)
+                        apply_actions(self.kube, namespace, decision, self._apply_pool)
                 except ActionFailed as failed:
                     if failed.action.verb != "create" or failed.error.status not in REFUSED_CODES:
                         raise failed.error from None  # not about the object: retried (guarded)

@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     from prometheus_client import start_http_server
 
     from kuberlhf_operator import handlers  # noqa: F401 - registers the handlers with kopf's default registry
-    from kuberlhf_operator.controller import Operator
+    from kuberlhf_operator.controller import Operator, workers
     from kuberlhf_operator.reconcile import config_from_env
 
     operator = Operator(config=config_from_env(os.environ),
                         namespaced=not args.all_namespaces,
-                        safety_interval=float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "60")))
+                        safety_interval=float(os.environ.get("KUBERLHF_RECONCILE_INTERVAL", "60")),
+                        apply_workers=workers())
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind)
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None

@@ -12,13 +12,13 @@ NAMESPACED: dict[tuple[str, str], set[str]] = {
     ("kuberlhf.io", "rlhfpipelines/status"): {"patch"},  # handlers.reconcile_pipeline merge-patches status
     ("kuberlhf.io", "rlhfpipelines/finalizers"): {"update"},  # to set blockOwnerDeletion on children
     ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},  # patch: suspend; delete: 1.20 fallback
-    ("", "services"): {"create", "list"},
+    ("", "services"): {"create", "list", "watch"},  # watch: the operator's child cache (kopf index)
     ("apps", "deployments"): {"create", "list", "watch"},
     ("", "pods"): {"list", "watch"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create", "list"},  # the operator's and kopf's Events; list: the Job controller's FailedCreate
     ("", "secrets"): {"get", "create"},  # get: spec.storage.secretRef's keys; create: the chat's API-key Secret
-    ("networking.k8s.io", "networkpolicies"): {"create", "list"},  # per stage attempt and chat
+    ("networking.k8s.io", "networkpolicies"): {"create", "list", "watch"},  # per stage attempt and chat; watch: cache
     ("policy", "poddisruptionbudgets"): {"create"},  # the chat's, with replicas > 1
 }
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}

@@ -4,51 +4,12 @@ and per-pipeline state pruned when the pipeline goes away."""
 
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic.exceptions import ConflictError
-from operator_sim import FakeKube
+from operator_sim import RecordingKube, pipeline
 
 from kuberlhf_operator.controller import Operator
 from kuberlhf_operator.reconcile import OperatorConfig
-
-
-class RecordingKube(FakeKube):
-    """FakeKube that also takes the writes the operator makes."""
-
-    def __init__(self, *objects: dict[str, Any], status_conflicts: int = 0) -> None:
-        super().__init__(*objects)
-        self.writes: list[tuple[str, str, str, Any]] = []
-        self.status_conflicts = status_conflicts  # the next N status writes lose to a concurrent writer
-
-    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
-        key = (kind, namespace, body["metadata"]["name"])
-        self.writes.append(("create", kind, key[2], body))
-        if key in self.objects:
-            return False
-        self.objects[key] = copy.deepcopy({"kind": kind, **body})
-        return True
-
-    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any], sub: str | None = None) -> Any:
-        self.writes.append(("patch", f"{kind}/{sub}" if sub else kind, name, body))
-        obj = self.objects[(kind, namespace, name)]
-        if sub == "status" and self.status_conflicts:
-            self.status_conflicts -= 1
-            obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-            raise ConflictError(ApiException(status=409, reason="Conflict"))
-        if sub == "status":
-            new = {**(obj.get("status") or {}), **body["status"]}
-            obj["status"] = {k: v for k, v in new.items() if v is not None}
-        return obj
-
-
-def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "kuberlhf.io/v1alpha1", "kind": "RLHFPipeline",
-            "metadata": {"name": "tiny", "namespace": "team", "uid": "uid-1", "generation": 1,
-                         "resourceVersion": "7"}, "spec": spec}
 
 
 def phase_count(phase: str) -> float:

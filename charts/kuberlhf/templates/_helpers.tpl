@@ -63,7 +63,8 @@ app.kubernetes.io/component: operator
 
 {{/*
 RBAC rules the operator needs in every namespace it watches: exactly the verbs kuberlhf_operator and kopf use.
-kopf lists/watches pipelines, Jobs, Pods and Deployments and patches its annotations onto pipelines; the operator
+kopf lists/watches pipelines, Jobs, Pods, Deployments, Services and NetworkPolicies (the operator reads its
+children from those watch streams) and patches its annotations onto pipelines; the operator
 reads a pipeline (get), writes its status (patch), creates Jobs/Services/Deployments, lists what it owns, patches
 a Job's suspend, deletes superseded Jobs, reads failed pods' logs, posts core/v1 Events (kopf too), lists the
 Events of a Job that has no pods (the Job controller's FailedCreate: why the API server refuses its pods) and reads
@@ -87,7 +88,7 @@ deleted.
   verbs: [create, list, watch, patch, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, list]
+  verbs: [create, list, watch]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [create, list, watch]
@@ -108,7 +109,7 @@ deleted.
 # each stage attempt's and the chat's NetworkPolicy
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [create, list]
+  verbs: [create, list, watch]
 # the chat's PodDisruptionBudget (replicas > 1)
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
