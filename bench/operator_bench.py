@@ -187,11 +187,13 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One control plane and one SeaweedFS; per side (``--sides``) a fresh namespace and operator process, the
+    latency run, then the burst. With two sides they run one after the other in the same run, the later one
+    against a control plane that still holds the earlier one's objects (idle by then: no kubelet runs them)."""
     import psutil  # noqa: F401 - fail early if missing
     from harness import ControlPlane, KubeREST, wait_for
 
     from kuberlhf.storage.seaweed import SeaweedServer
-    from kuberlhf_operator.manifests import job_name
 
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kuberlhf-bench-cp-") as d, \
@@ -202,83 +204,95 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_for(lambda: cp.kubectl("get", "crd", "rlhfpipelines.kuberlhf.io", "-o",
                                     "jsonpath={.status.conditions[?(@.type=='Established')].status}"
                                     ).stdout.strip() == "True", "CRD established", 30, 0.2)
-        ns = f"bench-{uuid.uuid4().hex[:6]}"
-        api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         bucket = "bench"
         s3.create_bucket(bucket)
-        creds = s3.credentials_env()
-        api.post(f"/api/v1/namespaces/{ns}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
-            "stringData": {k: creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
+        res["sides"] = {side: run_side(args, cp, api, s3, bucket, Path(d), side) for side in args.sides}
+    return res
 
-        from harness.controlplane import free_port
 
-        live, metrics_port = free_port(), free_port()
-        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "KUBERLHF_DEFAULT_IMAGE": "kuberlhf-trainer:bench"}
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.pop(k, None)  # the operator must use the namespace's Secret, as in a cluster
-        log = open(Path(d) / "operator.log", "wb")  # noqa: SIM115
-        op = subprocess.Popen([sys.executable, "-m", "kuberlhf_operator.main", "--namespace", ns,
-                               "--liveness-port", str(live), "--metrics-port", str(metrics_port), "--bind", "127.0.0.1"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        rss = RSSMonitor(op.pid)
+def run_side(args: argparse.Namespace, cp: Any, api: Any, s3: Any, bucket: str, d: Path, side: str) -> dict[str, Any]:
+    """The whole measurement with one operator: ``cache`` reads children from kopf's watch streams (the default),
+    ``list`` lists them per reconcile (KUBERLHF_WATCH_CACHE=false: the code path before the cache)."""
+    from harness import wait_for
+    from harness.controlplane import free_port
+
+    from kuberlhf_operator.manifests import job_name
+
+    res: dict[str, Any] = {}
+    ns = f"bench-{side}-{uuid.uuid4().hex[:6]}"
+    api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    creds = s3.credentials_env()
+    api.post(f"/api/v1/namespaces/{ns}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+        "stringData": {k: creds[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
+    live, metrics_port = free_port(), free_port()
+    env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "KUBERLHF_DEFAULT_IMAGE": "kuberlhf-trainer:bench",
+           "KUBERLHF_WATCH_CACHE": "true" if side == "cache" else "false"}
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(k, None)  # the operator must use the namespace's Secret, as in a cluster
+    log_path = d / f"operator-{side}.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    op = subprocess.Popen([sys.executable, "-m", "kuberlhf_operator.main", "--namespace", ns,
+                           "--liveness-port", str(live), "--metrics-port", str(metrics_port), "--bind", "127.0.0.1"],
+                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    rss = RSSMonitor(op.pid)
+    try:
+        t0 = time.time()
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{live}/healthz", timeout=2).status == 200,
+                 "operator liveness", 90, 0.2)
+        res["operator_start_s"] = time.time() - t0
+        watch = JobWatch(api, ns).start()
+        b = Bench(cp, api, ns, s3, bucket, watch)
+        res["api_create_floor_s"] = b.api_floor()
+
+        # --- latency: pipelines one after another -----------------------------------------------------
+        first, nxt = [], []
+        for i in range(args.pipelines):
+            name = f"lat-{i}"
+            uid, t_create = b.create(name)
+            first.append(watch.wait(job_name(name, "sft", 1)) - t_create)
+            for stage, following in (("sft", "reward"), ("reward", "ppo")):
+                b.commit_stage(name, uid, stage)
+                t_done = b.complete_job(job_name(name, stage, 1))
+                nxt.append(watch.wait(job_name(name, following, 1)) - t_done)
+        res["cr_to_first_job_s"] = summary(first)
+        res["job_complete_to_next_job_s"] = summary(nxt)
+        res["rss_after_latency_mb"] = rss.samples[-1] / 2**20 if rss.samples else float("nan")
+
+        # --- scale: a burst of pipelines created at once ---------------------------------------------
+        names = [f"burst-{i}" for i in range(args.burst)]
+        created: dict[str, tuple[str, float]] = {}
+        t_burst = time.time()
+        for name in names:
+            created[name] = b.create(name)
+        res["burst_create_s"] = time.time() - t_burst
+        lag = [watch.wait(job_name(n, "sft", 1), timeout=300) - created[n][1] for n in names]
+        res["burst_all_first_jobs_s"] = max(watch.seen[job_name(n, "sft", 1)] for n in names) - t_burst
+        res["burst_cr_to_first_job_s"] = summary(lag)
+        for name in names:
+            b.commit_stage(name, created[name][0], "sft")
+        done = {n: b.complete_job(job_name(n, "sft", 1)) for n in names}
+        lag2 = [watch.wait(job_name(n, "reward", 1), timeout=300) - done[n] for n in names]
+        res["burst_job_complete_to_next_job_s"] = summary(lag2)
+        time.sleep(1.0)
+        res["operator_rss_peak_mb"] = rss.peak / 2**20
+        res["operator_rss_end_mb"] = rss.samples[-1] / 2**20
+        res["operator_cpu_s"] = sum(psutil_cpu(op.pid))
+        page = scrape_metrics(metrics_port)
+        res["reconciles"] = labelled(page, "kuberlhf_reconciles_total", "trigger")  # where its CPU went
+        res["reconcile_phases"] = reconcile_phases(page)
+        watch.stop.set()
+    finally:
+        rss.stop.set()
+        op.terminate()
         try:
-            t0 = time.time()
-            wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{live}/healthz", timeout=2).status == 200,
-                     "operator liveness", 90, 0.2)
-            res["operator_start_s"] = time.time() - t0
-            watch = JobWatch(api, ns).start()
-            b = Bench(cp, api, ns, s3, bucket, watch)
-            res["api_create_floor_s"] = b.api_floor()
-
-            # --- latency: pipelines one after another -----------------------------------------------------
-            first, nxt = [], []
-            for i in range(args.pipelines):
-                name = f"lat-{i}"
-                uid, t_create = b.create(name)
-                first.append(watch.wait(job_name(name, "sft", 1)) - t_create)
-                for stage, following in (("sft", "reward"), ("reward", "ppo")):
-                    b.commit_stage(name, uid, stage)
-                    t_done = b.complete_job(job_name(name, stage, 1))
-                    nxt.append(watch.wait(job_name(name, following, 1)) - t_done)
-            res["cr_to_first_job_s"] = summary(first)
-            res["job_complete_to_next_job_s"] = summary(nxt)
-            res["rss_after_latency_mb"] = rss.samples[-1] / 2**20 if rss.samples else float("nan")
-
-            # --- scale: a burst of pipelines created at once ---------------------------------------------
-            names = [f"burst-{i}" for i in range(args.burst)]
-            created: dict[str, tuple[str, float]] = {}
-            t_burst = time.time()
-            for name in names:
-                created[name] = b.create(name)
-            res["burst_create_s"] = time.time() - t_burst
-            lag = [watch.wait(job_name(n, "sft", 1), timeout=300) - created[n][1] for n in names]
-            res["burst_all_first_jobs_s"] = max(watch.seen[job_name(n, "sft", 1)] for n in names) - t_burst
-            res["burst_cr_to_first_job_s"] = summary(lag)
-            for name in names:
-                b.commit_stage(name, created[name][0], "sft")
-            done = {n: b.complete_job(job_name(n, "sft", 1)) for n in names}
-            lag2 = [watch.wait(job_name(n, "reward", 1), timeout=300) - done[n] for n in names]
-            res["burst_job_complete_to_next_job_s"] = summary(lag2)
-            time.sleep(1.0)
-            res["operator_rss_peak_mb"] = rss.peak / 2**20
-            res["operator_rss_end_mb"] = rss.samples[-1] / 2**20
-            res["operator_cpu_s"] = sum(psutil_cpu(op.pid))
-            page = scrape_metrics(metrics_port)
-            res["reconciles"] = labelled(page, "kuberlhf_reconciles_total", "trigger")  # where its CPU went
-            res["reconcile_phases"] = reconcile_phases(page)
-            watch.stop.set()
-        finally:
-            rss.stop.set()
-            op.terminate()
-            try:
-                op.wait(10)
-            except subprocess.TimeoutExpired:
-                op.kill()
-                op.wait()
-            log.close()
-            if args.keep_log:
-                print((Path(d) / "operator.log").read_text(errors="replace")[-4000:])
+            op.wait(10)
+        except subprocess.TimeoutExpired:
+            op.kill()
+            op.wait()
+        log.close()
+        if args.keep_log:
+            print(log_path.read_text(errors="replace")[-4000:])
     return res
 
 
@@ -319,10 +333,21 @@ def psutil_cpu(pid: int) -> tuple[float, float]:
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> None:
+    for side, r in res["sides"].items():
+        report_side(side, r, res["control_plane_start_s"], args)
+    if {"cache", "list"} <= set(res["sides"]):
+        c, lst = (res["sides"][k]["burst_job_complete_to_next_job_s"]["p95"] for k in ("cache", "list"))
+        print(f"\n  burst of {args.burst}, Job complete -> next Job p95, same run: children from the watch cache "
+              f"{c:.3f} s vs listed per reconcile {lst:.3f} s: {lst / c:.2f}x faster")
+
+
+def report_side(side: str, res: dict[str, Any], cp_start: float, args: argparse.Namespace) -> None:
     def line(label: str, s: dict[str, float]) -> str:
         return f"  {label:44s} p50 {s['p50']:.3f} s  p95 {s['p95']:.3f} s  max {s['max']:.3f} s  (n={s['n']})"
 
-    print(f"\n== operator on the real control plane (start {res['control_plane_start_s']:.1f} s; operator up in "
+    how = ("children from kopf's watch streams" if side == "cache"
+           else "children listed per reconcile, KUBERLHF_WATCH_CACHE=false")
+    print(f"\n== operator on the real control plane, {side}: {how} (start {cp_start:.1f} s; operator up in "
           f"{res['operator_start_s']:.1f} s; API create floor {1000 * res['api_create_floor_s']:.0f} ms) ==")
     print(line(f"CR created -> first Job ({args.pipelines} pipelines)", res["cr_to_first_job_s"]))
     print(line("stage Job complete -> next stage Job", res["job_complete_to_next_job_s"]))
@@ -353,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="operator latency and scale on the real control plane")
     p.add_argument("--pipelines", type=int, default=20)
     p.add_argument("--burst", type=int, default=100)
+    p.add_argument("--sides", nargs="+", choices=("cache", "list"), default=["cache"],
+                   help="operators to measure one after the other: cache (children from the watch streams, the "
+                        "default) and/or list (listed per reconcile, as before the cache); give 'list cache' for a "
+                        "same-run ratio")
     p.add_argument("--keep-log", action="store_true", help="print the operator log tail")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
