@@ -61,27 +61,44 @@ def run_config(
     lr = st.learning_rate  # the example's, else the deploymentType preset's
     total = 10_000
 
-    # ours: exactly the objects run_sft builds
+    # ours: exactly the objects run_sft builds (a one-rank fp32 ZeRO 1/2 stage runs as ZeRO 0: effective_zero_stage)
+    config = train_ds_config(s)
     lm = load_causal_lm(source, seed=st.seed, dropout=spec.actor.dropout)
     opt = make_optimizer(lm, lr, st.weight_decay, st.offload)
-    engine = ds_initialize(lm, train_ds_config(s), opt, make_scheduler(opt, st.lr_scheduler, st.warmup_steps, total))
+    engine = ds_initialize(lm, config, opt, make_scheduler(opt, st.lr_scheduler, st.warmup_steps, total))
+    sides = {"ours": engine}
+    if config["zero_optimization"]["stage"] != zero:
+        # the stage as configured, what DeepSpeed runs when asked for it (and what kuberlhf ran before)
+        asked = {**config, "zero_optimization": {**config["zero_optimization"], "stage": zero}}
+        lm2 = load_causal_lm(source, seed=st.seed, dropout=spec.actor.dropout)
+        opt2 = make_optimizer(lm2, lr, st.weight_decay, st.offload)
+        sides["as_configured"] = ds_initialize(lm2, asked, opt2,
+                                               make_scheduler(opt2, st.lr_scheduler, st.warmup_steps, total))
     # bare: same weights (same seed), same optimizer factory and schedule, plain autograd + clipping
     bare = load_causal_lm(source, seed=st.seed, dropout=spec.actor.dropout)
     bare_opt = make_optimizer(bare, lr, st.weight_decay, False)
     bare_sched = make_scheduler(bare_opt, st.lr_scheduler, st.warmup_steps, total)
-    engine.train()
+    for e in sides.values():
+        e.train()
     bare.train()
-    it = {"ours": 0, "bare": 0}
-    tokens = {"ours": 0.0, "bare": 0.0}
+    it = {"bare": 0, **dict.fromkeys(sides, 0)}
+    tokens = {"bare": 0.0, **dict.fromkeys(sides, 0.0)}
 
-    def ours() -> None:
-        b = batches[it["ours"] % len(batches)]
-        it["ours"] += 1
-        out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        loss = causal_lm_loss(out.logits, b["labels"])
-        engine.backward(loss)
-        engine.step()
-        tokens["ours"] += float(b["attention_mask"].sum())
+    def deepspeed_side(name: str):
+        e = sides[name]
+
+        def run() -> None:
+            b = batches[it[name] % len(batches)]
+            it[name] += 1
+            out = e(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+            loss = causal_lm_loss(out.logits, b["labels"])
+            e.backward(loss)
+            e.step()
+            tokens[name] += float(b["attention_mask"].sum())
+
+        return run
+
+    ours = deepspeed_side("ours")
 
     def baseline() -> None:
         b = batches[it["bare"] % len(batches)]
@@ -95,12 +112,15 @@ def run_config(
         bare_opt.zero_grad(set_to_none=True)
         tokens["bare"] += float(b["attention_mask"].sum())
 
-    interleave({"ours": ours, "bare": baseline}, rounds=0, warmup=3)
-    tokens.update(ours=0.0, bare=0.0)
-    t = interleave({"ours": ours, "bare": baseline}, rounds=steps, warmup=0)
+    fns = {"ours": ours, "bare": baseline, **({"as_configured": deepspeed_side("as_configured")}
+                                              if "as_configured" in sides else {})}
+    interleave(fns, rounds=0, warmup=3)
+    tokens.update(dict.fromkeys(tokens, 0.0))
+    t = interleave(fns, rounds=steps, warmup=0)
     res = {
         "model": model,
         "zero_stage": zero,
+        "zero_stage_run": engine.zero_optimization_stage(),
         "dtype": s.dtype,
         "micro_batch": s.micro_batch,
         "max_seq_len": spec.data.max_seq_len,
@@ -112,6 +132,9 @@ def run_config(
     }
     res["ratio"] = res["ours_tokens_per_s"] / res["bare_tokens_per_s"]
     res["ratio_median_step"] = t.median("bare") / t.median("ours")
+    if "as_configured" in sides:
+        res["as_configured_tokens_per_s"] = tokens["as_configured"] / t.total("as_configured")
+        res["as_configured_ratio"] = res["as_configured_tokens_per_s"] / res["bare_tokens_per_s"]
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -130,6 +153,10 @@ def report(res: dict[str, Any]) -> None:
         f"\n== SFT, {res['model']} OPT, ZeRO-{res['zero_stage']} {res['dtype']}, micro-batch {res['micro_batch']} x "
         f"<= {res['max_seq_len']} tokens, {res['steps']} interleaved steps =="
     )
+    if res["zero_stage_run"] != res["zero_stage"]:
+        print(f"  zeroStage {res['zero_stage']} on one fp32 rank runs as ZeRO-{res['zero_stage_run']} "
+              f"(ds_config.effective_zero_stage); DeepSpeed at ZeRO-{res['zero_stage']} as configured: "
+              f"{res['as_configured_tokens_per_s']:9.1f} tokens/s = {res['as_configured_ratio']:.2f}x bare")
     print(
         f"  ours (DeepSpeed): {res['ours_tokens_per_s']:9.1f} tokens/s  median step {res['ours_step_ms_median']:.1f} ms"
     )

@@ -47,9 +47,14 @@ def save_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int, 
 
 def load_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int) -> dict[str, Any]:
     """Collective: restores every engine (with optimizer and scheduler) and returns this rank's trainer state."""
+    from kuberlhf.training.zero_resume import load_zero12_into_zero0, needs_conversion
+
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(ckpt_dir / name), tag=tag(step), load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        if needs_conversion(engine, ckpt_dir / name / tag(step)):  # written at ZeRO 1/2 before one rank ran ZeRO 0
+            path, _ = load_zero12_into_zero0(engine, str(ckpt_dir / name), tag(step))
+        else:
+            path, _ = engine.load_checkpoint(str(ckpt_dir / name), tag=tag(step), load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"checkpoint {ckpt_dir} has no DeepSpeed state for {name!r} at {tag(step)}")
     own = ckpt_dir / f"trainer_state_rank{rank}.pt"
