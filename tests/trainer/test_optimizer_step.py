@@ -1,6 +1,7 @@
 """The optimizer step of a ZeRO-0 fp32 engine (the tiny pipeline's, DeepSpeed-Chat's single-GPU actor at fp32):
-gradient clipping is torch's foreach ``clip_grad_norm_`` with no collective, and trains exactly as DeepSpeed's own
-per-tensor clipping + norm all-reduce does. Real DeepSpeed engines on gloo, world size 1, in a subprocess (the
+gradient clipping is torch's foreach ``clip_grad_norm_`` with no collective, ``engine.step`` is DeepSpeed's model step
+without its per-call bookkeeping (``loop.lean_step``), and it trains exactly as DeepSpeed's own step with its
+per-tensor clipping + norm all-reduce does, with the same step and sample counters. Real DeepSpeed engines on gloo, world size 1, in a subprocess (the
 process group and DeepSpeed's globals stay out of the test process)."""
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ for side, engine in engines.items():
 a = dict(engines["ours"].module.named_parameters())
 b = dict(engines["deepspeed"].module.named_parameters())
 out["max_param_diff"] = max(float((a[n] - b[n]).abs().max()) for n in a)
+out["lean_step"] = {k: "step" in vars(e) for k, e in engines.items()}  # ours replaced engine.step (loop.lean_step)
+out["counters"] = {k: [e.global_steps, e.global_samples, e.micro_steps] for k, e in engines.items()}
 out["norms"] = norms
 # the clipped gradients themselves: ours against DeepSpeed's function on copies of the same gradients
 from deepspeed.runtime.utils import clip_grad_norm_ as ds_clip
@@ -76,6 +79,8 @@ def test_zero0_fp32_clipping_is_torch_foreach_without_collective_and_trains_the_
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("STEP-RESULT ")).split(" ", 1)[1])
     assert res["clips_locally"] == {"ours": True, "deepspeed": True}
+    assert res["lean_step"] == {"ours": True, "deepspeed": False}
+    assert res["counters"]["ours"] == res["counters"]["deepspeed"] == [3, 12, 3], res  # checkpoints carry them
     assert min(res["norms"]["ours"]) > 1.0  # clipping to 1.0 changed every step
     # DeepSpeed's own clipping all-reduces the norm on every step, even on one rank; ours does not
     assert all(n >= 1 for n in res["all_reduce_in_step"]["deepspeed"]), res
