@@ -22,19 +22,37 @@ OWNER = [{"kind": "RLHFPipeline", "name": "tiny", "uid": "uid-1"}]
 
 
 def child(kind: str, name: str, labels: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"kind": kind, "metadata": {"name": name, "namespace": "team", "uid": f"u-{kind}-{name}",
-                                       "ownerReferences": OWNER, "managedFields": [{"manager": "x"}],
-                                       "labels": {"kuberlhf.io/pipeline": "tiny", **(labels or {})}}, **extra}
+    return {
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": "team",
+            "uid": f"u-{kind}-{name}",
+            "ownerReferences": OWNER,
+            "managedFields": [{"manager": "x"}],
+            "labels": {"kuberlhf.io/pipeline": "tiny", **(labels or {})},
+        },
+        **extra,
+    }
 
 
 def job(name: str, attempt: int, status: dict[str, Any]) -> dict[str, Any]:
-    return child("Job", name, {"kuberlhf.io/stage": "sft", "kuberlhf.io/attempt": str(attempt)},
-                 spec={"completions": 1, "backoffLimit": 0}, status=status)
+    return child(
+        "Job",
+        name,
+        {"kuberlhf.io/stage": "sft", "kuberlhf.io/attempt": str(attempt)},
+        spec={"completions": 1, "backoffLimit": 0},
+        status=status,
+    )
 
 
 def pod(name: str, attempt: int, phase: str, **status: Any) -> dict[str, Any]:
-    return child("Pod", name, {"kuberlhf.io/component": "stage", "kuberlhf.io/stage": "sft",
-                               "kuberlhf.io/attempt": str(attempt)}, status={"phase": phase, **status})
+    return child(
+        "Pod",
+        name,
+        {"kuberlhf.io/component": "stage", "kuberlhf.io/stage": "sft", "kuberlhf.io/attempt": str(attempt)},
+        status={"phase": phase, **status},
+    )
 
 
 def indexes(*objects: dict[str, Any]) -> dict[str, Any]:
@@ -59,11 +77,17 @@ def test_an_index_keeps_the_object_by_pipeline_without_its_managed_fields() -> N
 
 
 def test_gather_from_the_cache_lists_nothing_and_sees_what_the_lists_see() -> None:
-    objects = [job("tiny-sft-1", 1, {"active": 1}), child("Service", "tiny-sft-1"),
-               child("NetworkPolicy", "tiny-sft-1"), pod("tiny-sft-1-0", 1, "Running"),
-               child("Job", "other-sft-1", {"kuberlhf.io/pipeline": "other"}),  # another pipeline's
-               {**child("Service", "stale"), "metadata": {**child("Service", "stale")["metadata"],
-                                                          "ownerReferences": [{"uid": "old-uid"}]}}]  # a former uid's
+    objects = [
+        job("tiny-sft-1", 1, {"active": 1}),
+        child("Service", "tiny-sft-1"),
+        child("NetworkPolicy", "tiny-sft-1"),
+        pod("tiny-sft-1-0", 1, "Running"),
+        child("Job", "other-sft-1", {"kuberlhf.io/pipeline": "other"}),  # another pipeline's
+        {
+            **child("Service", "stale"),
+            "metadata": {**child("Service", "stale")["metadata"], "ownerReferences": [{"uid": "old-uid"}]},
+        },
+    ]  # a former uid's
     status = {"stages": {"sft": {"phase": "Pending", "attempts": 1}}}
     listed = gather(FakeKube(*copy.deepcopy(objects)), META, status)
     kube = ListCounting()
@@ -78,11 +102,26 @@ def test_the_pods_of_a_current_attempt_that_failed_are_listed_fresh() -> None:
     """Pods and Jobs come on different watch streams: the cached pod may not yet say why it ended, and that decides
     between a retry, a disruption and a configuration error."""
     failed = job("tiny-sft-1", 1, {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})
-    exited = pod("tiny-sft-1-0", 1, "Failed", containerStatuses=[{"name": "trainer", "state": {"terminated": {
-        "exitCode": EXIT_USER_ERROR, "message": "spec.stages.sft.learningRate: must be > 0"}}}])
+    exited = pod(
+        "tiny-sft-1-0",
+        1,
+        "Failed",
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {"exitCode": EXIT_USER_ERROR, "message": "spec.stages.sft.learningRate: must be > 0"}
+                },
+            }
+        ],
+    )
     kube = ListCounting(copy.deepcopy(exited))
-    observed = gather(kube, META, {"stages": {"sft": {"phase": "Running", "attempts": 1}}},
-                      WatchCache(indexes(failed, pod("tiny-sft-1-0", 1, "Running"))))  # the cache lags
+    observed = gather(
+        kube,
+        META,
+        {"stages": {"sft": {"phase": "Running", "attempts": 1}}},
+        WatchCache(indexes(failed, pod("tiny-sft-1-0", 1, "Running"))),
+    )  # the cache lags
     assert kube.lists() == ["Pod"]
     assert observed.failure_kinds == {"tiny-sft-1": "user_error"}
 
@@ -140,8 +179,10 @@ def test_a_decisions_creates_go_out_together_after_its_network_policy() -> None:
                 raise ApiException(status=403, reason=f"{kind} refused")
             return super().create(kind, namespace, body)
 
-    actions = [Action("create", kind, "tiny-sft-1", {"metadata": {"name": "tiny-sft-1"}})
-               for kind in ("NetworkPolicy", "Service", "Job")]
+    actions = [
+        Action("create", kind, "tiny-sft-1", {"metadata": {"name": "tiny-sft-1"}})
+        for kind in ("NetworkPolicy", "Service", "Job")
+    ]
     with ThreadPoolExecutor(4) as pool:
         kube = Barrier(refuse=set())
         apply_actions(kube, "team", Decision({}, actions), pool)

@@ -69,15 +69,29 @@ print("RESUME-RESULT " + json.dumps(out))
 
 
 def settings(**kw):
-    base = dict(field="spec.stages.sft", accelerator="cpu", world_size=1, micro_batch=4, grad_accum=1,
-                zero_stage=2, dtype="fp32")
+    base = dict(
+        field="spec.stages.sft",
+        accelerator="cpu",
+        world_size=1,
+        micro_batch=4,
+        grad_accum=1,
+        zero_stage=2,
+        dtype="fp32",
+    )
     return TrainSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize(("kw", "stage"), [
-    ({}, 0), ({"zero_stage": 1}, 0), ({"zero_stage": 3}, 3), ({"world_size": 2}, 2), ({"dtype": "bf16"}, 2),
-    ({"offload": True}, 2),
-])
+@pytest.mark.parametrize(
+    ("kw", "stage"),
+    [
+        ({}, 0),
+        ({"zero_stage": 1}, 0),
+        ({"zero_stage": 3}, 3),
+        ({"world_size": 2}, 2),
+        ({"dtype": "bf16"}, 2),
+        ({"offload": True}, 2),
+    ],
+)
 def test_only_a_one_rank_fp32_stage_without_offload_runs_zero_1_2_as_zero_0(kw, stage) -> None:
     assert train_ds_config(settings(**kw))["zero_optimization"]["stage"] == stage
 

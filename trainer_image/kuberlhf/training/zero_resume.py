@@ -36,12 +36,14 @@ def needs_conversion(engine: Any, tag_dir: Path) -> bool:
         if len(files) != 1:
             raise CheckpointLayoutError(
                 f"{tag_dir} was written by a ZeRO 1/2 engine over {len(files)} ranks and this one runs ZeRO 0 on one "
-                "rank; resume it with the same number of ranks (nodes x gpusPerNode) it was written with")
+                "rank; resume it with the same number of ranks (nodes x gpusPerNode) it was written with"
+            )
         return True
     if stage > 0 and not files and (tag_dir / "mp_rank_00_model_states.pt").exists():
         raise CheckpointLayoutError(
             f"{tag_dir} was written by a ZeRO 0 engine (a one-rank fp32 stage runs its ZeRO 1/2 as ZeRO 0) and this "
-            f"engine runs ZeRO {stage}; resume it on one rank, as it was written, or restart the stage without it")
+            f"engine runs ZeRO {stage}; resume it on one rank, as it was written, or restart the stage without it"
+        )
     return False
 
 
@@ -49,8 +51,7 @@ def needs_conversion(engine: Any, tag_dir: Path) -> bool:
 def load_zero12_into_zero0(engine: Any, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any]]:
     """``engine.load_checkpoint`` for a one-rank ZeRO 1/2 checkpoint: weights, schedule and counters through
     DeepSpeed, then Adam's per-parameter moments cut from the flat groups."""
-    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=False,
-                                          load_lr_scheduler_states=True)
+    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True)
     if path is None:
         return None, {}
     (file,) = zero_optim_files(Path(load_dir) / tag)
@@ -59,8 +60,10 @@ def load_zero12_into_zero0(engine: Any, load_dir: str, tag: str) -> tuple[str | 
     optimizer = engine.optimizer
     current = optimizer.state_dict()
     if len(mappings) != len(current["param_groups"]):
-        raise CheckpointLayoutError(f"{file}: {len(mappings)} parameter groups, the optimizer has "
-                                    f"{len(current['param_groups'])}; restart the stage without this checkpoint")
+        raise CheckpointLayoutError(
+            f"{file}: {len(mappings)} parameter groups, the optimizer has "
+            f"{len(current['param_groups'])}; restart the stage without this checkpoint"
+        )
     by_name = dict(engine.module.named_parameters())
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state: dict[int, dict[str, Any]] = {}
@@ -70,15 +73,22 @@ def load_zero12_into_zero0(engine: Any, load_dir: str, tag: str) -> tuple[str | 
             continue  # never stepped
         for name, where in group_map.items():
             param = by_name[name]
-            cut = {k: v.narrow(0, where.start, where.numel).view_as(param).clone() for k, v in flat.items()
-                   if torch.is_tensor(v) and v.dim() == 1 and v.numel() > 1}
+            cut = {
+                k: v.narrow(0, where.start, where.numel).view_as(param).clone()
+                for k, v in flat.items()
+                if torch.is_tensor(v) and v.dim() == 1 and v.numel() > 1
+            }
             step = flat.get("step")
             cut["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step or 0))
             state[index[id(param)]] = cut
         if len(group_map) != len(group["params"]):
-            raise CheckpointLayoutError(f"{file}: group {group_no} holds {len(group_map)} parameters, the optimizer "
-                                        f"{len(group['params'])}; restart the stage without this checkpoint")
-    groups = [{**now, **{k: v for k, v in old.items() if k != "params"}}
-              for now, old in zip(current["param_groups"], base["param_groups"], strict=True)]
+            raise CheckpointLayoutError(
+                f"{file}: group {group_no} holds {len(group_map)} parameters, the optimizer "
+                f"{len(group['params'])}; restart the stage without this checkpoint"
+            )
+    groups = [
+        {**now, **{k: v for k, v in old.items() if k != "params"}}
+        for now, old in zip(current["param_groups"], base["param_groups"], strict=True)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return path, client
