@@ -214,6 +214,46 @@ def test_ppo_interrupted_and_resumed_matches_uninterrupted(zero2, s3_server, buc
             assert torch.allclose(tensor, w2[key], atol=1e-5), (name, key)
 
 
+def test_zero3_killed_while_a_background_save_is_in_flight_resumes_at_zero3(zero3, s3_server, tmp_path):
+    """ZeRO-3 (bf16, 2 ranks, each holding its own partition of weights and Adam state), a checkpoint after every
+    step saved in the background: rank 0 dies while ckpt/step-2 is half uploaded (the stage's mid-save hook),
+    after ckpt/step-1 was committed. The half-written step 2 (files there, no _COMPLETE) is never picked up: the
+    same command resumes from ckpt/step-1 at ZeRO-3 and ends where the uninterrupted run (zero3's sft, the same
+    spec without checkpoints) ended."""
+    import copy
+    import re
+
+    from safetensors.torch import load_file
+    from trainer_stage_helpers import run_stage
+
+    from kuberlhf.stages.runtime import CRASH_EXIT_CODE, CRASH_MID_SAVE_ENV
+
+    zero3.stage("sft")
+    manifest = copy.deepcopy(zero3.manifest)
+    manifest["spec"]["stages"]["sft"]["checkpointEverySteps"] = 1
+    resumed = PipelineRun(manifest, s3_server, tmp_path)
+    crashed = run_stage(manifest, "sft", s3_server, resumed.uid, extra_env={CRASH_MID_SAVE_ENV: "2"})
+    codes = re.search(r"worker exit codes \[([^\]]*)\]", crashed.stdout + crashed.stderr)
+    assert crashed.returncode != 0 and codes and str(CRASH_EXIT_CODE) in codes.group(1).split(", "), \
+        crashed.stderr[-3000:]
+    store = resumed.store()
+    half = resumed.layout.ckpt_uri("sft", 2)
+    assert store.exists(f"{half}/metrics.jsonl") and not store.is_complete(half)  # killed mid-upload
+    assert [step for step, _ in store.list_checkpoints(resumed.layout.ckpt_root("sft"))] == [1]
+
+    again = resumed.stage("sft")
+    assert f"resuming sft from {resumed.layout.ckpt_uri('sft', 1)}" in again.stdout
+    base = {(m["step"], m["split"]): m for m in zero3.metrics("sft")}
+    after = {(m["step"], m["split"]): m for m in resumed.metrics("sft")}
+    assert sorted(base) == sorted(after)
+    for key in base:
+        assert after[key]["loss"] == pytest.approx(base[key]["loss"], rel=1e-3), key
+    w1 = load_file(str(zero3.fetch(zero3.layout.model_uri("sft"), "sft-model-z3") / "model.safetensors"))
+    w2 = load_file(str(resumed.fetch(resumed.layout.model_uri("sft"), "sft-model") / "model.safetensors"))
+    for name, tensor in w1.items():
+        assert torch.allclose(tensor.float(), w2[name].float(), atol=1e-2), name
+
+
 def test_deepspeed_launcher_two_ranks_matches_our_spawner(zero2, s3_server, tmp_path):
     """The real `deepspeed --num_gpus 2` CLI (on CPU) launching the stage module: it passes `--local_rank=N`
     and its own env (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, CROSS_RANK, MASTER_*) to each rank. Same spec as

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,13 @@ from kuberlhf.stages.common import cache_key, tokenized_cache_dir
 from kuberlhf.stages.runtime import StageRun
 from kuberlhf.stages.supervised import maybe_crash, progress
 from kuberlhf.training import distributed as D
-from kuberlhf.training.checkpoint import load_engines, load_module_state, save_engines, save_module_state, seed_all
+from kuberlhf.training.checkpoint import (
+    load_engines,
+    load_module_state,
+    seed_all,
+    snapshot_engines,
+    snapshot_module_state,
+)
 from kuberlhf.training.export import export_causal_lm
 from kuberlhf.training.loop import batches_per_epoch, epoch_position, make_loader, rank_indices
 
@@ -85,11 +92,14 @@ def save_policy_checkpoint(run: StageRun, engine: Any, step: int, total: int, st
     save, stop = run.checkpoint_due(step, total, run.stage_spec.checkpoint_every_steps)
     if not save:
         return
-    local = run.ckpt_local(step)
-    save_engines(engine.trained_engines(), local, step, run.dist.rank, state)
-    if engine.ema is not None:
-        save_module_state(engine.ema, local / EMA_STATE_FILE, run.dist.rank)
-    run.upload_checkpoint(step)
+
+    def snapshot(local: Path) -> list[Any]:
+        files = snapshot_engines(engine.trained_engines(), local, step, run.dist.rank, state)
+        if engine.ema is not None:
+            files += snapshot_module_state(engine.ema, local / EMA_STATE_FILE, run.dist.rank)
+        return files
+
+    run.save_checkpoint(step, snapshot)
     if stop:
         raise run.interrupted(step)
     maybe_crash(step, run)

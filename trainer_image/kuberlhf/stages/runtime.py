@@ -26,7 +26,8 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from kuberlhf.contract.stage import (
     manifest_summary,
 )
 from kuberlhf.stages.errors import StageInterrupted
+from kuberlhf.storage.manifest import list_local_files
 from kuberlhf.training import distributed as D
 from kuberlhf.training.metrics import MetricsWriter
 
@@ -89,29 +91,51 @@ def write_termination_message(text: str, env: Mapping[str, str]) -> None:
         path.write_text(text)
 
 
-class PendingUpload:
-    """A checkpoint's files uploading in a thread of the node's local rank 0 (the other ranks hold no thread):
-    :meth:`wait` returns their manifest entries, or raises what the upload raised."""
+# Test hook: rank 0 dies (exit CRASH_EXIT_CODE) while the save of this step's checkpoint is in flight, after its
+# files are written and one of them is uploaded: a kill mid-save, leaving a half-uploaded ckpt/step-N/.
+CRASH_MID_SAVE_ENV = "KUBERLHF_CRASH_DURING_CHECKPOINT_SAVE"
+CRASH_EXIT_CODE = 75
+
+
+class PendingSave:
+    """One checkpoint leaving one rank: its snapshots written to the node's scratch (``write_files``), then this
+    rank's files uploaded (each rank uploads its own; the node's local rank 0 also the files written at snapshot
+    time: metrics.jsonl, DeepSpeed's ``latest``), in a thread when ``background``. Nothing is committed here:
+    :meth:`wait` returns the manifest entries of what was uploaded, or raises what the save raised."""
 
     def __init__(self, step: int, uri: str) -> None:
         self.step, self.uri = step, uri
         self.entries: list[Any] = []
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.seconds: dict[str, float] = {}  # write, upload: this rank's, for the log line of the commit
 
     @classmethod
-    def start(cls, store: Any, local: Path, uri: str, step: int, uploads: bool) -> PendingUpload:
+    def start(cls, store: Any, local: Path, uri: str, step: int, files: list[Any], extra: list[str],
+              background: bool, crash: bool = False) -> PendingSave:
+        from kuberlhf.training.checkpoint import write_files
+
         pending = cls(step, uri)
-        if uploads:
+        paths = sorted({*extra, *(f.path.relative_to(local).as_posix() for f in files)})
 
-            def run() -> None:
-                try:
-                    pending.entries = store.upload_files(str(local), uri)
-                except BaseException as e:  # noqa: BLE001 - re-raised by wait() in the training thread
-                    pending.error = e
+        def run() -> None:
+            try:
+                t0 = time.monotonic()
+                write_files(files)
+                t1 = pending.seconds["write"] = time.monotonic() - t0
+                if crash:
+                    store.upload_files(str(local), uri, paths=paths[:1])
+                    os._exit(CRASH_EXIT_CODE)
+                pending.entries = store.upload_files(str(local), uri, paths=paths)
+                pending.seconds["upload"] = time.monotonic() - t0 - t1
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait() in the training thread
+                pending.error = e
 
-            pending.thread = threading.Thread(target=run, name=f"upload-step-{step}", daemon=True)
+        if background:
+            pending.thread = threading.Thread(target=run, name=f"save-step-{step}", daemon=True)
             pending.thread.start()
+        else:
+            run()
         return pending
 
     def done(self) -> bool:
@@ -141,8 +165,8 @@ class StageRun:
         self.layout = ctx.layout
         self.store = RetryingStore(ObjectStore.from_spec(self.spec.storage), storage_retry_seconds(os.environ))
         self.stop_requested = False
-        self._stopping = False  # checkpoint_due decided to stop: the last checkpoint is uploaded synchronously
-        self._pending: PendingUpload | None = None  # the checkpoint uploading in the background
+        self._stopping = False  # checkpoint_due decided to stop: the last checkpoint is saved synchronously
+        self._pending: PendingSave | None = None  # the checkpoint being saved in the background
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
         # node-local scratch, shared by the ranks of this node (and distinct per node even on one machine)
@@ -234,36 +258,61 @@ class StageRun:
             self.metrics.truncate_after(step)
         return local
 
-    def upload_checkpoint(self, step: int) -> None:
-        """Collective, after every rank wrote into ``ckpt_local(step)``: upload and commit ``ckpt/step-N/``.
+    def save_checkpoint(self, step: int, snapshot: Callable[[Path], list[Any]]) -> None:
+        """Collective, after optimizer step ``step``: save and commit ``ckpt/step-N/``. ``snapshot(local dir)``
+        (collective) returns this rank's files as host-memory snapshots (``kuberlhf.training.checkpoint``).
 
-        With the stage's ``backgroundCheckpointUpload`` (not when stopping) each node uploads its files in a thread
-        while training goes on; ``_COMPLETE`` is committed once every node's files are up (checked at each step by
-        :meth:`checkpoint_due`), and at the latest before the next checkpoint or the stage's outputs. Until then the
-        previous checkpoint is the one a restart resumes from."""
-        self.drain_upload()  # one upload in flight at most (the scratch holds two checkpoints)
+        With the stage's ``backgroundCheckpointUpload`` (not when stopping) only the snapshot is taken on the
+        training thread: writing and uploading run in a thread of each rank while training goes on, and
+        ``_COMPLETE`` is committed once every rank's files are up (checked at each step by :meth:`checkpoint_due`),
+        at the latest before the next checkpoint or the stage's outputs. Until then the previous checkpoint is the
+        one a restart resumes from. One save is in flight at most: when the next checkpoint is due first, training
+        waits for the previous one to be committed before taking the next snapshot (said once on stderr)."""
+        if self._pending is not None:
+            t0 = time.monotonic()
+            previous = self._pending.step
+            self.drain_upload()
+            if self.dist.is_main:
+                print(f"{self.stage}: checkpoint step {previous} was still being saved when step {step} was due: "
+                      f"training waited {time.monotonic() - t0:.1f}s for it (one save in flight at most; a larger "
+                      "checkpointEverySteps avoids the wait)", file=sys.stderr, flush=True)
         local = self.ckpt_local(step)
+        if self.dist.is_local_main:  # left over from an attempt that died saving this step: never mixed in
+            shutil.rmtree(local, ignore_errors=True)
+        D.barrier()
+        t0 = time.monotonic()
+        files = snapshot(local)
+        copied = time.monotonic() - t0
         if self.dist.is_main and self.metrics.path.exists():
             shutil.copyfile(self.metrics.path, local / METRICS_FILE)
-        D.barrier()
+        D.barrier()  # every small file is in place and no snapshot has been written yet
+        extra = [rel for rel, _ in list_local_files(local)] if self.dist.is_local_main else []
         uri = self.layout.ckpt_uri(self.stage, step)
-        if getattr(self.stage_spec, "background_checkpoint_upload", False) and not self._stopping:
-            self._pending = PendingUpload.start(self.store, local, uri, step, self.dist.is_local_main)
-            return
-        entries = self.store.upload_files(str(local), uri) if self.dist.is_local_main else []
-        self._commit_checkpoint(step, uri, entries)
+        background = getattr(self.stage_spec, "background_checkpoint_upload", False) and not self._stopping
+        crash = os.environ.get(CRASH_MID_SAVE_ENV) == str(step) and self.dist.is_main
+        pending = PendingSave.start(self.store, local, uri, step, files, extra, background, crash)
+        pending.seconds["copy"] = copied
+        self._pending = pending
+        if not background:
+            self.drain_upload()
 
     def drain_upload(self) -> None:
-        """Collective: wait for the background upload (if any) and commit it."""
+        """Collective: wait for the background save (if any) and commit it."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._commit_checkpoint(pending.step, pending.uri, pending.wait())
+            self._commit_checkpoint(pending)
 
-    def _commit_checkpoint(self, step: int, uri: str, entries: list[Any]) -> None:
-        gathered = D.all_gather_object(list(entries))
+    def _commit_checkpoint(self, pending: PendingSave) -> None:
+        step, seconds = pending.step, pending.seconds
+        gathered = D.all_gather_object(list(pending.wait()))
         if self.dist.is_main:
             merged = {e.path: e for node in gathered for e in node}
-            self.store.commit(uri, list(merged.values()), producer=self.producer, extra={"step": step})
+            manifest = self.store.commit(pending.uri, list(merged.values()), producer=self.producer,
+                                         extra={"step": step})
+            where = "on the training thread" if pending.thread is None else "in the background"
+            print(f"{self.stage}: committed checkpoint step {step} ({manifest.total_bytes / 2**20:.0f} MiB): state "
+                  f"copied in {seconds.get('copy', 0):.2f}s, written in {seconds.get('write', 0):.2f}s and uploaded "
+                  f"in {seconds.get('upload', 0):.2f}s {where} (rank 0)", file=sys.stderr, flush=True)
         D.barrier()
         # keep only the newest local checkpoints: the object store has the older ones
         if self.dist.is_local_main:

@@ -11,14 +11,13 @@ from typing import Any
 import torch
 
 from kuberlhf.stages.common import cache_key, tokenized_cache_dir
-from kuberlhf.stages.runtime import StageRun
+from kuberlhf.stages.runtime import CRASH_EXIT_CODE, StageRun
 from kuberlhf.training import distributed as D
-from kuberlhf.training.checkpoint import load_engines, save_engines
+from kuberlhf.training.checkpoint import load_engines, snapshot_engines
 from kuberlhf.training.loop import StepPlan, make_loader, to_device
 
 # Test hook: exit with this code right after committing the checkpoint of this step (a crash mid-stage).
 FAIL_AT_STEP_ENV = "KUBERLHF_FAIL_AFTER_CHECKPOINT"
-CRASH_EXIT_CODE = 75
 
 
 def maybe_crash(step: int, run: StageRun | None = None) -> None:
@@ -113,8 +112,8 @@ def supervised_loop(run: StageRun, engine: Any, train_ds: Any, plan: StepPlan, m
                 engine.train()
             save, stop = run.checkpoint_due(step, plan.total_steps, st.checkpoint_every_steps)
             if save:
-                save_engines({"model": engine}, run.ckpt_local(step), step, dist.rank, {"epoch": epoch})
-                run.upload_checkpoint(step)
+                run.save_checkpoint(step, lambda local, step=step, epoch=epoch: snapshot_engines(
+                    {"model": engine}, local, step, dist.rank, {"epoch": epoch}))
                 if stop:
                     raise run.interrupted(step)
                 maybe_crash(step, run)

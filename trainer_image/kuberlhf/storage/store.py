@@ -197,11 +197,14 @@ class ObjectStore:
             complete = list(pool.map(lambda s: self.is_complete(s[1]), steps))
         return sorted(s for s, ok in zip(steps, complete, strict=True) if ok)
 
-    def upload_files(self, local_dir: str | os.PathLike[str], uri: str) -> list[FileEntry]:
-        """Upload the files of ``local_dir`` under ``uri`` without committing (multi-node writers: every node
-        uploads its files, rank 0 merges the entries and calls :meth:`commit`). Objects already there with the
-        same size and sha256 are skipped, so a retry after a crash only sends what is missing."""
-        entries, paths = self._scan(local_dir)
+    def upload_files(
+        self, local_dir: str | os.PathLike[str], uri: str, *, paths: list[str] | None = None
+    ) -> list[FileEntry]:
+        """Upload the files of ``local_dir`` (only ``paths``, relative POSIX paths, when given) under ``uri``
+        without committing (several writers: every rank uploads its own files, rank 0 merges the entries and calls
+        :meth:`commit`). Objects already there with the same size and sha256 are skipped, so a retry after a
+        crash only sends what is missing."""
+        entries, paths = self._scan(local_dir, paths)
         target = parse_uri(uri)
         backend = self._backend(target)
         backend.check_bucket(target)
@@ -372,8 +375,16 @@ class ObjectStore:
 
     # --- internals ---------------------------------------------------------------------------------------------
     @staticmethod
-    def _scan(local_dir: str | os.PathLike[str]) -> tuple[list[FileEntry], dict[str, Path]]:
+    def _scan(
+        local_dir: str | os.PathLike[str], only: list[str] | None = None
+    ) -> tuple[list[FileEntry], dict[str, Path]]:
         files = list_local_files(local_dir)
+        if only is not None:
+            wanted = set(only)
+            files = [f for f in files if f[0] in wanted]
+            missing = wanted - {rel for rel, _ in files}
+            if missing:
+                raise StorageError(f"cannot upload {sorted(missing)} from {local_dir}: not there")
         return hash_files(files), dict(files)
 
     def _upload(
