@@ -3,7 +3,9 @@ resumable per-rank data loading, and the step plan."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,14 +34,53 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, tot
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
 
 
-def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None, scheduler=None):
+@contextlib.contextmanager
+def zero3_fp32_master_shared(enabled: bool = True) -> Iterator[None]:
+    """Workaround for DeepSpeed 0.16-0.19 (read in 0.19.8, ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions``):
+    a ZeRO-3 partition that is already fp32 on the optimizer's device is meant to be its own fp32 master weights
+    ("we don't need another copy of the weights"), but the test compares ``tensor.device`` (a ``torch.device``)
+    with ``self.device`` (the accelerator's device *name*, a str such as 'cpu' or 'cuda:0'), which is never equal;
+    so fp32 training keeps a second fp32 copy of every partition, 4 bytes per parameter per rank. While inside,
+    that method sees ``self.device`` as the same device as a ``torch.device``, so the test means what it says.
+    The optimizer then steps the partition in place instead of a copy of it (equal values: the same math, which
+    a test checks step by step). Offload, NVMe and bf16/fp16 take their own branches before or fail its dtype
+    test; other DeepSpeed versions are left alone."""
+    import deepspeed
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    from packaging.version import Version
+
+    create = getattr(Stage3, "_create_fp32_partitions", None)
+    if not enabled or create is None or not Version("0.16") <= Version(deepspeed.__version__) < Version("0.20"):
+        yield
+        return
+
+    def create_with_device(self: Any) -> None:
+        name = self.device
+        self.device = torch.device(name) if isinstance(name, str) else name
+        try:
+            create(self)
+        finally:
+            self.device = name
+
+    Stage3._create_fp32_partitions = create_with_device
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = create
+
+
+def ds_initialize(model: torch.nn.Module, config: dict[str, Any], optimizer=None, scheduler=None,
+                  share_fp32_master: bool = True):
+    """``deepspeed.initialize`` with the buckets sized for the model, :func:`zero3_fp32_master_shared` (off only to
+    compare with DeepSpeed's own behaviour) and the single-rank shortcuts below."""
     import deepspeed
 
     from kuberlhf.training.ds_config import sized_buckets
 
     model_config = getattr(model, "config", None)
     config = sized_buckets(config, getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    with zero3_fp32_master_shared(share_fp32_master):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     if skips_gradient_allreduce(engine.zero_optimization_stage(), engine.dp_world_size, engine.mpu):
         # averaging gradients over one rank is the identity, but DeepSpeed still flattens, all-reduces (gloo
         # here) and copies them back on every backward

@@ -187,7 +187,7 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         apply_lora(model, LoraSpec(dim=args.lora_dim, only_optimize_lora=True))
     with phases("init"):
         optimizer = make_optimizer(model, args.lr, 0.0, args.offload)
-        engine = ds_initialize(model, ds_config, optimizer)
+        engine = ds_initialize(model, ds_config, optimizer, share_fp32_master=not args.fp32_master_copy)
     vocab = int(getattr(engine.module.config, "vocab_size", 512))
     gen = torch.Generator().manual_seed(dist.rank)
     ids = torch.randint(4, vocab, (args.batch, args.seq_len), generator=gen).to(engine.device)
@@ -216,8 +216,19 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         "loaded": loaded,
         "phases": phases.results,
         "losses": losses,
+        "fp32_master_shared": fp32_master_shared(engine),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def fp32_master_shared(engine: Any) -> bool | None:
+    """ZeRO-3: whether every optimizer sub-group steps its partition in place (no second fp32 master copy; see
+    ``kuberlhf.training.loop.zero3_fp32_master_shared``); None at other stages."""
+    opt = getattr(engine, "optimizer", None)
+    if not hasattr(opt, "fp32_partitioned_groups_flat"):
+        return None
+    pairs = zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat, strict=True)
+    return all(a is b for a, b in pairs)
 
 
 def _export_and_probe(engine: Any, tokenizer: Any, args: argparse.Namespace, rank: int) -> None:
@@ -258,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA adapters' init")
     p.add_argument("--export", help="export the trained model here and keep the engine's outputs on a fixed batch")
     p.add_argument("--cpu", action="store_true", help="use the CPU accelerator even when CUDA is present")
+    p.add_argument("--fp32-master-copy", action="store_true",
+                   help="ZeRO-3 fp32: keep DeepSpeed's second fp32 copy of each partition (no workaround)")
     p.add_argument("--zero-config", help="JSON merged into the zero_optimization section (the bench compares)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
