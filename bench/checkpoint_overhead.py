@@ -1,4 +1,4 @@
-"""Benchmark: training time lost to checkpointing, with the background upload against a synchronous one.
+"""Benchmark: training time lost to checkpointing, with the background save against a synchronous one.
 
 The real sft stage (``kuberlhf stage sft``, one CPU rank, ZeRO-2, fp32) trains a mid-sized OPT (a config with
 random weights saved in hub layout; its resumable checkpoint -- weights, Adam, scheduler -- is about
@@ -6,8 +6,9 @@ random weights saved in hub layout; its resumable checkpoint -- weights, Adam, s
 times, so load from other processes hits each alike:
 
   none        checkpointEverySteps 0 (only the final model is written)
-  sync        checkpointEverySteps K, backgroundCheckpointUpload false (training waits for each upload)
-  background  checkpointEverySteps K, backgroundCheckpointUpload true (the default: upload while training)
+  sync        checkpointEverySteps K, backgroundCheckpointUpload false (training waits for each write + upload)
+  background  checkpointEverySteps K, backgroundCheckpointUpload true (the default: the training thread copies the
+              state to host memory; writing and uploading run in a thread while training goes on)
 
 Training time is the span of the stage's own ``train`` metric rows (first to last step: start-up and the final
 export are the same in every variant and left out). Each round runs the three variants back to back, in an order
@@ -17,7 +18,9 @@ run also records the stage process's CPU seconds (user + system, load-independen
 whether or not it overlaps training) and the load average before it. Prints each run, then sync / none and
 background / none (goal <= 1.1x), and background / sync; and, per variant, a baseline from within the same run:
 its training time over its number of steps times its median step (:func:`within_run`; ~1.0 for none), which
-load changing between runs does not move.
+load changing between runs does not move. Where the checkpoint time goes (from the stage's own log lines, rank 0):
+per run, the seconds the training thread spent copying the state, the seconds it waited for a previous save still
+in flight, and the write and upload seconds.
 
     python bench/checkpoint_overhead.py [--steps 12] [--every 3] [--hidden 512] [--layers 6] [--rounds 3]
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -95,8 +99,21 @@ def manifest(model: Path, steps: int, every: int, background: bool) -> dict:
     }
 
 
-def run_sft(doc: dict, server, out: Path) -> tuple[float, float]:
-    """(training seconds, the stage process's CPU seconds) of one ``kuberlhf stage sft`` run."""
+def save_profile(stderr: str) -> dict[str, float]:
+    """Seconds summed over a run's checkpoints from the stage's log lines (rank 0): copy (training thread), write
+    and upload (a thread when in the background), waited (training thread, for a save still in flight)."""
+    out = {"copy": 0.0, "write": 0.0, "upload": 0.0, "waited": 0.0, "checkpoints": 0}
+    for m in re.finditer(r"copied in ([\d.]+)s, written in ([\d.]+)s and uploaded in ([\d.]+)s", stderr):
+        out["checkpoints"] += 1
+        for key, value in zip(("copy", "write", "upload"), m.groups(), strict=True):
+            out[key] += float(value)
+    out["waited"] = sum(float(x) for x in re.findall(r"training waited ([\d.]+)s", stderr))
+    return out
+
+
+def run_sft(doc: dict, server, out: Path) -> tuple[float, float, dict[str, float]]:
+    """(training seconds, the stage process's CPU seconds, :func:`save_profile`) of one ``kuberlhf stage sft``
+    run."""
     from kuberlhf.contract.spec import parse_pipeline
     from kuberlhf.contract.stage import ENV_OUTPUT_DIR, stage_env
     from kuberlhf.training.distributed import free_port
@@ -125,7 +142,7 @@ def run_sft(doc: dict, server, out: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return sum(step_seconds(out)), cpu
+    return sum(step_seconds(out)), cpu, save_profile(proc.stderr)
 
 
 def step_seconds(out: Path) -> list[float]:
@@ -176,6 +193,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     inrun: dict[str, list[float]] = {k: [] for k in variants}
+    profiles: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     loads: list[float] = []
     with SeaweedServer(work / "seaweed") as server:
         server.create_bucket("bench")
@@ -185,13 +203,15 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 loads.append(load)
                 t0 = time.time()
-                s, c = run_sft(manifest(model, args.steps, every, background), server, work / f"r{r}-{name}")
+                s, c, prof = run_sft(manifest(model, args.steps, every, background), server, work / f"r{r}-{name}")
                 seconds[name].append(s)
                 cpu[name].append(c)
+                profiles[name].append(prof)
                 inrun[name].append(within_run(step_seconds(work / f"r{r}-{name}")))
                 print(
                     f"round {r} {name}: training {s:.1f} s, stage CPU {c:.1f} s (stage {time.time() - t0:.0f} s; "
-                    f"load average {load:.1f} before)",
+                    f"load average {load:.1f} before); {prof['checkpoints']} checkpoints: copy {prof['copy']:.2f} s, "
+                    f"waited {prof['waited']:.1f} s, write {prof['write']:.1f} s, upload {prof['upload']:.1f} s",
                     flush=True,
                 )
     result = {
@@ -202,6 +222,7 @@ def main() -> None:
         "rounds": args.rounds,
         "train_seconds": seconds,
         "stage_cpu_seconds": cpu,
+        "save_profile": profiles,
         "load_average": {"min": min(loads), "max": max(loads)},
         "sync_over_none": paired(seconds, "sync", "none"),
         "background_over_none": paired(seconds, "background", "none"),

@@ -487,6 +487,12 @@ def run_stage_case(ctx: Any, stage: str, **p: Any) -> dict[str, Any]:
 
     # what the next stage and serving read: the committed copy in the object store (sizes + sha256 verified)
     layout = StageLayout.for_pipeline(pipeline, "default", "local")
+    every = int(result["manifest_stage"].get("checkpointEverySteps") or 0)
+    if every:  # saved in the background: the state copied off the device on the training thread, then written
+        result["checkpoints_committed"] = [s for s, _ in ObjectStore().list_checkpoints(layout.ckpt_root(stage))]
+        wanted = list(range(every, int(result["manifest_stage"]["maxSteps"]), every))
+        if result["checkpoints_committed"] != wanted:
+            raise CheckFailed(f"committed checkpoints {result['checkpoints_committed']}, expected steps {wanted}")
     for e in probes.exports:
         name = Path(e["dir"]).name
         uri = layout.ema_uri() if name == "ema" else layout.model_uri(stage)

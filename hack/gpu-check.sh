@@ -6,7 +6,9 @@
 # from_pretrained) in under 8 minutes of wall clock, writing gpu-check.json, gpu-check.log and
 # gpu-check-summary.txt to OUT_DIR. Issue 14's part: every stage case records its peak GPU memory per phase (ZeRO-3
 # loading included), reloads its 16-bit export, and puts the memory planner's estimate next to the measured peak
-# ("planner" in the JSON, "planner X GiB = Rx peak" in the summary) and its host estimate next to the peak RSS.
+# ("planner" in the JSON, "planner X GiB = Rx peak" in the summary) and its host estimate next to the peak RSS;
+# sft-z2-bf16's mid-run checkpoint is saved in the background (the state copied off the GPU on the training thread,
+# written and uploaded in a thread) and must be committed ("checkpoints_committed").
 #
 #   bash hack/gpu-check.sh [OUT_DIR] [-- ARGS OF bench/gpu_check.py]   # OUT_DIR: $OUT, else ./gpu-check-out
 #   bash hack/gpu-check.sh --cpu [OUT_DIR] [-- ARGS]                    # CPU dry run (what the test suite runs)

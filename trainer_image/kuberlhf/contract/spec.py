@@ -269,9 +269,11 @@ class CommonStageSpec(SpecModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward (less "
                                          "memory, about 30% slower).")
     checkpoint_every_steps: int = Field(default=0, ge=0, description="Resumable checkpoint period; 0 = only at the end.")
-    background_checkpoint_upload: bool = Field(default=True, description="Upload each periodic checkpoint while "
-                                               "training continues (committed once all its files are up); false: "
-                                               "training waits for every upload.")
+    background_checkpoint_upload: bool = Field(default=True, description="Save each periodic checkpoint while "
+                                               "training continues: training only copies the state to host memory "
+                                               "(one checkpoint's share per rank), writing and upload run in a "
+                                               "thread, committed once all its files are up; false: training waits "
+                                               "for every write and upload.")
     eval_every_steps: int = Field(default=0, ge=0, description="Eval period; 0 = at the end of each epoch.")
     backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage (each resumes).")
     seed: int = Field(default=1234, description="Seed of the stage (init, shuffling, sampling).")
