@@ -21,8 +21,12 @@ from kuberlhf.training.checkpoint import PendingFile, snapshot, write_files
 def live_state() -> dict:
     flat = torch.arange(12, dtype=torch.float32)
     weight = torch.nn.Parameter(flat[:6].view(2, 3))  # views of one flat buffer, as ZeRO's partitions are
-    return {"module": {"w": weight, "b": flat[6:]}, "optimizer": {"exp_avg": [torch.ones(3)], "lr": [0.1]},
-            "step": 3, "flat": flat}
+    return {
+        "module": {"w": weight, "b": flat[6:]},
+        "optimizer": {"exp_avg": [torch.ones(3)], "lr": [0.1]},
+        "step": 3,
+        "flat": flat,
+    }
 
 
 def storages(path) -> list[int]:
@@ -57,15 +61,20 @@ def test_save_writes_and_uploads_this_ranks_files_off_the_thread_and_commits_not
     (local / "model").mkdir(parents=True)
     (local / "model" / "latest").write_text("step-3")  # a small file written at snapshot time (local rank 0's)
     (local / "model" / "other_rank.pt").write_bytes(b"another rank's file: not this rank's to upload")
-    files = [PendingFile(local / "model" / "step-3" / "zero_pp_rank_0_optim_states.pt", snapshot(live_state())),
-             PendingFile(local / "trainer_state_rank0.pt", snapshot({"step": 3}))]
+    files = [
+        PendingFile(local / "model" / "step-3" / "zero_pp_rank_0_optim_states.pt", snapshot(live_state())),
+        PendingFile(local / "trainer_state_rank0.pt", snapshot({"step": 3})),
+    ]
     uri = (tmp_path / "bucket" / "ckpt" / "step-3").as_uri()
     store = ObjectStore.from_uri(uri)
     pending = PendingSave.start(store, local, uri, 3, files, ["model/latest"], background=True)
     assert pending.thread is not None and pending.thread.name == "save-step-3"
     entries = pending.wait()
     assert pending.done() and sorted(e.path for e in entries) == [
-        "model/latest", "model/step-3/zero_pp_rank_0_optim_states.pt", "trainer_state_rank0.pt"]
+        "model/latest",
+        "model/step-3/zero_pp_rank_0_optim_states.pt",
+        "trainer_state_rank0.pt",
+    ]
     assert all(f.state is None for f in files)  # the snapshots are released once written
     assert not store.is_complete(uri)  # _COMPLETE is the stage's commit, after every rank's upload
     store.commit(uri, entries, producer="test")
