@@ -156,6 +156,11 @@ def write_files(files: list[PendingFile]) -> None:
         f.state = None
 
 
+def save_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int, state: dict[str, Any]) -> None:
+    """Collective: :func:`snapshot_engines` written at once (a synchronous save, outside a stage's runtime)."""
+    write_files(snapshot_engines(engines, ckpt_dir, step, rank, state))
+
+
 def load_engines(engines: dict[str, Any], ckpt_dir: Path, step: int, rank: int) -> dict[str, Any]:
     """Collective: restores every engine (with optimizer and scheduler) and returns this rank's trainer state."""
     from kuberlhf.training.zero_resume import load_zero12_into_zero0, needs_conversion
