@@ -36,12 +36,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY=$VENV/bin/python
-"$PY" -m pip install -q --upgrade pip
-# pip byte-compiles every file it installs, most never imported (torch: 46 of its 13+46 CPU-seconds here, for
-# 2284 modules of which `import torch` loads 725); Python compiles and caches the imported ones on first use,
-# unless PYTHONDONTWRITEBYTECODE forbids that cache: then pip's compile is the only one and stays
-compile=()
-[ -z "${PYTHONDONTWRITEBYTECODE:-}" ] && compile=(--no-compile)
+extras="trainer,operator"
+[ "$TEST" = 1 ] && extras="$extras,test"
 
 jobs_dir=""
 job_names=()
@@ -100,15 +96,26 @@ if [ "$BENCH" = 1 ]; then
   command -v rclone >/dev/null || apt_install rclone
 fi
 
-# torch first, from the CPU wheel on this machine's disk (a GPU machine can pre-install its CUDA build)
-if ! "$PY" -c 'import torch' 2>/dev/null; then
-  say "installing torch 2.13.0 (CPU)"
-  "$PY" -m pip install -q "${compile[@]}" torch==2.13.0
+pip_install() {
+  local compile=()
+  # pip byte-compiles every file it installs, most never imported (torch: 46 of its 13+46 CPU-seconds here)
+  [ -z "${PYTHONDONTWRITEBYTECODE:-}" ] && compile=(--no-compile)
+  "$PY" -m pip install -q "${compile[@]}" "$@"
+}
+
+# a re-run (or a venv that has it all): no installer at all, where pip took ~12 CPU-s to find nothing to do
+if "$PY" hack/venv_satisfies.py "$extras" >/dev/null 2>&1; then
+  say "$VENV already has kuberlhf[$extras] and everything it requires: nothing to install"
+else
+  "$PY" -m pip install -q --upgrade pip
+  # torch first, from the CPU wheel on this machine's disk (a GPU machine can pre-install its CUDA build)
+  if ! "$PY" -c 'import torch' 2>/dev/null; then
+    say "installing torch 2.13.0 (CPU)"
+    pip_install torch==2.13.0
+  fi
+  say "installing kuberlhf[$extras] (DeepSpeed, transformers, kopf, boto3, SeaweedFS, ...)"
+  pip_install -e ".[$extras]"
 fi
-extras="trainer,operator"
-[ "$TEST" = 1 ] && extras="$extras,test"
-say "installing kuberlhf[$extras] (DeepSpeed, transformers, kopf, boto3, SeaweedFS, ...)"
-"$PY" -m pip install -q "${compile[@]}" -e ".[$extras]"
 
 if [ "$TEST" = 1 ]; then
   say "waiting for the background builds"
