@@ -33,7 +33,7 @@ def algorithm_run(name, algorithm, bucket_storage, s3_server, tmp_path_factory, 
 @pytest.fixture(scope="module")
 def dpo(s3_server, bucket_storage, tmp_path_factory, tiny_model_dir) -> PipelineRun:
     stage = {"nodes": 1, "gpusPerNode": 2, "dtype": "fp32", "perDeviceBatchSize": 4, "zeroStage": 2,
-             "learningRate": 1e-3, "maxSteps": 3, "beta": 0.5, "labelSmoothing": 0.1}
+             "learningRate": 1e-3, "maxSteps": 3, "beta": 0.5, "labelSmoothing": 0.1, "rpoAlpha": 0.5}
     return algorithm_run("dpo", "dpo", bucket_storage, s3_server, tmp_path_factory, stage, tiny_model_dir)
 
 
@@ -48,9 +48,9 @@ def test_dpo_stage_trains_on_pairs_and_commits_its_model(dpo):
     assert [m["step"] for m in train] == [1, 2, 3]
     for key in ("loss", "chosen_reward", "rejected_reward", "reward_accuracy", "margin", "lr"):
         assert all(m.get(key) is not None for m in train), key
-    assert any(m["split"] == "eval" and "reward_accuracy" in m for m in metrics)
-    # the first step starts at the reference: DPO's loss is ln 2 whatever the smoothing
-    assert abs(train[0]["loss"] - 0.6931) < 0.05, train[0]
+    assert any(m["split"] == "eval" and "reward_accuracy" in m and "chosen_nll" in m for m in metrics)
+    # the first step starts at the reference: DPO's loss is ln 2 whatever the smoothing, plus rpoAlpha x the NLL
+    assert abs(train[0]["loss"] - 0.5 * train[0]["chosen_nll"] - 0.6931) < 0.05, train[0]
     name = "model.decoder.layers.0.fc1.weight"
     new = AutoModelForCausalLM.from_pretrained(dpo.fetch(dpo.layout.model_uri("dpo"), "dpo-model"))
     sft = AutoModelForCausalLM.from_pretrained(dpo.fetch(dpo.layout.model_uri("sft"), "sft-model"))

@@ -27,8 +27,8 @@ def evaluate_dpo(trainer, dataset, micro_batch: int, rank: int, world: int) -> d
         for batch in make_loader(dataset, micro_batch, rank, world, 0, 0, shuffle=False, drop_last=False):
             loss, stats = trainer.loss(to_device(batch, trainer.policy.device))
             sums["loss"] += float(loss)
-            for k, v in stats.items():
-                sums[k] += v
+            for k, v in stats.items():  # chosen_nll only with rpoAlpha
+                sums[k] = sums.get(k, 0.0) + v
             n += 1
     return mean_over_ranks({k: v / max(n, 1) for k, v in sums.items()})
 
