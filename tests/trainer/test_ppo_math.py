@@ -257,3 +257,27 @@ def test_whiten_normalises_over_the_actions_only():
     assert torch.allclose(vals, (t([1.0, 2.0, 3.0, 4.0, 5.0]) - 3) / math.sqrt(2), atol=1e-6)
     assert torch.equal(out[~mask.bool()], t([0.0, 0.0, 0.0]))
     assert torch.allclose(pm.whiten(x, mask, shift_mean=False)[mask.bool()], vals + 3, atol=1e-6)
+
+
+def test_answers_of_at_most_one_token_drop_out_of_every_loss_as_deepspeed_chat_drops_them():
+    """DeepSpeed-Chat's ``_generate_sequence`` drops answers of <= 1 token (EOS alone); zeroing their actions
+    gives exactly the losses of the batch without them."""
+    mask = t([[0, 1, 1, 1], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+    kept = pm.drop_short_answers(mask)
+    assert torch.equal(kept, t([[0, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]]))
+    torch.manual_seed(0)
+    logp, old, ref, values = (torch.randn(4, 4) for _ in range(4))
+    scores = t([1.0, 9.0, -2.0, 0.0])  # the one-token answer has the best score: it must not count
+
+    def losses(rows, m):
+        r = pm.kl_shaped_rewards(old[rows], ref[rows], scores[rows], m, kl_coef=0.1, reward_clip=5.0)
+        adv, ret = pm.gae(r, values[rows], m, gamma=1.0, lam=0.95)
+        return (
+            pm.policy_loss(logp[rows], old[rows], adv, m, 0.2),
+            pm.value_loss(logp[rows], values[rows], ret, m, 0.2),
+        )
+
+    dropped = losses([0, 1, 2, 3], kept)
+    without = losses([0, 2], mask[[0, 2]])
+    assert all(torch.allclose(a, b) for a, b in zip(dropped, without, strict=True))
+    assert not torch.allclose(losses([0, 1, 2, 3], mask)[0], without[0])

@@ -78,6 +78,16 @@ def answer_logprobs(step_logits: torch.Tensor, seq: torch.Tensor, prompt_len: in
     return out
 
 
+def drop_short_answers(action_mask: torch.Tensor, min_tokens: int = 2) -> torch.Tensor:
+    """``action_mask`` with the rows of answers shorter than ``min_tokens`` actions (EOS counted) zeroed, so they
+    carry no reward, advantage, policy or value loss: DeepSpeed-Chat's ``_generate_sequence`` drops every
+    answer of at most one token ("if the answer is shorter than 1 token, drop it"). An answer that is only EOS is
+    the prompt read as its own answer: a reward model never trained on it can score it above every real answer
+    (bench/RESULTS.md §7: +7.7 on copy, where right answers score +3.9), and PPO learns to stop at once."""
+    keep = action_mask.sum(dim=1, keepdim=True) >= min_tokens
+    return action_mask * keep.to(action_mask.dtype)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)

@@ -183,6 +183,9 @@ class PPOTrainer:
         """Roll out the actor on left-padded prompts and score everything PPO needs: log-probs of the actor and
         the reference, critic values, reward-model scores, masks."""
         exp = self.rollout(prompt_batch)
+        # DeepSpeed-Chat drops answers of at most one token (EOS alone) before scoring; here they stay in the
+        # batch (every rank keeps its shapes) with no actions, which takes them out of every loss alike
+        exp["action_mask"] = pm.drop_short_answers(exp["action_mask"])
         seq, mask, pos = exp["seq"], exp["attention_mask"], exp.pop("position_ids")
         values, _ = self._frozen_or_engine(self.critic)(seq, mask, pos)
         _, scores = self._frozen_or_engine(self.reward)(seq, mask, pos)
