@@ -58,7 +58,8 @@ def start_server(model: str | Path, log_dir: Path, *extra: str, env: dict[str, s
     """`kuberlhf serve` in a subprocess; returns once /readyz answers 200 (fails with the server log if not)."""
     port = free_port()
     log_path = log_dir / f"serve-{port}.log"
-    cmd = [kuberlhf_bin(), "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *extra]
+    # no --host: the default (loopback) is what these servers listen on, and test_server_bounds checks it
+    cmd = [kuberlhf_bin(), "serve", "--model", str(model), "--port", str(port), *extra]
     full_env = {**os.environ, **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)

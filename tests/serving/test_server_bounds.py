@@ -5,11 +5,13 @@ bounds how many may be open (uvicorn answers 503 beyond it)."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import socket
 import time
 
 import httpx
 import openai
+import pytest
 
 from serving.servers import ServerProcess
 
@@ -95,3 +97,27 @@ def test_connections_beyond_the_cap_get_503(open_server: ServerProcess) -> None:
     while httpx.get(open_server.url + "/healthz", timeout=10).status_code != 200:
         assert time.monotonic() < deadline, "the cap did not lift after the connections closed"
         time.sleep(0.1)
+
+
+def _other_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback (the source address of a route; no packet is sent)."""
+    found = set()
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.123", 9))  # TEST-NET-1: any routable address would do
+        found.add(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    return sorted(a for a in found if not a.startswith("127."))
+
+
+def test_serve_listens_on_loopback_only_unless_told_otherwise(open_server: ServerProcess) -> None:
+    """`kuberlhf serve` started without --host (as every server of this tier) answers on 127.0.0.1 and refuses a
+    connection to this machine's other addresses; the chat Deployment passes --host 0.0.0.0
+    (tests/operator/test_operator_manifests.py)."""
+    port = int(open_server.url.rsplit(":", 1)[1])
+    assert httpx.get(open_server.url + "/healthz", timeout=5).status_code == 200
+    others = _other_addresses()
+    assert others, "this machine has no non-loopback IPv4 address to check against"
+    for address in others:
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((address, port), timeout=5):
+            pass
