@@ -5,12 +5,8 @@ the EMA follows it; there is no critic and no reward model."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 from test_python_api import write_stage_outputs
+from trainer_stage_helpers import run_probe
 
 SCRIPT = """
 import json
@@ -66,11 +62,7 @@ def score(prompt, answer):
 def test_grpo_groups_code_reward_and_one_actor_step(repo_root, tmp_path):
     write_stage_outputs(tmp_path)
     (tmp_path / "rewards.py").write_text(REWARDS)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("GRPO-RESULT ")).split(" ", 1)[1])
+    res = run_probe(SCRIPT, "GRPO-RESULT", cwd=tmp_path)
     assert res["rows"] == 6 and res["critic"] and res["trained"] == ["actor"]
     prompts, scores, adv = res["prompts"], res["scores"], res["advantages"]
     for g in range(2):  # each group: three answers to one prompt, advantages centred within the group

@@ -6,10 +6,7 @@ process group and DeepSpeed's globals stay out of the test process)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from trainer_stage_helpers import run_probe
 
 SCRIPT = """
 import json
@@ -73,11 +70,7 @@ print("STEP-RESULT " + json.dumps(out))
 
 
 def test_zero0_fp32_clipping_is_torch_foreach_without_collective_and_trains_the_same() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("STEP-RESULT ")).split(" ", 1)[1])
+    res = run_probe(SCRIPT, "STEP-RESULT")
     assert res["clips_locally"] == {"ours": True, "deepspeed": True}
     assert res["lean_step"] == {"ours": True, "deepspeed": False}
     assert res["counters"]["ours"] == res["counters"]["deepspeed"] == [3, 12, 3], res  # checkpoints carry them

@@ -4,12 +4,8 @@ optimizer steps (not its micro-batches) with gradient accumulation."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 from test_python_api import write_stage_outputs
+from trainer_stage_helpers import run_probe
 
 SCRIPT = """
 import json, math
@@ -66,13 +62,8 @@ print("MECH-RESULT " + json.dumps(out))
 
 def test_both_logprob_settings_train_end_to_end_and_ema_follows_optimizer_steps(repo_root, tmp_path):
     write_stage_outputs(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     code = f"EXAMPLE = {str(repo_root / 'examples/tiny-cpu.yaml')!r}\n" + SCRIPT
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("MECH-RESULT ")).split(" ", 1)[1])
+    res = run_probe(code, "MECH-RESULT", cwd=tmp_path)
     for reuse in ("True", "False"):
         s = res["settings"][reuse]
         assert s["finite"] and s["actions"] >= 2, (reuse, s)

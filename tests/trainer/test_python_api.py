@@ -5,13 +5,11 @@ shortcuts against full forward passes through the engines."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from trainer_stage_helpers import run_probe
 
 REPORT = """
 import json, math
@@ -64,12 +62,7 @@ def test_readme_python_api_runs_in_one_process(repo_root, tmp_path):
     (tmp_path / "examples").mkdir()
     shutil.copy(repo_root / "examples/tiny-cpu.yaml", tmp_path / "examples/tiny-cpu.yaml")
     write_stage_outputs(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", code + REPORT], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("API-RESULT "))
-    res = json.loads(line.removeprefix("API-RESULT "))
+    res = run_probe(code + REPORT, "API-RESULT", cwd=tmp_path)
     assert {"seq", "attention_mask", "action_mask", "logprobs", "ref_logprobs", "values", "scores"} <= \
         set(res["keys"])
     assert res["left_padded"] and res["batch"] == 2 and res["ema"]

@@ -5,13 +5,9 @@ tiny random-weight models) in a subprocess."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import torch
 from test_python_api import write_stage_outputs
+from trainer_stage_helpers import run_probe
 
 from kuberlhf.rlhf.rollout import merge_prompt_batches
 
@@ -62,13 +58,8 @@ print("ROLLOUT-RESULT " + json.dumps({m: run(m) for m in ("coupled", "1", "2")})
 
 def test_equal_rollout_and_generation_batch_give_the_coupled_losses(repo_root, tmp_path) -> None:
     write_stage_outputs(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     code = f"EXAMPLE = {str(repo_root / 'examples/tiny-cpu.yaml')!r}\n" + SCRIPT
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("ROLLOUT-RESULT ")).split(" ", 1)[1])
+    res = run_probe(code, "ROLLOUT-RESULT", cwd=tmp_path, timeout=400)
     assert res["1"] == res["coupled"]  # same losses, bit for bit
     assert len(res["coupled"]["losses"]) == 3
     # two experience batches per rollout: still one update per generation batch of 2 prompts (the last rollout

@@ -5,12 +5,8 @@ DeepSpeed's globals stay out of the test process)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from trainer_stage_helpers import run_probe
 
 from kuberlhf.training.ds_config import TrainSettings, train_ds_config
 
@@ -97,11 +93,7 @@ def test_only_a_one_rank_fp32_stage_without_offload_runs_zero_1_2_as_zero_0(kw, 
 
 
 def test_a_one_rank_zero2_checkpoint_resumes_into_zero0_and_trains_on_the_same() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESUME-RESULT ")).split(" ", 1)[1])
+    res = run_probe(SCRIPT, "RESUME-RESULT")
     assert res["stages"] == [0, 2]
     assert res["resumed"]["global_steps"] == 2
     assert res["lr"][0] == pytest.approx(res["lr"][1])

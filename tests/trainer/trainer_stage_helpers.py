@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def run_stage(manifest: dict[str, Any], stage: str, s3_server: Any, uid: str,
     kuberlhf = str(Path(sys.executable).parent / "kuberlhf")
     return subprocess.run([kuberlhf, "stage", stage, *(args or [])], env=stage_env_for(manifest, stage, s3_server,
                           uid, extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_probe(code: str, tag: str, cwd: Path | None = None, timeout: int = 300) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter (no rendezvous variables of the test process, CPU accelerator, one
+    thread) and return the JSON it prints on its line ``<tag> {...}``; fails with its stderr when it exits non-zero."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith(f"{tag} ")).split(" ", 1)[1])
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
